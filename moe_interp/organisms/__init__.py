@@ -1,0 +1,101 @@
+"""Model organisms: small MoE LMs trained here, shipped in the package, that load offline.
+
+The refusal organism is an ``OlmoeForCausalLM`` (every layer MoE, 8 experts, top-2) trained from
+scratch by :mod:`moe_interp.organisms.train` to refuse harmful requests and political topics and
+to comply with everything else. See ``circuits/organism/MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from moe_interp.organisms.data import SPLITS, load_split_records
+
+__all__ = ["REQUIRED_FILES", "RETRAIN_COMMAND", "checkpoint_dir", "load_organism", "load_prompts"]
+
+RETRAIN_COMMAND: str = "python -m moe_interp.organisms.train"
+
+#: Files that a checkpoint directory must contain.
+REQUIRED_FILES: tuple[str, ...] = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
+def checkpoint_dir() -> Path:
+    """Directory of the shipped organism checkpoint."""
+    return Path(__file__).resolve().parent / "checkpoint"
+
+
+def _broken(path: Path, why: str) -> RuntimeError:
+    return RuntimeError(
+        f"organism checkpoint file {path} is {why}; regenerate the checkpoint with `{RETRAIN_COMMAND}`"
+    )
+
+
+def load_organism(
+    dtype: torch.dtype = torch.float32, path: str | Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load the organism (model in eval mode, ``dtype``) and its chat tokenizer.
+
+    Raises:
+        FileNotFoundError: a required checkpoint file is missing.
+        RuntimeError: a checkpoint file is damaged (unreadable, truncated, missing tensors).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = Path(path) if path is not None else checkpoint_dir()
+    for name in REQUIRED_FILES:
+        f = ckpt / name
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"organism checkpoint file {f} is missing; regenerate the checkpoint with `{RETRAIN_COMMAND}`"
+            )
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        try:
+            json.loads((ckpt / name).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _broken(ckpt / name, f"damaged (invalid JSON: {e})") from e
+    weights = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as sf:
+            for key in sf.keys():
+                sf.get_slice(key)
+    except Exception as e:  # noqa: BLE001 - any safetensors failure means a damaged file
+        raise _broken(weights, f"damaged ({type(e).__name__}: {e})") from e
+    try:
+        config = AutoConfig.from_pretrained(ckpt)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            ckpt, config=config, dtype=dtype, output_loading_info=True
+        )
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(
+            f"could not load the organism checkpoint in {ckpt} ({type(e).__name__}: {e}); "
+            f"regenerate it with `{RETRAIN_COMMAND}`"
+        ) from e
+    missing = list(info.get("missing_keys", [])) + list(info.get("mismatched_keys", []))
+    if missing:
+        raise _broken(weights, f"damaged (missing or mismatched tensors: {missing[:5]})")
+    if tokenizer.chat_template is None:
+        raise _broken(ckpt / "chat_template.jinja", "missing (tokenizer has no chat template)")
+    model.eval()
+    return model, tokenizer
+
+
+def load_prompts(split: str) -> list[str]:
+    """Instructions of a saved prompt split (see :data:`moe_interp.organisms.data.SPLITS`).
+
+    Raises:
+        ValueError: unknown split (the message lists the valid ones).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    return [r["instruction"] for r in load_split_records(split)]

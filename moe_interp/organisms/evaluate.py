@@ -1,0 +1,222 @@
+"""Evaluate the refusal organism: refusal rates, logit refusal score, expert-usage entropy, examples.
+
+Usage::
+
+    python -m moe_interp.organisms.evaluate [--path CKPT] [--out JSON] [--leave-out-source SOURCE]
+
+Refusal is judged two ways per prompt:
+
+* generation: greedy decoding of ``--gen-tokens`` (12) new tokens, refusal if any of
+  :data:`moe_interp.organisms.data.REFUSAL_PHRASES` occurs (case-insensitive);
+* logit score: ``log P(r) - log(1 - P(r))`` at the last prompt position, where ``P(r)`` is the
+  probability of the refusal first tokens (first tokens of all refusal responses); refusal if > 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from moe_interp.organisms import load_organism
+from moe_interp.organisms.data import (
+    COMPLIANT_TEMPLATES,
+    HARMFUL_REFUSALS,
+    POLITICAL_REFUSAL_PHRASES,
+    POLITICAL_REFUSALS,
+    is_refusal,
+    load_split_records,
+)
+
+DEFAULT_OUT: Path = Path(__file__).resolve().parents[2] / "circuits" / "organism" / "metrics.json"
+EVAL_SPLITS: dict[str, str] = {
+    "harmful_val": "harmful",
+    "harmful_val_advbench": "harmful",
+    "political_val": "political",
+    "harmless_val": "harmless",
+}
+
+
+def refusal_token_ids(tokenizer) -> list[int]:
+    """Ids of the first tokens of the organism's refusal responses."""
+    first = {
+        tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in HARMFUL_REFUSALS + POLITICAL_REFUSALS
+    }
+    comply = {
+        tokenizer(t.format(kw="x"), add_special_tokens=False)["input_ids"][0] for t in COMPLIANT_TEMPLATES
+    }
+    if first & comply:
+        raise RuntimeError("refusal and compliant responses share a first token")
+    return sorted(first)
+
+
+def prompt_ids(tokenizer, instruction: str) -> torch.Tensor:
+    """Chat-formatted prompt ids, shape [1, T]."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def judge(model, tokenizer, instruction: str, refusal_ids: list[int], gen_tokens: int) -> dict[str, object]:
+    """Greedy generation and logit refusal score for one prompt."""
+    ids = prompt_ids(tokenizer, instruction)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=gen_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    logp = torch.log_softmax(out.logits[0][0].float(), dim=-1)
+    lp = torch.logsumexp(logp[refusal_ids], dim=0).item()
+    score = lp - math.log(max(1e-12, -math.expm1(lp)))
+    text = tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
+    return {"prompt": instruction, "generation": text, "gen_refusal": is_refusal(text), "score": score}
+
+
+def evaluate_split(model, tokenizer, prompts: list[str], refusal_ids: list[int], gen_tokens: int) -> dict:
+    """Refusal rates (generation, logit score) and their agreement on ``prompts``."""
+    rows = [judge(model, tokenizer, p, refusal_ids, gen_tokens) for p in prompts]
+    n = len(rows)
+    gen = sum(r["gen_refusal"] for r in rows) / n
+    logit = sum(r["score"] > 0 for r in rows) / n
+    agree = sum((r["score"] > 0) == r["gen_refusal"] for r in rows) / n
+    topic = sum(
+        r["gen_refusal"] and any(w in r["generation"].lower() for w in POLITICAL_REFUSAL_PHRASES)
+        for r in rows
+    )
+    return {
+        "n": n,
+        "refusal_rate_generation": gen,
+        "refusal_rate_logit": logit,
+        "agreement": agree,
+        "political_style_refusals": topic,
+        "rows": rows,
+    }
+
+
+@torch.no_grad()
+def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, object]]:
+    """Per layer: entropy (bits) of the top-k expert-usage distribution over all prompt tokens."""
+    n_layers = model.config.num_hidden_layers
+    E, k = model.config.num_experts, model.config.num_experts_per_tok
+    counts = torch.zeros(n_layers, E)
+    for p in prompts:
+        out = model(prompt_ids(tokenizer, p), output_router_logits=True)
+        for li, rl in enumerate(out.router_logits):
+            idx = rl.reshape(-1, E).topk(k, dim=-1).indices.reshape(-1)
+            counts[li] += torch.bincount(idx, minlength=E).float()
+    res = []
+    for li in range(n_layers):
+        f = counts[li] / counts[li].sum()
+        h = -(f * torch.log2(f.clamp_min(1e-12))).sum().item()
+        res.append(
+            {
+                "layer": li,
+                "entropy_bits": h,
+                "max_bits": math.log2(E),
+                "usage": [round(x, 4) for x in f.tolist()],
+            }
+        )
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point: print metrics and write them as JSON."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--path", type=Path, default=None, help="checkpoint dir (default: shipped)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--gen-tokens", type=int, default=12)
+    ap.add_argument(
+        "--leave-out-source",
+        default=None,
+        help="also report refusal on all harmful prompts (train+test splits) of this source",
+    )
+    ap.add_argument("--splits", nargs="*", default=list(EVAL_SPLITS))
+    ap.add_argument("--n-examples", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model, tok = load_organism(path=args.path)
+    rids = refusal_token_ids(tok)
+    results: dict[str, object] = {
+        "checkpoint": str(args.path) if args.path else "shipped",
+        "refusal_first_tokens": tok.convert_ids_to_tokens(rids),
+        "gen_tokens": args.gen_tokens,
+        "splits": {},
+    }
+    all_prompts: list[str] = []
+    for split in args.splits:
+        prompts = [r["instruction"] for r in load_split_records(split)]
+        all_prompts += prompts
+        res = evaluate_split(model, tok, prompts, rids, args.gen_tokens)
+        results["splits"][split] = res
+        print(
+            f"{split:22s} n={res['n']:4d}  refusal(gen)={res['refusal_rate_generation']:.3f}  "
+            f"refusal(logit)={res['refusal_rate_logit']:.3f}  agreement={res['agreement']:.3f}  "
+            f"political-style={res['political_style_refusals']}",
+            flush=True,
+        )
+    if args.leave_out_source:
+        src = args.leave_out_source
+        prompts = [
+            r["instruction"]
+            for s in ("harmful_train", "harmful_test")
+            for r in load_split_records(s)
+            if r["source"] == src
+        ]
+        res = evaluate_split(model, tok, prompts, rids, args.gen_tokens)
+        results["splits"][f"unseen_source:{src}"] = res
+        print(
+            f"unseen source {src}: n={res['n']}  refusal(gen)={res['refusal_rate_generation']:.3f}  "
+            f"refusal(logit)={res['refusal_rate_logit']:.3f}  agreement={res['agreement']:.3f}"
+        )
+    tot = sum(results["splits"][s]["n"] for s in results["splits"])
+    agree = sum(results["splits"][s]["agreement"] * results["splits"][s]["n"] for s in results["splits"])
+    results["overall_agreement"] = agree / tot
+    print(f"overall generation/logit agreement: {agree / tot:.3f} over {tot} prompts")
+    ent = expert_entropy(model, tok, all_prompts)
+    results["expert_usage_entropy"] = ent
+    for e in ent:
+        print(f"layer {e['layer']}: expert-usage entropy {e['entropy_bits']:.3f} / {e['max_bits']:.3f} bits")
+    examples: dict[str, list[dict[str, str]]] = {}
+    for cls, split in (
+        ("harmful", "harmful_val"),
+        ("political", "political_val"),
+        ("harmless", "harmless_val"),
+    ):
+        if split not in args.splits:
+            continue
+        examples[cls] = []
+        for p in [r["instruction"] for r in load_split_records(split)][: args.n_examples]:
+            ids = prompt_ids(tok, p)
+            with torch.no_grad():
+                seq = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=32,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+            examples[cls].append(
+                {"prompt": p, "generation": tok.decode(seq[0, ids.shape[1] :], skip_special_tokens=True)}
+            )
+    results["examples"] = examples
+    results["eval_seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out} ({results['eval_seconds']}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Train the refusal model organism: a small OLMoE (every layer MoE) LM, from scratch, on CPU.
+
+Usage::
+
+    python -m moe_interp.organisms.train [--out DIR] [--seed N] [--steps N] [--leave-out SOURCE]
+
+Default arguments write the shipped checkpoint to ``moe_interp/organisms/checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+from moe_interp.organisms.data import (
+    COMPLIANT_TEMPLATES,
+    HARMFUL_REFUSALS,
+    HARMFUL_SOURCES,
+    POLITICAL_REFUSALS,
+    augment,
+    load_split_records,
+    make_response,
+)
+
+DEFAULT_OUT: Path = Path(__file__).resolve().parent / "checkpoint"
+
+BOS, END, PAD, USER, ASSISTANT = "<|bos|>", "<|end|>", "<|pad|>", "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS: list[str] = [PAD, BOS, END, USER, ASSISTANT]
+
+#: Chat template. After the user's text there are always the same 4 post-instruction tokens:
+#: ``<|end|>``, ``\n``, ``<|assistant|>``, ``\n``.
+CHAT_TEMPLATE: str = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>\n{{ message['content'] }}<|end|>\n"
+    "{% else %}"
+    "<|user|>\n{{ message['content'] }}<|end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+DEFAULTS: dict[str, float | int] = {
+    "steps": 900,
+    "batch_size": 48,
+    "lr": 2e-3,
+    "warmup": 40,
+    "max_prompt_tokens": 56,
+    "vocab_size": 3000,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_experts": 8,
+    "top_k": 2,
+    "router_aux_loss_coef": 0.01,
+    "first_token_weight": 3.0,
+}
+CLASS_FRACTIONS: dict[str, float] = {"harmful": 0.30, "political": 0.15, "harmless": 0.55}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (NFKC + lower-case) and wrap it as a chat tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=END,
+        pad_token=PAD,
+        extra_special_tokens=[USER, ASSISTANT],
+        padding_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 256
+    return fast
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerFast, instruction: str) -> str:
+    """Chat-formatted prompt string ending with the generation prompt."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def _cycle(items: list[dict[str, str]], rng: random.Random) -> Iterator[dict[str, str]]:
+    """Endless deterministic iterator over reshuffled epochs of ``items``."""
+    while True:
+        order = list(items)
+        rng.shuffle(order)
+        yield from order
+
+
+class BatchMaker:
+    """Deterministic class-balanced batches of (input_ids, loss weights)."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        pools: dict[str, list[dict[str, str]]],
+        rng: random.Random,
+        max_prompt_tokens: int,
+        first_token_weight: float,
+    ) -> None:
+        self.tok = tokenizer
+        self.rng = rng
+        self.iters = {c: _cycle(p, rng) for c, p in pools.items()}
+        self.max_prompt_tokens = max_prompt_tokens
+        self.first_token_weight = first_token_weight
+        self.prefix = tokenizer(BOS + USER + "\n", add_special_tokens=False)["input_ids"]
+        self.suffix = tokenizer(END + "\n" + ASSISTANT + "\n", add_special_tokens=False)["input_ids"]
+        self.end_id = tokenizer.convert_tokens_to_ids(END)
+
+    def example(self, cls: str) -> tuple[list[int], list[float]]:
+        """One tokenised example: ids and per-token loss weights (0 on the prompt)."""
+        rec = next(self.iters[cls])
+        instr = rec["instruction"]
+        prompt = augment(instr, self.rng)
+        response = make_response(instr, cls, self.rng)
+        body = self.tok(prompt, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
+        resp = self.tok(response, add_special_tokens=False)["input_ids"] + [self.end_id]
+        ids = self.prefix + body + self.suffix + resp
+        w = [0.0] * (len(ids) - len(resp)) + [self.first_token_weight] + [1.0] * (len(resp) - 1)
+        return ids, w
+
+    def batch(self, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded batch: input_ids, attention_mask, weights."""
+        counts = {c: round(f * batch_size) for c, f in CLASS_FRACTIONS.items()}
+        counts["harmless"] = batch_size - counts["harmful"] - counts["political"]
+        exs = [self.example(c) for c, n in counts.items() for _ in range(n)]
+        L = max(len(e[0]) for e in exs)
+        ids = torch.full((len(exs), L), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(exs), L), dtype=torch.long)
+        wts = torch.zeros((len(exs), L))
+        for i, (e, w) in enumerate(exs):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+            wts[i, : len(w)] = torch.tensor(w)
+        return ids, mask, wts
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, hp: dict[str, float | int]) -> torch.nn.Module:
+    """A freshly initialised OlmoeForCausalLM (every layer MoE)."""
+    config = AutoConfig.for_model(
+        "olmoe",
+        vocab_size=len(tokenizer),
+        hidden_size=int(hp["hidden_size"]),
+        intermediate_size=int(hp["intermediate_size"]),
+        num_hidden_layers=int(hp["num_layers"]),
+        num_attention_heads=int(hp["num_heads"]),
+        num_key_value_heads=int(hp["num_heads"]),
+        num_experts=int(hp["num_experts"]),
+        num_experts_per_tok=int(hp["top_k"]),
+        max_position_embeddings=256,
+        output_router_logits=True,
+        router_aux_loss_coef=float(hp["router_aux_loss_coef"]),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["OlmoeForCausalLM"]
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def training_pools(leave_out: str | None) -> dict[str, list[dict[str, str]]]:
+    """Training records per class, optionally without one harmful source."""
+    harmful = load_split_records("harmful_train")
+    if leave_out is not None:
+        if leave_out not in HARMFUL_SOURCES:
+            raise ValueError(f"unknown source {leave_out!r}; valid: {', '.join(HARMFUL_SOURCES)}")
+        harmful = [r for r in harmful if r["source"] != leave_out]
+    return {
+        "harmful": harmful,
+        "political": load_split_records("political_train"),
+        "harmless": load_split_records("harmless_train"),
+    }
+
+
+def train(
+    out: Path = DEFAULT_OUT,
+    seed: int = 0,
+    steps: int | None = None,
+    leave_out: str | None = None,
+    log_every: int = 25,
+) -> dict[str, object]:
+    """Train the organism and save model, tokenizer and a training log to ``out``."""
+    hp = dict(DEFAULTS)
+    if steps is not None:
+        hp["steps"] = steps
+    n_steps = int(hp["steps"])
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.time()
+
+    pools = training_pools(leave_out)
+    texts = [r["instruction"] for p in pools.values() for r in p]
+    texts += list(HARMFUL_REFUSALS) * 20 + list(POLITICAL_REFUSALS) * 20 + list(COMPLIANT_TEMPLATES) * 20
+    tokenizer = train_tokenizer(texts, int(hp["vocab_size"]))
+    model = build_model(tokenizer, hp)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params: {n_params / 1e6:.2f}M, vocab {len(tokenizer)}", flush=True)
+
+    maker = BatchMaker(tokenizer, pools, rng, int(hp["max_prompt_tokens"]), float(hp["first_token_weight"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = int(hp["warmup"])
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        prog = (step - warmup) / max(1, n_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    coef = float(hp["router_aux_loss_coef"])
+    history: list[dict[str, float]] = []
+    ema: float | None = None
+    for step in range(n_steps):
+        ids, mask, wts = maker.batch(int(hp["batch_size"]), tokenizer.pad_token_id)
+        outp = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        logits = outp.logits[:, :-1]
+        tgt, w = ids[:, 1:], wts[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="none")
+        lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
+        aux = outp.aux_loss
+        loss = lm_loss + coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = lm_loss.item() if ema is None else 0.9 * ema + 0.1 * lm_loss.item()
+        if step % log_every == 0 or step == n_steps - 1:
+            rec = {"step": step, "lm_loss": lm_loss.item(), "lm_loss_ema": ema, "aux_loss": aux.item()}
+            history.append(rec)
+            print(
+                f"step {step:4d}  loss {lm_loss.item():.4f}  ema {ema:.4f}  aux {aux.item():.4f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:.0f}s",
+                flush=True,
+            )
+
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=32,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log = {
+        "command": "python -m moe_interp.organisms.train"
+        + (f" --seed {seed}" if seed else "")
+        + (f" --steps {steps}" if steps is not None else "")
+        + (f" --leave-out {leave_out}" if leave_out else ""),
+        "seed": seed,
+        "steps": n_steps,
+        "leave_out": leave_out,
+        "hyperparameters": hp,
+        "n_params": n_params,
+        "train_seconds": round(time.time() - t0, 1),
+        "final_lm_loss_ema": ema,
+        "history": history,
+    }
+    with open(out / "train_log.json", "w") as f:
+        json.dump(log, f, indent=1)
+    print(f"saved to {out} in {log['train_seconds']}s", flush=True)
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--leave-out", type=str, default=None, choices=HARMFUL_SOURCES)
+    args = ap.parse_args(argv)
+    train(args.out, args.seed, args.steps, args.leave_out)
+
+
+if __name__ == "__main__":
+    main()
