@@ -521,3 +521,63 @@ def test_gguf_position_scope(tmp_path: Path) -> None:
 def test_gguf_read_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         read_control_vector_gguf(tmp_path / "missing.gguf")
+
+
+# ------------------------------------------------------------------------------ integration (real tiny model)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Any:
+    import moe_interp as mi
+
+    if not hasattr(mi, "load"):
+        pytest.skip("moe_interp.load not available yet")
+    return mi.load("tiny:olmoe")
+
+
+def test_tiny_model_apply(tiny_model: Any, tmp_path: Path) -> None:
+    model = tiny_model
+    spec = model.spec
+    layer = min(1, spec.n_layers - 1)
+    key = (f"blocks.{layer}.hook_resid_pre", None)
+    v = torch.randn(spec.d_model, generator=torch.Generator().manual_seed(0))
+    sv = SteeringVectors({key: v}, SteeringMetadata.from_model(model, method="test"), coeffs={key: 8.0})
+    sv.check_compatible(model)
+    prompts = ["Hello there", "How do I bake bread?"]
+    base = model.forward(prompts, chat=False)
+    with sv.apply(model):
+        steered = model.forward(prompts, chat=False)
+    after = model.forward(prompts, chat=False)
+    assert torch.equal(after, base)
+    assert not torch.allclose(steered, base)
+    # a zero vector is an exact no-op
+    zero = SteeringVectors({key: torch.zeros(spec.d_model)}, sv.metadata)
+    with zero.apply(model):
+        assert torch.equal(model.forward(prompts, chat=False), base)
+    # save / load against the model
+    sv.save(tmp_path / "sv")
+    assert len(SteeringVectors.load(tmp_path / "sv", model=model)) == 1
+
+
+def test_tiny_model_expert_key_and_incompatible(tiny_model: Any) -> None:
+    model = tiny_model
+    spec = model.spec
+    moe_layers = list(getattr(spec, "moe_layers", range(spec.n_layers)))
+    if not moe_layers or not spec.n_experts:
+        pytest.skip("tiny model has no MoE layers")
+    key = (f"blocks.{moe_layers[0]}.mlp.hook_expert_out", 0)
+    meta_ = SteeringMetadata.from_model(model)
+    sv = SteeringVectors({key: torch.ones(spec.d_model)}, meta_)
+    if key[0] in model.hook_names():
+        sv.check_compatible(model)
+    bad = SteeringVectors(
+        {("blocks.0.hook_resid_pre", None): torch.ones(spec.d_model + 1)}, replace_d(meta_, spec)
+    )
+    with pytest.raises(ValueError, match="d_model"):
+        bad.check_compatible(model)
+
+
+def replace_d(m: SteeringMetadata, spec: Any) -> SteeringMetadata:
+    from dataclasses import replace
+
+    return replace(m, d_model=int(spec.d_model) + 1)
