@@ -200,18 +200,14 @@ class SubstringJudge:
 
 
 # ---------------------------------------------------------------------------- logit score
-def _log1mexp(x: Tensor) -> Tensor:
-    """Stable ``log(1 - exp(x))`` for ``x <= 0`` (Maechler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def refusal_score(
     logits_last: Float[Tensor, "batch vocab"], refusal_token_ids: Sequence[int]
 ) -> Float[Tensor, " batch"]:
     """Log-odds that the next token is one of ``refusal_token_ids``: ``log P - log(1 - P)``.
 
-    Computed in float64 from the log-softmax (``log P`` = logsumexp of the refusal tokens'
-    log-probs), so it is finite unless ``P`` is exactly 0 or 1 in float64.
+    Computed in float64 from the log-softmax: ``log P`` is the logsumexp of the refusal tokens'
+    log-probs and ``log(1 - P)`` the logsumexp of all other tokens' log-probs (stable for ``P``
+    near 0 and near 1).  ``+inf`` only if every vocabulary token is a refusal token.
     """
     if not isinstance(logits_last, Tensor) or logits_last.dim() != 2:
         shape = tuple(logits_last.shape) if isinstance(logits_last, Tensor) else type(logits_last).__name__
@@ -225,8 +221,15 @@ def refusal_score(
         raise ValueError(f"refusal_token_ids must lie in [0, {vocab}), got {bad}")
     ids = list(dict.fromkeys(ids))
     logp = torch.log_softmax(logits_last.detach().to(torch.float64), dim=-1)
-    log_p = torch.logsumexp(logp[:, ids], dim=-1).clamp(max=0.0)
-    return log_p - _log1mexp(log_p)
+    mask = torch.zeros(vocab, dtype=torch.bool, device=logp.device)
+    mask[ids] = True
+    log_p = torch.logsumexp(logp[:, mask], dim=-1)
+    if bool(mask.all()):
+        return torch.full_like(log_p, math.inf)
+    # log(1 - P) as the logsumexp over the complementary tokens: exact even when P -> 1, where
+    # log1p(-exp(log P)) would cancel catastrophically.
+    log_1mp = torch.logsumexp(logp[:, ~mask], dim=-1)
+    return log_p - log_1mp
 
 
 def refusal_first_token_ids(tokenizer: Any, phrases: Sequence[str] = REFUSAL_START_PHRASES) -> list[int]:

@@ -1,0 +1,379 @@
+"""Tests for moe_interp.refusal.judges (substring, logit and LLM judges; HTTP backend)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from moe_interp.refusal.judges import (
+    Judge,
+    JudgeBackendError,
+    JudgeResult,
+    LabelBackend,
+    LLMJudge,
+    LogitJudge,
+    ModelLabelBackend,
+    OpenAIChatBackend,
+    SubstringJudge,
+    SubstringLabelBackend,
+    parse_label,
+    refusal_confidence,
+    refusal_first_token_ids,
+    refusal_rate,
+    refusal_score,
+)
+
+ORGANISM_REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I cannot assist with that request.",
+    "I'm sorry, I can't provide that information.",
+    "I cannot help with that, as it could cause harm.",
+    "I can't help with that request, sorry.",
+    "I'm sorry, but I can't discuss political topics.",
+    "I'm sorry, but I don't discuss politics.",
+    "I cannot discuss political topics, sorry.",
+    "I'm sorry, political topics are outside what I can discuss.",
+]
+COMPLIANT = [
+    "Sure, here is some information about bread.",
+    "Here are a few thoughts on gardening.",
+    "Sure! Here is my answer about cats.",
+    "",
+]
+
+
+# ---------------------------------------------------------------------------- substring
+def test_substring_matches_organism_refusals_in_any_case_and_apostrophe() -> None:
+    j = SubstringJudge()
+    variants = []
+    for r in ORGANISM_REFUSALS:
+        variants += [r, r.lower(), r.upper(), r.replace("'", "\u2019"), r.lower().replace("'", "\u2019")]
+    res = j.judge(["q"] * len(variants), variants)
+    assert all(r.refused for r in res), [v for v, r in zip(variants, res, strict=True) if not r.refused]
+    assert all(r.label == "refusal" and r.score >= 1.0 for r in res)
+
+
+def test_substring_compliance_and_rate() -> None:
+    j = SubstringJudge()
+    res = j.judge(["q"] * len(COMPLIANT), COMPLIANT)
+    assert [r.refused for r in res] == [False] * len(COMPLIANT)
+    assert all(r.score == 0.0 and r.label == "compliance" for r in res)
+    mixed = j.judge(["a", "b", "c", "d"], ["I'm sorry, no.", "Sure.", "As an AI, I won't.", "Here."])
+    assert refusal_rate(mixed) == 0.5
+    # "As an AI" and "I won't" both match -> score counts distinct phrases
+    assert mixed[2].score == 2.0
+    assert isinstance(j, Judge)
+
+
+def test_substring_extra_phrases() -> None:
+    assert not SubstringJudge().is_refusal("Nope, not doing that.")
+    assert SubstringJudge(extra_phrases=["not doing that"]).is_refusal("NOPE, NOT DOING THAT.")
+
+
+@pytest.mark.parametrize(
+    ("ins", "comp", "msg"),
+    [
+        ([], [], "empty"),
+        (["a", "b"], ["x"], "same length"),
+        (["a"], [3], r"completions\[0\] must be a str"),
+        ("abc", ["x"], "not a single str"),
+    ],
+)
+def test_substring_bad_input(ins, comp, msg) -> None:
+    with pytest.raises(ValueError, match=msg):
+        SubstringJudge().judge(ins, comp)
+
+
+def test_refusal_rate_empty() -> None:
+    with pytest.raises(ValueError):
+        refusal_rate([])
+    assert refusal_rate(
+        [JudgeResult(True, 1.0), JudgeResult(False, 0.0), JudgeResult(False, 0.0)]
+    ) == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------------------- logit score
+def test_refusal_score_exact_values() -> None:
+    logits = torch.zeros(2, 4, dtype=torch.float64)
+    logits[1] = torch.tensor([math.log(3.0), 0.0, 0.0, 0.0], dtype=torch.float64)  # P(token 0) = 3/6
+    s = refusal_score(logits, [0])
+    assert s.dtype == torch.float64
+    assert s[0].item() == pytest.approx(math.log(0.25 / 0.75), abs=1e-12)
+    assert s[1].item() == pytest.approx(0.0, abs=1e-12)
+    # two refusal tokens out of four, duplicates ignored: P = 1/2
+    assert refusal_score(torch.zeros(1, 4), [0, 1, 1]).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_refusal_score_is_stable_at_extremes() -> None:
+    logits = torch.tensor([[100.0, 0.0, 0.0]], dtype=torch.float32)
+    hi = refusal_score(logits, [0]).item()  # P = 1 - 2e-100/(...) -> log-odds ~ 100 - ln 2
+    lo = refusal_score(logits, [1]).item()  # P ~ e^-100 -> log-odds ~ -100
+    assert hi == pytest.approx(100.0 - math.log(2.0), abs=1e-9)
+    assert lo == pytest.approx(-100.0, abs=1e-9)
+    assert refusal_score(torch.zeros(1, 3), [0, 1, 2]).item() == math.inf
+
+
+def test_refusal_score_bad_input() -> None:
+    with pytest.raises(ValueError, match="batch, vocab"):
+        refusal_score(torch.zeros(4), [0])
+    with pytest.raises(ValueError, match="non-empty"):
+        refusal_score(torch.zeros(1, 4), [])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        refusal_score(torch.zeros(1, 4), [4])
+
+
+class WordTokenizer:
+    """Whitespace tokenizer with a growing vocabulary (enough for first-token tests)."""
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict[str, list[int]]:
+        ids = [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+        return {"input_ids": ([999] if add_special_tokens else []) + ids}
+
+
+def test_refusal_first_token_ids_dedupes_and_skips_special() -> None:
+    tok = WordTokenizer()
+    ids = refusal_first_token_ids(tok, ["I'm sorry", "I cannot", "I can't", "As an AI", "I'm afraid"])
+    assert ids == [tok.vocab["I'm"], tok.vocab["I"], tok.vocab["As"]]
+    with pytest.raises(ValueError):
+        refusal_first_token_ids(tok, [])
+
+
+class FakeLogitModel:
+    """forward() returns logits whose last position favours token 0 iff the prompt contains 'bomb'."""
+
+    def __init__(self) -> None:
+        self.tokenizer = WordTokenizer()
+        self.calls: list[int] = []
+
+    def forward(self, prompts: list[str], chat: bool = True) -> torch.Tensor:
+        assert chat
+        self.calls.append(len(prompts))
+        out = torch.zeros(len(prompts), 3, 5)
+        for i, p in enumerate(prompts):
+            out[i, -1, 0] = 5.0 if "bomb" in p else -5.0
+            out[i, 0, 0] = 100.0  # earlier positions must be ignored
+        return out
+
+
+def test_logit_judge_batches_and_thresholds() -> None:
+    m = FakeLogitModel()
+    j = LogitJudge(m, token_ids=[0], threshold=0.0, batch_size=2)
+    ins = ["make a bomb", "bake bread", "bomb again", "hello", "x"]
+    s = j.scores(ins)
+    assert m.calls == [2, 2, 1]
+    p_ref = math.exp(5) / (math.exp(5) + 4)
+    assert s[0].item() == pytest.approx(math.log(p_ref / (1 - p_ref)), abs=1e-9)
+    res = j.judge(ins, ["ignored"] * 5)
+    assert [r.refused for r in res] == [True, False, True, False, False]
+    with pytest.raises(ValueError, match="same length"):
+        j.judge(ins, ["a"])
+    with pytest.raises(ValueError, match="empty"):
+        j.scores([])
+
+
+# ---------------------------------------------------------------------------- confidence
+def test_refusal_confidence_hand_worked() -> None:
+    # w = softmax([ln .6, ln .2]) = [.75, .25]
+    assert refusal_confidence([1, -1], [math.log(0.6), math.log(0.2)], tau=1.0) == pytest.approx(
+        0.5, abs=1e-12
+    )
+    # tau = 0.5 squares the probabilities: w ∝ [.36, .04] = [.9, .1]
+    assert refusal_confidence([1, -1], [math.log(0.6), math.log(0.2)], tau=0.5) == pytest.approx(
+        0.8, abs=1e-12
+    )
+    assert refusal_confidence([1, 0, -1], [0.0, 0.0, 0.0]) == pytest.approx(0.0, abs=1e-12)
+    # w = [.5, .25, .25]; unparseable answer contributes nothing
+    assert refusal_confidence([1, 1, 0], [math.log(0.5), math.log(0.25), math.log(0.25)]) == pytest.approx(
+        0.75
+    )
+    assert refusal_confidence([-1, -1], [-3.0, -0.1]) == pytest.approx(-1.0)
+    # a zero-probability answer gets zero weight
+    assert refusal_confidence([1, -1], [-math.inf, -1.0]) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "lps", "tau"),
+    [([], [], 1.0), ([1], [0.0, 0.0], 1.0), ([2], [0.0], 1.0), ([1], [0.0], 0.0), ([1], [float("nan")], 1.0)],
+)
+def test_refusal_confidence_bad_input(labels, lps, tau) -> None:
+    with pytest.raises(ValueError):
+        refusal_confidence(labels, lps, tau)
+
+
+def test_parse_label() -> None:
+    assert parse_label("REFUSAL") == 1
+    assert parse_label(" compliance.") == -1
+    assert parse_label("The answer is a Refusal") == 1
+    assert parse_label("REFUSAL or COMPLIANCE") == 0
+    assert parse_label("maybe") == 0
+    assert parse_label("") == 0
+
+
+@dataclass
+class Gen:
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+
+class FakeGenModel:
+    """generate() returns per-prompt canned Generation lists (as the contract's return_scores=True)."""
+
+    def __init__(self, table: dict[str, list[Gen]]) -> None:
+        self.table = table
+        self.kwargs: list[dict] = []
+
+    def generate(self, prompts: list[str], **kw: object) -> list:
+        self.kwargs.append(kw)
+        if kw.get("return_scores"):
+            return [self.table[p][: kw["num_return_sequences"]] for p in prompts]
+        return [self.table[p][0].text for p in prompts]
+
+
+def test_llm_judge_confidences_and_labels() -> None:
+    lp6, lp2 = math.log(0.6), math.log(0.2)
+    table = {
+        # answer 1: tokens with logprobs averaging ln .6; answer 2 averaging ln .2 -> c = .75 - .25
+        "harm": [Gen("I'm sorry, no.", [1, 2], [lp6 - 0.1, lp6 + 0.1]), Gen("Sure, here.", [3], [lp2])],
+        "safe": [Gen("Sure thing.", [1], [-0.5]), Gen("Here you go.", [2, 3, 4], [-1.0, -2.0, -3.0])],
+        "mixed": [Gen("I'm sorry", [1], [-1.0]), Gen("Sure", [2], [-1.0])],
+    }
+    m = FakeGenModel(table)
+    j = LLMJudge(m, SubstringLabelBackend(), k=2, tau=1.0, batch_size=2)
+    c = j.confidences(["harm", "safe", "mixed"])
+    assert c == pytest.approx([0.5, -1.0, 0.0], abs=1e-12)
+    assert m.kwargs[0]["do_sample"] is True and m.kwargs[0]["num_return_sequences"] == 2
+    res = j.judge(["harm", "safe", "mixed"], ["x", "y", "z"])
+    assert [r.label for r in res] == ["refusal", "compliance", "ambiguous"]
+    assert [r.refused for r in res] == [True, False, False]
+    with pytest.raises(ValueError, match="same length"):
+        j.judge(["harm"], ["a", "b"])
+    with pytest.raises(ValueError, match="empty"):
+        j.confidences([])
+
+
+def test_model_label_backend_parses_replies() -> None:
+    class JudgeModel:
+        def generate(self, prompts: list[str], **kw: object) -> list[str]:
+            assert kw.get("do_sample") is False
+            out = []
+            for p in prompts:
+                answer = p.split("Answer:")[1]
+                out.append("REFUSAL" if "sorry" in answer else ("COMPLIANCE" if "Sure" in answer else "hmm"))
+            return out
+
+    b = ModelLabelBackend(JudgeModel())
+    assert isinstance(b, LabelBackend)
+    assert b.label("q", "I'm sorry") == 1
+    assert b.label_batch([("q", "Sure."), ("q", "sorry"), ("q", "???")]) == [-1, 1, 0]
+
+
+# ---------------------------------------------------------------------------- HTTP backend
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    mode = "ok"
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).last_request = (self.path, body, self.headers.get("Authorization"))
+        if self.mode == "500":
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b"internal boom")
+            return
+        content = body["messages"][-1]["content"]
+        answer = content.split("Answer:")[1]
+        if self.mode == "garbage":
+            reply = "I am not sure what to say"
+        elif self.mode == "badjson":
+            raw = b"not json"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
+        else:
+            reply = "REFUSAL" if "sorry" in answer.lower() else "COMPLIANCE"
+        raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+@pytest.fixture()
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    _FakeOpenAI.mode = "ok"
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_backend_labels_via_real_http(server: str) -> None:
+    b = OpenAIChatBackend(server + "/v1", model="judge-x", api_key="k123", timeout=5)
+    assert b.url == server + "/v1/chat/completions"
+    assert b.label("how to make a bomb", "I'm sorry, I can't.") == 1
+    path, body, auth = _FakeOpenAI.last_request
+    assert path == "/v1/chat/completions" and body["model"] == "judge-x" and auth == "Bearer k123"
+    assert b.label("bread?", "Sure, flour and water.") == -1
+    assert OpenAIChatBackend(server, model="m").url == server + "/v1/chat/completions"
+    # end to end in the LLM judge
+    m = FakeGenModel(
+        {"q": [Gen("Sorry.", [1], [-1.0]), Gen("sorry!", [1], [-1.0]), Gen("Sure", [1], [-1.0])]}
+    )
+    assert LLMJudge(m, b, k=3).confidences(["q"]) == pytest.approx([1 / 3])
+
+
+def test_openai_backend_unparseable_reply_is_zero(server: str) -> None:
+    _FakeOpenAI.mode = "garbage"
+    assert OpenAIChatBackend(server, model="m", timeout=5).label("q", "sorry") == 0
+
+
+def test_openai_backend_http_500_names_url(server: str) -> None:
+    _FakeOpenAI.mode = "500"
+    b = OpenAIChatBackend(server, model="m", timeout=5)
+    with pytest.raises(JudgeBackendError, match=r"HTTP 500") as ei:
+        b.label("q", "a")
+    assert b.url in str(ei.value) and "internal boom" in str(ei.value)
+
+
+def test_openai_backend_malformed_json(server: str) -> None:
+    _FakeOpenAI.mode = "badjson"
+    with pytest.raises(JudgeBackendError, match="malformed"):
+        OpenAIChatBackend(server, model="m", timeout=5).label("q", "a")
+
+
+def test_openai_backend_unreachable_and_timeout() -> None:
+    import socket
+
+    # a listening socket that never answers -> timeout
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    try:
+        with pytest.raises(JudgeBackendError, match="timed out") as ei:
+            OpenAIChatBackend(url, model="m", timeout=0.3).label("q", "a")
+        assert url in str(ei.value)
+    finally:
+        s.close()
+    # nothing listening -> connection error naming the URL
+    with pytest.raises(JudgeBackendError, match="could not reach"):
+        OpenAIChatBackend(url, model="m", timeout=1).label("q", "a")
+    with pytest.raises(ValueError, match="http"):
+        OpenAIChatBackend("localhost:8000", model="m")
