@@ -233,7 +233,7 @@ def _heatmap(
 
 
 def _heatmap_size(n_rows: int, n_cols: int, extra_w: float = 0.0) -> tuple[float, float]:
-    w = min(max(4.5, 1.8 + 0.32 * n_cols), 16.0) + extra_w
+    w = min(max(4.5, 2.0 + 0.22 * n_cols), 11.0) + extra_w
     h = min(max(3.0, 1.2 + 0.22 * n_rows), 12.0)
     return (w, h)
 
@@ -334,7 +334,7 @@ def plot_expert_heatmap(
     n_panels = 1 if rd is None else 2
     w, h = _heatmap_size(n_layers, n_exp, extra_w=1.0)
     with mpl.rc_context(STYLE):
-        fig = Figure(figsize=(w if n_panels == 1 else min(2 * w - 0.5, 18.0), h), layout="constrained")
+        fig = Figure(figsize=(w if n_panels == 1 else min(2 * w - 0.5, 14.0), h), layout="constrained")
         axes = fig.subplots(1, n_panels, sharey=True, squeeze=False)[0]
         xt = _tick_positions(n_exp, 32)
         _heatmap(axes[0], data, vmax=vmax, cbar_label=metric_label, fig=fig)
@@ -462,7 +462,16 @@ def plot_attribution_vs_exhaustive(
         if labels is not None and n_annotate > 0:
             idx = np.flatnonzero(ok)
             top = idx[np.argsort(-np.abs(e[idx]), kind="stable")[:n_annotate]]
-            ax.scatter(a[top], e[top], s=30, facecolors="none", edgecolors=OKABE_ITO[5], lw=1.0, zorder=3)
+            ax.scatter(
+                a[top],
+                e[top],
+                s=30,
+                facecolors="none",
+                edgecolors=OKABE_ITO[5],
+                lw=1.0,
+                zorder=3,
+                label=f"top-{len(top)} by |exhaustive effect|",
+            )
             for k, i in enumerate(top):
                 ax.annotate(
                     _clean_token(str(labels[i])),
@@ -655,8 +664,10 @@ def plot_circuit(
             colours = [OKABE_ITO[i % 7] for i in range(len(faith))]
             xs = np.arange(len(faith))
             fax.bar(xs, vals, color=colours, width=0.65, yerr=err, capsize=3, ecolor="#333333")
-            for x, v in zip(xs, vals, strict=True):
-                fax.text(x, v / 2 if v > 0.15 else v + 0.03, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            tops = [max(v, ci[1]) if ci else v for _, v, ci in faith]
+            for x, v, top in zip(xs, vals, tops, strict=True):
+                fax.text(x, max(top, 0.0) + 0.03, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            fax.set_ylim(min(0.0, float(np.min(vals - err[0]))) - 0.05, max(1.1, max(tops) + 0.12))
             fax.set_xticks(xs, names, rotation=30 if len(names) > 2 else 0)
             fax.axhline(1.0, ls="--", color=GREY, lw=0.8)
             fax.axhline(0.0, color="#333333", lw=0.6)
@@ -737,7 +748,7 @@ def plot_coefficient_sweep(
                 )
                 handles.append(ln)
             ax2.set_ylabel(secondary_ylabel)
-        ax.legend(handles=handles, loc="best")
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(handles), 3))
         return _finish(fig, title, save_to)
 
 
