@@ -1,0 +1,186 @@
+"""Routing and per-expert computation from fused expert weights.
+
+transformers 5.x stores a layer's experts as fused 3-D parameters and has no per-expert module to hook, so
+per-expert outputs are computed here from the experts module's inputs and weights. Which formula applies is
+data (:attr:`FamilySpec.expert_kind`, :attr:`FamilySpec.router_kind`), never a branch on the family name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from moe_interp.families import ExpertKind, FamilySpec, RouterKind
+
+# --------------------------------------------------------------------------------------------- routing
+
+
+def _softmax_topk(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, idx = torch.topk(probs, k, dim=-1)
+    if getattr(router, "norm_topk_prob", spec.norm_topk_default):
+        top = top / top.sum(dim=-1, keepdim=True)
+    return top.to(logits.dtype), idx
+
+
+def _topk_softmax(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+    top, idx = torch.topk(logits, k, dim=-1)
+    return torch.softmax(top.float(), dim=-1).to(logits.dtype), idx
+
+
+def _sigmoid_group_topk(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+    scores = logits.float().sigmoid()
+    bias = getattr(router, "e_score_correction_bias", None)
+    choice = scores + bias if bias is not None else scores
+    n_group = getattr(router, "num_group", getattr(router, "n_group", 1)) or 1
+    topk_group = getattr(router, "topk_group", n_group) or n_group
+    n_exp = logits.shape[-1]
+    if n_group > 1:
+        group_scores = choice.view(-1, n_group, n_exp // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_exp // n_group).reshape(-1, n_exp)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    idx = torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if getattr(router, "norm_topk_prob", spec.norm_topk_default):
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * getattr(router, "routed_scaling_factor", 1.0)
+    return weights, idx
+
+
+def _sparsemixer(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    return sparsemixer(
+        logits, jitter_eps=getattr(router, "router_jitter_noise", 0.01), training=False, top_k=k
+    )
+
+
+def _topk_sigmoid_dense(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+    top, idx = torch.topk(logits, k, dim=1)
+    dense = torch.full_like(logits, float("-inf")).scatter_(1, idx, top)
+    return torch.sigmoid(dense.float()).to(logits.dtype), idx
+
+
+ROUTERS: dict[RouterKind, Callable[[nn.Module, Tensor, int, FamilySpec], tuple[Tensor, Tensor]]] = {
+    "softmax_topk": _softmax_topk,
+    "topk_softmax": _topk_softmax,
+    "sigmoid_group_topk": _sigmoid_group_topk,
+    "sparsemixer": _sparsemixer,
+    "topk_sigmoid_dense": _topk_sigmoid_dense,
+}
+
+
+def route(
+    spec: FamilySpec, router: nn.Module, logits: Float[Tensor, "n_tok n_experts"], top_k: int
+) -> tuple[Tensor, Int[Tensor, "n_tok k"]]:
+    """Re-run the family's routing function on (edited) router logits.
+
+    Returns ``(weights, indices)``: top-k weights ``[n_tok, k]`` for most families, or dense scores
+    ``[n_tok, n_experts]`` where the router emits dense scores (``router_output == "scores_logits"``).
+    """
+    return ROUTERS[spec.router_kind](router, logits, top_k, spec)
+
+
+def dense_to_topk(
+    dense: Float[Tensor, "n_tok n_experts"],
+) -> tuple[Float[Tensor, "n_tok k"], Int[Tensor, "n_tok k"]]:
+    """Convert dense per-expert weights back to (weights, indices), k = max number of non-zeros per token."""
+    nonzero = dense != 0
+    k = max(int(nonzero.sum(-1).max().item()) if dense.numel() else 1, 1)
+    order = torch.argsort(nonzero.to(torch.int8), dim=-1, descending=True, stable=True)[:, :k]
+    return dense.gather(1, order), order
+
+
+def topk_to_dense(
+    weights: Float[Tensor, "n_tok k"], indices: Int[Tensor, "n_tok k"], n_experts: int
+) -> Float[Tensor, "n_tok n_experts"]:
+    """Scatter top-k weights into a dense ``[n_tok, n_experts]`` tensor (zero where not routed)."""
+    dense = torch.zeros(weights.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
+    return dense.scatter_add(1, indices.long(), weights)
+
+
+# ----------------------------------------------------------------------------------- expert functions
+
+
+def _glu_chunk(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+    gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+def _glu_interleaved_clamped(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+    gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+    return experts._apply_gate(gate_up) @ experts.down_proj[e] + experts.down_proj_bias[e]
+
+
+def _input_scaled_glu(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+    gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return (up * experts.act_fn(gate)) @ experts.down_proj[e]
+
+
+EXPERT_FNS: dict[ExpertKind, Callable[[nn.Module, int, Tensor], Tensor]] = {
+    "glu_chunk": _glu_chunk,
+    "glu_interleaved_clamped": _glu_interleaved_clamped,
+    "input_scaled_glu": _input_scaled_glu,
+}
+
+#: expert kinds whose routing weight scales the expert's input rather than its output
+INPUT_SCALED: frozenset[str] = frozenset({"input_scaled_glu"})
+
+
+def expert_forward(
+    spec: FamilySpec, experts: nn.Module, e: int, x: Float[Tensor, "n d"]
+) -> Float[Tensor, "n d"]:
+    """Unweighted output of expert ``e`` on tokens ``x``, from the fused weights."""
+    return EXPERT_FNS[spec.expert_kind](experts, e, x)
+
+
+def weighted_expert_outputs(
+    spec: FamilySpec,
+    experts: nn.Module,
+    x: Float[Tensor, "n_tok d"],
+    dense_weights: Float[Tensor, "n_tok n_experts"],
+) -> Float[Tensor, "n_tok n_experts d"]:
+    """Each expert's weighted contribution per token (zero where its weight is zero).
+
+    Only experts with a non-zero weight somewhere are computed, and only on the tokens routed to them.
+    """
+    n_tok, n_exp = dense_weights.shape
+    out = x.new_zeros(n_tok, n_exp, x.shape[-1])
+    scaled_input = spec.expert_kind in INPUT_SCALED
+    for e in torch.nonzero(dense_weights.ne(0).any(0)).flatten().tolist():
+        tok = torch.nonzero(dense_weights[:, e] != 0).flatten()
+        w = dense_weights[tok, e, None]
+        if scaled_input:
+            y = expert_forward(spec, experts, e, x[tok] * w)
+        else:
+            y = expert_forward(spec, experts, e, x[tok]) * w
+        out[tok, e] = y.to(out.dtype)
+    return out
+
+
+def topk_expert_outputs(
+    spec: FamilySpec,
+    experts: nn.Module,
+    x: Float[Tensor, "n_tok d"],
+    weights: Float[Tensor, "n_tok k"],
+    indices: Int[Tensor, "n_tok k"],
+) -> Float[Tensor, "n_tok k d"]:
+    """Sparse form: the weighted outputs of each token's top-k experts, aligned with ``indices``."""
+    out = x.new_zeros(*indices.shape, x.shape[-1])
+    scaled_input = spec.expert_kind in INPUT_SCALED
+    for e in torch.unique(indices).tolist():
+        tok, slot = torch.nonzero(indices == e, as_tuple=True)
+        w = weights[tok, slot, None]
+        y = (
+            expert_forward(spec, experts, e, x[tok] * w)
+            if scaled_input
+            else expert_forward(spec, experts, e, x[tok]) * w
+        )
+        out[tok, slot] = y.to(out.dtype)
+    return out

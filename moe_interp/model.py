@@ -1,0 +1,605 @@
+"""MoEModel: one standardised wrapper over any supported HF MoE (or dense) model.
+
+Reads and edits go through nnsight traces (:mod:`moe_interp.tracing`); the wrapped HF model is never
+modified, so nothing persists after a call, a ``with model.intervene(...)`` block or an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+from transformers import BatchEncoding, PreTrainedModel
+
+from moe_interp.families import FamilySpec, get_family
+from moe_interp.hooks import BLOCK_SITES, validate_names
+from moe_interp.tracing import EditFn, LayerInfo, LayerTracer, TraceRequest, _get
+
+warnings.filterwarnings("ignore", message=".*was never reached.*")  # nnsight's open generation loop
+warnings.filterwarnings("ignore", message=".*is falling back to its reference PyTorch implementation.*")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Geometry of a loaded model, in one place for analysis code, CLI output and steering metadata."""
+
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    vocab_size: int
+    moe_layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    shared_expert_layers: tuple[int, ...]
+    attention: tuple[str, ...]  # per layer: "softmax" or "linear"
+    notes: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in self.to_dict().items()
+        )
+        return f"<table><tr><th>ModelSpec</th><th></th></tr>{rows}</table>"
+
+
+@dataclass
+class Generation:
+    """One sampled completion with the log-probability of each generated token."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.token_logprobs) / max(len(self.token_logprobs), 1)
+
+
+class MoECache(ActivationCache):
+    """TransformerLens ``ActivationCache`` of moe-interp hook values (all ``[batch, pos, ...]``)."""
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self.cache_dict.items())[:6])
+        more = f", … (+{len(self.cache_dict) - 6})" if len(self.cache_dict) > 6 else ""
+        return f"MoECache({len(self.cache_dict)} hooks: {shapes}{more})"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td><code>{k}</code></td><td>{tuple(v.shape)}</td><td>{v.dtype}</td></tr>"
+            for k, v in self.cache_dict.items()
+        )
+        return f"<table><tr><th>hook</th><th>shape</th><th>dtype</th></tr>{rows}</table>"
+
+
+Prompts = str | Sequence[str]
+
+
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray):
+        raise ValueError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("Prompts must be a non-empty list of strings, got an empty list.")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(
+            f"Prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}: {prompts[bad[0]]!r}."
+        )
+    return prompts
+
+
+class MoEModel:
+    """A loaded model with TransformerLens-style hook points over its router, experts and attention."""
+
+    def __init__(self, hf_model: PreTrainedModel, tokenizer: Any, *, name: str | None = None) -> None:
+        from nnsight.modeling.transformers import TransformersModel
+
+        if tokenizer is None:
+            raise ValueError("A tokenizer is required (pass tokenizer=... together with an in-memory model).")
+        self.family: FamilySpec = get_family(hf_model.config.model_type)
+        self.hf_model = hf_model.eval()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or hf_model.config.model_type
+        self.nnsight = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+        self.layers = self._resolve_layers()
+        self.spec = self._make_spec()
+        self._hook_names = self._enumerate_hooks()
+        self._hook_set = set(self._hook_names)
+        self._active: list[Any] = []
+
+    # ------------------------------------------------------------------------------- structure
+    def _resolve_layers(self) -> list[LayerInfo]:
+        cfg = self.hf_model.config
+        fam = self.family
+        infos = []
+        for i, layer in enumerate(_get(self.hf_model, fam.layers)):
+            attn_path = next((p for p in fam.attn if hasattr(layer, p)), None)
+            lin_path = next((p for p in fam.linear_attn if hasattr(layer, p)), None)
+            attn = getattr(layer, attn_path) if attn_path else None
+            q = next((p for p in fam.q if _has(attn, p)), None)
+            k = next((p for p in fam.k if _has(attn, p)), None)
+            v = next((p for p in fam.v if _has(attn, p)), None)
+            o = fam.o if _has(attn, fam.o) else None
+            n_heads = int(cfg.num_attention_heads)
+            d_head = getattr(attn, q).out_features // n_heads if q else 0
+            n_kv = getattr(attn, k).out_features // d_head if (k and d_head) else n_heads
+            d_head_v = getattr(attn, o).in_features // n_heads if o else 0
+            mlp = getattr(layer, fam.mlp)
+            is_moe = hasattr(mlp, fam.router) and hasattr(mlp, fam.experts)
+            n_exp = top_k = 0
+            if is_moe:
+                ex, router = getattr(mlp, fam.experts), getattr(mlp, fam.router)
+                n_exp = int(getattr(ex, "num_experts", 0) or ex.gate_up_proj.shape[0])
+                top_k = int(getattr(router, "top_k", 0) or cfg.num_experts_per_tok)
+            mult = float(getattr(layer, fam.residual_multiplier, 1.0)) if fam.residual_multiplier else 1.0
+            infos.append(
+                LayerInfo(
+                    index=i,
+                    attn=attn_path,
+                    linear_attn=lin_path if attn_path is None else None,
+                    q=q,
+                    k=k,
+                    v=v,
+                    o=o,
+                    n_heads=n_heads,
+                    n_kv_heads=n_kv,
+                    d_head=d_head,
+                    d_head_v=d_head_v,
+                    mlp=fam.mlp,
+                    is_moe=is_moe,
+                    n_experts=n_exp,
+                    top_k=top_k,
+                    shared=fam.shared if is_moe and fam.shared and hasattr(mlp, fam.shared) else None,
+                    shared_gate=fam.shared_gate
+                    if is_moe and fam.shared_gate and hasattr(mlp, fam.shared_gate)
+                    else None,
+                    residual_multiplier=mult,
+                )
+            )
+        return infos
+
+    def _make_spec(self) -> ModelSpec:
+        cfg = self.hf_model.config
+        moe = [i for i in self.layers if i.is_moe]
+        first_attn = next((i for i in self.layers if i.attn), self.layers[0])
+        return ModelSpec(
+            family=self.family.model_type,
+            n_layers=len(self.layers),
+            d_model=int(cfg.hidden_size),
+            n_heads=first_attn.n_heads,
+            n_kv_heads=first_attn.n_kv_heads,
+            d_head=first_attn.d_head,
+            vocab_size=int(cfg.vocab_size),
+            moe_layers=tuple(i.index for i in moe),
+            n_experts=moe[0].n_experts if moe else 0,
+            top_k=moe[0].top_k if moe else 0,
+            shared_expert_layers=tuple(i.index for i in moe if i.shared),
+            attention=tuple("softmax" if i.attn else "linear" for i in self.layers),
+            notes=self.family.notes,
+        )
+
+    def _enumerate_hooks(self) -> list[str]:
+        names = ["hook_embed"]
+        for info in self.layers:
+            L = info.index
+            for site in (
+                "hook_resid_pre",
+                "hook_resid_mid",
+                "hook_resid_post",
+                "hook_attn_out",
+                "hook_mlp_out",
+            ):
+                names.append(f"blocks.{L}.{site}")
+            if info.attn:
+                for key, path in (("hook_q", info.q), ("hook_k", info.k), ("hook_v", info.v)):
+                    if path:
+                        names.append(f"blocks.{L}.attn.{key}")
+                if info.o:
+                    names += [f"blocks.{L}.attn.hook_z", f"blocks.{L}.attn.hook_result"]
+                names.append(f"blocks.{L}.attn.hook_pattern")
+            if info.is_moe:
+                for s in (
+                    "hook_router_logits",
+                    "hook_expert_indices",
+                    "hook_expert_weights",
+                    "hook_expert_out",
+                ):
+                    names.append(f"blocks.{L}.mlp.{s}")
+                if self.family.router_output != "scores_logits":
+                    names.append(f"blocks.{L}.mlp.hook_topk_expert_out")
+                if info.shared:
+                    names.append(f"blocks.{L}.mlp.hook_shared_out")
+                names += [f"blocks.{L}.mlp.experts.{e}.hook_out" for e in range(info.n_experts)]
+        names.append("ln_final.hook_normalized")
+        return names
+
+    def hook_names(self, filter: str | Callable[[str], bool] | None = None) -> list[str]:
+        """All hook points of this model, in execution order (optionally filtered by substring or predicate)."""
+        if filter is None:
+            return list(self._hook_names)
+        pred = filter if callable(filter) else (lambda n: filter in n)
+        return [n for n in self._hook_names if pred(n)]
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.spec.n_layers:
+            raise ValueError(
+                f"Layer {layer!r} is out of range: this model has layers 0..{self.spec.n_layers - 1}."
+            )
+        return layer
+
+    def check_expert(self, layer: int, expert: int) -> None:
+        info = self.layers[self.check_layer(layer)]
+        if not info.is_moe:
+            raise ValueError(f"Layer {layer} is not an MoE layer; MoE layers: {list(self.spec.moe_layers)}.")
+        if not isinstance(expert, int) or not 0 <= expert < info.n_experts:
+            raise ValueError(
+                f"Expert {expert!r} is out of range: layer {layer} has experts 0..{info.n_experts - 1}."
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def __repr__(self) -> str:
+        s = self.spec
+        moe = (
+            f"{len(s.moe_layers)} MoE layers × {s.n_experts} experts (top-{s.top_k})" if s.is_moe else "dense"
+        )
+        return (
+            f"MoEModel({self.name!r}, family={s.family}, {s.n_layers} layers, d_model={s.d_model}, "
+            f"{s.n_heads} heads, {moe}, {len(self._hook_names)} hook points)"
+        )
+
+    def _repr_html_(self) -> str:
+        sites = "".join(
+            f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in BLOCK_SITES.items()
+        )
+        return f"<p>{html.escape(repr(self))}</p>{self.spec._repr_html_()}<ul>{sites}</ul>"
+
+    # ------------------------------------------------------------------------------- inputs
+    def format_chat(self, instructions: Prompts) -> list[str]:
+        """Apply the tokenizer's chat template to each instruction, generation prompt added."""
+        instructions = _check_prompts(instructions)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return instructions
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
+            )
+            for x in instructions
+        ]
+
+    def tokenize(self, prompts: Prompts, *, chat: bool = True, padding_side: str = "left") -> BatchEncoding:
+        """Tokenize (chat-formatted unless ``chat=False``) with padding; special tokens come from the template."""
+        prompts = _check_prompts(prompts)
+        texts = self.format_chat(prompts) if chat else prompts
+        has_template = chat and getattr(self.tokenizer, "chat_template", None) is not None
+        enc = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=not has_template,
+            padding_side=padding_side,
+        )
+        return enc.to(self.device)
+
+    def _encode(self, inputs: Prompts | BatchEncoding | dict, chat: bool) -> tuple[Tensor, Tensor]:
+        if isinstance(inputs, BatchEncoding | dict):
+            ids = inputs["input_ids"].to(self.device)
+            mask = inputs.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+            return ids, mask
+        enc = self.tokenize(inputs, chat=chat)
+        return enc["input_ids"], enc["attention_mask"]
+
+    # ------------------------------------------------------------------------------- running
+    def _collect_edits(self, extra: Sequence[Any] = ()) -> dict[str, list[EditFn]]:
+        edits: dict[str, list[EditFn]] = {}
+        for iv in [*self._active, *extra]:
+            for name, fn in _edits_of(iv, self).items():
+                edits.setdefault(name, []).append(fn)
+        return edits
+
+    def _trace(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        request: TraceRequest,
+        *,
+        grad: bool = False,
+    ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        store: dict[str, list[Tensor]] = {}
+        out: dict[str, Tensor] = {}
+        pos_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        need_eager = any(n.endswith("attn.hook_pattern") for n in request.reads)
+        with self._eager_attention(need_eager), torch.set_grad_enabled(grad):
+            with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids):
+                _trace_body(self, request, store, out, ids.shape[0], ids.shape[1], mask)
+        return out["logits"], store
+
+    @contextlib.contextmanager
+    def _eager_attention(self, needed: bool) -> Iterator[None]:
+        current = self.hf_model.config._attn_implementation
+        if not needed or current == "eager":
+            yield
+            return
+        self.hf_model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.hf_model.set_attn_implementation(current)
+
+    def forward(
+        self, prompts: Prompts | BatchEncoding, *, chat: bool = True, grad: bool = False
+    ) -> Float[Tensor, "batch pos vocab"]:
+        """Logits of the (chat-formatted) prompts, with the active interventions applied."""
+        ids, mask = self._encode(prompts, chat)
+        logits, _ = self._trace(ids, mask, TraceRequest(edits=self._collect_edits()), grad=grad)
+        return logits
+
+    __call__ = forward
+
+    def run_with_cache(
+        self,
+        prompts: Prompts | BatchEncoding,
+        names: str | Sequence[str] | Callable[[str], bool] | None = None,
+        *,
+        positions: int | slice | Sequence[int] | None = None,
+        chat: bool = True,
+        batch_size: int | None = None,
+        grad: bool = False,
+    ) -> tuple[Float[Tensor, "batch pos vocab"], MoECache]:
+        """Run and cache hook values (``[batch, pos, ...]``); ``positions`` keeps only those positions.
+
+        By default every hook except the dense per-expert outputs (``hook_expert_out`` and
+        ``experts.{e}.hook_out``, large on real checkpoints: ask for them by name) is cached. Prompts are
+        left padded, so negative positions (``[-5, ..., -1]``) align the chat template's last tokens.
+        """
+        names = self._resolve_names(names)
+        if isinstance(positions, int):
+            positions = [positions]
+        ids, mask = self._encode(prompts, chat)
+        edits = self._collect_edits()
+        step = batch_size or ids.shape[0]
+        all_logits, caches = [], []
+        for start in range(0, ids.shape[0], step):
+            req = TraceRequest(reads=set(names), edits=edits, positions=positions)
+            logits, store = self._trace(ids[start : start + step], mask[start : start + step], req, grad=grad)
+            all_logits.append(logits)
+            caches.append({k: v[0] for k, v in store.items()})
+        cache = {k: torch.cat([c[k] for c in caches]) for k in names if k in caches[0]}
+        return torch.cat(all_logits), MoECache(cache, self)
+
+    def _resolve_names(self, names: Any) -> list[str]:
+        if names is None:
+            return [
+                n
+                for n in self._hook_names
+                if not (n.endswith("hook_expert_out") and "topk" not in n) and not n.endswith(".hook_out")
+            ]
+        if callable(names):
+            return [n for n in self._hook_names if names(n)]
+        return validate_names(
+            list(names) if not isinstance(names, str) else [names], self._hook_set, self._hook_names
+        )
+
+    @contextlib.contextmanager
+    def intervene(self, *interventions: Any) -> Iterator[MoEModel]:
+        """Edit every forward pass and generation inside the block; all edits are gone on exit."""
+        for iv in interventions:
+            _edits_of(iv, self)  # validate now: bad interventions fail before anything runs
+        n = len(self._active)
+        self._active.extend(interventions)
+        try:
+            yield self
+        finally:
+            del self._active[n:]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Prompts | BatchEncoding,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float | None = None,
+        num_return_sequences: int = 1,
+        return_scores: bool = False,
+        chat: bool = True,
+        seed: int | None = None,
+    ) -> list[str] | list[list[Generation]]:
+        """Generate completions (text after the prompt) with the active interventions applied at every step.
+
+        ``return_scores=True`` returns, per prompt, ``num_return_sequences`` :class:`Generation` objects with
+        the log-probability of each generated token (up to and including the first end-of-sequence token).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        ids, mask = self._encode(prompts, chat)
+        edits = self._collect_edits()
+        b, p = ids.shape
+        n_ret = num_return_sequences
+        gen_kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=n_ret,
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=return_scores,
+        )
+        if do_sample:
+            gen_kwargs["temperature"] = temperature
+            gen_kwargs["top_p"] = top_p if top_p is not None else 1.0
+            gen_kwargs["top_k"] = 0
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            res: dict[str, Any] = {}
+            with self.nnsight.generate(**gen_kwargs) as tracer:
+                with tracer.invoke(input_ids=ids, attention_mask=mask):
+                    _generate_body(self, tracer, edits, mask.repeat_interleave(n_ret, 0), b * n_ret, p)
+                with tracer.invoke():
+                    res["out"] = tracer.result
+        out = res["out"]
+        seqs = out.sequences[:, p:]
+        eos = self.tokenizer.eos_token_id
+        results: list[Generation] = []
+        for r in range(seqs.shape[0]):
+            toks = seqs[r].tolist()
+            if eos is not None and eos in toks:
+                toks = toks[: toks.index(eos) + 1]
+            lps: list[float] = []
+            if return_scores:
+                for t, tok in enumerate(toks):
+                    lps.append(float(torch.log_softmax(out.logits[t][r].float(), -1)[tok]))
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            results.append(Generation(text=text, token_ids=toks, token_logprobs=lps))
+        if not return_scores and n_ret == 1:
+            return [g.text for g in results]
+        return [results[i * n_ret : (i + 1) * n_ret] for i in range(b)]
+
+
+def _has(module: Any, path: str) -> bool:
+    return module is not None and getattr(module, path, None) is not None
+
+
+def _edits_of(iv: Any, model: MoEModel) -> dict[str, EditFn]:
+    if not hasattr(iv, "edits"):
+        raise TypeError(
+            f"{type(iv).__name__} is not an intervention: expected an object with edits(model) -> dict[str, fn]."
+        )
+    edits = iv.edits(model)
+    validate_names(list(edits), model._hook_set, model._hook_names)
+    for name in edits:
+        if name.endswith("attn.hook_pattern"):
+            raise ValueError(
+                f"{name} is read-only (attention output is computed before its pattern is exposed)."
+            )
+    return edits
+
+
+def _trace_body(
+    model: MoEModel,
+    request: TraceRequest,
+    store: dict[str, list[Tensor]],
+    out: dict[str, Tensor],
+    batch: int,
+    seq: int,
+    mask: Tensor,
+) -> None:
+    """The body of a forward trace (kept in a real file, as nnsight requires)."""
+    LayerTracer(model.nnsight, model.family, model.layers, request, store, batch, seq, mask).run()
+    out["logits"] = model.nnsight.output.logits
+
+
+def _generate_body(
+    model: MoEModel, tracer: Any, edits: dict[str, list[EditFn]], mask: Tensor, b: int, p: int
+) -> None:
+    """The body of a generation trace: apply the edits at every generation step."""
+    if not edits:
+        return
+    request = TraceRequest(edits=edits)
+    for step in tracer.iter[:]:
+        seq = p if step == 0 else 1
+        step_mask = mask if step == 0 else torch.ones(b, 1, dtype=mask.dtype, device=mask.device)
+        LayerTracer(
+            model.nnsight, model.family, model.layers, request, {}, b, seq, step_mask, step=step
+        ).run()
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load(
+    source: str | PreTrainedModel,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> MoEModel:
+    """Load a model and wrap it as an :class:`MoEModel`.
+
+    ``source`` is an HF id or local directory (``from_pretrained``), an in-memory ``PreTrainedModel`` (with
+    ``tokenizer=``), ``"tiny:<family>"`` (seeded random-init tiny model; ``seed=`` and config overrides via
+    ``config=dict(...)``), or ``"organism"`` (the bundled refusing MoE).
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(source, PreTrainedModel):
+        model = MoEModel(source, tokenizer, name=kwargs.pop("name", None))
+    elif isinstance(source, str) and source.startswith("tiny:"):
+        model = _load_tiny(source.split(":", 1)[1], dtype=dtype, **kwargs)
+    elif isinstance(source, str) and source == "organism":
+        from moe_interp.organisms import load_organism
+
+        hf, tok = load_organism(**kwargs)
+        model = MoEModel(hf, tok, name="organism")
+    elif isinstance(source, str | Path):
+        model = _load_pretrained(str(source), tokenizer=tokenizer, dtype=dtype, **kwargs)
+    else:
+        raise TypeError(
+            "load() takes an HF id or directory, 'tiny:<family>', 'organism', or a transformers PreTrainedModel; "
+            f"got {type(source).__name__}."
+        )
+    if dtype is not None and not isinstance(source, PreTrainedModel):
+        model.hf_model.to(dtype)
+    if device is not None:
+        model.hf_model.to(device)
+    return model
+
+
+def _load_tiny(
+    family: str, *, dtype: torch.dtype | None = None, seed: int = 0, config: dict | None = None
+) -> MoEModel:
+    from transformers import AutoModelForCausalLM
+
+    from moe_interp.tiny import TINY_CONFIGS, tiny_config
+    from moe_interp.tokenizer import build_tiny_tokenizer
+
+    if family not in TINY_CONFIGS:
+        get_family(family)  # unknown family: error naming the supported ones
+        raise ValueError(
+            f"No tiny config for family {family!r}. Available: {', '.join(sorted(TINY_CONFIGS))}."
+        )
+    cfg = tiny_config(family, **(config or {}))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(cfg)
+    return MoEModel(hf.float(), build_tiny_tokenizer(cfg.vocab_size), name=f"tiny:{family}")
+
+
+def _load_pretrained(source: str, *, tokenizer: Any, dtype: torch.dtype | None, **kwargs: Any) -> MoEModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(source)
+    get_family(getattr(cfg, "text_config", cfg).model_type if cfg.model_type == "llama4" else cfg.model_type)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
+    return MoEModel(hf, tok, name=source)

@@ -1,0 +1,426 @@
+"""nnsight plumbing: read and edit hook points inside one trace, in execution order.
+
+Every hook value is produced from what the HF forward really computes (module inputs and outputs read
+through nnsight) and laid out ``[batch, pos, ...]``. Edits are written back to the module input or output
+they came from, so they propagate downstream. Modules are visited strictly in execution order (nnsight's
+rule); the order inside an MoE block is data (:attr:`FamilySpec.moe_order`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor
+
+from moe_interp.experts import (
+    dense_to_topk,
+    route,
+    topk_expert_outputs,
+    topk_to_dense,
+    weighted_expert_outputs,
+)
+from moe_interp.families import FamilySpec
+
+
+@dataclass
+class HookContext:
+    """What an edit function knows about the forward pass it is editing."""
+
+    name: str
+    layer: int | None
+    attention_mask: Tensor
+    is_prompt: bool
+    step: int
+
+
+EditFn = Callable[[Tensor, HookContext], Tensor]
+
+
+@dataclass
+class LayerInfo:
+    """Resolved module paths and geometry of one decoder layer."""
+
+    index: int
+    attn: str | None
+    linear_attn: str | None
+    q: str | None
+    k: str | None
+    v: str | None
+    o: str | None
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_head_v: int
+    mlp: str
+    is_moe: bool
+    n_experts: int = 0
+    top_k: int = 0
+    shared: str | None = None
+    shared_gate: str | None = None
+    residual_multiplier: float = 1.0
+
+
+@dataclass
+class TraceRequest:
+    """Which hook points to save and which to edit in one forward pass."""
+
+    reads: set[str] = field(default_factory=set)
+    edits: dict[str, list[EditFn]] = field(default_factory=dict)
+    positions: Any = None  # None, slice or list of ints: positions kept in the cache
+
+    def wants(self, name: str) -> bool:
+        return name in self.reads or name in self.edits
+
+    def any_prefix(self, prefix: str) -> bool:
+        return any(n.startswith(prefix) for n in self.reads) or any(n.startswith(prefix) for n in self.edits)
+
+
+def _get(envoy: Any, path: str) -> Any:
+    for part in path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def _first(x: Any) -> Tensor:
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _replace_first(old: Any, new: Tensor) -> Any:
+    return (new, *old[1:]) if isinstance(old, tuple) else new
+
+
+class LayerTracer:
+    """Runs inside a trace: visits hook points of one forward pass in order, saving and editing them."""
+
+    def __init__(
+        self,
+        nn_model: Any,
+        spec: FamilySpec,
+        layers: list[LayerInfo],
+        request: TraceRequest,
+        store: dict[str, Tensor],
+        batch: int,
+        seq: int,
+        attention_mask: Tensor,
+        step: int = 0,
+    ) -> None:
+        self.nn = nn_model
+        self.spec = spec
+        self.layers = layers
+        self.req = request
+        self.store = store
+        self.b, self.p = batch, seq
+        self.mask = attention_mask
+        self.step = step
+
+    # ----------------------------------------------------------------------------- helpers
+    def _ctx(self, name: str, layer: int | None) -> HookContext:
+        return HookContext(name, layer, self.mask, self.step == 0, self.step)
+
+    def _edit(self, name: str, value: Tensor, layer: int | None) -> Tensor | None:
+        fns = self.req.edits.get(name)
+        if not fns:
+            return None
+        new = value
+        for fn in fns:
+            new = fn(new, self._ctx(name, layer))
+            if not isinstance(new, Tensor) or new.shape != value.shape:
+                got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(
+                    f"An edit of {name} must return a tensor of shape {tuple(value.shape)}, got {got}."
+                )
+        return new
+
+    def _save(self, name: str, value: Tensor, pos_dim: int = 1) -> None:
+        if name not in self.req.reads:
+            return
+        pos = self.req.positions
+        if pos is not None:
+            index = [slice(None)] * value.ndim
+            index[pos_dim] = pos if isinstance(pos, slice) else torch.as_tensor(pos, dtype=torch.long)
+            value = value[tuple(index)]
+        self.store.setdefault(name, [])
+        self.store[name].append(value)
+
+    def _bp(self, flat: Tensor) -> Tensor:
+        return flat.reshape(self.b, self.p, *flat.shape[1:])
+
+    def _flat(self, x: Tensor) -> Tensor:
+        return x.reshape(self.b * self.p, *x.shape[2:])
+
+    def _site(self, name: str, value: Tensor, layer: int | None, pos_dim: int = 1) -> Tensor | None:
+        """Edit then save one hook value; returns the edited tensor or None if unedited."""
+        new = self._edit(name, value, layer)
+        self._save(name, value if new is None else new, pos_dim)
+        return new
+
+    # ------------------------------------------------------------------------------- forward
+    def run(self) -> None:
+        if self.req.wants("hook_embed"):
+            emb = _get(self.nn, self.spec.embed)
+            new = self._site("hook_embed", emb.output, None)
+            if new is not None:
+                emb.output = new
+        for info in self.layers:
+            if self.req.any_prefix(f"blocks.{info.index}."):
+                self._layer(info)
+        if self.req.wants("ln_final.hook_normalized"):
+            norm = _get(self.nn, self.spec.final_norm)
+            new = self._site("ln_final.hook_normalized", norm.output, None)
+            if new is not None:
+                norm.output = new
+
+    def _layer(self, info: LayerInfo) -> None:
+        L = info.index
+        pre_name, mid_name = f"blocks.{L}.hook_resid_pre", f"blocks.{L}.hook_resid_mid"
+        layer = _get(self.nn, self.spec.layers)[L]
+        resid_pre = None
+        if self.req.wants(pre_name) or self.req.wants(mid_name):
+            args, kwargs = layer.inputs
+            resid_pre = args[0] if args else kwargs["hidden_states"]
+            new = self._site(pre_name, resid_pre, L)
+            if new is not None:
+                resid_pre = new
+                if args:
+                    layer.inputs = ((new, *args[1:]), kwargs)
+                else:
+                    layer.inputs = (args, {**kwargs, "hidden_states": new})
+        if (
+            self.req.any_prefix(f"blocks.{L}.attn.")
+            or self.req.wants(f"blocks.{L}.hook_attn_out")
+            or self.req.wants(mid_name)
+        ):
+            self._attention(info, layer, resid_pre)
+        if (
+            self.req.any_prefix(f"blocks.{L}.mlp.")
+            or self.req.wants(f"blocks.{L}.hook_mlp_out")
+            or self.req.wants(f"blocks.{L}.hook_resid_post")
+        ):
+            self._mlp(info, layer)
+        post = f"blocks.{L}.hook_resid_post"
+        if self.req.wants(post):
+            out = layer.output
+            new = self._site(post, _first(out), L)
+            if new is not None:
+                layer.output = _replace_first(out, new)
+
+    def _attention(self, info: LayerInfo, layer: Any, resid_pre: Tensor | None) -> None:
+        L = info.index
+        prefix = f"blocks.{L}.attn."
+        if info.attn is not None:
+            attn = getattr(layer, info.attn)
+            for key, path, heads, d in (
+                ("hook_q", info.q, info.n_heads, info.d_head),
+                ("hook_k", info.k, info.n_kv_heads, info.d_head),
+                ("hook_v", info.v, info.n_kv_heads, info.d_head),
+            ):
+                name = prefix + key
+                if path is not None and self.req.wants(name):
+                    mod = _get(attn, path)
+                    out = mod.output
+                    val = out.reshape(*out.shape[:-1], heads, d)
+                    new = self._site(name, val, L)
+                    if new is not None:
+                        mod.output = new.reshape(out.shape)
+            z_name, r_name = prefix + "hook_z", prefix + "hook_result"
+            if info.o is not None and (self.req.wants(z_name) or self.req.wants(r_name)):
+                o = getattr(attn, info.o)
+                z_flat = o.input
+                z = z_flat.reshape(*z_flat.shape[:-1], info.n_heads, info.d_head_v)
+                new = self._site(z_name, z, L)
+                if new is not None:
+                    z = new
+                    o.input = new.reshape(z_flat.shape)
+                if self.req.wants(r_name):
+                    w_o = einops.rearrange(o._module.weight, "d (h dv) -> h dv d", h=info.n_heads)
+                    result = (
+                        einops.einsum(z, w_o.to(z.dtype), "b p h dv, h dv d -> b p h d")
+                        * info.residual_multiplier
+                    )
+                    new = self._site(r_name, result, L)
+                    if new is not None:
+                        out = new.sum(dim=2) / info.residual_multiplier
+                        if o._module.bias is not None:
+                            out = out + o._module.bias
+                        o.output = out.to(z.dtype)
+        else:
+            attn = getattr(layer, info.linear_attn) if info.linear_attn else None
+        if attn is None:
+            return
+        a_name, m_name, p_name = (
+            f"blocks.{L}.hook_attn_out",
+            f"blocks.{L}.hook_resid_mid",
+            prefix + "hook_pattern",
+        )
+        if not (self.req.wants(a_name) or self.req.wants(m_name) or self.req.wants(p_name)):
+            return
+        out = attn.output
+        if self.req.wants(p_name):
+            pattern = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if pattern is None:
+                raise RuntimeError(
+                    f"{p_name} needs attention weights; run with eager attention (done automatically by "
+                    "run_with_cache when hook_pattern is requested)."
+                )
+            self._save(p_name, pattern, pos_dim=2)
+        mult = info.residual_multiplier
+        attn_out = _first(out) * mult
+        new_attn = self._site(a_name, attn_out, L)
+        if new_attn is not None:
+            attn_out = new_attn
+        if self.req.wants(m_name):
+            mid = resid_pre + attn_out
+            new_mid = self._site(m_name, mid, L)
+            if new_mid is not None:
+                new_attn = new_mid - resid_pre
+        if new_attn is not None:
+            attn.output = _replace_first(out, new_attn / mult if mult != 1.0 else new_attn)
+
+    def _mlp(self, info: LayerInfo, layer: Any) -> None:
+        L = info.index
+        pfx = f"blocks.{L}.mlp."
+        mlp = getattr(layer, info.mlp)
+        mult = info.residual_multiplier
+        shared_delta: Tensor | None = None
+        if info.is_moe:
+            spec = self.spec
+            shared_raw = None
+            want_router = any(
+                self.req.wants(pfx + s)
+                for s in ("hook_router_logits", "hook_expert_indices", "hook_expert_weights")
+            )
+            want_experts = (
+                self.req.any_prefix(pfx + "experts.")
+                or self.req.wants(pfx + "hook_expert_out")
+                or self.req.wants(pfx + "hook_topk_expert_out")
+            )
+            want_shared = info.shared is not None and self.req.wants(pfx + "hook_shared_out")
+            for part in spec.moe_order:
+                if part == "shared" and want_shared:
+                    shared_raw = getattr(mlp, info.shared).output
+                    if info.shared_gate is None:
+                        shared_out = shared_raw * mult
+                        new = self._site(pfx + "hook_shared_out", self._bp(self._flat_any(shared_out)), L)
+                        if new is not None:
+                            shared_delta = new - self._bp(self._flat_any(shared_out))
+                elif part == "shared_gate" and want_shared:
+                    gate = getattr(mlp, info.shared_gate).output
+                    shared_out = self._bp(torch.sigmoid(gate) * self._flat_any(shared_raw)) * mult
+                    new = self._site(pfx + "hook_shared_out", shared_out, L)
+                    if new is not None:
+                        shared_delta = new - shared_out
+                elif part == "router" and want_router:
+                    self._router(info, getattr(mlp, spec.router))
+                elif part == "experts" and want_experts:
+                    self._experts(info, getattr(mlp, spec.experts))
+        mo_name = f"blocks.{L}.hook_mlp_out"
+        if self.req.wants(mo_name) or shared_delta is not None:
+            out = mlp.output
+            mlp_out = _first(out).reshape(self.b, self.p, -1) * mult
+            new = mlp_out + shared_delta if shared_delta is not None else None
+            edited = self._site(mo_name, new if new is not None else mlp_out, L)
+            if edited is not None:
+                new = edited
+            if new is not None:
+                first = _first(out)
+                mlp.output = _replace_first(out, (new / mult).reshape(first.shape).to(first.dtype))
+
+    def _flat_any(self, x: Tensor) -> Tensor:
+        return x.reshape(self.b * self.p, x.shape[-1])
+
+    def _router(self, info: LayerInfo, router: Any) -> None:
+        L, pfx, spec = info.index, f"blocks.{info.index}.mlp.", self.spec
+        out = router.output
+        dense_scores = spec.router_output == "scores_logits"
+        if dense_scores:
+            scores, logits = out[0], out[1]
+        else:
+            logits, weights, indices = out[0], out[1], out[2]
+        changed = False
+        new_logits = self._site(pfx + "hook_router_logits", self._bp(logits), L)
+        if new_logits is not None:
+            logits = self._flat(new_logits)
+            w, idx = route(spec, router._module, logits, info.top_k)
+            if dense_scores:
+                scores = w
+            else:
+                weights, indices = w, idx
+            changed = True
+        if dense_scores:
+            indices = torch.topk(logits, info.top_k, dim=-1).indices
+            dense = scores
+        else:
+            dense = None
+        idx_name, w_name = pfx + "hook_expert_indices", pfx + "hook_expert_weights"
+        new_idx = self._site(idx_name, self._bp(indices), L)
+        if new_idx is not None:
+            if dense_scores:
+                raise ValueError(f"{idx_name} is read-only for this family; edit {w_name} instead.")
+            indices = self._flat(new_idx).to(indices.dtype)
+            changed = True
+        if self.req.wants(w_name):
+            if dense is None:
+                dense = topk_to_dense(weights, indices, info.n_experts)
+            new_dense = self._site(w_name, self._bp(dense), L)
+            if new_dense is not None:
+                if dense_scores:
+                    scores = self._flat(new_dense)
+                else:
+                    weights, indices = dense_to_topk(self._flat(new_dense).to(weights.dtype))
+                changed = True
+        if changed:
+            router.output = (scores, logits) if dense_scores else (logits, weights, indices)
+
+    def _experts(self, info: LayerInfo, experts: Any) -> None:
+        L, pfx, spec = info.index, f"blocks.{info.index}.mlp.", self.spec
+        E = info.n_experts
+        per_expert_names = [f"{pfx}experts.{e}.hook_out" for e in range(E)]
+        want_dense = self.req.wants(pfx + "hook_expert_out") or any(
+            self.req.wants(n) for n in per_expert_names
+        )
+        if spec.router_output == "scores_logits":
+            out = experts.output  # [E * n_tok, d]: every expert already computed on scaled inputs
+            dense = einops.rearrange(out, "(e n) d -> n e d", e=E) * info.residual_multiplier
+            topk = None
+            if self.req.wants(pfx + "hook_topk_expert_out"):
+                raise ValueError(
+                    f"{pfx}hook_topk_expert_out is not available for this family; use hook_expert_out."
+                )
+        else:
+            args, kwargs = experts.inputs
+            x, indices, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
+            module = experts._module
+            dense = None
+            if want_dense:
+                dense = weighted_expert_outputs(spec, module, x, topk_to_dense(weights, indices, E))
+                dense = dense * info.residual_multiplier
+            if self.req.wants(pfx + "hook_topk_expert_out"):
+                topk = topk_expert_outputs(spec, module, x, weights, indices) * info.residual_multiplier
+                new = self._site(pfx + "hook_topk_expert_out", self._bp(topk), L)
+                if new is not None:
+                    raise ValueError(
+                        f"{pfx}hook_topk_expert_out is read-only; edit {pfx}hook_expert_out instead."
+                    )
+        if dense is None:
+            return
+        dense_bp = self._bp(dense)
+        new = self._site(pfx + "hook_expert_out", dense_bp, L)
+        edited = new is not None
+        cur = new if edited else dense_bp
+        for e, name in enumerate(per_expert_names):
+            if self.req.wants(name):
+                new_e = self._site(name, cur[:, :, e], L)
+                if new_e is not None:
+                    cur = cur.clone()
+                    cur[:, :, e] = new_e
+                    edited = True
+        if edited:
+            flat = self._flat(cur) / info.residual_multiplier
+            if spec.router_output == "scores_logits":
+                experts.output = einops.rearrange(flat, "n e d -> (e n) d").to(dense.dtype)
+            else:
+                experts.output = flat.sum(dim=1).to(dense.dtype)
