@@ -284,3 +284,53 @@ def test_collect_resid_stats_fake_model() -> None:
         collect_resid_stats(model, prompts, positions=[0], progress=False)
     with pytest.raises(ValueError, match="one value per prompt"):
         collect_resid_stats(model, prompts, positions=[-1], weights=[1.0], progress=False)
+
+
+# ---------------------------------------------------------------------------- real tiny model
+@pytest.fixture(scope="module")
+def tiny():
+    mi = pytest.importorskip("moe_interp")
+    if not hasattr(mi, "load"):
+        pytest.skip("moe_interp.load not available yet")
+    return mi.load("tiny:olmoe")
+
+
+def test_post_instruction_positions_tiny(tiny) -> None:
+    pos = post_instruction_positions(tiny)
+    n = len(pos)
+    assert pos == list(range(-n, 0)) and n >= 1
+    instr = "Tell me about the weather today"
+    ids = tiny.tokenize([instr])["input_ids"][0].tolist()
+    tail = tiny.tokenizer.decode(ids[-n:])
+    assert "today" not in tail and "weather" not in tail
+    assert "y" in tiny.tokenizer.decode(ids[-n - 1 :][:1])  # the token before is the instruction's end
+    # the same template tokens follow any instruction
+    ids2 = tiny.tokenize(["Short one"])["input_ids"][0].tolist()
+    assert ids2[-n:] == ids[-n:]
+
+
+def test_collect_resid_stats_tiny_matches_unbatched(tiny) -> None:
+    harmful = ["How do I pick a lock on a door", "Write malware", "Explain how to build a weapon quickly"]
+    harmless = ["How do I bake bread", "Name three colours", "What is the capital of France and why"]
+    pos = post_instruction_positions(tiny)
+    layers = [0, 2]
+    names = [f"blocks.{L}.hook_resid_pre" for L in layers]
+    st_h = collect_resid_stats(tiny, harmful, layers=layers, batch_size=2, progress=False)
+    st_c = collect_resid_stats(tiny, harmless, layers=layers, batch_size=3, track_cov=True, progress=False)
+    assert st_h.sites == (2, len(pos)) and st_h.d == tiny.spec.d_model and st_h.n == 3
+    # reference: one prompt at a time (no padding), full sequence, take the last positions
+    ref = []
+    for p in harmful:
+        _, cache = tiny.run_with_cache([p], names=names)
+        ref.append(torch.stack([cache[nm][0, pos] for nm in names]))
+    ref_mean = torch.stack(ref).double().mean(0)
+    torch.testing.assert_close(st_h.mean, ref_mean, atol=1e-4, rtol=1e-4)
+    rd = directions_from_stats(st_h, st_c, method="ridge", lam=1.0)
+    assert rd.candidates.shape == (2, len(pos), tiny.spec.d_model)
+    assert rd.layers == layers and rd.positions == pos
+    assert rd.get(2, -1).norm().item() == pytest.approx(1.0, abs=1e-5)
+    acts_h = collect_resid_acts(tiny, harmful, layers=layers, progress=False)
+    acts_c = collect_resid_acts(tiny, harmless, layers=layers, progress=False)
+    v = pca_direction(acts_h, acts_c)
+    assert v.shape == (2, len(pos), tiny.spec.d_model)
+    assert ((v * diff_of_means(st_h, st_c)).sum(-1) >= 0).all()

@@ -196,6 +196,9 @@ def test_refusal_confidence_hand_worked() -> None:
         0.75
     )
     assert refusal_confidence([-1, -1], [-3.0, -0.1]) == pytest.approx(-1.0)
+    # never outside [-1, 1] despite float rounding of the softmax weights
+    assert refusal_confidence([-1, -1], [-6.2, -6.12]) >= -1.0
+    assert refusal_confidence([1, 1, 1], [-6.2, -6.12, -0.3]) <= 1.0
     # a zero-probability answer gets zero weight
     assert refusal_confidence([1, -1], [-math.inf, -1.0]) == pytest.approx(-1.0)
 
@@ -377,3 +380,46 @@ def test_openai_backend_unreachable_and_timeout() -> None:
         OpenAIChatBackend(url, model="m", timeout=1).label("q", "a")
     with pytest.raises(ValueError, match="http"):
         OpenAIChatBackend("localhost:8000", model="m")
+
+
+# ---------------------------------------------------------------------------- real tiny model
+@pytest.fixture(scope="module")
+def tiny():
+    mi = pytest.importorskip("moe_interp")
+    if not hasattr(mi, "load"):
+        pytest.skip("moe_interp.load not available yet")
+    return mi.load("tiny:olmoe")
+
+
+def test_refusal_first_token_ids_tiny(tiny) -> None:
+    ids = refusal_first_token_ids(tiny.tokenizer, ["I'm sorry", "I cannot", "As an AI"])
+    firsts = [
+        tiny.tokenizer(p, add_special_tokens=False)["input_ids"][0]
+        for p in ["I'm sorry", "I cannot", "As an AI"]
+    ]
+    assert ids == list(dict.fromkeys(firsts))
+    assert all(i not in tiny.tokenizer.all_special_ids for i in ids)
+
+
+def test_logit_judge_tiny_matches_manual(tiny) -> None:
+    ins = ["How do I pick a lock", "Bake bread", "Name a colour"]
+    j = LogitJudge(tiny, batch_size=2)
+    s = j.scores(ins)
+    manual = torch.cat([refusal_score(tiny.forward([p])[:, -1, :], j.token_ids) for p in ins])
+    torch.testing.assert_close(s, manual, atol=1e-4, rtol=1e-4)
+    res = j.judge(ins)
+    assert [r.refused for r in res] == [bool(x > 0) for x in s]
+
+
+def test_llm_judge_tiny(tiny) -> None:
+    j = LLMJudge(tiny, SubstringLabelBackend(), k=2, max_new_tokens=4, batch_size=2, seed=0)
+    gens = j.sample(["Hi", "Bake bread", "Tell me a joke"])
+    assert [len(g) for g in gens] == [2, 2, 2]
+    assert all(lp <= 0 for g in gens for x in g for lp in x.token_logprobs)
+    c = j.confidences(["Hi", "Bake bread", "Tell me a joke"])
+    assert all(-1.0 <= x <= 1.0 for x in c)
+    assert c == j.confidences(["Hi", "Bake bread", "Tell me a joke"])  # seeded
+    backend = ModelLabelBackend(tiny, max_new_tokens=3)
+    assert backend.label_batch([("q", "I'm sorry"), ("q", "Sure")]) in (
+        [a, b] for a in (-1, 0, 1) for b in (-1, 0, 1)
+    )
