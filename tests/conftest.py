@@ -1,0 +1,54 @@
+"""Shared fixtures: a session-scoped cache of tiny models per family and a fixed set of prompts."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+
+#: Prompts of different lengths, so that batches are padded.
+PROMPTS: list[str] = [
+    "How do I bake bread at home?",
+    "Hi",
+    "Write a short poem about the sea and the sky, with three verses.",
+]
+
+
+def _families() -> list[str]:
+    from moe_interp.tiny import tiny_families
+
+    return tiny_families()
+
+
+FAMILIES: list[str] = _families()
+
+
+@functools.cache
+def _load_cached(family: str):  # noqa: ANN202 - MoEModel, imported lazily
+    import moe_interp as mi
+
+    return mi.load(f"tiny:{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[[str], object]:
+    """``tiny_model(family)``: a seeded fp32 tiny model, loaded once per session and shared.
+
+    Tests must not modify its weights (edits go through ``model.intervene``); tests that need to
+    modify or wrap the HF model load their own copy with ``mi.load(f"tiny:{family}")``.
+    """
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return _load_cached
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Every family with a tiny config."""
+    return request.param

@@ -1,0 +1,495 @@
+"""The hook-point adapter, family by family: identities between hook values, agreement with the plain HF
+forward, padding invariance, writable hooks, generation, cleanup after errors and input validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import moe_interp as mi
+from moe_interp.tracing import HookContext
+from tests.conftest import FAMILIES, PROMPTS
+
+ATOL = 1e-5
+MOE_FAMILIES = [f for f in FAMILIES if not mi.get_family(f).dense]
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def hf_logits(model: Any, enc: Any) -> Tensor:
+    """Logits of the untouched HF model, with the position ids the adapter derives from the mask."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model.hf_model(ids, attention_mask=mask, position_ids=pos).logits
+
+
+def close(a: Tensor, b: Tensor, atol: float = ATOL) -> None:
+    """Assert two tensors are equal up to ``atol`` (with a useful message)."""
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    diff = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
+
+
+def valid(t: Tensor, mask: Tensor) -> Tensor:
+    """Values at the non-padded positions of a ``[batch, pos, ...]`` tensor, flattened over batch/pos."""
+    return t[mask.bool()]
+
+
+def first_moe_layer(model: Any) -> int:
+    return model.spec.moe_layers[0]
+
+
+def first_attn_layer(model: Any) -> int:
+    return next(i.index for i in model.layers if i.attn is not None and i.o is not None)
+
+
+def routed_expert(cache: Any, layer: int, mask: Tensor) -> int:
+    """The expert chosen most often (over valid positions) at ``layer``."""
+    idx = valid(cache[f"blocks.{layer}.mlp.hook_expert_indices"], mask)
+    return int(torch.bincount(idx.flatten().long()).argmax())
+
+
+@dataclass
+class Edit:
+    """A one-hook intervention: ``fn`` replaces the value of ``name``."""
+
+    name: str
+    fn: Callable[[Tensor, HookContext], Tensor]
+
+    def edits(self, model: Any) -> dict[str, Callable[[Tensor, HookContext], Tensor]]:
+        return {self.name: self.fn}
+
+
+@dataclass
+class ZeroExpertWeight:
+    """Zero expert ``expert``'s routing weight at ``layer``."""
+
+    layer: int
+    expert: int
+
+    def edits(self, model: Any) -> dict[str, Callable[[Tensor, HookContext], Tensor]]:
+        def fn(w: Tensor, ctx: HookContext) -> Tensor:
+            w = w.clone()
+            w[..., self.expert] = 0
+            return w
+
+        return {f"blocks.{self.layer}.mlp.hook_expert_weights": fn}
+
+
+@dataclass
+class BanExpert:
+    """Set expert ``expert``'s router logit to -1e9 at ``layer`` (the routing function is re-run)."""
+
+    layer: int
+    expert: int
+
+    def edits(self, model: Any) -> dict[str, Callable[[Tensor, HookContext], Tensor]]:
+        def fn(logits: Tensor, ctx: HookContext) -> Tensor:
+            logits = logits.clone()
+            logits[..., self.expert] = -1e9
+            return logits
+
+        return {f"blocks.{self.layer}.mlp.hook_router_logits": fn}
+
+
+@dataclass
+class ZeroHead:
+    """Zero head ``head``'s ``hook_z`` at ``layer``."""
+
+    layer: int
+    head: int
+
+    def edits(self, model: Any) -> dict[str, Callable[[Tensor, HookContext], Tensor]]:
+        def fn(z: Tensor, ctx: HookContext) -> Tensor:
+            z = z.clone()
+            z[:, :, self.head] = 0
+            return z
+
+        return {f"blocks.{self.layer}.attn.hook_z": fn}
+
+
+@dataclass
+class AddVector:
+    """Add ``vec`` at every position of a ``[batch, pos, d_model]`` hook."""
+
+    name: str
+    vec: Tensor
+
+    def edits(self, model: Any) -> dict[str, Callable[[Tensor, HookContext], Tensor]]:
+        return {self.name: lambda x, ctx: x + self.vec.to(x.dtype)}
+
+
+class Boom(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- identities
+
+
+def test_identities(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Hook values add up the way the residual stream and the MoE block do."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    logits, cache = model.run_with_cache(enc, names=model.hook_names())
+    for info in model.layers:
+        L = info.index
+        c = {
+            k.removeprefix(f"blocks.{L}."): v
+            for k, v in cache.cache_dict.items()
+            if k.startswith(f"blocks.{L}.")
+        }
+        close(valid(c["hook_resid_mid"], mask), valid(c["hook_resid_pre"] + c["hook_attn_out"], mask))
+        close(valid(c["hook_resid_post"], mask), valid(c["hook_resid_mid"] + c["hook_mlp_out"], mask))
+        if L + 1 < len(model.layers):
+            close(cache[f"blocks.{L + 1}.hook_resid_pre"], c["hook_resid_post"])
+        if "attn.hook_result" in c:
+            o_proj = getattr(getattr(model.hf_model.model.layers[L], info.attn), info.o)
+            heads = c["attn.hook_result"].sum(dim=2)
+            if o_proj.bias is not None:
+                heads = heads + o_proj.bias * info.residual_multiplier
+            close(valid(heads, mask), valid(c["hook_attn_out"], mask))
+        if not info.is_moe:
+            continue
+        experts = c["mlp.hook_expert_out"]
+        assert experts.shape[2] == info.n_experts
+        total = experts.sum(dim=2) + c.get("mlp.hook_shared_out", 0)
+        close(valid(total, mask), valid(c["hook_mlp_out"], mask))
+        if "mlp.hook_topk_expert_out" in c:
+            close(valid(c["mlp.hook_topk_expert_out"].sum(dim=2), mask), valid(experts.sum(dim=2), mask))
+        for e in range(info.n_experts):
+            close(c[f"mlp.experts.{e}.hook_out"], experts[:, :, e], atol=0.0)
+        weights, idx = c["mlp.hook_expert_weights"], c["mlp.hook_expert_indices"]
+        routed = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, idx.long(), True)
+        assert (weights[~routed] == 0).all(), "hook_expert_weights is non-zero outside hook_expert_indices"
+        assert (weights[routed] != 0).any()
+        # an expert that is not routed to a token contributes nothing to it
+        assert (experts[~routed] == 0).all()
+    close(
+        cache["ln_final.hook_normalized"],
+        model.hf_model.model.norm(cache[f"blocks.{len(model.layers) - 1}.hook_resid_post"]),
+    )
+    close(valid(logits, mask), valid(hf_logits(model, enc), mask))
+
+
+def test_empty_intervention_matches_hf(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Logits under an empty ``intervene()`` equal the plain HF forward (padded positions included)."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    with model.intervene():
+        logits = model.forward(enc)
+    close(logits, hf_logits(model, enc))
+
+
+# -------------------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(family: str, side: str, tiny_model: Callable[[str], Any]) -> None:
+    """A padded batch gives, at its valid positions, the values of each prompt run alone."""
+    model = tiny_model(family)
+    names = [n for n in model.hook_names() if not n.endswith(".hook_out") or "experts" not in n]
+    enc = model.tokenize(PROMPTS, padding_side=side)
+    assert not enc["attention_mask"].bool().all(), "prompts should need padding"
+    logits, cache = model.run_with_cache(enc, names=names)
+    for i, prompt in enumerate(PROMPTS):
+        m = enc["attention_mask"][i].bool()
+        alone = model.tokenize([prompt])
+        assert alone["attention_mask"].bool().all()
+        logits_i, cache_i = model.run_with_cache(alone, names=names)
+        close(logits[i][m], logits_i[0])
+        for name in names:
+            batched, single = cache[name][i], cache_i[name][0]
+            if name.endswith("hook_pattern"):
+                close(batched[:, m][:, :, m], single)
+            elif name.endswith("hook_expert_indices"):
+                assert torch.equal(batched[m].sort(-1).values, single.sort(-1).values), name
+            else:
+                close(batched[m], single)
+
+
+# ------------------------------------------------------------------------------------- writable hooks
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_edit_expert_weights(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Zeroing one routed expert's weight removes exactly its contribution from hook_mlp_out."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    L = first_moe_layer(model)
+    names = [
+        f"blocks.{L}.hook_mlp_out",
+        f"blocks.{L}.mlp.hook_expert_out",
+        f"blocks.{L}.mlp.hook_expert_indices",
+    ]
+    _, clean = model.run_with_cache(enc, names=names)
+    e = routed_expert(clean, L, mask)
+    contribution = clean[f"blocks.{L}.mlp.hook_expert_out"][:, :, e]
+    assert valid(contribution, mask).abs().max() > 1e-4
+    with model.intervene(ZeroExpertWeight(L, e)):
+        _, edited = model.run_with_cache(enc, names=names)
+    expected = clean[f"blocks.{L}.hook_mlp_out"] - contribution
+    close(valid(edited[f"blocks.{L}.hook_mlp_out"], mask), valid(expected, mask))
+    assert (edited[f"blocks.{L}.mlp.hook_expert_out"][:, :, e] == 0).all()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_edit_router_logits(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """A -1e9 router logit removes the expert from hook_expert_indices, and the MoE output changes."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"].bool()
+    L = first_moe_layer(model)
+    names = [
+        f"blocks.{L}.mlp.hook_expert_indices",
+        f"blocks.{L}.hook_mlp_out",
+        f"blocks.{L}.mlp.hook_router_logits",
+    ]
+    _, clean = model.run_with_cache(enc, names=names)
+    e = routed_expert(clean, L, mask)
+    with model.intervene(BanExpert(L, e)):
+        _, edited = model.run_with_cache(enc, names=names)
+    assert (edited[f"blocks.{L}.mlp.hook_router_logits"][..., e] == -1e9).all()
+    idx = edited[f"blocks.{L}.mlp.hook_expert_indices"]
+    assert not (idx[mask] == e).any(), f"expert {e} still selected after its logit was set to -1e9"
+    was_routed = (clean[f"blocks.{L}.mlp.hook_expert_indices"] == e).any(-1) & mask
+    out_c, out_e = clean[f"blocks.{L}.hook_mlp_out"], edited[f"blocks.{L}.hook_mlp_out"]
+    assert ((out_c - out_e).abs().amax(-1)[was_routed] > 1e-6).all()
+
+
+def test_edit_resid_pre(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Editing blocks.1.hook_resid_pre changes everything downstream and nothing upstream."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    names = [
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_pre",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.hook_attn_out",
+        "blocks.2.hook_resid_pre",
+    ]
+    logits_c, clean = model.run_with_cache(enc, names=names)
+    vec = torch.randn(model.spec.d_model, generator=torch.Generator().manual_seed(0))
+    with model.intervene(AddVector("blocks.1.hook_resid_pre", vec)):
+        logits_e, edited = model.run_with_cache(enc, names=names)
+    close(edited["blocks.0.hook_resid_post"], clean["blocks.0.hook_resid_post"], atol=0.0)
+    close(edited["blocks.1.hook_resid_pre"], clean["blocks.1.hook_resid_pre"] + vec)
+    close(
+        valid(edited["blocks.1.hook_resid_mid"], mask),
+        valid(edited["blocks.1.hook_resid_pre"] + edited["blocks.1.hook_attn_out"], mask),
+    )
+    for name in ["blocks.1.hook_attn_out", "blocks.2.hook_resid_pre"]:
+        assert (valid(edited[name] - clean[name], mask).abs().amax(-1) > 1e-4).all(), name
+    assert (valid(logits_e - logits_c, mask).abs().amax(-1) > 1e-4).all()
+    # the block is over: nothing persists
+    close(model.forward(enc), logits_c, atol=0.0)
+
+
+def test_edit_resid_mid(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Editing hook_resid_mid leaves attn_out alone and changes the MLP input and resid_post."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    L = 1
+    names = [
+        f"blocks.{L}.{s}"
+        for s in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+    ]
+    _, clean = model.run_with_cache(enc, names=names)
+    vec = torch.randn(model.spec.d_model, generator=torch.Generator().manual_seed(1))
+    with model.intervene(AddVector(f"blocks.{L}.hook_resid_mid", vec)):
+        _, edited = model.run_with_cache(enc, names=names)
+    p = f"blocks.{L}."
+    close(edited[p + "hook_attn_out"], clean[p + "hook_attn_out"], atol=0.0)
+    close(edited[p + "hook_resid_mid"], clean[p + "hook_resid_mid"] + vec)
+    close(
+        valid(edited[p + "hook_resid_post"], mask),
+        valid(edited[p + "hook_resid_mid"] + edited[p + "hook_mlp_out"], mask),
+    )
+    assert (valid(edited[p + "hook_mlp_out"] - clean[p + "hook_mlp_out"], mask).abs().amax(-1) > 1e-6).all()
+
+
+def test_edit_hook_z(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Zeroing one head's hook_z removes exactly that head's hook_result from hook_attn_out."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    L = first_attn_layer(model)
+    head = model.layers[L].n_heads - 1
+    names = [f"blocks.{L}.attn.hook_result", f"blocks.{L}.hook_attn_out", f"blocks.{L}.attn.hook_z"]
+    _, clean = model.run_with_cache(enc, names=names)
+    contribution = clean[f"blocks.{L}.attn.hook_result"][:, :, head]
+    assert valid(contribution, mask).abs().max() > 1e-4
+    with model.intervene(ZeroHead(L, head)):
+        _, edited = model.run_with_cache(enc, names=names)
+    assert (edited[f"blocks.{L}.attn.hook_z"][:, :, head] == 0).all()
+    expected = clean[f"blocks.{L}.hook_attn_out"] - contribution
+    close(valid(edited[f"blocks.{L}.hook_attn_out"], mask), valid(expected, mask))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_edit_single_expert_out(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Tripling experts.{e}.hook_out adds twice that expert's contribution to hook_mlp_out."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    L = first_moe_layer(model)
+    names = [
+        f"blocks.{L}.hook_mlp_out",
+        f"blocks.{L}.mlp.hook_expert_out",
+        f"blocks.{L}.mlp.hook_expert_indices",
+    ]
+    _, clean = model.run_with_cache(enc, names=names)
+    e = routed_expert(clean, L, mask)
+    name = f"blocks.{L}.mlp.experts.{e}.hook_out"
+    with model.intervene(Edit(name, lambda x, ctx: 3 * x)):
+        _, edited = model.run_with_cache(enc, names=[*names, name])
+    contribution = clean[f"blocks.{L}.mlp.hook_expert_out"][:, :, e]
+    close(edited[name], 3 * contribution)
+    expected = clean[f"blocks.{L}.hook_mlp_out"] + 2 * contribution
+    close(valid(edited[f"blocks.{L}.hook_mlp_out"], mask), valid(expected, mask))
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v3", "llama4_text", "llama"])
+def test_generate_under_intervention(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Steering the final norm towards one token changes every generated token; nothing persists after."""
+    model = tiny_model(family)
+    prompts = PROMPTS[:2]
+    base = model.generate(prompts, max_new_tokens=4, return_scores=True)
+    base_ids = [g[0].token_ids for g in base]
+    w_u = model.hf_model.get_output_embeddings().weight.detach()
+    used = {t for ids in base_ids for t in ids} | {model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
+    target = next(t for t in range(10, w_u.shape[0]) if t not in used)
+    push = AddVector("ln_final.hook_normalized", 1e3 * w_u[target] / w_u[target].norm())
+    with model.intervene(push):
+        steered = model.generate(prompts, max_new_tokens=4, return_scores=True)
+    for g in steered:
+        assert g[0].token_ids == [target] * 4
+    after = model.generate(prompts, max_new_tokens=4, return_scores=True)
+    assert [g[0].token_ids for g in after] == base_ids
+
+
+# ------------------------------------------------------------------------------------ error cleanup
+
+
+def _snapshot(model: Any) -> tuple[dict[str, Tensor], dict[str, tuple[Any, ...]]]:
+    weights = {k: v.detach().clone() for k, v in model.hf_model.state_dict().items()}
+    hooks = {
+        name: (
+            tuple(mod._forward_hooks.items()),
+            tuple(mod._forward_pre_hooks.items()),
+            mod.__dict__.get("forward"),
+            type(mod),
+        )
+        for name, mod in model.hf_model.named_modules()
+    }
+    return weights, hooks
+
+
+def _assert_unchanged(model: Any, before: tuple[dict[str, Tensor], dict[str, tuple[Any, ...]]]) -> None:
+    weights, hooks = _snapshot(model)
+    assert weights.keys() == before[0].keys()
+    for k, v in weights.items():
+        assert torch.equal(v, before[0][k]), f"weight {k} changed"
+    assert hooks == before[1], "module hooks changed"
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss", "llama"])
+def test_exceptions_leave_model_intact(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Errors raised in a ``with model.intervene()`` block or in an edit function leave no trace."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    logits = model.forward(enc)
+    before = _snapshot(model)
+    vec = torch.ones(model.spec.d_model)
+    with pytest.raises(Boom), model.intervene(AddVector("blocks.0.hook_resid_post", vec)):
+        model.forward(enc)
+        raise Boom("in the block")
+    _assert_unchanged(model, before)
+
+    def explode(x: Tensor, ctx: HookContext) -> Tensor:
+        raise Boom("in an edit")
+
+    L = model.spec.moe_layers[0] if model.spec.is_moe else 0
+    site = "mlp.hook_expert_weights" if model.spec.is_moe else "attn.hook_z"
+    for iv in (Edit(f"blocks.{L}.{site}", explode), Edit("blocks.1.hook_resid_pre", explode)):
+        with pytest.raises(Boom), model.intervene(AddVector("blocks.0.hook_resid_pre", vec), iv):
+            model.forward(enc)
+        _assert_unchanged(model, before)
+        with pytest.raises(Boom), model.intervene(iv):
+            model.generate(PROMPTS[:1], max_new_tokens=2)
+        _assert_unchanged(model, before)
+    assert model._active == []
+    close(model.forward(enc), logits, atol=0.0)
+    close(model.forward(enc), hf_logits(model, enc))
+
+
+def test_bad_edit_return_value(tiny_model: Callable[[str], Any]) -> None:
+    """An edit returning the wrong shape is an error naming the hook, and leaves the model intact."""
+    model = tiny_model("olmoe")
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_pre"):
+        with model.intervene(Edit("blocks.0.hook_resid_pre", lambda x, ctx: x[:, :1])):
+            model.forward(PROMPTS)
+    _assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_family() -> None:
+    for call in (lambda: mi.load("tiny:nope"), lambda: mi.get_family("nope")):
+        with pytest.raises(ValueError, match="nope") as err:
+            call()
+        assert "olmoe" in str(err.value) and "mixtral" in str(err.value)
+
+
+def test_unknown_hook_name(tiny_model: Callable[[str], Any]) -> None:
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_pre") as err:
+        model.run_with_cache(PROMPTS, names=["blocks.0.hook_resid_pree"])
+    assert "Closest valid names" in str(err.value)
+    with pytest.raises(ValueError, match="blocks.1.mlp.hook_expert_weights"):
+        with model.intervene(Edit("blocks.1.mlp.hook_expert_weight", lambda x, ctx: x)):
+            pass  # pragma: no cover - intervene validates on entry
+    assert model._active == []
+    with pytest.raises(ValueError, match="read-only"):
+        with model.intervene(Edit("blocks.0.attn.hook_pattern", lambda x, ctx: x)):
+            pass  # pragma: no cover
+    with pytest.raises(TypeError, match="not an intervention"):
+        with model.intervene(object()):
+            pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("prompts", [[], [1, 2], ["ok", None], None, b"bytes", 3.0])
+def test_bad_prompts(prompts: Any, tiny_model: Callable[[str], Any]) -> None:
+    model = tiny_model("olmoe")
+    for call in (model.forward, model.run_with_cache, model.generate, model.tokenize):
+        with pytest.raises(ValueError, match="[Pp]rompts"):
+            call(prompts)
+
+
+def test_layer_out_of_range(tiny_model: Callable[[str], Any]) -> None:
+    model = tiny_model("olmoe")
+    n = model.spec.n_layers
+    for bad in (n, -1, 99):
+        with pytest.raises(ValueError, match="out of range"):
+            model.check_layer(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        model.check_expert(0, model.spec.n_experts)
+    with pytest.raises(ValueError, match="Unknown hook name"):
+        model.run_with_cache(PROMPTS, names=[f"blocks.{n}.hook_resid_pre"])
+    with pytest.raises(ValueError, match="Unknown hook name"):
+        with model.intervene(AddVector(f"blocks.{n}.hook_resid_pre", torch.zeros(model.spec.d_model))):
+            pass  # pragma: no cover
