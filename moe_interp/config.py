@@ -1,0 +1,364 @@
+"""Pipeline configuration: the settings of the refusal-circuit pipeline, as a validated dataclass.
+
+A recipe (``circuits/<model>/config.json``) is one JSON object whose keys are the fields of
+:class:`PipelineConfig`; :func:`load_config` reads it and rejects unknown keys and out-of-range values
+with an error naming the field and what it expects. Nested sections (``circuit``, ``expected``) are
+dataclasses too, validated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CIRCUIT_CANDIDATES",
+    "DTYPES",
+    "STEERING_METHODS",
+    "CircuitSettings",
+    "ExpectedGeometry",
+    "PipelineConfig",
+    "load_config",
+]
+
+#: dtype names accepted by ``dtype`` (``torch.<name>``).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+#: component kinds the circuit search may consider.
+CIRCUIT_CANDIDATES: tuple[str, ...] = ("resid", "attn", "heads", "mlp", "experts", "shared_experts")
+
+#: steering method names a recipe may list (the ``steering`` sub-package implements them).
+STEERING_METHODS: tuple[str, ...] = (
+    "actadd",
+    "directional_ablation",
+    "weight_orthogonalization",
+    "steermoe",
+    "expert_conditioned",
+    "expert_actadd",
+    "router_steering",
+    "caa",
+)
+
+_SOURCE_RE = re.compile(r"^(organism|tiny:[a-z0-9_]+|[\w.\-]+/[\w.\-]+|[./~].*)$")
+
+
+def _fail(name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"config field {name!r} must be {expected}, got {value!r}.")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(float(v))
+
+
+def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise _fail(name, f"an integer{rng}", v)
+
+
+def _check_str_list(
+    name: str, v: Any, *, allowed: tuple[str, ...] | None = None, nonempty: bool = True
+) -> None:
+    if not isinstance(v, list | tuple) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise _fail(name, "a list of non-empty strings", v)
+    if nonempty and not v:
+        raise _fail(name, "a non-empty list of strings", v)
+    if len(set(v)) != len(v):
+        raise _fail(name, "a list without duplicates", v)
+    if allowed is not None:
+        bad = [x for x in v if x not in allowed]
+        if bad:
+            raise _fail(name, f"a list drawn from {list(allowed)} (unknown: {bad})", v)
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with the list of valid ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}.")
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in {where}. Valid keys: {', '.join(valid)}.")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"Missing key(s) {missing} in {where}. Required keys: {', '.join(required)}.")
+    return cls(**data)
+
+
+@dataclass
+class CircuitSettings:
+    """How the circuit is grown and tested.
+
+    ``target_fraction``: fraction of the clean-vs-ablated refusal-score gap the circuit must recover;
+    ``n_random_draws``: random same-size component sets drawn for the faithfulness baseline;
+    ``candidates``: component kinds considered (see :data:`CIRCUIT_CANDIDATES`).
+    """
+
+    target_fraction: float = 0.8
+    n_random_draws: int = 20
+    candidates: list[str] = field(default_factory=lambda: ["heads", "experts", "shared_experts", "mlp"])
+
+    def __post_init__(self) -> None:
+        if not _is_num(self.target_fraction) or not 0 < self.target_fraction <= 1:
+            raise _fail("circuit.target_fraction", "a number in (0, 1]", self.target_fraction)
+        _check_int("circuit.n_random_draws", self.n_random_draws, lo=1)
+        _check_str_list("circuit.candidates", self.candidates, allowed=CIRCUIT_CANDIDATES)
+        self.candidates = list(self.candidates)
+
+
+@dataclass
+class ExpectedGeometry:
+    """Published geometry of a checkpoint (informational; used by ``moe-interp plan`` without the hub).
+
+    Parameter counts are absolute numbers (``6.9e9``); ``n_moe_layers`` counts layers with routed experts;
+    ``d_expert`` is one routed expert's intermediate size; ``d_shared`` the total intermediate size of the
+    shared expert(s) (0 if none); ``d_dense`` the intermediate size of dense (non-MoE) layers (0 if none).
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    vocab_size: int
+    n_experts: int
+    top_k: int
+    n_moe_layers: int
+    d_expert: int
+    total_params: float
+    active_params: float
+    n_shared_experts: int = 0
+    d_shared: int = 0
+    d_dense: int = 0
+    attention: str = "gqa"
+    max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "vocab_size", "d_expert"):
+            _check_int(f"expected.{name}", getattr(self, name), lo=1)
+        for name in ("n_experts", "top_k", "n_moe_layers", "n_shared_experts", "d_shared", "d_dense"):
+            _check_int(f"expected.{name}", getattr(self, name), lo=0)
+        if self.top_k > self.n_experts:
+            raise _fail("expected.top_k", f"<= expected.n_experts ({self.n_experts})", self.top_k)
+        if self.n_moe_layers > self.n_layers:
+            raise _fail("expected.n_moe_layers", f"<= expected.n_layers ({self.n_layers})", self.n_moe_layers)
+        if self.n_heads % self.n_kv_heads:
+            raise _fail("expected.n_kv_heads", f"a divisor of n_heads ({self.n_heads})", self.n_kv_heads)
+        for name in ("total_params", "active_params"):
+            v = getattr(self, name)
+            if not _is_num(v) or v <= 0:
+                raise _fail(f"expected.{name}", "a positive number of parameters", v)
+        if self.active_params > self.total_params:
+            raise _fail(
+                "expected.active_params", f"<= total_params ({self.total_params:g})", self.active_params
+            )
+        if self.attention not in ("mha", "gqa", "mla"):
+            raise _fail("expected.attention", "one of 'mha', 'gqa', 'mla'", self.attention)
+        if self.max_position_embeddings is not None:
+            _check_int("expected.max_position_embeddings", self.max_position_embeddings, lo=1)
+
+    @property
+    def n_shared(self) -> int:
+        return self.n_shared_experts
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of the refusal-circuit pipeline (one recipe per model under ``circuits/``).
+
+    ``layers`` is a half-open ``[start, stop)`` range of candidate layers for refusal directions;
+    ``positions`` are negative post-instruction offsets (``[-5, ..., -1]``: the chat template's tokens after
+    the instruction; prompts are left padded so they align across prompts). ``refusal_phrases`` give the
+    first tokens of the logit refusal score. ``memory`` and ``expected`` are informational.
+    """
+
+    model: str
+    family: str
+    name: str = ""
+    dtype: str = "bfloat16"
+    device_map: str | None = None
+    chat_template: str | None = None
+    chat_template_notes: str = ""
+    post_instruction_tokens: int | None = None
+    refusal_phrases: list[str] = field(default_factory=lambda: ["I'm sorry", "I cannot", "I can't"])
+    layers: list[int] | None = None
+    positions: list[int] = field(default_factory=lambda: [-5, -4, -3, -2, -1])
+    n_train: int = 128
+    n_val: int = 32
+    n_test: int = 100
+    batch_size: int = 16
+    kl_threshold: float = 0.1
+    prune_last_frac: float = 0.2
+    circuit: CircuitSettings = field(default_factory=CircuitSettings)
+    steering_methods: list[str] = field(
+        default_factory=lambda: ["actadd", "directional_ablation", "steermoe"]
+    )
+    max_new_tokens: int = 64
+    seed: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
+    expected: ExpectedGeometry | None = None
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.circuit, dict):
+            self.circuit = _from_dict(CircuitSettings, self.circuit, "config section 'circuit'")
+        if isinstance(self.expected, dict):
+            self.expected = _from_dict(ExpectedGeometry, self.expected, "config section 'expected'")
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value is out of range."""
+        from moe_interp.families import get_family
+
+        if not isinstance(self.model, str) or not _SOURCE_RE.match(self.model):
+            raise _fail(
+                "model", "'organism', 'tiny:<family>', an HF id 'org/name' or a local path", self.model
+            )
+        if not isinstance(self.family, str):
+            raise _fail("family", "an HF model_type string", self.family)
+        try:
+            get_family(self.family)
+        except ValueError as e:
+            raise ValueError(f"config field 'family': {e}") from None
+        if self.model.startswith("tiny:") and self.model.split(":", 1)[1] != self.family:
+            raise _fail(
+                "family", f"{self.model.split(':', 1)[1]!r} (the family of model {self.model!r})", self.family
+            )
+        for name in ("name", "chat_template_notes", "notes"):
+            if not isinstance(getattr(self, name), str):
+                raise _fail(name, "a string", getattr(self, name))
+        if self.dtype not in DTYPES:
+            raise _fail("dtype", f"one of {list(DTYPES)}", self.dtype)
+        if self.device_map is not None and not isinstance(self.device_map, str):
+            raise _fail("device_map", "null or a string such as 'auto', 'cpu', 'cuda'", self.device_map)
+        if self.chat_template is not None and (
+            not isinstance(self.chat_template, str) or not self.chat_template
+        ):
+            raise _fail(
+                "chat_template",
+                "null (the tokenizer's template) or a non-empty Jinja string",
+                self.chat_template,
+            )
+        if self.post_instruction_tokens is not None:
+            _check_int("post_instruction_tokens", self.post_instruction_tokens, lo=1)
+        _check_str_list("refusal_phrases", self.refusal_phrases)
+        self.refusal_phrases = list(self.refusal_phrases)
+        if self.layers is not None:
+            ok = (
+                isinstance(self.layers, list | tuple)
+                and len(self.layers) == 2
+                and all(_is_int(x) for x in self.layers)
+                and 0 <= self.layers[0] < self.layers[1]
+            )
+            if not ok:
+                raise _fail(
+                    "layers", "null (all layers) or [start, stop] with 0 <= start < stop", self.layers
+                )
+            if self.expected is not None and self.layers[1] > self.expected.n_layers:
+                raise _fail(
+                    "layers", f"a range within the model's {self.expected.n_layers} layers", self.layers
+                )
+            self.layers = list(self.layers)
+        pos = self.positions
+        if (
+            not isinstance(pos, list | tuple)
+            or not pos
+            or not all(_is_int(p) and p < 0 for p in pos)
+            or len(set(pos)) != len(pos)
+        ):
+            raise _fail(
+                "positions", "a non-empty list of distinct negative offsets such as [-5, -4, -3, -2, -1]", pos
+            )
+        if self.post_instruction_tokens is not None and min(pos) < -self.post_instruction_tokens:
+            raise _fail(
+                "positions",
+                f"offsets within the {self.post_instruction_tokens} post-instruction tokens "
+                f"(>= {-self.post_instruction_tokens})",
+                pos,
+            )
+        self.positions = list(pos)
+        for name in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens"):
+            _check_int(name, getattr(self, name), lo=1)
+        _check_int("seed", self.seed, lo=0)
+        if not _is_num(self.kl_threshold) or self.kl_threshold <= 0:
+            raise _fail("kl_threshold", "a positive number (nats)", self.kl_threshold)
+        if not _is_num(self.prune_last_frac) or not 0 <= self.prune_last_frac < 1:
+            raise _fail("prune_last_frac", "a number in [0, 1)", self.prune_last_frac)
+        _check_str_list("steering_methods", self.steering_methods, allowed=STEERING_METHODS)
+        self.steering_methods = list(self.steering_methods)
+        if not isinstance(self.memory, dict) or not all(isinstance(k, str) for k in self.memory):
+            raise _fail("memory", "an object of informational notes (string keys)", self.memory)
+        for k, v in self.memory.items():
+            if k.endswith("_gb") or "_gb_" in k:
+                if not _is_num(v) or v < 0:
+                    raise _fail(f"memory.{k}", "a non-negative number of GB", v)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def layer_range(self, n_layers: int) -> list[int]:
+        """Candidate layers for a model of ``n_layers`` layers (``layers`` scaled if the depth differs)."""
+        if self.layers is None:
+            return list(range(n_layers))
+        start, stop = self.layers
+        depth = self.expected.n_layers if self.expected is not None else None
+        if depth is not None and depth != n_layers:
+            start = min(int(start * n_layers / depth), n_layers - 1)
+            stop = max(min(math.ceil(stop * n_layers / depth), n_layers), start + 1)
+        if stop > n_layers:
+            raise ValueError(f"config layers {self.layers} exceed the model's {n_layers} layers.")
+        return list(range(start, stop))
+
+    def torch_dtype(self) -> Any:
+        """``torch.<dtype>``."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`moe_interp.load` (dtype, and ``device_map`` when set)."""
+        kw: dict[str, Any] = {"dtype": self.torch_dtype()}
+        if self.device_map is not None and not self.model.startswith("tiny:") and self.model != "organism":
+            kw["device_map"] = self.device_map
+        return kw
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (round-trips through :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PipelineConfig:
+        """Build and validate from a mapping; unknown keys are an error listing the valid ones."""
+        return _from_dict(cls, data, "pipeline config")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as indented JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline config JSON file (a recipe folder means its ``config.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No pipeline config at {path}.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return PipelineConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
