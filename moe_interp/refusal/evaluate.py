@@ -1,0 +1,226 @@
+"""Evaluate a (possibly edited) model on a prompt set: refusal rate, logit refusal score, side effects.
+
+Side effects are measured against the unedited model (``base_model``, by default ``model`` without the
+interventions): the first-token KL ``KL(p_base ‖ p_edited)`` at the last prompt position, and the
+cross-entropy of the unedited model's greedy completions under the edited model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from moe_interp.refusal.judges import Judge, SubstringJudge, refusal_first_token_ids, refusal_score
+
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+__all__ = ["EvalResult", "bootstrap_ci", "evaluate", "first_token_kl"]
+
+
+@dataclass
+class EvalResult:
+    """Aggregate figures of one evaluation plus per-prompt ``details``."""
+
+    n: int
+    refusal_rate: float
+    refusal_rate_ci: tuple[float, float]
+    mean_refusal_score: float
+    kl_to_baseline: float | None
+    ce_of_baseline_completions: float | None
+    ce_of_baseline_completions_unedited: float | None = None
+    details: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, details: bool = True) -> dict[str, Any]:
+        """JSON-ready dict (``details=False`` drops the per-prompt rows)."""
+        d = asdict(self)
+        d["refusal_rate_ci"] = list(self.refusal_rate_ci)
+        if not details:
+            d.pop("details")
+        return d
+
+
+def bootstrap_ci(
+    values: Sequence[float] | Tensor, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(1 − alpha)`` confidence interval of the mean of ``values``."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if v.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one value, got none.")
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError(f"alpha must be in (0, 1) and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}.")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
+    means = v[idx].mean(1)
+    q = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
+    return float(q[0]), float(q[1])
+
+
+def first_token_kl(
+    logits_base: Float[Tensor, "batch vocab"], logits_edit: Float[Tensor, "batch vocab"]
+) -> Float[Tensor, " batch"]:
+    """``KL(softmax(base) ‖ softmax(edit))`` per row, in float64."""
+    lb = torch.log_softmax(logits_base.to(torch.float64), -1)
+    le = torch.log_softmax(logits_edit.to(torch.float64), -1)
+    return (lb.exp() * (lb - le)).sum(-1)
+
+
+def _concat_left_padded(
+    prompt_ids: Int[Tensor, "batch pos"],
+    prompt_mask: Tensor,
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+) -> tuple[Tensor, Tensor, list[int]]:
+    """Prompt (padding stripped) + completion tokens per row, left padded; returns lengths of prompts."""
+    rows, plens = [], []
+    for i, comp in enumerate(completions):
+        p = prompt_ids[i][prompt_mask[i].bool()].tolist()
+        plens.append(len(p))
+        rows.append(p + list(comp))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids.to(prompt_ids.device), mask.to(prompt_ids.device), plens
+
+
+def _last_and_ce(
+    model: MoEModel,
+    ids: Tensor,
+    mask: Tensor,
+    completions: Sequence[Sequence[int]],
+) -> tuple[Tensor, list[float], list[int]]:
+    """Logits at the last prompt position and summed NLL of each completion (teacher forced)."""
+    logits = model.forward({"input_ids": ids, "attention_mask": mask}).float()
+    width = ids.shape[1]
+    last, nll, ntok = [], [], []
+    for i, comp in enumerate(completions):
+        n = len(comp)
+        start = width - n - 1  # position of the last prompt token
+        last.append(logits[i, start])
+        if n == 0:
+            nll.append(0.0)
+            ntok.append(0)
+            continue
+        lp = torch.log_softmax(logits[i, start : width - 1].double(), -1)
+        tgt = ids[i, start + 1 :]
+        nll.append(float(-lp.gather(-1, tgt[:, None]).sum()))
+        ntok.append(n)
+    return torch.stack(last), nll, ntok
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoEModel,
+    prompts: Sequence[str],
+    interventions: Sequence[Any] = (),
+    judge: Judge | None = None,
+    *,
+    max_new_tokens: int = 32,
+    baseline: bool = True,
+    base_model: MoEModel | None = None,
+    refusal_token_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Refusal rate (with bootstrap 95% CI), mean logit refusal score and side effects of an edit.
+
+    The edited model is ``model`` under ``interventions`` (e.g. ``[DirectionalAblation(r)]``, or none for
+    an orthogonalised model). ``judge`` (default :class:`SubstringJudge`) labels greedy completions of
+    ``max_new_tokens``; a model-bound judge (``LogitJudge(model)``) is called inside the interventions.
+    With ``baseline=True`` the unedited model (``base_model``, default ``model`` with no interventions)
+    also generates greedily, giving ``kl_to_baseline`` (mean first-token ``KL(p_base ‖ p_edited)`` at the
+    last prompt position) and ``ce_of_baseline_completions`` (token-mean NLL of the unedited completions
+    under the edited model; ``ce_of_baseline_completions_unedited`` is the same under the unedited model).
+    """
+    from moe_interp.model import _check_prompts
+
+    prompts = _check_prompts(prompts)
+    if isinstance(interventions, str) or not isinstance(interventions, Sequence):
+        interventions = [interventions]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    judge = SubstringJudge() if judge is None else judge
+    if not hasattr(judge, "judge"):
+        raise TypeError(f"judge must have judge(instructions, completions); got {type(judge).__name__}.")
+    base = model if base_model is None else base_model
+    tok_ids = list(
+        refusal_first_token_ids(model.tokenizer) if refusal_token_ids is None else refusal_token_ids
+    )
+    pad_id = int(model.tokenizer.pad_token_id)
+
+    details: list[dict[str, Any]] = []
+    tot_nll = tot_nll_base = 0.0
+    tot_tok = 0
+    starts = range(0, len(prompts), batch_size)
+    for s in tqdm(starts, desc="evaluate", disable=not progress):
+        batch = prompts[s : s + batch_size]
+        enc = model.tokenize(batch, chat=True)
+        base_gens = None
+        if baseline:
+            base_gens = [
+                g[0] for g in base.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
+            ]
+        with model.intervene(*interventions):
+            gens = model.generate(batch, max_new_tokens=max_new_tokens)
+            verdicts = judge.judge(batch, gens)
+            if base_gens is not None:
+                comps = [g.token_ids for g in base_gens]
+                ids, mask, _ = _concat_left_padded(enc["input_ids"], enc["attention_mask"], comps, pad_id)
+                last, nll, ntok = _last_and_ce(model, ids, mask, comps)
+            else:
+                last = model.forward(enc).float()[:, -1]
+        scores = refusal_score(last, tok_ids)
+        if base_gens is not None:
+            last_b, nll_b, _ = _last_and_ce(base, ids, mask, comps)
+            kls = first_token_kl(last_b, last)
+            tot_nll += sum(nll)
+            tot_nll_base += sum(nll_b)
+            tot_tok += sum(ntok)
+        for i, p in enumerate(batch):
+            row: dict[str, Any] = {
+                "prompt": p,
+                "completion": gens[i],
+                "refused": bool(verdicts[i].refused),
+                "judge_score": float(verdicts[i].score),
+                "refusal_score": float(scores[i]),
+            }
+            if base_gens is not None:
+                row.update(
+                    baseline_completion=base_gens[i].text,
+                    kl=float(kls[i]),
+                    ce=nll[i] / ntok[i] if ntok[i] else None,
+                )
+            details.append(row)
+
+    refused = [float(d["refused"]) for d in details]
+    kl = sum(d["kl"] for d in details) / len(details) if baseline else None
+    return EvalResult(
+        n=len(details),
+        refusal_rate=sum(refused) / len(refused),
+        refusal_rate_ci=bootstrap_ci(refused, n_boot=n_boot, seed=seed),
+        mean_refusal_score=sum(d["refusal_score"] for d in details) / len(details),
+        kl_to_baseline=kl,
+        ce_of_baseline_completions=tot_nll / tot_tok if baseline and tot_tok else None,
+        ce_of_baseline_completions_unedited=tot_nll_base / tot_tok if baseline and tot_tok else None,
+        details=details,
+        config={
+            "judge": type(judge).__name__,
+            "max_new_tokens": max_new_tokens,
+            "interventions": [type(iv).__name__ for iv in interventions],
+            "refusal_token_ids": tok_ids,
+        },
+    )
