@@ -1,0 +1,103 @@
+"""Metrics for patching: callables of logits ``[batch, pos, vocab]`` → scalar tensor.
+
+The default metric is the mean logit refusal score (log-odds of a refusal first token) at the last
+position; sweeps normalise it to ``(patched − corrupt) / (clean − corrupt)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+Metric = Callable[[Tensor], Tensor]
+
+__all__ = [
+    "Metric",
+    "bootstrap_ci",
+    "call_metric",
+    "refusal_logodds",
+    "refusal_metric",
+    "refusal_scores",
+]
+
+
+def refusal_logodds(
+    logits_last: Float[Tensor, "batch vocab"], refusal_ids: Sequence[int]
+) -> Float[Tensor, " batch"]:
+    """Differentiable ``log P(refusal token) − log(1 − P)`` (same value as ``refusal.judges.refusal_score``)."""
+    logp = torch.log_softmax(logits_last.float(), dim=-1)
+    mask = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    mask[list(refusal_ids)] = True
+    return torch.logsumexp(logp[:, mask], -1) - torch.logsumexp(logp[:, ~mask], -1)
+
+
+def _refusal_ids(model: MoEModel, refusal_ids: Sequence[int] | None) -> list[int]:
+    from moe_interp.refusal.judges import refusal_first_token_ids
+
+    ids = list(refusal_ids) if refusal_ids is not None else refusal_first_token_ids(model.tokenizer)
+    V = model.spec.vocab_size
+    bad = [i for i in ids if not 0 <= int(i) < V]
+    if not ids or bad:
+        raise ValueError(f"refusal token ids must be a non-empty list in [0, {V}), got {ids}.")
+    return [int(i) for i in ids]
+
+
+def refusal_metric(model: MoEModel, refusal_ids: Sequence[int] | None = None) -> Metric:
+    """Metric: mean refusal log-odds at the last position over the batch (differentiable)."""
+    ids = _refusal_ids(model, refusal_ids)
+
+    def metric(logits: Tensor) -> Tensor:
+        return refusal_logodds(logits[:, -1], ids).mean()
+
+    metric.__name__ = "refusal_score"
+    return metric
+
+
+def refusal_scores(
+    model: MoEModel,
+    prompts: Sequence[str],
+    refusal_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> Float[Tensor, " n"]:
+    """Per-prompt refusal log-odds at the last position, under the model's active interventions."""
+    ids = _refusal_ids(model, refusal_ids)
+    out = []
+    prompts = list(prompts)
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            out.append(refusal_logodds(model.forward(prompts[s : s + batch_size])[:, -1], ids))
+    return torch.cat(out)
+
+
+def call_metric(metric: Metric, logits: Tensor) -> Tensor:
+    """Apply ``metric`` and check it returned a scalar (0-d tensor or a number)."""
+    val = metric(logits)
+    if isinstance(val, int | float):
+        return torch.tensor(float(val))
+    if not isinstance(val, Tensor) or val.numel() != 1:
+        got = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
+        raise ValueError(
+            f"The metric must return a scalar (a 0-d tensor or a float) from logits [batch, pos, vocab], got {got}."
+        )
+    return val.reshape(())
+
+
+def bootstrap_ci(
+    values: Tensor | Any, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, dim: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap CI of the mean over ``dim`` (resampling that dim); returns (lo, hi)."""
+    x = torch.as_tensor(values, dtype=torch.float64).movedim(dim, -1)
+    n = x.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    means = x[..., idx].mean(-1)  # [..., n_boot]
+    lo = torch.quantile(means, alpha / 2, dim=-1)
+    hi = torch.quantile(means, 1 - alpha / 2, dim=-1)
+    return lo.float(), hi.float()
