@@ -343,7 +343,7 @@ class PipelineConfig:
         """Write the config as indented JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
 
@@ -355,7 +355,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     if not path.is_file():
         raise FileNotFoundError(f"No pipeline config at {path}.")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     try:
