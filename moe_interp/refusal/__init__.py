@@ -15,6 +15,7 @@ from moe_interp.refusal.directions import (
     weighted_moments,
     weighted_ridge_direction,
 )
+from moe_interp.refusal.evaluate import EvalResult, bootstrap_ci, evaluate, first_token_kl
 from moe_interp.refusal.judges import (
     JUDGE_PROMPT,
     REFUSAL_PHRASES,
@@ -35,6 +36,9 @@ from moe_interp.refusal.judges import (
     refusal_rate,
     refusal_score,
 )
+from moe_interp.refusal.orthogonalize import ResidualWriter, orthogonalize, residual_writers
+from moe_interp.refusal.prompts_io import load_prompt_file
+from moe_interp.refusal.selection import NoDirectionSelected, SelectionResult, select_direction
 from moe_interp.refusal.stats import StreamingMoments
 
 __all__ = [
@@ -70,4 +74,16 @@ __all__ = [
     "ridge_direction",
     "weighted_moments",
     "weighted_ridge_direction",
+    # selection / orthogonalisation / evaluation
+    "EvalResult",
+    "NoDirectionSelected",
+    "ResidualWriter",
+    "SelectionResult",
+    "bootstrap_ci",
+    "evaluate",
+    "first_token_kl",
+    "load_prompt_file",
+    "orthogonalize",
+    "residual_writers",
+    "select_direction",
 ]
