@@ -481,17 +481,18 @@ class SteeringVectors:
         if problems:
             raise ValueError("steering vectors do not fit the model: " + "; ".join(problems))
 
-    def to_interventions(self, *, ignore_conditioning: bool = False) -> list[AddSteering]:
+    def to_interventions(self, *, ignore_conditioning: bool = False) -> list[Any]:
         """One :class:`AddSteering` per key (sorted by layer).
 
-        Raises ``NotImplementedError`` for router-conditioned vectors unless ``ignore_conditioning``, in
-        which case the plain (unconditioned) addition is used.
+        Router-conditioned vectors (all keys ``(blocks.L.mlp.hook_expert_out, e)``) become one
+        :class:`moe_interp.steering.methods.ExpertConditionedAdd` per layer (``h += c * p_e(x) * r_e`` at the
+        MoE output); other keys raise ``NotImplementedError`` unless ``ignore_conditioning``, in which case
+        the plain (unconditioned) addition is used.
         """
         if self.conditioning != "none" and not ignore_conditioning:
-            raise NotImplementedError(
-                f"conditioning={self.conditioning!r} needs a router-conditioned edit (h += c * p_e(x) * r_e), "
-                "which AddSteering does not implement; pass ignore_conditioning=True for plain addition"
-            )
+            from moe_interp.steering.methods import conditioned_interventions
+
+            return conditioned_interventions(self)
         return [AddSteering(k[0], self.vectors[k], self.coeffs[k], k[1], self.positions) for k in self.keys]
 
     @contextmanager
