@@ -15,6 +15,7 @@ from collections.abc import Sequence
 #: modules that define ``register(subparsers)``; each adds one or more sub-commands
 COMMAND_MODULES: list[str] = [
     "moe_interp.cli",
+    "moe_interp.steering.cli",
     "moe_interp.refusal.cli",
 ]
 
