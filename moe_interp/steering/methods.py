@@ -874,14 +874,13 @@ def refusal_flags(
             return _logit_scores(model, prompts, batch_size) > 0
         if judge != "generation":
             raise ValueError(f"judge must be 'generation' or 'logit', got {judge!r}.")
-        from moe_interp.refusal.judges import SubstringJudge
+        from moe_interp.refusal.evaluate import evaluate
 
-        sj = SubstringJudge()
-        flags: list[bool] = []
-        for s in range(0, len(prompts), batch_size):
-            texts = model.generate(prompts[s : s + batch_size], max_new_tokens=max_new_tokens)
-            flags += [sj.is_refusal(t) for t in texts]  # type: ignore[arg-type]
-    return torch.tensor(flags)
+        res = evaluate(
+            model, prompts, [], max_new_tokens=max_new_tokens, baseline=False,
+            refusal_token_ids=_refusal_ids(model), batch_size=batch_size,
+        )  # fmt: skip
+    return torch.tensor([bool(d["refused"]) for d in res.details])
 
 
 @torch.no_grad()

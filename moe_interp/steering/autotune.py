@@ -1,0 +1,200 @@
+"""Automatic steering hyper-parameters ("Refusal Steering", García-Ferrero et al.).
+
+* :func:`layer_correlation` — per layer, the Pearson correlation between the projection of each prompt's
+  activation on the layer's direction and the judge's refusal confidence (used by
+  :func:`moe_interp.steering.methods.fit_ridge` to pick layers).
+* :func:`coefficient_search` — grow the coefficient scale along a grid and keep the scale that removes the
+  most refusal while the mean harmless KL stays within ``kl_budget`` (and, optionally, a ``keep`` prompt set
+  keeps a minimum refusal rate); stops early once the KL budget or the keep constraint is broken (both
+  grow with the scale), once the target refusal rate is reached, or after ``patience`` steps without gain.
+* :func:`search_candidates` — the same selection over any list of steering objects (e.g. SteerMoE with
+  more and more deactivated experts).
+* :func:`autotune` — fit a registered method on training prompts and tune it on validation prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from moe_interp.steering.methods import (
+    _check_prompts,
+    _last_logits,
+    fit_method,
+    harmless_kl,
+    refusal_flags,
+)
+from moe_interp.steering.vectors import SteeringVectors
+
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "TuneResult",
+    "autotune",
+    "coefficient_search",
+    "layer_correlation",
+    "search_candidates",
+]
+
+#: coefficient scales tried by :func:`coefficient_search` (multiplying the fitted coefficients)
+DEFAULT_SCALES: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+
+def layer_correlation(
+    acts: Float[Tensor, "n n_layers d"],
+    directions: Float[Tensor, "n_layers d"],
+    confidences: Sequence[float] | Tensor,
+) -> Float[Tensor, " n_layers"]:
+    """Pearson correlation, per layer, between ``acts · r̂_L`` and the refusal confidence of each prompt."""
+    c = torch.as_tensor(confidences, dtype=torch.float32).reshape(-1)
+    if acts.ndim != 3 or directions.ndim != 2 or acts.shape[1:] != directions.shape:
+        raise ValueError(
+            f"acts must be [n, n_layers, d] and directions [n_layers, d]; got {tuple(acts.shape)} "
+            f"and {tuple(directions.shape)}."
+        )
+    if c.shape[0] != acts.shape[0]:
+        raise ValueError(f"confidences must have one value per prompt ({acts.shape[0]}), got {c.shape[0]}.")
+    r = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    p = (acts.float() * r).sum(-1)
+    pc, cc = p - p.mean(0), c - c.mean()
+    return (pc * cc[:, None]).sum(0) / (pc.norm(dim=0) * cc.norm()).clamp_min(1e-12)
+
+
+@dataclass
+class TuneResult:
+    """The chosen steering object, its validation figures and every step tried."""
+
+    steer: Any
+    label: Any
+    refusal_rate: float
+    kl: float
+    keep_rate: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "refusal_rate": self.refusal_rate,
+            "kl": self.kl,
+            "keep_rate": self.keep_rate,
+            "stopped": self.stopped,
+            "history": self.history,
+        }
+
+
+def search_candidates(
+    model: MoEModel,
+    candidates: Iterable[tuple[Any, Any]],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    kl_budget: float = 0.1,
+    target_rate: float = 0.0,
+    keep: Sequence[str] | None = None,
+    keep_min_rate: float = 0.9,
+    patience: int = 3,
+    judge: str = "logit",
+    max_new_tokens: int = 8,
+    maximize_refusal: bool = False,
+    batch_size: int = 32,
+) -> TuneResult:
+    """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
+    harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
+    ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL."""
+    if not kl_budget > 0:
+        raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
+    harmful = _check_prompts(harmful, "harmful")
+    harmless = _check_prompts(harmless, "harmless")
+    base = _last_logits(model, harmless, [], batch_size)
+    sign = -1.0 if maximize_refusal else 1.0
+    best: TuneResult | None = None
+    history: list[dict[str, Any]] = []
+    stale, stopped = 0, "grid exhausted"
+    for label, steer in candidates:
+        kl = harmless_kl(model, harmless, steer, batch_size, base)
+        step: dict[str, Any] = {"label": label, "kl": kl}
+        history.append(step)
+        if not kl <= kl_budget:  # NaN counts as over budget
+            stopped = f"KL {kl:.3g} > budget {kl_budget} at {label}"
+            break
+        rate = float(
+            refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens).double().mean()
+        )
+        step["refusal_rate"] = rate
+        keep_rate = None
+        if keep is not None:
+            keep_rate = float(
+                refusal_flags(model, keep, steer, judge=judge, max_new_tokens=max_new_tokens).double().mean()
+            )
+            step["keep_rate"] = keep_rate
+            if keep_rate < keep_min_rate:
+                stopped = f"keep refusal {keep_rate:.3g} < {keep_min_rate} at {label}"
+                break
+        if best is None or sign * rate < sign * best.refusal_rate - 1e-9:
+            best = TuneResult(steer, label, rate, kl, keep_rate)
+            stale = 0
+        else:
+            stale += 1
+        if (not maximize_refusal and rate <= target_rate) or (maximize_refusal and rate >= target_rate):
+            stopped = f"target refusal rate {target_rate} reached at {label}"
+            break
+        if stale >= patience:
+            stopped = f"no improvement for {patience} steps"
+            break
+    if best is None:
+        raise ValueError(
+            f"No candidate satisfies the constraints (KL budget {kl_budget}"
+            + (f", keep refusal >= {keep_min_rate}" if keep is not None else "")
+            + f"); first step: {history[0] if history else 'none'}."
+        )
+    best.history, best.stopped = history, stopped
+    return best
+
+
+def coefficient_search(
+    model: MoEModel,
+    sv: SteeringVectors,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    **kw: Any,
+) -> TuneResult:
+    """:func:`search_candidates` over ``sv.scaled(s)`` for increasing ``s`` in ``scales``."""
+    if not isinstance(sv, SteeringVectors):
+        raise ValueError(f"coefficient_search needs SteeringVectors, got {type(sv).__name__}.")
+    scales = [float(s) for s in scales]
+    if not scales or any(not (s > 0 and s < float("inf")) for s in scales):
+        raise ValueError(f"scales must be finite positive numbers, got {scales!r}.")
+    return search_candidates(model, ((s, sv.scaled(s)) for s in sorted(scales)), harmful, harmless, **kw)
+
+
+def autotune(
+    name: str,
+    model: MoEModel,
+    harmful_train: Sequence[str],
+    harmless_train: Sequence[str],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    fit_kwargs: dict[str, Any] | None = None,
+    router_grid: Sequence[int] = (1, 2, 4, 8, 12, 16),
+    fit: Callable[..., Any] | None = None,
+    **search_kw: Any,
+) -> TuneResult:
+    """Fit method ``name`` on the training prompts and tune its strength on the validation prompts:
+    the coefficient scale for vector methods, the number of deactivated experts for ``steer_router``."""
+    fit_kwargs = dict(fit_kwargs or {})
+    fitter = fit or (lambda **k: fit_method(name, model, harmful_train, harmless_train, **k))
+    if name == "steer_router":
+        cands = ((n, fitter(**{**fit_kwargs, "n_deactivate": n})) for n in router_grid)
+        return search_candidates(model, cands, harmful_val, harmless_val, **search_kw)
+    return coefficient_search(model, fitter(**fit_kwargs), harmful_val, harmless_val, **search_kw)
