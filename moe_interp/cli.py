@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: list[str] = [
     "moe_interp.cli",
     "moe_interp.steering.cli",
+    "moe_interp.plan",
     "moe_interp.refusal.cli",
 ]
 
