@@ -85,9 +85,11 @@ class NoDirectionSelected(ValueError):
         self.result = result
 
 
-def _check_finite(name: str, x: Any) -> float:
-    if not isinstance(x, int | float) or not math.isfinite(x):
-        raise ValueError(f"{name} must be a finite number, got {x!r}.")
+def _check_number(name: str, x: Any, *, allow_inf: bool = False) -> float:
+    ok = isinstance(x, int | float) and not math.isnan(x) and (allow_inf or math.isfinite(x))
+    if not ok:
+        what = "a number (±inf disables the filter)" if allow_inf else "a finite number"
+        raise ValueError(f"{name} must be {what}, got {x!r}.")
     return float(x)
 
 
@@ -134,10 +136,10 @@ def select_direction(
         model.check_layer(L)
     harmful = _check_prompts(harmful_val)
     harmless = _check_prompts(harmless_val)
-    kl_threshold = _check_finite("kl_threshold", kl_threshold)
-    induce_threshold = _check_finite("induce_threshold", induce_threshold)
-    coeff = _check_finite("coeff", coeff)
-    prune_last_frac = _check_finite("prune_last_frac", prune_last_frac)
+    kl_threshold = _check_number("kl_threshold", kl_threshold, allow_inf=True)
+    induce_threshold = _check_number("induce_threshold", induce_threshold, allow_inf=True)
+    coeff = _check_number("coeff", coeff)
+    prune_last_frac = _check_number("prune_last_frac", prune_last_frac)
     if not 0.0 <= prune_last_frac < 1.0:
         raise ValueError(f"prune_last_frac must be in [0, 1), got {prune_last_frac}.")
     if batch_size < 1:
