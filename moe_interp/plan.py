@@ -285,14 +285,14 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
     # direction collection: run_with_cache of resid_pre at n positions, harmful + harmless train prompts
     c = batches(s.n_train) * 2
     add(
-        "resid cache (resid_pre, n positions)",
+        "resid_pre cache (n positions)",
         c,
         c * B * S,
         B * n * L * d * b + logits,
         "calls = 2·⌈n_train/B⌉; extra = B·n·L·d·b + B·S·V·4",
     )
     add(
-        "resid cache (pre/mid/post, all positions)",
+        "resid cache, all positions (pre/mid/post)",
         1,
         B * S,
         3 * B * S * L * d * b + logits,

@@ -1,0 +1,137 @@
+"""`moe-interp plan`: numbers follow the formulas for tiny configs (expected values computed here from a
+loaded tiny model, independently of the meta-device geometry that plan uses)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import moe_interp as mi
+from moe_interp.cli import main
+from moe_interp.plan import PlanSettings, plan, resolve_geometry
+
+
+def _rows(family: str, **settings):  # noqa: ANN202
+    geo, _, _ = resolve_geometry(f"tiny:{family}")
+    s = PlanSettings(**settings)
+    rows = {r.stage: r for r in plan(geo, s)}
+    rows.update({r.stage.split(" (")[0]: r for r in plan(geo, s) if not r.stage.startswith("weights")})
+    return geo, rows, s
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "mixtral"])
+def test_geometry_matches_loaded_tiny_model(family: str) -> None:
+    model = mi.load(f"tiny:{family}")
+    spec, cfg = model.spec, model.hf_model.config
+    geo, _, _ = resolve_geometry(f"tiny:{family}")
+    total = sum(p.numel() for p in model.hf_model.parameters())
+    assert geo.total_params == total
+    assert (geo.n_layers, geo.d_model, geo.n_heads, geo.vocab_size) == (
+        spec.n_layers,
+        spec.d_model,
+        spec.n_heads,
+        spec.vocab_size,
+    )
+    assert (geo.n_experts, geo.top_k, geo.n_moe_layers) == (spec.n_experts, spec.top_k, len(spec.moe_layers))
+    assert geo.n_shared_experts == (1 if spec.shared_expert_layers else 0)
+    # active = total - Lm·(E - k)·(one GLU expert = 3·d·d_ff), written out independently
+    d_ff = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    per_expert = 3 * spec.d_model * d_ff
+    assert geo.active_params == total - len(spec.moe_layers) * (spec.n_experts - spec.top_k) * per_expert
+
+
+def test_stage_numbers_follow_formulas() -> None:
+    model = mi.load("tiny:olmoe")
+    sp = model.spec
+    P = sum(p.numel() for p in model.hf_model.parameters())
+    L, d, V, E, k, H = sp.n_layers, sp.d_model, sp.vocab_size, sp.n_experts, sp.top_k, sp.n_heads
+    B, S, n, n_train, n_val, n_test, T = 4, 32, 3, 10, 6, 5, 7
+    geo, rows, s = _rows(
+        "olmoe",
+        dtype="float32",
+        batch_size=B,
+        seq_len=S,
+        n_pos=n,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        n_candidate_layers=2,
+        n_methods=2,
+        n_coeffs=3,
+        max_new_tokens=T,
+    )
+    bpv, logits = 4, B * S * V * 4
+    assert rows["weights (float32)"].peak_bytes == P * 4
+    assert rows["weights (bfloat16)"].peak_bytes == P * 2
+    assert rows["resid_pre cache"].extra_bytes == B * n * L * d * bpv + logits
+    assert rows["resid_pre cache"].forward_calls == 2 * math.ceil(n_train / B)  # = 6
+    assert rows["resid cache, all positions"].extra_bytes == 3 * B * S * L * d * bpv + logits
+    dense = rows["expert outputs: dense hook_expert_out"].extra_bytes - logits
+    sparse = rows["expert outputs: sparse top-k form"].extra_bytes - logits
+    assert dense == B * S * L * E * d * 4
+    assert sparse == B * S * L * k * (d * 4 + 8)
+    sweep = rows[f"expert ablation sweep ({L * E} ablations)"]
+    assert sweep.forward_calls == (L * E + 1) * 2  # ceil(6 / 4) = 2 batches
+    assert sweep.tokens == sweep.forward_calls * B * S
+    assert rows["attribution patching"].forward_calls == 3 * 2
+    assert rows["activation patching: layer × position"].forward_calls == (L * S + 2) * 2
+    assert rows["activation patching: layer × head"].forward_calls == (L * H + 2) * 2
+    assert rows["activation patching: layer × head"].extra_bytes == B * S * L * H * sp.d_head * 4 + logits
+    assert rows["direction selection"].forward_calls == (3 * 2 * n + 2) * 2
+    steer = rows["steering evaluation"]
+    assert steer.forward_calls == 2 * 3 * math.ceil(2 * n_test / B) * (1 + T)
+    # time: 2·active params FLOPs per token at 100 TFLOP/s; attribution: 2 fwd + 1 bwd = 4 forward-equivalents
+    assert sweep.time_s == pytest.approx(2 * geo.active_params * sweep.tokens / 1e14)
+    attr = rows["attribution patching"]
+    assert attr.time_s == pytest.approx(4 * 2 * geo.active_params * 2 * B * S / 1e14)
+    for r in rows.values():
+        assert r.peak_bytes >= r.extra_bytes >= 0
+
+
+def test_bfloat16_halves_weights_and_dense_cache_scales_with_experts() -> None:
+    _, r32, _ = _rows("olmoe", dtype="float32")
+    _, r16, _ = _rows("olmoe", dtype="bfloat16")
+    key = "expert ablation sweep (24 ablations)"
+    assert r16[key].peak_bytes - r16[key].extra_bytes == (r32[key].peak_bytes - r32[key].extra_bytes) // 2
+    geo, _, _ = resolve_geometry("tiny:olmoe")
+    more, _, _ = resolve_geometry("tiny:mixtral")
+    assert geo.n_experts == more.n_experts  # same E, so dense/sparse ratio equals across families
+    dense = r16["expert outputs: dense hook_expert_out"].extra_bytes
+    sparse = r16["expert outputs: sparse top-k form"].extra_bytes
+    assert dense > sparse
+
+
+def test_recipe_geometry_is_used_without_the_hub() -> None:
+    geo, cfg, origin = resolve_geometry("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    assert "recipe" in origin and cfg is not None
+    assert (geo.n_layers, geo.n_experts, geo.top_k, geo.d_model) == (32, 8, 2, 4096)
+    rows = {r.stage: r for r in plan(geo, PlanSettings(dtype="bfloat16"))}
+    assert rows["weights (bfloat16)"].peak_bytes == pytest.approx(46.7e9 * 2)
+
+
+def test_cli_plan_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "tiny:olmoe", "--json", "--batch-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["batch_size"] == 2
+    assert any(s["stage"].startswith("expert ablation sweep") for s in out["stages"])
+    assert main(["plan", "circuits/qwen3_30b_a3b/config.json"]) == 0
+    text = capsys.readouterr().out
+    assert "expert ablation sweep (6144 ablations)" in text and "61 GB" in text
+
+
+@pytest.mark.parametrize("bad", ["tiny:not_a_family", "/no/such/model/dir", "pyproject.toml"])
+def test_bad_model_gives_clear_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError):
+        resolve_geometry(bad)
+    assert main(["plan", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-interp plan: error:") and len(err) > 40
+
+
+def test_bad_settings_rejected() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        PlanSettings(batch_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        PlanSettings(dtype="int3")
