@@ -23,6 +23,7 @@ __all__ = [
     "ExpectedGeometry",
     "PipelineConfig",
     "load_config",
+    "steering_methods",
 ]
 
 #: dtype names accepted by ``dtype`` (``torch.<name>``).
@@ -31,17 +32,30 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: component kinds the circuit search may consider.
 CIRCUIT_CANDIDATES: tuple[str, ...] = ("resid", "attn", "heads", "mlp", "experts", "shared_experts")
 
-#: steering method names a recipe may list (the ``steering`` sub-package implements them).
+#: steering method names a recipe may list (keys of :data:`moe_interp.steering.methods.METHODS`; checked
+#: against the live registry when it imports).
 STEERING_METHODS: tuple[str, ...] = (
-    "actadd",
-    "directional_ablation",
-    "weight_orthogonalization",
-    "steermoe",
+    "dense",
+    "dense_multi",
+    "routing_experts",
     "expert_conditioned",
-    "expert_actadd",
-    "router_steering",
-    "caa",
+    "expert_conditioned_all",
+    "single_expert",
+    "steer_router",
+    "ridge",
+    "topic_remove",
+    "topic_induce",
 )
+
+
+def steering_methods() -> tuple[str, ...]:
+    """Registered steering method names (the static list if the steering registry cannot be imported)."""
+    try:
+        from moe_interp.steering.methods import METHODS
+    except ImportError:
+        return STEERING_METHODS
+    return tuple(METHODS)
+
 
 _SOURCE_RE = re.compile(r"^(organism|tiny:[a-z0-9_]+|[\w.\-]+/[\w.\-]+|[./~].*)$")
 
@@ -294,7 +308,7 @@ class PipelineConfig:
             raise _fail("kl_threshold", "a positive number (nats)", self.kl_threshold)
         if not _is_num(self.prune_last_frac) or not 0 <= self.prune_last_frac < 1:
             raise _fail("prune_last_frac", "a number in [0, 1)", self.prune_last_frac)
-        _check_str_list("steering_methods", self.steering_methods, allowed=STEERING_METHODS)
+        _check_str_list("steering_methods", self.steering_methods, allowed=steering_methods())
         self.steering_methods = list(self.steering_methods)
         if not isinstance(self.memory, dict) or not all(isinstance(k, str) for k in self.memory):
             raise _fail("memory", "an object of informational notes (string keys)", self.memory)
