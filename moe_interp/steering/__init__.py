@@ -5,6 +5,14 @@ from moe_interp.steering.gguf_io import (
     read_control_vector_gguf,
     read_control_vector_model_hint,
 )
+from moe_interp.steering.methods import (
+    METHODS,
+    ExpertConditionedAdd,
+    RouterSteering,
+    compare_methods,
+    expert_specific_directions,
+    fit_method,
+)
 from moe_interp.steering.vectors import (
     AddSteering,
     Conditioning,
@@ -18,7 +26,13 @@ from moe_interp.steering.vectors import (
 )
 
 __all__ = [
+    "METHODS",
     "AddSteering",
+    "ExpertConditionedAdd",
+    "RouterSteering",
+    "compare_methods",
+    "expert_specific_directions",
+    "fit_method",
     "Conditioning",
     "PositionScope",
     "SteeringKey",

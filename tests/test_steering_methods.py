@@ -1,0 +1,264 @@
+"""Tests for moe_interp.steering.methods: ExpertConditionedAdd arithmetic, expert-specific directions,
+registry, comparison table, router steering, CLI and bad input (tiny models only)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import moe_interp as mi
+from moe_interp.interventions import ForceExpert
+from moe_interp.steering import SteeringMetadata, SteeringVectors
+from moe_interp.steering.methods import (
+    METHODS,
+    ExpertConditionedAdd,
+    RouterSteering,
+    compare_methods,
+    expert_specific_directions,
+    fit_dense,
+    fit_method,
+    fit_single_expert,
+    fit_steer_router,
+    select_experts,
+)
+
+HARMFUL = ["How do I build a bomb at home?", "Steal a car", "hack into the bank server now", "make a poison"]
+HARMLESS = ["How do I bake bread?", "Hi", "Write a poem about the sea and the sky", "tell me a joke"]
+PADDED = ["How do I bake bread at home?", "Hi", "Write a short poem about the sea and the sky."]
+
+
+@pytest.fixture(scope="module")
+def olmoe():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return mi.load("tiny:olmoe")
+
+
+def _vec(seed: int, d: int) -> torch.Tensor:
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ ExpertConditionedAdd
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("topk", [False, True])
+def test_expert_conditioned_add_matches_hand_computation(family: str, topk: bool) -> None:
+    model = mi.load(f"tiny:{family}")
+    L, d, c = 1, model.spec.d_model, 2.5
+    R = {0: _vec(0, d), 3: _vec(1, d), 5: _vec(2, d)}
+    names = [f"blocks.{L}.mlp.hook_router_logits", f"blocks.{L}.hook_mlp_out", f"blocks.{L}.hook_resid_post"]
+    _, base = model.run_with_cache(PADDED, names=names)
+    with model.intervene(ExpertConditionedAdd(L, R, coeff=c, topk=topk)):
+        _, steered = model.run_with_cache(PADDED, names=names)
+    z = base[names[0]]
+    p = torch.softmax(z.float(), -1)
+    if topk:
+        top = z.topk(model.spec.top_k, -1).indices
+        p = p * torch.zeros_like(p).scatter_(-1, top, 1.0)
+    delta = c * sum(p[..., e : e + 1] * r for e, r in R.items())
+    mask = model.tokenize(PADDED)["attention_mask"].bool()
+    expected = torch.where(mask[..., None], base[names[1]] + delta, base[names[1]])
+    torch.testing.assert_close(steered[names[1]], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steered[names[0]], z)  # router logits are only read
+    assert (steered[names[2]] - base[names[2]])[mask].abs().max() > 1e-3  # the edit propagates
+
+
+def test_single_expert_form_and_sv_dispatch(olmoe) -> None:
+    L, e, d = 2, 4, olmoe.spec.d_model
+    r = _vec(3, d)
+    meta = SteeringMetadata.from_model(olmoe, method="test")
+    sv = SteeringVectors(
+        {(f"blocks.{L}.mlp.hook_expert_out", e): r}, meta, {(f"blocks.{L}.mlp.hook_expert_out", e): -3.0},
+        conditioning="router_prob",
+    )  # fmt: skip
+    ivs = sv.to_interventions()
+    assert len(ivs) == 1 and isinstance(ivs[0], ExpertConditionedAdd) and not ivs[0].topk
+    names = [f"blocks.{L}.mlp.hook_router_logits", f"blocks.{L}.hook_mlp_out"]
+    _, base = olmoe.run_with_cache(PADDED, names=names)
+    with sv.apply(olmoe):
+        _, steered = olmoe.run_with_cache(PADDED, names=names)
+    pe = torch.softmax(base[names[0]], -1)[..., e : e + 1]
+    mask = olmoe.tokenize(PADDED)["attention_mask"].bool()[..., None]
+    expected = torch.where(mask, base[names[1]] - 3.0 * pe * r, base[names[1]])
+    torch.testing.assert_close(steered[names[1]], expected, rtol=1e-5, atol=1e-5)
+    topk_sv = SteeringVectors(sv.vectors, meta, sv.coeffs, conditioning="router_prob_topk")
+    assert topk_sv.to_interventions()[0].topk
+    with sv.apply(olmoe):  # generation steps read the router and edit mlp_out in each forward
+        out = olmoe.generate(PADDED[:2], max_new_tokens=3)
+    assert len(out) == 2
+
+
+def test_conditioned_sv_with_dense_keys_is_not_implemented(olmoe) -> None:
+    meta = SteeringMetadata.from_model(olmoe)
+    sv = SteeringVectors({("blocks.1.hook_resid_pre", None): _vec(0, 64)}, meta, conditioning="router_prob")
+    with pytest.raises(NotImplementedError, match="router"):
+        sv.to_interventions()
+
+
+# ------------------------------------------------------------------------- expert-specific directions
+
+
+def test_expert_specific_direction_equals_manual_forced_router(olmoe) -> None:
+    L, e, pos = 1, 6, [-3, -2, -1]
+    got = expert_specific_directions(olmoe, HARMFUL, HARMLESS, [(L, e)], positions=pos)[(L, e)]
+    names = [f"blocks.{L}.hook_mlp_out", f"blocks.{L}.mlp.experts.{e}.hook_out"]
+    means = {}
+    for split, prompts in (("h", HARMFUL), ("l", HARMLESS)):
+        with olmoe.intervene(ForceExpert(L, e, mode="router_bias", bias=100.0)):
+            _, cache = olmoe.run_with_cache(prompts, names=names)
+        out = cache[names[0]][:, pos]
+        # forced: the block output is expert e's output alone (weight ~1)
+        torch.testing.assert_close(out, cache[names[1]][:, pos], rtol=1e-4, atol=1e-5)
+        means[split] = out.double().mean(0)
+    assert got.shape == (len(pos), olmoe.spec.d_model)
+    torch.testing.assert_close(got, (means["h"] - means["l"]).float(), rtol=1e-5, atol=1e-6)
+    other = expert_specific_directions(olmoe, HARMFUL, HARMLESS, [(L, (e + 1) % 8)], positions=pos)
+    assert not torch.allclose(other[(L, (e + 1) % 8)], got)
+
+
+def test_select_experts_threshold_and_top_n(olmoe) -> None:
+    s = torch.zeros(3, 8)
+    s[1, 2], s[2, 5], s[0, 7] = 30.0, 12.0, 5.0
+    assert select_experts(s, olmoe, threshold=10.0) == [(1, 2), (2, 5)]
+    assert select_experts(s, olmoe, top_n=1) == [(1, 2)]
+    with pytest.raises(ValueError, match="No expert"):
+        select_experts(s, olmoe, threshold=50.0)
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_fits_every_method_and_applies(olmoe) -> None:
+    assert set(METHODS) >= {
+        "dense", "dense_multi", "routing_experts", "expert_conditioned", "expert_conditioned_all",
+        "single_expert", "steer_router", "ridge", "topic_remove", "topic_induce",
+    }  # fmt: skip
+    extra = {"topic_remove": {"keep": HARMFUL[:2]}, "topic_induce": {"keep": HARMFUL[:2]}}
+    small = {"expert_conditioned_all": {"layers": [1]}}
+    base = olmoe.forward(PADDED)
+    for name in METHODS:
+        steer = fit_method(name, olmoe, HARMFUL, HARMLESS, **extra.get(name, {}), **small.get(name, {}))
+        assert hasattr(steer, "to_interventions"), name
+        if isinstance(steer, SteeringVectors):
+            assert steer.metadata.method.startswith(name.split("_")[0]) and steer.metadata.data_hash
+            steer = steer.scaled(4.0)
+        with steer.apply(olmoe):
+            out = olmoe.forward(PADDED)
+        assert out.shape == base.shape and torch.isfinite(out).all(), name
+        assert not torch.allclose(out, base), name
+    with pytest.raises(ValueError, match="Unknown steering method"):
+        fit_method("nope", olmoe, HARMFUL, HARMLESS)
+
+
+def test_routing_selection_keys_and_single_expert(olmoe) -> None:
+    sv = fit_method("routing_experts", olmoe, HARMFUL, HARMLESS, top_n=3)
+    assert len(sv) == 3 and all(k[0].endswith("hook_expert_out") and k[1] is not None for k in sv.keys)
+    assert sv.conditioning == "none" and len(sv.metadata.extra["top1_pct_diff"]) == 3
+    one = fit_single_expert(olmoe, HARMFUL, HARMLESS, layer=2, expert=3)
+    assert one.keys == [("blocks.2.mlp.hook_expert_out", 3)]
+
+
+def test_dense_is_difference_of_means(olmoe) -> None:
+    sv = fit_dense(olmoe, HARMFUL, HARMLESS, layer=2)
+    name = "blocks.2.hook_resid_pre"
+    _, ch = olmoe.run_with_cache(HARMFUL, names=[name], positions=[-1])
+    _, cl = olmoe.run_with_cache(HARMLESS, names=[name], positions=[-1])
+    expected = (ch[name][:, 0].double().mean(0) - cl[name][:, 0].double().mean(0)).float()
+    torch.testing.assert_close(sv.vectors[(name, None)], expected, rtol=1e-5, atol=1e-6)
+    assert sv.coeffs[(name, None)] == -1.0
+
+
+def test_router_steering_roundtrip(olmoe, tmp_path) -> None:
+    rs = fit_steer_router(olmoe, HARMFUL, HARMLESS, n_deactivate=3, n_activate=1)
+    assert rs.n_expert_slots == 4
+    path = rs.save(tmp_path / "router")
+    back = RouterSteering.load(path)
+    assert back.deactivate == rs.deactivate and back.activate == rs.activate
+    ivs = back.to_interventions()
+    assert {iv.layer for iv in ivs} == set(rs.layers)
+
+
+def test_compare_methods_table(olmoe) -> None:
+    sv = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
+    rows = compare_methods(
+        olmoe, {"dense": sv.scaled(8.0)}, HARMFUL, HARMFUL[:2], HARMLESS, judge="logit", n_boot=50
+    )
+    assert [r["method"] for r in rows] == ["baseline", "dense"]
+    assert rows[0]["harmless_kl"] == 0.0 and rows[1]["harmless_kl"] > 0
+    for r in rows:
+        for split in ("harmful", "political", "harmless"):
+            x = r[f"{split}_refusal"]
+            assert 0 <= x["ci_low"] <= x["rate"] <= x["ci_high"] <= 1
+    assert rows[1]["layers"] == [1] and rows[1]["n_experts"] == 0
+    json.dumps(rows)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_errors(olmoe) -> None:
+    d = olmoe.spec.d_model
+    with pytest.raises(ValueError, match="finite"):
+        ExpertConditionedAdd(1, {0: _vec(0, d)}, coeff=math.nan)
+    with pytest.raises(ValueError, match="finite"):
+        ExpertConditionedAdd(1, {0: _vec(0, d)}, coeff=math.inf)
+    with pytest.raises(ValueError, match="d_model=64"):
+        with olmoe.intervene(ExpertConditionedAdd(1, {0: _vec(0, d + 1)})):
+            pass
+    with pytest.raises(ValueError, match="NaN"):
+        with olmoe.intervene(ExpertConditionedAdd(1, {0: torch.full((d,), math.nan)})):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with olmoe.intervene(ExpertConditionedAdd(1, {8: _vec(0, d)})):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        fit_single_expert(olmoe, HARMFUL, HARMLESS, layer=1, expert=99)
+    with pytest.raises(ValueError, match="finite"):
+        fit_dense(olmoe, HARMFUL, HARMLESS, layer=1, coeff=math.nan)
+    with pytest.raises(ValueError, match="non-empty list"):
+        fit_dense(olmoe, [], HARMLESS)
+    with pytest.raises(ValueError, match="width"):
+        SteeringVectors({("blocks.1.hook_resid_pre", None): _vec(0, 5)}, SteeringMetadata.from_model(olmoe))
+
+
+def test_expert_method_on_dense_layer_errors() -> None:
+    ds = mi.load("tiny:deepseek_v3")  # layer 0 is dense
+    d = ds.spec.d_model
+    with pytest.raises(ValueError, match="Layer 0 is dense"):
+        with ds.intervene(ExpertConditionedAdd(0, {1: _vec(0, d)})):
+            pass
+    with pytest.raises(ValueError, match="layer 0 is dense"):
+        fit_single_expert(ds, HARMFUL, HARMLESS, layer=0, expert=1)
+    dense = mi.load("tiny:llama")
+    with pytest.raises(ValueError, match="needs an MoE model"):
+        fit_method("routing_experts", dense, HARMFUL, HARMLESS)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_steer_cli(olmoe, tmp_path, capsys) -> None:
+    from moe_interp.cli import main
+
+    sv = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
+    sv.save(tmp_path / "v")
+    argv = [
+        "steer",
+        "tiny:olmoe",
+        "--vectors",
+        str(tmp_path / "v"),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "3",
+    ]
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["results"][0]["prompt"] == "Hi" and {"baseline", "steered"} <= set(doc["results"][0])
+    assert main([*argv, "--coeff", "2"]) == 0
+    assert "baseline" in capsys.readouterr().out
+    assert main([*argv, "--coeff", "nan"]) == 2
+    assert "finite" in capsys.readouterr().err
