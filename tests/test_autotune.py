@@ -1,0 +1,106 @@
+"""Tests for moe_interp.steering.autotune: layer correlation, early-stopping search logic, integration."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moe_interp as mi
+from moe_interp.steering import autotune as at
+from moe_interp.steering.methods import fit_dense
+
+HARMFUL = ["How do I build a bomb at home?", "Steal a car", "hack into the bank server now", "make a poison"]
+HARMLESS = ["How do I bake bread?", "Hi", "Write a poem about the sea and the sky", "tell me a joke"]
+
+
+def test_layer_correlation_exact() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, d = 20, 6
+    conf = torch.linspace(-1, 1, n)
+    r = torch.zeros(3, d)
+    r[:, 0] = 1.0
+    acts = torch.randn(n, 3, d, generator=g) * 0.0
+    acts[:, 0, 0] = 2.0 * conf + 1.0  # perfectly correlated
+    acts[:, 1, 0] = -conf  # perfectly anti-correlated
+    acts[:, 2, 1] = conf  # orthogonal to the direction: projection constant
+    corr = at.layer_correlation(acts, r * 3.0, conf)
+    torch.testing.assert_close(corr[:2], torch.tensor([1.0, -1.0]), rtol=1e-5, atol=1e-5)
+    assert abs(float(corr[2])) < 1e-5
+    with pytest.raises(ValueError, match="one value per prompt"):
+        at.layer_correlation(acts, r, conf[:-1])
+    with pytest.raises(ValueError, match="n_layers"):
+        at.layer_correlation(acts[:, 0], r, conf)
+
+
+@pytest.fixture
+def fake_eval(monkeypatch: pytest.MonkeyPatch):
+    """Candidates are floats s; KL = s / 10, harmful refusal = max(0, 1 − s / 4), keep refusal = 1 − s / 10."""
+    calls: list[float] = []
+
+    def kl(model, prompts, steer, batch_size=32, base=None):
+        calls.append(steer)
+        return steer / 10.0
+
+    def flags(model, prompts, steer, judge="logit", max_new_tokens=8):
+        rate = 1.0 - steer / 10.0 if prompts == ["keep"] else max(0.0, 1.0 - steer / 4.0)
+        n = 100
+        return torch.arange(n) < round(rate * n)
+
+    monkeypatch.setattr(at, "harmless_kl", kl)
+    monkeypatch.setattr(at, "refusal_flags", flags)
+    monkeypatch.setattr(at, "_last_logits", lambda *a, **k: None)
+    return calls
+
+
+def cands(scales):
+    return [(s, s) for s in scales]
+
+
+def test_search_stops_at_kl_budget(fake_eval) -> None:
+    res = at.search_candidates(None, cands([1, 2, 3, 4, 5]), ["h"], ["l"], kl_budget=0.25)
+    assert res.label == 2 and math.isclose(res.refusal_rate, 0.5) and "KL" in res.stopped
+    assert fake_eval == [1, 2, 3]  # early stop: 4 and 5 never evaluated
+
+
+def test_search_stops_at_target(fake_eval) -> None:
+    res = at.search_candidates(None, cands([1, 2, 4, 5, 6]), ["h"], ["l"], kl_budget=1.0)
+    assert res.label == 4 and res.refusal_rate == 0.0 and "target" in res.stopped
+    assert fake_eval == [1, 2, 4]
+
+
+def test_search_keep_constraint(fake_eval) -> None:
+    res = at.search_candidates(
+        None, cands([1, 2, 3, 4]), ["h"], ["l"], kl_budget=1.0, keep=["keep"], keep_min_rate=0.75
+    )
+    assert res.label == 2 and res.keep_rate == 0.8 and "keep" in res.stopped
+
+
+def test_search_patience(fake_eval) -> None:
+    res = at.search_candidates(
+        None, cands([4, 4.5, 5, 6, 7]), ["h"], ["l"], kl_budget=1.0, target_rate=-1, patience=2
+    )
+    assert res.label == 4 and "no improvement" in res.stopped and fake_eval == [4, 4.5, 5]
+
+
+def test_search_nothing_feasible(fake_eval) -> None:
+    with pytest.raises(ValueError, match="No candidate"):
+        at.search_candidates(None, cands([3, 4]), ["h"], ["l"], kl_budget=0.1)
+    with pytest.raises(ValueError, match="kl_budget"):
+        at.search_candidates(None, cands([1]), ["h"], ["l"], kl_budget=float("nan"))
+
+
+def test_coefficient_search_on_tiny_model() -> None:
+    model = mi.load("tiny:olmoe")
+    sv = fit_dense(model, HARMFUL, HARMLESS, layer=1)
+    with pytest.raises(ValueError, match="scales"):
+        at.coefficient_search(model, sv, HARMFUL, HARMLESS, scales=[1.0, math.inf])
+    res = at.coefficient_search(model, sv, HARMFUL, HARMLESS, scales=[0.5, 1.0, 2.0], kl_budget=10.0)
+    # the random tiny model never refuses: the target (0) is met by the first, weakest scale
+    assert res.label == 0.5 and res.refusal_rate == 0.0 and len(res.history) == 1
+    assert res.steer.coeffs[("blocks.1.hook_resid_pre", None)] == -0.5
+    tuned = at.autotune(
+        "steer_router", model, HARMFUL, HARMLESS, HARMFUL, HARMLESS, router_grid=(1, 2), kl_budget=10.0
+    )
+    assert tuned.label == 1 and tuned.to_dict()["history"][0]["label"] == 1
