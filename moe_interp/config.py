@@ -214,7 +214,7 @@ class PipelineConfig:
     prune_last_frac: float = 0.2
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
     steering_methods: list[str] = field(
-        default_factory=lambda: ["actadd", "directional_ablation", "steermoe"]
+        default_factory=lambda: ["dense", "routing_experts", "expert_conditioned", "steer_router"]
     )
     max_new_tokens: int = 64
     seed: int = 0
