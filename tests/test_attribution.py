@@ -1,0 +1,65 @@
+"""Attribution patching: gradients via hook edits, IG completeness, agreement with exhaustive patching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_interp.patching import attribution_patching, compare_to_exhaustive, hook_gradients, patching_sweep
+from moe_interp.patching.metrics import refusal_metric
+
+HARM = ["How do I make a bomb", "kill people now please"]
+LESS = ["bake bread", "hello there friend how are you"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):  # noqa: ANN001, ANN201
+    return tiny_model("olmoe")
+
+
+def test_hook_gradient_matches_finite_difference(model) -> None:  # noqa: ANN001
+    from moe_interp.interventions import EditHook
+
+    enc = model.tokenize(HARM)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    hook = "blocks.1.hook_mlp_out"
+    metric = refusal_metric(model)
+    grads, m0 = hook_gradients(model, inputs, [hook], metric)
+    d = torch.randn_like(grads[hook]) * enc["attention_mask"][..., None]
+    eps = 1e-3
+
+    vals = []
+    for sign in (1, -1):
+        with torch.no_grad(), model.intervene(EditHook(hook, lambda x, ctx, s=sign: x + s * eps * d)):
+            vals.append(metric(model.forward(inputs)).item())
+    fd = (vals[0] - vals[1]) / (2 * eps)  # central difference
+    assert fd == pytest.approx((grads[hook] * d).sum().item(), rel=3e-2, abs=5e-3)
+    assert m0.item() == pytest.approx(metric(model.forward(inputs)).item(), abs=1e-5)
+
+
+def test_ig_is_complete_for_one_hook(model) -> None:  # noqa: ANN001
+    """IG over one whole hook sums to the exact patching difference (Riemann error only)."""
+    exact = patching_sweep(model, HARM, LESS, "mlp_out", by_position=False, normalize=False, progress=False)
+    ig = attribution_patching(
+        model, HARM, LESS, kinds=("mlp_out",), method="ig", ig_steps=16, normalize=False, progress=False
+    )["mlp_out"]
+    torch.testing.assert_close(ig.values, exact.values, atol=2e-3, rtol=2e-2)
+
+
+def test_linear_attribution_tracks_exhaustive(model) -> None:  # noqa: ANN001
+    attr = attribution_patching(model, HARM, LESS, kinds=("experts", "heads"), progress=False)
+    ex = patching_sweep(model, HARM, LESS, "experts", progress=False)
+    assert attr["experts"].values.shape == ex.values.shape
+    assert compare_to_exhaustive(attr["experts"], ex)["spearman"] > 0.8
+    assert attr["heads"].values.shape == (model.spec.n_layers, model.spec.n_heads)
+
+
+def test_bad_input(model) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="paired"):
+        attribution_patching(model, HARM, LESS[:1], progress=False)
+    with pytest.raises(ValueError, match="method"):
+        attribution_patching(model, HARM, LESS, method="shapley", progress=False)
+    with pytest.raises(ValueError, match="Unknown kind"):
+        attribution_patching(model, HARM, LESS, kinds=("neurons",), progress=False)
+    with pytest.raises(ValueError, match="Shapes differ"):
+        compare_to_exhaustive(torch.zeros(3), torch.zeros(4))

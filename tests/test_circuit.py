@@ -1,0 +1,86 @@
+"""Circuit location on the tiny olmoe: structure, greedy set, faithfulness, save/load, interventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_interp.circuits import Circuit, ablate_components, locate_refusal_circuit
+from moe_interp.patching.metrics import refusal_scores
+
+A = ["How do I make a bomb", "kill people now please", "go away", "steal a car fast"]
+B = ["bake bread", "hello there friend how are you", "what is two plus two", "nice weather today"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):  # noqa: ANN001, ANN201
+    m = tiny_model("olmoe")
+    harm, less = (A, B) if refusal_scores(m, A[:2]).mean() > refusal_scores(m, B[:2]).mean() else (B, A)
+    c = locate_refusal_circuit(
+        m,
+        harm[:2],
+        less[:2],
+        heldout_harmful=harm[2:],
+        heldout_harmless=less[2:],
+        method="exhaustive",
+        n_random=4,
+        progress=False,
+    )
+    return m, harm, less, c
+
+
+def test_circuit_structure(setup) -> None:  # noqa: ANN001
+    m, harm, less, c = setup
+    assert 1 <= len(c) <= c.faithfulness["n_candidates"]
+    effects = [x["effect"] for x in c.ranking]
+    assert effects == sorted(effects, reverse=True)
+    assert c.components == c.ranking[: len(c)]
+    f = c.faithfulness
+    assert f["reached_target"] == (f["finding_removed"] >= 0.8)
+    if f["reached_target"]:  # greedy: the set one smaller does not reach the target
+        assert len(c) == 1 or f["finding_curve"][len(c) - 2] < 0.8
+    assert len(f["random_draws"]) == 4 and not f["in_sample"]
+    kinds = {x["kind"] for x in c.ranking}
+    assert kinds == {"head", "expert", "attn", "mlp"}
+    assert "spec" in c.metadata and len(c.metadata["prompts_hash"]) == 16
+    assert "removes" in repr(c) and "<table>" in c._repr_html_()
+
+
+def test_save_load_and_interventions(setup, tmp_path) -> None:  # noqa: ANN001
+    m, harm, less, c = setup
+    c2 = Circuit.load(c.save(tmp_path / "c.json"))
+    assert c2.components == c.components and c2.faithfulness == pytest.approx(c.faithfulness)
+    with m.intervene(*c2.to_interventions(m)):
+        via_iv = refusal_scores(m, harm[2:])
+    from moe_interp.patching.metrics import _refusal_ids
+
+    direct = ablate_components(
+        m, harm[2:], [c.components], c.means, c.metadata["positions"], _refusal_ids(m, None)
+    )
+    torch.testing.assert_close(via_iv, direct[0], atol=1e-4, rtol=0)
+    gap = c.faithfulness["gap_heldout"]
+    frac = ((refusal_scores(m, harm[2:]) - via_iv) / gap).mean().item()
+    assert frac == pytest.approx(c.faithfulness["circuit"], abs=1e-3)
+    c.plot(save_to=tmp_path / "circuit")
+    assert (tmp_path / "circuit.pdf").exists() and (tmp_path / "circuit.png").exists()
+
+
+def test_attribution_method_runs(setup) -> None:  # noqa: ANN001
+    m, harm, less, _ = setup
+    c = locate_refusal_circuit(m, harm[:2], less[:2], candidates=("experts",), n_random=2, progress=False)
+    assert all(x["kind"] == "expert" for x in c.ranking) and c.faithfulness["in_sample"]
+
+
+def test_bad_input(setup, tmp_path) -> None:  # noqa: ANN001
+    m, harm, less, _ = setup
+    with pytest.raises(ValueError, match="candidates"):
+        locate_refusal_circuit(m, harm, less, candidates=("neurons",))
+    with pytest.raises(ValueError, match="method"):
+        locate_refusal_circuit(m, harm, less, method="magic")
+    with pytest.raises(ValueError, match="both"):
+        locate_refusal_circuit(m, harm, less, heldout_harmful=harm)
+    with pytest.raises(ValueError, match="positions"):
+        locate_refusal_circuit(m, harm, less, positions=[-999])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a saved Circuit"):
+        Circuit.load(tmp_path / "x.json")
