@@ -89,9 +89,10 @@ def test_choice_and_filters(setup) -> None:
 
 def test_thresholds_are_parameters(setup) -> None:
     model, dirs, _ = setup
+    small = RefusalDirections(dirs.candidates[1:, 1:], dirs.layers[1:], dirs.positions[1:])
     loose = select_direction(
         model,
-        dirs,
+        small,
         HARMFUL,
         HARMLESS,
         refusal_token_ids=TOKS,
