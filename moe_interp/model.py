@@ -143,8 +143,12 @@ class MoEModel:
             v = next((p for p in fam.v if _has(attn, p)), None)
             o = fam.o if _has(attn, fam.o) else None
             n_heads = int(cfg.num_attention_heads)
-            d_head = getattr(attn, q).out_features // n_heads if q else 0
-            n_kv = getattr(attn, k).out_features // d_head if (k and d_head) else n_heads
+            # k/v head size from the key heads: q_proj may also carry an output gate (Qwen3-Next)
+            n_kv_cfg = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+            if k:
+                d_head, n_kv = getattr(attn, k).out_features // n_kv_cfg, n_kv_cfg
+            else:  # MLA: no per-head keys
+                d_head, n_kv = (getattr(attn, q).out_features // n_heads if q else 0), n_heads
             d_head_v = getattr(attn, o).in_features // n_heads if o else 0
             mlp = getattr(layer, fam.mlp)
             is_moe = hasattr(mlp, fam.router) and hasattr(mlp, fam.experts)

@@ -162,9 +162,11 @@ class LayerTracer:
     def run(self) -> None:
         if self.req.wants("hook_embed"):
             emb = _get(self.nn, self.spec.embed)
-            new = self._site("hook_embed", emb.output, None)
+            # in residual units, like blocks.0.hook_resid_pre (Granite scales embeddings after the module)
+            mult = float(getattr(self.nn.config, "embedding_multiplier", None) or 1.0)
+            new = self._site("hook_embed", emb.output * mult if mult != 1.0 else emb.output, None)
             if new is not None:
-                emb.output = new
+                emb.output = new / mult if mult != 1.0 else new
         for info in self.layers:
             if self.req.any_prefix(f"blocks.{info.index}."):
                 self._layer(info)
@@ -213,16 +215,16 @@ class LayerTracer:
         prefix = f"blocks.{L}.attn."
         if info.attn is not None:
             attn = getattr(layer, info.attn)
-            for key, path, heads, d in (
-                ("hook_q", info.q, info.n_heads, info.d_head),
-                ("hook_k", info.k, info.n_kv_heads, info.d_head),
-                ("hook_v", info.v, info.n_kv_heads, info.d_head),
+            for key, path, heads in (
+                ("hook_q", info.q, info.n_heads),
+                ("hook_k", info.k, info.n_kv_heads),
+                ("hook_v", info.v, info.n_kv_heads),
             ):
                 name = prefix + key
                 if path is not None and self.req.wants(name):
                     mod = _get(attn, path)
                     out = mod.output
-                    val = out.reshape(*out.shape[:-1], heads, d)
+                    val = out.reshape(*out.shape[:-1], heads, -1)  # q may carry a gate: [q_h | gate_h]
                     new = self._site(name, val, L)
                     if new is not None:
                         mod.output = new.reshape(out.shape)
