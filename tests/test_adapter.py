@@ -138,6 +138,15 @@ def test_identities(family: str, tiny_model: Callable[[str], Any]) -> None:
     enc = model.tokenize(PROMPTS)
     mask = enc["attention_mask"]
     logits, cache = model.run_with_cache(enc, names=model.hook_names())
+    # hook_embed is in residual units (Granite multiplies embeddings by embedding_multiplier)
+    close(cache["hook_embed"], cache["blocks.0.hook_resid_pre"])
+    cfg = model.hf_model.config
+    for info in model.layers:
+        if info.k is not None:  # head geometry from the config, not from q_proj (which may carry a gate)
+            k = cache[f"blocks.{info.index}.attn.hook_k"]
+            assert k.shape[2] == info.n_kv_heads == cfg.num_key_value_heads
+            d_cfg = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            assert k.shape[3] == info.d_head == d_cfg
     for info in model.layers:
         L = info.index
         c = {
