@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-val-harmless", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--coeff", type=float, default=1.0)
+    p.add_argument("--plot", default=None, help="also save plot_selection_scores to this image path")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     res = run_demo(
@@ -138,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         progress=not a.quiet,
     )
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    if a.plot:
+        from moe_interp.plotting import plot_selection_scores
+
+        s = res["selection"]
+        plot_selection_scores(s["table"], chosen=(s["layer"], s["pos"]), save_to=a.plot)
     ev = res["eval"]
     sel = res["selection"]
     print(
