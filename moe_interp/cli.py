@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "moe_interp.steering.cli",
     "moe_interp.plan",
     "moe_interp.refusal.cli",
+    "moe_interp.pipeline",
 ]
 
 

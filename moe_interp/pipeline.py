@@ -1,0 +1,601 @@
+"""The refusal-circuit pipeline behind ``moe-interp locate``.
+
+Stages run in order; each one's result is cached in ``DIR/cache/<stage>.pt`` together with a fingerprint of
+everything it depends on (model weights, prompts, configuration, library version). ``--resume`` reuses a
+stage only when its fingerprint matches, so an interrupted run never mixes stale results; a folder holding
+another run's results is refused unless ``--force`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import moe_interp
+
+RUN_FILE = "run.json"
+
+
+def hash_prompts(prompts: dict[str, list[str]]) -> str:
+    """Stable hash of named prompt lists."""
+    h = hashlib.sha256()
+    for k in sorted(prompts):
+        h.update(k.encode())
+        for p in prompts[k]:
+            h.update(b"\x00" + p.encode())
+    return h.hexdigest()[:16]
+
+
+def hash_model(model: Any) -> str:
+    """Hash of the model's weights and config (cheap: a strided sample of every tensor, plus shapes)."""
+    h = hashlib.sha256(model.hf_model.config.to_json_string().encode())
+    for name, p in sorted(model.hf_model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes()
+        h.update(name.encode() + str(tuple(p.shape)).encode() + sample)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Run:
+    """State shared by the pipeline stages."""
+
+    model: Any
+    out: Path
+    config: Any
+    prompts: dict[str, list[str]]
+    fingerprint: dict[str, str]
+    resume: bool = False
+    results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.out / "cache"
+
+    def stage(
+        self, name: str, fn: Callable[[Run], dict[str, Any]], depends: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Run a stage, or load it from the cache when its fingerprint matches."""
+        key = json.dumps(
+            {"fp": self.fingerprint, "stage": name, "deps": [self._stage_fp(d) for d in depends]}
+        )
+        fp = hashlib.sha256(key.encode()).hexdigest()[:16]
+        path = self.cache_dir / f"{name}.pt"
+        if self.resume and path.exists():
+            blob = torch.load(path, weights_only=False)
+            if blob.get("fingerprint") == fp:
+                self.log(f"[{name}] resumed from {path}")
+                self.results[name] = blob["result"]
+                self._fps[name] = fp
+                return blob["result"]
+            self.log(f"[{name}] cached result is stale (inputs changed); recomputing")
+        self.log(f"[{name}] running …")
+        t0 = time.perf_counter()
+        result = fn(self)
+        self.timings[name] = time.perf_counter() - t0
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"fingerprint": fp, "result": result}, tmp)
+        tmp.replace(path)
+        self.results[name] = result
+        self._fps[name] = fp
+        self.log(f"[{name}] done in {self.timings[name]:.1f}s")
+        return result
+
+    def __post_init__(self) -> None:
+        self._fps: dict[str, str] = {}
+
+    def _stage_fp(self, name: str) -> str:
+        return self._fps.get(name, "")
+
+
+def prepare_out_dir(out: Path, run_id: dict[str, str], *, force: bool, resume: bool) -> None:
+    """Refuse to overwrite another run's results; see the module docstring."""
+    run_file = out / RUN_FILE
+    if out.exists() and any(out.iterdir()):
+        if force:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif not run_file.exists():
+            raise FileExistsError(
+                f"{out} is not empty and holds no moe-interp run; pass --force to overwrite it."
+            )
+        else:
+            old = json.loads(run_file.read_text())
+            if old.get("model_hash") != run_id["model_hash"]:
+                raise FileExistsError(
+                    f"{out} holds results of another model ({old.get('model')!r}, hash {old.get('model_hash')}); "
+                    "pass --force to overwrite, or choose another --out."
+                )
+            if not resume:
+                raise FileExistsError(
+                    f"{out} already holds results of this model; pass --resume to continue or --force."
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({**run_id, "version": moe_interp.__version__}, indent=2))
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _split3(prompts: list[str], n_train: int, n_val: int, n_test: int, seed: int) -> tuple[list, list, list]:
+    import random
+
+    items = list(prompts)
+    random.Random(seed).shuffle(items)
+    if len(items) < 3:
+        raise ValueError(
+            f"A prompt file needs at least 3 prompts to split into train/val/test, got {len(items)}."
+        )
+    n_tr = min(n_train, max(1, len(items) // 2))
+    n_va = min(n_val, max(1, (len(items) - n_tr) // 2))
+    return items[:n_tr], items[n_tr : n_tr + n_va], items[n_tr + n_va : n_tr + n_va + n_test]
+
+
+def choose_prompts(
+    model: Any, harmful_file: str | None, harmless_file: str | None, cfg: Any
+) -> dict[str, list[str]]:
+    """Prompt sets of the run: the organism's bundled splits, or the given files split train/val/test."""
+    from moe_interp.refusal.prompts_io import load_prompt_file
+
+    sets: dict[str, list[str]] = {}
+    if harmful_file is None or harmless_file is None:
+        from moe_interp.organisms import load_prompts
+
+        limits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+        for cls in ("harmful", "harmless", "political"):
+            for split, n in limits.items():
+                sets[f"{cls}_{split}"] = load_prompts(f"{cls}_{split}")[:n]
+    for cls, path in (("harmful", harmful_file), ("harmless", harmless_file)):
+        if path is not None:
+            tr, va, te = _split3(load_prompt_file(path), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
+            sets.update({f"{cls}_train": tr, f"{cls}_val": va, f"{cls}_test": te})
+    return sets
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+def stage_baseline(run: Run) -> dict[str, Any]:
+    """Refusal of the unedited model on every held-back set (greedy generation + logit score)."""
+    from moe_interp.refusal.evaluate import evaluate
+
+    out = {}
+    for key in sorted(run.prompts):
+        if key.endswith("_test") and run.prompts[key]:
+            res = evaluate(
+                run.model, run.prompts[key], max_new_tokens=run.config.max_new_tokens, baseline=False
+            )
+            out[key] = res.to_dict(details=False)
+    return out
+
+
+def stage_directions(run: Run) -> dict[str, Any]:
+    """Difference-of-means candidates at every layer × post-instruction position, then Arditi selection."""
+    from moe_interp.refusal.directions import collect_resid_stats, directions_from_stats
+    from moe_interp.refusal.selection import select_direction
+
+    cfg, p = run.config, run.prompts
+    layers = list(range(*cfg.layers)) if cfg.layers else None
+    kw = dict(layers=layers, positions=cfg.positions, batch_size=cfg.batch_size, progress=True)
+    harmful = collect_resid_stats(run.model, p["harmful_train"], **kw)
+    harmless = collect_resid_stats(run.model, p["harmless_train"], **kw)
+    dirs = directions_from_stats(harmful, harmless)
+    sel = select_direction(
+        run.model,
+        dirs,
+        p["harmful_val"],
+        p["harmless_val"],
+        kl_threshold=cfg.kl_threshold,
+        prune_last_frac=cfg.prune_last_frac,
+        batch_size=cfg.batch_size,
+        strict=False,
+        progress=True,
+    )
+    return {"selection": sel.to_dict(), "direction": sel.direction, "raw": sel.raw}
+
+
+def stage_refusal_edits(run: Run) -> dict[str, Any]:
+    """Directional ablation, activation addition and weight orthogonalisation on held-back prompts."""
+    from moe_interp.interventions import AddVector, DirectionalAblation
+    from moe_interp.refusal.evaluate import evaluate
+    from moe_interp.refusal.orthogonalize import orthogonalize
+
+    d = run.results["directions"]
+    sel, direction, raw = d["selection"], d["direction"], d["raw"]
+    n_new = run.config.max_new_tokens
+    p = run.prompts
+    ablate = [DirectionalAblation(direction)]
+    add = [AddVector(f"blocks.{sel['layer']}.hook_resid_pre", raw, coeff=1.0)]
+    out = {
+        "ablation_harmful": evaluate(run.model, p["harmful_test"], ablate, max_new_tokens=n_new),
+        "ablation_harmless": evaluate(run.model, p["harmless_test"], ablate, max_new_tokens=n_new),
+        "addition_harmless": evaluate(run.model, p["harmless_test"], add, max_new_tokens=n_new),
+    }
+    ortho = orthogonalize(run.model, direction)
+    out["orthogonalized_harmful"] = evaluate(
+        ortho, p["harmful_test"], (), max_new_tokens=n_new, base_model=run.model
+    )
+    ids = run.model.tokenize(p["harmful_test"][:8])
+    with run.model.intervene(*ablate):
+        hooked = run.model.forward(ids)
+    out_max = float((ortho.forward(ids) - hooked).abs().max())
+    res = {k: v.to_dict(details=False) for k, v in out.items()}
+    res["orthogonalized_vs_hooks_max_logit_diff"] = out_max
+    return res
+
+
+def stage_routing(run: Run) -> dict[str, Any]:
+    """Routing statistics: SteerMoE risk difference and top-1 % difference over the last 5 positions."""
+    from moe_interp.patching.routing import routing_risk_difference, top1_percentage_difference
+
+    p = run.prompts
+    return {
+        "risk_difference": routing_risk_difference(run.model, p["harmful_train"], p["harmless_train"]),
+        "top1_pct_difference": top1_percentage_difference(run.model, p["harmful_train"], p["harmless_train"]),
+    }
+
+
+def stage_patching(run: Run) -> dict[str, Any]:
+    """Activation patching (resid, heads, experts), expert ablation sweep, attribution vs exhaustive."""
+    from moe_interp.patching import (
+        attribution_patching,
+        compare_to_exhaustive,
+        expert_ablation_attribution,
+        expert_ablation_sweep,
+        patch_experts,
+        patch_heads,
+        patch_resid,
+        routing_predicts_ablation,
+    )
+
+    n = run.config.n_val
+    h, s = run.prompts["harmful_val"][:n], run.prompts["harmless_val"][:n]
+    model = run.model
+    resid = patch_resid(model, h, s, positions="all")
+    heads = patch_heads(model, h, s)
+    res: dict[str, Any] = {"resid": resid, "heads": heads}
+    if model.spec.is_moe:
+        experts = patch_experts(model, h, s)
+        attr = attribution_patching(model, h, s, kinds=("experts",))["experts"]
+        moe = torch.zeros_like(experts.values, dtype=torch.bool)
+        moe[list(model.spec.moe_layers)] = True
+        sweep = expert_ablation_sweep(model, h, mode="drop")
+        sweep_attr = expert_ablation_attribution(model, h, mode="drop")
+        res.update(
+            experts=experts,
+            attribution=attr,
+            attribution_vs_patching=compare_to_exhaustive(attr, experts, moe),
+            ablation=sweep,
+            ablation_attribution=sweep_attr,
+            attribution_vs_ablation=compare_to_exhaustive(sweep_attr, sweep.effect, moe),
+            routing_vs_ablation_spearman=routing_predicts_ablation(
+                run.results["routing"]["risk_difference"], sweep.effect, model.spec.moe_layers
+            ),
+        )
+    return res
+
+
+def stage_circuit(run: Run) -> dict[str, Any]:
+    """Greedy minimal circuit and its faithfulness on held-back prompts against random sets."""
+    from moe_interp.circuits import locate_refusal_circuit
+
+    cfg, p = run.config, run.prompts
+    circuit = locate_refusal_circuit(
+        run.model,
+        p["harmful_train"][: cfg.n_val],
+        p["harmless_train"][: cfg.n_val],
+        heldout_harmful=p["harmful_test"],
+        heldout_harmless=p["harmless_test"],
+        candidates=tuple(cfg.circuit.candidates),
+        target=cfg.circuit.target_fraction,
+        n_random=cfg.circuit.n_random_draws,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    return {"circuit": circuit}
+
+
+def stage_steering(run: Run) -> dict[str, Any]:
+    """Fit every configured steering method, save it, and compare all on held-back prompts."""
+    from moe_interp.steering.methods import compare_methods, fit_method
+
+    p = run.prompts
+    fitted, files = {}, {}
+    for name in run.config.steering_methods:
+        harmless = p["harmless_train"]
+        harmful = p["political_train"] if name.startswith("topic_") else p["harmful_train"]
+        kw = {"keep": p["harmful_train"]} if name.startswith("topic_") else {}
+        sv = fit_method(name, run.model, harmful, harmless, **kw)
+        fitted[name] = sv
+        if hasattr(sv, "save"):
+            files[name] = [str(f) for f in sv.save(run.out / "steering" / name)]
+    rows = compare_methods(run.model, fitted, p["harmful_test"], p["political_test"], p["harmless_test"])
+    return {"table": rows, "files": files}
+
+
+STAGES: list[tuple[str, Callable[[Run], dict[str, Any]], tuple[str, ...]]] = [
+    ("baseline", stage_baseline, ()),
+    ("directions", stage_directions, ()),
+    ("refusal_edits", stage_refusal_edits, ("directions",)),
+    ("routing", stage_routing, ()),
+    ("patching", stage_patching, ("routing",)),
+    ("circuit", stage_circuit, ()),
+    ("steering", stage_steering, ()),
+]
+
+
+# -------------------------------------------------------------------------------- figures / report
+
+
+def write_figures(run: Run) -> list[str]:
+    """All figures of the run (PDF + PNG), from the library's plotting functions."""
+    from moe_interp import plotting
+
+    fig_dir = run.out / "figures"
+    made: list[str] = []
+    r = run.results
+
+    def save(fig: Any, stem: str) -> None:
+        made.extend(str(p) for p in plotting.save_figure(fig, fig_dir / stem))
+
+    sel = r["directions"]["selection"]
+    save(
+        plotting.plot_selection_scores(sel["table"], chosen=(sel["layer"], sel["pos"])), "direction_selection"
+    )
+    pat = r["patching"]
+    save(pat["resid"].plot(), "patch_resid_layer_position")
+    save(pat["heads"].plot(), "patch_heads_layer_head")
+    if "experts" in pat:
+        save(
+            pat["experts"].plot(routing_risk_diff=r["routing"]["risk_difference"]),
+            "patch_experts_layer_expert",
+        )
+        save(
+            pat["ablation"].plot(routing_risk_diff=r["routing"]["risk_difference"]),
+            "ablation_experts_layer_expert",
+        )
+        save(plotting.plot_routing_difference(r["routing"]["top1_pct_difference"]), "routing_top1_difference")
+        moe = torch.zeros_like(pat["experts"].values, dtype=torch.bool)
+        moe[list(run.model.spec.moe_layers)] = True
+        labels = [f"L{L}.E{e}" for L in run.model.spec.moe_layers for e in range(run.model.spec.n_experts)]
+        save(
+            plotting.plot_attribution_vs_exhaustive(
+                pat["attribution"].values[moe],
+                pat["experts"].values[moe],
+                labels,
+                pat["attribution_vs_patching"]["spearman"],
+                title="blocks.L.mlp.hook_expert_out: attribution vs activation patching",
+            ),
+            "attribution_vs_exhaustive",
+        )
+    save(r["circuit"]["circuit"].plot(), "circuit")
+    rows = r["steering"]["table"]
+    methods = [row["method"] for row in rows]
+    metrics = {k: [row[f"{k}_refusal"]["rate"] for row in rows] for k in ("harmful", "political", "harmless")}
+    cis = {
+        k: [(row[f"{k}_refusal"]["ci_low"], row[f"{k}_refusal"]["ci_high"]) for row in rows] for k in metrics
+    }
+    save(
+        plotting.plot_method_comparison(methods, metrics, cis, title="Steering methods on held-back prompts"),
+        "steering_methods",
+    )
+    return made
+
+
+def _fmt_rate(d: dict[str, Any]) -> str:
+    lo, hi = d["refusal_rate_ci"]
+    return f"{d['refusal_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _fmt_row_rate(d: dict[str, Any]) -> str:
+    return f"{d['rate']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
+
+
+def write_report(run: Run, figures: list[str]) -> Path:
+    """``report.md``: what was run, tables, figures, hashes and version."""
+    r, spec = run.results, run.model.spec
+    lines = [
+        f"# Refusal circuit of `{run.model.name}`",
+        "",
+        f"moe-interp {moe_interp.__version__}; model hash `{run.fingerprint['model_hash']}`, prompts hash "
+        f"`{run.fingerprint['prompts_hash']}`, config hash `{run.fingerprint['config_hash']}`.",
+        f"Family `{spec.family}`: {spec.n_layers} layers, d_model {spec.d_model}, {spec.n_heads} heads, "
+        f"{len(spec.moe_layers)} MoE layers × {spec.n_experts} experts (top-{spec.top_k}).",
+        "",
+        "Prompt sets: " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(run.prompts.items())) + ".",
+        "Stage times: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items())
+        + " (resumed stages omitted).",
+        "",
+        "## Baseline refusal (greedy generation, substring judge; 95% bootstrap CI)",
+        "",
+        "| prompts | n | refusal rate | mean logit refusal score |",
+        "|---|---|---|---|",
+    ]
+    for k, d in r["baseline"].items():
+        lines.append(f"| {k} | {d['n']} | {_fmt_rate(d)} | {d['mean_refusal_score']:.2f} |")
+    sel = r["directions"]["selection"]
+    lines += [
+        "",
+        "## Refusal direction (difference of means, Arditi et al. selection)",
+        "",
+        f"Chosen: `blocks.{sel['layer']}.hook_resid_pre` at position {sel['pos']} (passed filters: "
+        f"{sel['passed']}; {sel['reason']}); bypass {sel['bypass']:.2f}, induce {sel['induce']:.2f}, "
+        f"KL {sel['kl']:.3f}. ![selection](figures/direction_selection.png)",
+        "",
+        "| edit | prompts | refusal rate | KL to baseline |",
+        "|---|---|---|---|",
+    ]
+    edits = r["refusal_edits"]
+    for key, label in (
+        ("ablation_harmful", "directional ablation / harmful_test"),
+        ("ablation_harmless", "directional ablation / harmless_test"),
+        ("addition_harmless", "activation addition / harmless_test"),
+        ("orthogonalized_harmful", "orthogonalised weights / harmful_test"),
+    ):
+        d = edits[key]
+        lines.append(
+            f"| {label.split(' / ')[0]} | {label.split(' / ')[1]} | {_fmt_rate(d)} | {d['kl_to_baseline']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Orthogonalised weights vs ablation hooks: max logit difference "
+        f"{edits['orthogonalized_vs_hooks_max_logit_diff']:.2e}.",
+        "",
+        "## Patching and expert ablation",
+        "",
+        "![resid](figures/patch_resid_layer_position.png) ![heads](figures/patch_heads_layer_head.png)",
+    ]
+    pat = r["patching"]
+    if "experts" in pat:
+        lines += [
+            "![experts](figures/patch_experts_layer_expert.png) ![ablation](figures/ablation_experts_layer_expert.png)",
+            "",
+            f"Attribution vs activation patching of `hook_expert_out`: Spearman "
+            f"{pat['attribution_vs_patching']['spearman']:.2f}; attribution vs exhaustive single-expert ablation "
+            f"(drop): Spearman {pat['attribution_vs_ablation']['spearman']:.2f}; routing risk difference vs "
+            f"ablation effect: Spearman {pat['routing_vs_ablation_spearman']:.2f}.",
+        ]
+    circuit = r["circuit"]["circuit"]
+    f = circuit.faithfulness
+    lines += [
+        "",
+        "## Circuit",
+        "",
+        f"{len(circuit.components)} components; faithfulness on held-back prompts: "
+        + ", ".join(f"{k}: {v}" for k, v in f.items() if not isinstance(v, list | dict)),
+        "",
+        "| component | kind | layer | effect |",
+        "|---|---|---|---|",
+    ]
+    for c in circuit.components:
+        idx = c.get("head", c.get("expert"))
+        lines.append(
+            f"| `{c['name']}`{'' if idx is None else f' [{idx}]'} | {c['kind']} | {c['layer']} | {c['effect']:.3f} |"
+        )
+    lines += ["", "![circuit](figures/circuit.png)", "", "## Steering methods (held-back prompts)", ""]
+    lines += [
+        "| method | harmful refusal | political refusal | harmless refusal | harmless KL | layers | experts |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["steering"]["table"]:
+        lines.append(
+            f"| {row['method']} | {_fmt_row_rate(row['harmful_refusal'])} | {_fmt_row_rate(row['political_refusal'])} "
+            f"| {_fmt_row_rate(row['harmless_refusal'])} | {row['harmless_kl']:.3f} | {row.get('n_layers', '')} "
+            f"| {row.get('n_experts', '')} |"
+        )
+    lines += ["", "![methods](figures/steering_methods.png)", "", "## Files", ""]
+    lines += [f"- `{Path(p).relative_to(run.out)}`" for p in figures if p.endswith(".pdf")]
+    path = run.out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_pipeline(
+    model_source: str = "organism",
+    *,
+    out: str | Path,
+    harmful: str | None = None,
+    harmless: str | None = None,
+    config: str | Path | None = None,
+    force: bool = False,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run every stage and write circuit.json, steering/, figures/ and report.md into ``out``."""
+    from moe_interp.config import PipelineConfig, load_config
+    from moe_interp.model import load
+
+    out = Path(out)
+    if config is None:
+        default = Path(__file__).resolve().parents[1] / "circuits" / "organism" / "config.json"
+        cfg = (
+            load_config(default)
+            if model_source == "organism" and default.exists()
+            else PipelineConfig(model=model_source, family="")
+        )
+    else:
+        cfg = load_config(config)
+    torch.manual_seed(cfg.seed)
+    model = load(model_source)
+    prompts = choose_prompts(model, harmful, harmless, cfg)
+    for key in (
+        "harmful_train",
+        "harmless_train",
+        "harmful_val",
+        "harmless_val",
+        "harmful_test",
+        "harmless_test",
+    ):
+        if not prompts.get(key):
+            raise ValueError(f"The prompt set {key!r} is empty; give more prompts.")
+    prompts.setdefault("political_train", [])
+    prompts.setdefault("political_test", prompts["harmless_test"][:0])
+    fingerprint = {
+        "model": str(model_source),
+        "model_hash": hash_model(model),
+        "prompts_hash": hash_prompts(prompts),
+        "config_hash": hashlib.sha256(
+            json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
+        ).hexdigest()[:16],
+        "version": moe_interp.__version__,
+    }
+    prepare_out_dir(out, fingerprint, force=force, resume=resume)
+    run = Run(
+        model=model, out=out, config=cfg, prompts=prompts, fingerprint=fingerprint, resume=resume, log=log
+    )
+    for name, fn, deps in STAGES:
+        run.stage(name, fn, deps)
+    run.results["circuit"]["circuit"].save(out / "circuit.json")
+    (out / "direction.json").write_text(json.dumps(run.results["directions"]["selection"]))
+    torch.save({"direction": run.results["directions"]["direction"]}, out / "direction.pt")
+    figures = write_figures(run)
+    report = write_report(run, figures)
+    summary = {
+        "fingerprint": fingerprint,
+        "timings_s": run.timings,
+        "baseline": run.results["baseline"],
+        "refusal_edits": run.results["refusal_edits"],
+        "circuit_faithfulness": run.results["circuit"]["circuit"].faithfulness,
+        "steering": run.results["steering"]["table"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    log(f"wrote {report}")
+    return report
+
+
+def _locate(args: argparse.Namespace) -> int:
+    run_pipeline(
+        args.model,
+        out=args.out,
+        harmful=args.harmful,
+        harmless=args.harmless,
+        config=args.config,
+        force=args.force,
+        resume=args.resume,
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("locate", help="run the refusal-circuit pipeline (default: the built-in organism)")
+    p.add_argument("model", nargs="?", default="organism", help="HF id/dir, 'tiny:<family>' or 'organism'")
+    p.add_argument("--harmful", help="harmful prompt file (.json/.txt/.csv); default: bundled splits")
+    p.add_argument("--harmless", help="harmless prompt file; default: bundled splits")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", help="pipeline config JSON (see circuits/*/config.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an output folder holding other results")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in the same folder")
+    p.set_defaults(func=_locate)
