@@ -188,3 +188,20 @@ def test_cli_evaluate_json(tmp_path, capsys) -> None:
     (tmp_path / "c.json").write_text(json.dumps({"foo": 1}))
     assert main([*argv, "--ablate", str(tmp_path / "c.json")]) == 2
     assert "components" in capsys.readouterr().err
+
+
+def test_cli_steer_matches_add_vector(tmp_path, capsys, tiny_model) -> None:
+    from moe_interp.steering import SteeringMetadata, SteeringVectors
+
+    model = tiny_model("olmoe")
+    v = _vec(64, seed=3)
+    key = ("blocks.1.hook_resid_pre", None)
+    SteeringVectors({key: v}, SteeringMetadata.from_model(model)).save(tmp_path / "sv")
+    pf = tmp_path / "p.txt"
+    pf.write_text("\n".join(PROMPTS[:2]))
+    argv = ["evaluate", "tiny:olmoe", "--prompts", str(pf), "--json", "--max-new-tokens", "2"]
+    assert main([*argv, "--steer", str(tmp_path / "sv")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = evaluate(model, PROMPTS[:2], [AddVector(key[0], v)], max_new_tokens=2)
+    assert out["kl_to_baseline"] > 1e-4
+    assert out["kl_to_baseline"] == pytest.approx(ref.kl_to_baseline, rel=1e-4)
