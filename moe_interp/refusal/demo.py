@@ -36,6 +36,7 @@ def run_demo(
     max_new_tokens: int = 24,
     coeff: float = 1.0,
     batch_size: int = 32,
+    organism_path: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the pipeline and return a JSON-ready dict of every figure."""
@@ -49,7 +50,7 @@ def run_demo(
 
     t0 = time.time()
     torch.manual_seed(0)
-    model = load(model_name)
+    model = load(model_name, **({"path": organism_path} if organism_path else {}))
     harmful_tr = load_prompts("harmful_train")[:n_train]
     harmless_tr = load_prompts("harmless_train")[:n_train]
     harmful_val = load_prompts("harmful_val")
@@ -76,6 +77,7 @@ def run_demo(
 
     out: dict[str, Any] = {
         "model": model_name,
+        "organism_path": organism_path,
         "spec": {"n_layers": model.spec.n_layers, "d_model": model.spec.d_model},
         "n_train_per_class": n_train,
         "n_val": {
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="organism")
     p.add_argument("--out", default="refusal_demo.json")
+    p.add_argument("--organism-path", default=None, help="organism checkpoint dir (default: the shipped one)")
     p.add_argument("--n-train", type=int, default=256)
     p.add_argument("--n-val-harmless", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         n_val_harmless=a.n_val_harmless,
         max_new_tokens=a.max_new_tokens,
         coeff=a.coeff,
+        organism_path=a.organism_path,
         progress=not a.quiet,
     )
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
