@@ -320,7 +320,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
         sv = fit_method(name, run.model, harmful, harmless, **kw)
         fitted[name] = sv
         if hasattr(sv, "save"):
-            files[name] = [str(f) for f in sv.save(run.out / "steering" / name)]
+            saved = sv.save(run.out / "steering" / name)
+            files[name] = [str(f) for f in (saved if isinstance(saved, tuple | list) else [saved])]
     rows = compare_methods(run.model, fitted, p["harmful_test"], p["political_test"], p["harmless_test"])
     return {"table": rows, "files": files}
 
