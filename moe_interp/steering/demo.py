@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the demo methods")
     ap.add_argument("--no-topic", action="store_true", help="skip the fine-grained (political) experiment")
+    ap.add_argument("--vectors-from", type=Path, default=None, help="re-evaluate DIR/vectors/* (no fitting)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
@@ -95,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
 
     steers: dict[str, Any] = {}
     tuning: dict[str, Any] = {}
-    for name in args.methods or list(SPECS):
+    if args.vectors_from is not None:
+        from moe_interp.steering.cli import load_steering
+
+        prev = json.loads((args.vectors_from / "comparison.json").read_text())
+        tuning = {**prev["tuning"], "reevaluated_from": str(args.vectors_from)}
+        for name in [*(args.methods or list(SPECS)), *([] if args.no_topic else ["topic_remove"])]:
+            steers[name] = load_steering(args.vectors_from / "vectors" / name, model)
+        args.methods, args.no_topic = [], True
+    for name in SPECS if args.methods is None else args.methods:
         t = time.time()
         kw = dict(SPECS[name])
         res = autotune(FIT_NAME.get(name, name), model, tr["harmful"], tr["harmless"], val["harmful"], val["harmless"],
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(res.steer, "save"):
             res.steer.save(args.out / "vectors" / name)
 
-    dense = fit_method("dense", model, tr["harmful"], tr["harmless"])
+    dense = fit_method("dense", model, tr["harmful"], tr["harmless"], coeff=-1.0)
     r = next(iter(dense.vectors.values()))
     steers["ablation_reference"] = [DirectionalAblation(r / r.norm())]
     tuning["ablation_reference"] = {
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sv = fit_method("topic_remove", model, tr["political"], tr["harmless"], keep=tr["harmful"])
         res = coefficient_search(model, sv, val["political"], val["harmless"], keep=val["harmful"],
                                  keep_min_rate=0.9, target_rate=0.0, **search)  # fmt: skip
-        steers["topic_remove (political ⟂ safety)"] = res.steer
+        steers["topic_remove"] = res.steer
         tuning["topic_remove"] = {**res.to_dict(), "seconds": round(time.time() - t, 1)}
         res.steer.save(args.out / "vectors" / "topic_remove")
         print(f"[{time.time() - t0:6.0f}s] topic_remove: {res.label=} val political {res.refusal_rate:.3f} "
