@@ -22,6 +22,7 @@ __all__ = [
     "CircuitSettings",
     "ExpectedGeometry",
     "PipelineConfig",
+    "circuit_candidates",
     "load_config",
     "steering_methods",
 ]
@@ -29,8 +30,18 @@ __all__ = [
 #: dtype names accepted by ``dtype`` (``torch.<name>``).
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
-#: component kinds the circuit search may consider.
-CIRCUIT_CANDIDATES: tuple[str, ...] = ("resid", "attn", "heads", "mlp", "experts", "shared_experts")
+#: component kinds the circuit search may consider (:data:`moe_interp.circuits.CANDIDATES`).
+CIRCUIT_CANDIDATES: tuple[str, ...] = ("heads", "experts", "attn", "mlp")
+
+
+def circuit_candidates() -> tuple[str, ...]:
+    """Component kinds :func:`moe_interp.circuits.locate_refusal_circuit` accepts (static list as fallback)."""
+    try:
+        from moe_interp.circuits import CANDIDATES
+    except ImportError:
+        return CIRCUIT_CANDIDATES
+    return tuple(CANDIDATES)
+
 
 #: steering method names a recipe may list (keys of :data:`moe_interp.steering.methods.METHODS`; checked
 #: against the live registry when it imports).
@@ -119,13 +130,13 @@ class CircuitSettings:
 
     target_fraction: float = 0.8
     n_random_draws: int = 20
-    candidates: list[str] = field(default_factory=lambda: ["heads", "experts", "shared_experts", "mlp"])
+    candidates: list[str] = field(default_factory=lambda: list(CIRCUIT_CANDIDATES))
 
     def __post_init__(self) -> None:
         if not _is_num(self.target_fraction) or not 0 < self.target_fraction <= 1:
             raise _fail("circuit.target_fraction", "a number in (0, 1]", self.target_fraction)
         _check_int("circuit.n_random_draws", self.n_random_draws, lo=1)
-        _check_str_list("circuit.candidates", self.candidates, allowed=CIRCUIT_CANDIDATES)
+        _check_str_list("circuit.candidates", self.candidates, allowed=circuit_candidates())
         self.candidates = list(self.candidates)
 
 
@@ -196,7 +207,7 @@ class PipelineConfig:
     """
 
     model: str
-    family: str
+    family: str | None = None
     name: str = ""
     dtype: str = "bfloat16"
     device_map: str | None = None
@@ -238,13 +249,20 @@ class PipelineConfig:
             raise _fail(
                 "model", "'organism', 'tiny:<family>', an HF id 'org/name' or a local path", self.model
             )
-        if not isinstance(self.family, str):
-            raise _fail("family", "an HF model_type string", self.family)
-        try:
-            get_family(self.family)
-        except ValueError as e:
-            raise ValueError(f"config field 'family': {e}") from None
-        if self.model.startswith("tiny:") and self.model.split(":", 1)[1] != self.family:
+        if self.family == "":
+            self.family = None  # inferred from the loaded model
+        if self.family is not None:
+            if not isinstance(self.family, str):
+                raise _fail("family", "null (inferred) or an HF model_type string", self.family)
+            try:
+                get_family(self.family)
+            except ValueError as e:
+                raise ValueError(f"config field 'family': {e}") from None
+        if (
+            self.family is not None
+            and self.model.startswith("tiny:")
+            and self.model.split(":", 1)[1] != self.family
+        ):
             raise _fail(
                 "family", f"{self.model.split(':', 1)[1]!r} (the family of model {self.model!r})", self.family
             )

@@ -215,6 +215,16 @@ def test_unknown_keys_list_valid_ones(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.json")
 
 
+def test_family_may_be_inferred_and_candidates_match_circuits() -> None:
+    from moe_interp.circuits import CANDIDATES
+
+    assert PipelineConfig(model="org/name", family="").family is None
+    assert PipelineConfig(model="org/name").family is None
+    assert set(PipelineConfig(model="organism").circuit.candidates) <= set(CANDIDATES)
+    for name in RECIPES:
+        assert set(load_config(ROOT / name).circuit.candidates) <= set(CANDIDATES)
+
+
 def test_defaults_are_valid_and_load_kwargs() -> None:
     cfg = PipelineConfig(model="Qwen/Qwen3-30B-A3B", family="qwen3_moe", device_map="auto")
     assert cfg.load_kwargs() == {"dtype": torch.bfloat16, "device_map": "auto"}
