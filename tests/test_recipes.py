@@ -207,7 +207,7 @@ def test_unknown_keys_list_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="target_fraction"):
         PipelineConfig.from_dict(data)
     with pytest.raises(ValueError, match="Missing key"):
-        PipelineConfig.from_dict({"model": "organism"})
+        PipelineConfig.from_dict({"family": "olmoe"})
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_config(path)
