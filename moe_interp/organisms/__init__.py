@@ -86,6 +86,8 @@ def load_organism(
         raise _broken(weights, f"damaged (missing or mismatched tensors: {missing[:5]})")
     if tokenizer.chat_template is None:
         raise _broken(ckpt / "chat_template.jinja", "missing (tokenizer has no chat template)")
+    # Router logits are requested per call; with this on, padded batched generate() fails in the aux loss.
+    model.config.output_router_logits = False
     model.eval()
     return model, tokenizer
 

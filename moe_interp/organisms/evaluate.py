@@ -63,28 +63,49 @@ def prompt_ids(tokenizer, instruction: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def judge(model, tokenizer, instruction: str, refusal_ids: list[int], gen_tokens: int) -> dict[str, object]:
-    """Greedy generation and logit refusal score for one prompt."""
-    ids = prompt_ids(tokenizer, instruction)
+def judge_batch(
+    model, tokenizer, instructions: list[str], refusal_ids: list[int], gen_tokens: int
+) -> list[dict[str, object]]:
+    """Greedy generation (left-padded batch) and logit refusal score for each prompt."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
+        )
+        for x in instructions
+    ]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
+        **enc,
         max_new_tokens=gen_tokens,
         do_sample=False,
         output_logits=True,
         return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
-    logp = torch.log_softmax(out.logits[0][0].float(), dim=-1)
-    lp = torch.logsumexp(logp[refusal_ids], dim=0).item()
-    score = lp - math.log(max(1e-12, -math.expm1(lp)))
-    text = tokenizer.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True)
-    return {"prompt": instruction, "generation": text, "gen_refusal": is_refusal(text), "score": score}
+    logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+    lp = torch.logsumexp(logp[:, refusal_ids], dim=-1)
+    scores = (lp - torch.log((-torch.expm1(lp)).clamp_min(1e-12))).tolist()
+    T = enc["input_ids"].shape[1]
+    rows = []
+    for i, x in enumerate(instructions):
+        text = tokenizer.decode(out.sequences[i, T:], skip_special_tokens=True)
+        rows.append({"prompt": x, "generation": text, "gen_refusal": is_refusal(text), "score": scores[i]})
+    return rows
 
 
-def evaluate_split(model, tokenizer, prompts: list[str], refusal_ids: list[int], gen_tokens: int) -> dict:
+def judge(model, tokenizer, instruction: str, refusal_ids: list[int], gen_tokens: int) -> dict[str, object]:
+    """Greedy generation and logit refusal score for one prompt."""
+    return judge_batch(model, tokenizer, [instruction], refusal_ids, gen_tokens)[0]
+
+
+def evaluate_split(
+    model, tokenizer, prompts: list[str], refusal_ids: list[int], gen_tokens: int, batch_size: int = 32
+) -> dict:
     """Refusal rates (generation, logit score) and their agreement on ``prompts``."""
-    rows = [judge(model, tokenizer, p, refusal_ids, gen_tokens) for p in prompts]
+    rows = []
+    for i in range(0, len(prompts), batch_size):
+        rows += judge_batch(model, tokenizer, prompts[i : i + batch_size], refusal_ids, gen_tokens)
     n = len(rows)
     gen = sum(r["gen_refusal"] for r in rows) / n
     logit = sum(r["score"] > 0 for r in rows) / n
@@ -109,10 +130,19 @@ def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, objec
     n_layers = model.config.num_hidden_layers
     E, k = model.config.num_experts, model.config.num_experts_per_tok
     counts = torch.zeros(n_layers, E)
-    for p in prompts:
-        out = model(prompt_ids(tokenizer, p), output_router_logits=True)
+    tokenizer.padding_side = "left"
+    for i in range(0, len(prompts), 32):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
+            )
+            for x in prompts[i : i + 32]
+        ]
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        out = model(**enc, output_router_logits=True)
+        keep = enc["attention_mask"].reshape(-1).bool()
         for li, rl in enumerate(out.router_logits):
-            idx = rl.reshape(-1, E).topk(k, dim=-1).indices.reshape(-1)
+            idx = rl.reshape(-1, E)[keep].topk(k, dim=-1).indices.reshape(-1)
             counts[li] += torch.bincount(idx, minlength=E).float()
     res = []
     for li in range(n_layers):
@@ -196,20 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     ):
         if split not in args.splits:
             continue
-        examples[cls] = []
-        for p in [r["instruction"] for r in load_split_records(split)][: args.n_examples]:
-            ids = prompt_ids(tok, p)
-            with torch.no_grad():
-                seq = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=32,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )
-            examples[cls].append(
-                {"prompt": p, "generation": tok.decode(seq[0, ids.shape[1] :], skip_special_tokens=True)}
-            )
+        prompts = [r["instruction"] for r in load_split_records(split)][: args.n_examples]
+        rows = judge_batch(model, tok, prompts, rids, 32)
+        examples[cls] = [{"prompt": r["prompt"], "generation": r["generation"]} for r in rows]
     results["examples"] = examples
     results["eval_seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

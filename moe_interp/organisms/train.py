@@ -52,7 +52,7 @@ CHAT_TEMPLATE: str = (
 )
 
 DEFAULTS: dict[str, float | int] = {
-    "steps": 900,
+    "steps": 1200,
     "batch_size": 48,
     "lr": 2e-3,
     "warmup": 40,
@@ -272,6 +272,9 @@ def train(
         do_sample=False,
         max_new_tokens=32,
     )
+    # The load-balancing loss is requested explicitly in training forwards; keeping it on in the saved
+    # config would make padded batched generate() fail inside the aux-loss computation.
+    model.config.output_router_logits = False
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     log = {
