@@ -60,7 +60,6 @@ def test_notebook_runs(path: Path, python3_kernel: str, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     env_before = os.environ.get("HF_HUB_OFFLINE")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("MOE_INTERP_NB_N", "4")  # fewer prompts per split than the interactive default (8)
     try:
         client = nbclient.NotebookClient(

@@ -135,3 +135,18 @@ def test_bad_settings_rejected() -> None:
         PlanSettings(batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         PlanSettings(dtype="int3")
+
+
+def test_organism_recipe_matches_checkpoint() -> None:
+    from moe_interp.config import load_config
+    from moe_interp.organisms import checkpoint_dir
+    from moe_interp.plan import RECIPES_DIR
+
+    if not (checkpoint_dir() / "config.json").is_file():
+        pytest.skip("organism checkpoint not built")
+    geo, _, origin = resolve_geometry("organism")
+    assert origin == "organism checkpoint config"
+    expected = load_config(RECIPES_DIR / "organism").expected
+    for f in ("n_layers", "d_model", "n_heads", "vocab_size", "n_experts", "top_k", "n_moe_layers"):
+        assert getattr(geo, f) == getattr(expected, f), f
+    assert geo.total_params == expected.total_params and geo.active_params == expected.active_params
