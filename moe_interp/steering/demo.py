@@ -32,7 +32,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "routing_experts": {"top_n": 4},
     "expert_conditioned": {"top_n": 4},
     "expert_conditioned_topk": {"top_n": 4, "topk": True},
-    "expert_conditioned_all": {"n_layers": 2},
+    "expert_conditioned_all": {"n_layers": 1},
     "single_expert": {},
     "steer_router": {},
 }
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the demo methods")
     ap.add_argument("--no-topic", action="store_true", help="skip the fine-grained (political) experiment")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the directional-ablation reference row")
     ap.add_argument("--vectors-from", type=Path, default=None, help="re-evaluate DIR/vectors/* (no fitting)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vectors_from is not None:
         from moe_interp.steering.cli import load_steering
 
-        prev = json.loads((args.vectors_from / "comparison.json").read_text())
+        prev_path = args.vectors_from / "comparison.json"
+        prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {"tuning": {}}
         tuning = {**prev["tuning"], "reevaluated_from": str(args.vectors_from)}
         for name in [*(args.methods or list(SPECS)), *([] if args.no_topic else ["topic_remove"])]:
             steers[name] = load_steering(args.vectors_from / "vectors" / name, model)
@@ -116,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(res.steer, "save"):
             res.steer.save(args.out / "vectors" / name)
 
-    dense = fit_method("dense", model, tr["harmful"], tr["harmless"], coeff=-1.0)
-    r = next(iter(dense.vectors.values()))
-    steers["ablation_reference"] = [DirectionalAblation(r / r.norm())]
-    tuning["ablation_reference"] = {
-        "direction": f"dense diff-of-means at layers {dense.layers}, all layers ablated"
-    }
+    if not args.no_ablation:
+        dense = fit_method("dense", model, tr["harmful"], tr["harmless"], coeff=-1.0)
+        r = next(iter(dense.vectors.values()))
+        steers["ablation_reference"] = [DirectionalAblation(r / r.norm())]
+        tuning["ablation_reference"] = {
+            "direction": f"dense diff-of-means at layer {dense.layers}, ablated everywhere"
+        }
 
     if not args.no_topic:
         t = time.time()
