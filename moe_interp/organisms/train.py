@@ -204,13 +204,14 @@ def train(
     steps: int | None = None,
     leave_out: str | None = None,
     log_every: int = 25,
+    threads: int = 2,
 ) -> dict[str, object]:
     """Train the organism and save model, tokenizer and a training log to ``out``."""
     hp = dict(DEFAULTS)
     if steps is not None:
         hp["steps"] = steps
     n_steps = int(hp["steps"])
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     t0 = time.time()
@@ -281,7 +282,8 @@ def train(
         "command": "python -m moe_interp.organisms.train"
         + (f" --seed {seed}" if seed else "")
         + (f" --steps {steps}" if steps is not None else "")
-        + (f" --leave-out {leave_out}" if leave_out else ""),
+        + (f" --leave-out {leave_out}" if leave_out else "")
+        + (f" --threads {threads}" if threads != 2 else ""),
         "seed": seed,
         "steps": n_steps,
         "leave_out": leave_out,
@@ -304,8 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--leave-out", type=str, default=None, choices=HARMFUL_SOURCES)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster under contention)")
     args = ap.parse_args(argv)
-    train(args.out, args.seed, args.steps, args.leave_out)
+    train(args.out, args.seed, args.steps, args.leave_out, threads=args.threads)
 
 
 if __name__ == "__main__":
