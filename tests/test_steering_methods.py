@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from moe_interp.steering.methods import (
     METHODS,
     ExpertConditionedAdd,
     RouterSteering,
+    TopicGatedSteering,
     compare_methods,
     expert_specific_directions,
     fit_dense,
@@ -136,7 +138,7 @@ def test_registry_fits_every_method_and_applies(olmoe) -> None:
         "dense", "dense_multi", "routing_experts", "expert_conditioned", "expert_conditioned_all",
         "single_expert", "steer_router", "ridge", "topic_remove", "topic_induce",
     }  # fmt: skip
-    extra = {"topic_remove": {"keep": HARMFUL[:2]}, "topic_induce": {"keep": HARMFUL[:2]}}
+    extra = {k: {"keep": HARMFUL[:2]} for k in ("topic_remove", "topic_induce", "topic_gated")}
     small = {"expert_conditioned_all": {"layers": [1]}}
     base = olmoe.forward(PADDED)
     for name in METHODS:
@@ -144,7 +146,10 @@ def test_registry_fits_every_method_and_applies(olmoe) -> None:
         assert hasattr(steer, "to_interventions"), name
         if isinstance(steer, SteeringVectors):
             assert steer.metadata.method.startswith(name.split("_")[0]) and steer.metadata.data_hash
+        if hasattr(steer, "scaled"):
             steer = steer.scaled(4.0)
+        if name == "topic_gated":
+            steer = replace(steer, threshold=-1e9)  # gate open for every prompt
         with steer.apply(olmoe):
             out = olmoe.forward(PADDED)
         assert out.shape == base.shape and torch.isfinite(out).all(), name
@@ -262,3 +267,25 @@ def test_steer_cli(olmoe, tmp_path, capsys) -> None:
     assert "baseline" in capsys.readouterr().out
     assert main([*argv, "--coeff", "nan"]) == 2
     assert "finite" in capsys.readouterr().err
+
+
+def test_topic_gate_edits_only_gated_prompts(olmoe) -> None:
+    sv = fit_dense(olmoe, HARMFUL, HARMLESS, layer=2).scaled(8.0)
+    name = "blocks.1.hook_resid_pre"
+    _, cache = olmoe.run_with_cache(PADDED, names=[name])
+    x = cache[name][:, -1]
+    w = x[0] - x[1:].mean(0)
+    proj = x @ w
+    theta = float((proj[0] + proj[1:].max()) / 2)  # only prompt 0 is above the threshold
+    gated = TopicGatedSteering(sv, 1, w, theta)
+    base = olmoe.forward(PADDED)
+    with gated.apply(olmoe):
+        out = olmoe.forward(PADDED)
+        gens = olmoe.generate(PADDED, max_new_tokens=2)
+    assert not torch.allclose(out[0], base[0])
+    torch.testing.assert_close(out[1:], base[1:])
+    assert len(gens) == 3
+    with pytest.raises(ValueError, match="before the steered layers"):
+        early = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
+        with olmoe.intervene(TopicGatedSteering(early, 2, w, theta)):
+            pass

@@ -169,8 +169,10 @@ def coefficient_search(
     **kw: Any,
 ) -> TuneResult:
     """:func:`search_candidates` over ``sv.scaled(s)`` for increasing ``s`` in ``scales``."""
-    if not isinstance(sv, SteeringVectors):
-        raise ValueError(f"coefficient_search needs SteeringVectors, got {type(sv).__name__}.")
+    if not isinstance(sv, SteeringVectors) and not hasattr(sv, "scaled"):
+        raise ValueError(
+            f"coefficient_search needs SteeringVectors (or a scalable steering), got {type(sv).__name__}."
+        )
     scales = [float(s) for s in scales]
     if not scales or any(not (s > 0 and s < float("inf")) for s in scales):
         raise ValueError(f"scales must be finite positive numbers, got {scales!r}.")

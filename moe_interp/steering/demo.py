@@ -22,7 +22,7 @@ import torch
 
 from moe_interp.interventions import DirectionalAblation
 from moe_interp.steering.autotune import autotune, coefficient_search
-from moe_interp.steering.methods import compare_methods, fit_method
+from moe_interp.steering.methods import compare_methods, fit_method, refusal_flags
 
 #: method → fit keyword arguments used by the demo
 SPECS: dict[str, dict[str, Any]] = {
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the demo methods")
     ap.add_argument("--no-topic", action="store_true", help="skip the fine-grained (political) experiment")
+    ap.add_argument(
+        "--keep-frac", type=float, default=0.97, help="topic: keep >= frac x baseline harmful refusal"
+    )
     ap.add_argument("--no-ablation", action="store_true", help="skip the directional-ablation reference row")
     ap.add_argument("--vectors-from", type=Path, default=None, help="re-evaluate DIR/vectors/* (no fitting)")
     args = ap.parse_args(argv)
@@ -103,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         prev_path = args.vectors_from / "comparison.json"
         prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {"tuning": {}}
         tuning = {**prev["tuning"], "reevaluated_from": str(args.vectors_from)}
-        for name in [*(args.methods or list(SPECS)), *([] if args.no_topic else ["topic_remove"])]:
+        for name in args.methods or list(SPECS):
             steers[name] = load_steering(args.vectors_from / "vectors" / name, model)
-        args.methods, args.no_topic = [], True
+        args.methods = []
     for name in SPECS if args.methods is None else args.methods:
         t = time.time()
         kw = dict(SPECS[name])
@@ -128,13 +131,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_topic:
         t = time.time()
-        sv = fit_method("topic_remove", model, tr["political"], tr["harmless"], keep=tr["harmful"])
-        res = coefficient_search(model, sv, val["political"], val["harmless"], keep=val["harmful"],
-                                 keep_min_rate=0.9, target_rate=0.0, **search)  # fmt: skip
-        steers["topic_remove"] = res.steer
-        tuning["topic_remove"] = {**res.to_dict(), "seconds": round(time.time() - t, 1)}
-        res.steer.save(args.out / "vectors" / "topic_remove")
-        print(f"[{time.time() - t0:6.0f}s] topic_remove: {res.label=} val political {res.refusal_rate:.3f} "
+        base_keep = float(refusal_flags(model, val["harmful"], judge=args.tune_judge).double().mean())
+        keep_min = args.keep_frac * base_keep
+        orth = fit_method("topic_remove", model, tr["political"], tr["harmless"], keep=tr["harmful"])
+        steers["topic_remove_orth"] = orth.scaled(0.5)
+        tuning["topic_remove_orth"] = {
+            "scale": 0.5,
+            "note": "political - harmless, orthogonal to harmful - harmless",
+        }
+        gated = fit_method("topic_gated", model, tr["political"], tr["harmless"], keep=tr["harmful"])
+        res = coefficient_search(model, gated, val["political"], val["harmless"], keep=val["harmful"],
+                                 keep_min_rate=keep_min, target_rate=0.0, **search)  # fmt: skip
+        steers["topic_gated"] = res.steer
+        tuning["topic_gated"] = {**res.to_dict(), "keep_min_rate": keep_min, "seconds": round(time.time() - t, 1),
+                                 "gate": res.steer.metadata.extra if res.steer.metadata else {}}  # fmt: skip
+        res.steer.save(args.out / "vectors" / "topic_gated")
+        print(f"[{time.time() - t0:6.0f}s] topic_gated: {res.label=} val political {res.refusal_rate:.3f} "
               f"harmful {res.keep_rate} KL {res.kl:.4f} ({res.stopped})", flush=True)  # fmt: skip
 
     rows = compare_methods(

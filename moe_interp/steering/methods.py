@@ -55,6 +55,7 @@ __all__ = [
     "ExpertConditionedAdd",
     "RouterSteering",
     "Steerable",
+    "TopicGatedSteering",
     "compare_methods",
     "data_hash",
     "expert_specific_directions",
@@ -67,6 +68,7 @@ __all__ = [
     "fit_routing_experts",
     "fit_single_expert",
     "fit_steer_router",
+    "fit_topic_gated",
     "fit_topic_induce",
     "fit_topic_remove",
     "harmless_kl",
@@ -796,6 +798,116 @@ def fit_topic_induce(
     return fit_topic_remove(model, harmful, harmless, coeff=coeff, _method="topic_induce", **kw)
 
 
+@dataclass
+class TopicGatedSteering:
+    """Apply ``steer`` only to prompts whose residual at the last prompt position of ``blocks.G.hook_resid_pre``
+    projects on ``gate`` above ``threshold`` (decided on the prompt pass, kept for the generation steps).
+
+    Fine-grained control: remove (or induce) a refusal on one topic and leave other prompts untouched.
+    """
+
+    steer: SteeringVectors
+    gate_layer: int
+    gate: Float[Tensor, " d_model"]
+    threshold: float
+    metadata: SteeringMetadata | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return self.steer.layers
+
+    def to_interventions(self) -> list[Any]:
+        return [self]
+
+    @contextmanager
+    def apply(self, model: MoEModel) -> Any:
+        with model.intervene(self) as handle:
+            yield handle
+
+    def scaled(self, factor: float) -> TopicGatedSteering:
+        return replace(self, steer=self.steer.scaled(factor))
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        self.steer.save(p)
+        torch.save({"gate": self.gate, "gate_layer": self.gate_layer, "threshold": self.threshold},
+                   p.with_name(p.name + ".gate.pt"))  # fmt: skip
+
+    def edits(self, model: MoEModel) -> dict[str, EditFn]:
+        g_hook = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
+        w = _check_width(self.gate, model.spec.d_model, "gate direction")
+        check_coeff(self.threshold)
+        inner: dict[str, list[EditFn]] = {}
+        for iv in self.steer.to_interventions():
+            for name, fn in iv.edits(model).items():
+                inner.setdefault(name, []).append(fn)
+        first = min(int(n.split(".")[1]) for n in inner)
+        if first < self.gate_layer:
+            raise ValueError(
+                f"The gate (layer {self.gate_layer}) must come before the steered layers ({first})."
+            )
+        state: dict[str, Tensor] = {}
+
+        def run_inner(name: str, x: Tensor, ctx: HookContext) -> Tensor:
+            g = state.get("gate")
+            if g is None or not bool(g.any()):
+                return x
+            y = x
+            for fn in inner.get(name, []):
+                y = fn(y, ctx)
+            m = g.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+            return torch.where(m, y, x)
+
+        def gate_fn(x: Tensor, ctx: HookContext) -> Tensor:
+            if ctx.is_prompt:
+                state["gate"] = (x[:, -1].float() @ w.to(x.device)) > self.threshold
+            return run_inner(g_hook, x, ctx)
+
+        out: dict[str, EditFn] = {n: (lambda x, ctx, n=n: run_inner(n, x, ctx)) for n in inner}
+        out[g_hook] = gate_fn
+        return out
+
+
+def fit_topic_gated(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    keep: Sequence[str],
+    gate_layer: int = 1,
+    n_layers: int = 3,
+    coeff: float | None = None,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+) -> TopicGatedSteering:
+    """Topic-gated refusal removal: ``dense_multi`` (topic prompts vs harmless, at layers ≥ ``gate_layer``)
+    applied only where a topic detector fires. The detector is the direction topic − mean(keep, harmless)
+    at ``blocks.G.hook_resid_pre`` (last prompt position), thresholded at the best training accuracy.
+    (``coeff > 0`` with the topic's refusal direction induces a targeted refusal instead.)"""
+    topic = _subsample(_check_prompts(harmful, "topic prompts"), n_max)
+    harmless = _subsample(_check_prompts(harmless, "harmless"), n_max)
+    keep = _subsample(_check_prompts(keep, "keep"), n_max)
+    model.check_layer(gate_layer)
+    names = [f"blocks.{gate_layer}.hook_resid_pre"]
+    acts = {
+        k: mean_activations(model, v, names, [-1], batch_size, per_prompt=True)[names[0]][:, 0]
+        for k, v in (("t", topic), ("l", harmless), ("k", keep))
+    }
+    w = acts["t"].mean(0) - (acts["l"].mean(0) + acts["k"].mean(0)) / 2
+    pos, neg = acts["t"] @ w, torch.cat([acts["l"], acts["k"]]) @ w
+    cands = torch.cat([pos, neg]).sort().values
+    acc = torch.stack([((pos > c).float().mean() + (neg <= c).float().mean()) / 2 for c in cands])
+    theta = float(cands[int(acc.argmax())])
+    layers = [L for L in range(gate_layer, model.spec.n_layers) if L > 0]
+    inner = fit_dense_multi(model, topic, harmless, n_layers=n_layers, coeff=coeff, n_max=n_max,
+                            batch_size=batch_size, layers=None if len(layers) > n_layers else layers)  # fmt: skip
+    if min(inner.layers) < gate_layer:
+        inner = fit_dense_multi(model, topic, harmless, layers=layers[:n_layers], coeff=coeff, n_max=n_max)
+    meta = _meta(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=float(acc.max()),
+                 gate_layer=gate_layer)  # fmt: skip
+    return TopicGatedSteering(replace(inner, metadata=meta), gate_layer, w.float(), theta, meta)
+
+
 #: name → fit function ``(model, harmful, harmless, **kw) -> steering object``
 METHODS: dict[str, Callable[..., Any]] = {
     "dense": fit_dense,
@@ -808,6 +920,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "ridge": fit_ridge,
     "topic_remove": fit_topic_remove,
     "topic_induce": fit_topic_induce,
+    "topic_gated": fit_topic_gated,
 }
 
 
@@ -918,8 +1031,8 @@ def _rate(flags: Tensor, n_boot: int, seed: int) -> dict[str, float]:
     return {"rate": float(x.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(x.numel())}
 
 
-def touched(steer: Any) -> dict[str, Any]:
-    """Layers and (layer, expert) pairs a steering object touches."""
+def touched(steer: Any, model: MoEModel | None = None) -> dict[str, Any]:
+    """Layers and (layer, expert) pairs a steering object touches (``layers=None``: all of ``model``'s)."""
     if steer is None:
         return {"layers": [], "n_layers": 0, "n_experts": 0}
     if isinstance(steer, RouterSteering):
@@ -927,7 +1040,12 @@ def touched(steer: Any) -> dict[str, Any]:
     if isinstance(steer, SteeringVectors):
         n_exp = sum(1 for k in steer.keys if k[1] is not None or ".experts." in k[0])
         return {"layers": steer.layers, "n_layers": len(steer.layers), "n_experts": n_exp}
-    layers = sorted({L for iv in _interventions(steer) for L in (getattr(iv, "layers", None) or [])})
+    every = list(range(model.spec.n_layers)) if model is not None else []
+    layers = sorted(
+        {L for iv in _interventions(steer) for L in (every if getattr(iv, "layers", 0) is None else [])}
+        | {L for iv in _interventions(steer) for L in (getattr(iv, "layers", None) or [])}
+        | {iv.layer for iv in _interventions(steer) if isinstance(getattr(iv, "layer", None), int)}
+    )
     return {"layers": layers, "n_layers": len(layers), "n_experts": 0}
 
 
@@ -965,7 +1083,7 @@ def compare_methods(
         row["harmless_kl"] = (
             0.0 if steer is None else harmless_kl(model, harmless_test, steer, batch_size, base)
         )
-        row.update(touched(steer))
+        row.update(touched(steer, model))
         if isinstance(steer, SteeringVectors):
             row["coeffs"] = sorted({round(c, 4) for c in steer.coeffs.values()})
             row["conditioning"] = steer.conditioning
