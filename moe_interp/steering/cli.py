@@ -22,6 +22,14 @@ def load_steering(path: str | Path, model: Any = None) -> Any:
         fmt = json.loads(js.read_text()).get("format")
     except json.JSONDecodeError as err:
         raise ValueError(f"{js} is not valid JSON: {err}") from err
+    gate = js.with_name(js.name.removesuffix(".json") + ".gate.pt")
+    if gate.is_file():
+        from moe_interp.steering.methods import TopicGatedSteering
+
+        steer = TopicGatedSteering.load(js)
+        if model is not None:
+            steer.steer.check_compatible(model)
+        return steer
     if fmt == "moe_interp.router_steering":
         steer = RouterSteering.load(js)
         if model is not None:
@@ -40,14 +48,13 @@ def _side_by_side(left: str, right: str, width: int) -> str:
 
 def _steer(args: argparse.Namespace) -> int:
     from moe_interp.model import load
-    from moe_interp.steering.vectors import SteeringVectors
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
     model = load(args.model)
     steer = load_steering(args.vectors, model)
     if args.coeff is not None:
-        if not isinstance(steer, SteeringVectors):
+        if not hasattr(steer, "scaled"):
             raise ValueError("--coeff scales vector coefficients; router steering files have none.")
         steer = steer.scaled(args.coeff)
     prompts = args.prompt

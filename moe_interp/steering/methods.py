@@ -833,6 +833,15 @@ class TopicGatedSteering:
         torch.save({"gate": self.gate, "gate_layer": self.gate_layer, "threshold": self.threshold},
                    p.with_name(p.name + ".gate.pt"))  # fmt: skip
 
+    @classmethod
+    def load(cls, path: str | Path) -> TopicGatedSteering:
+        """Read what :meth:`save` wrote (``<path>.safetensors``/``.json`` + ``<path>.gate.pt``)."""
+        p = Path(path)
+        p = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+        g = torch.load(p.with_name(p.name + ".gate.pt"), weights_only=True)
+        sv = SteeringVectors.load(p)
+        return cls(sv, int(g["gate_layer"]), g["gate"], float(g["threshold"]), sv.metadata)
+
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         g_hook = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
         w = _check_width(self.gate, model.spec.d_model, "gate direction")
