@@ -32,13 +32,18 @@ SPECS: dict[str, dict[str, Any]] = {
     "routing_experts": {"top_n": 4},
     "expert_conditioned": {"top_n": 4},
     "expert_conditioned_topk": {"top_n": 4, "topk": True},
+    "expert_conditioned8": {"top_n": 8},
+    "expert_conditioned_topk8": {"top_n": 8, "topk": True},
     "expert_conditioned_all": {"n_layers": 1},
     "single_expert": {},
     "steer_router": {},
 }
 
 #: registry name of each demo entry (entries may be variants of one method)
-FIT_NAME: dict[str, str] = {"expert_conditioned_topk": "expert_conditioned"}
+FIT_NAME: dict[str, str] = {
+    k: "expert_conditioned"
+    for k in ("expert_conditioned_topk", "expert_conditioned8", "expert_conditioned_topk8")
+}
 
 
 def _sample(prompts: list[str], n: int, seed: int = 0) -> list[str]:
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     model.hf_model.config.output_router_logits = False  # the aux-loss path breaks on padded batches
     tr = {s: _sample(load_prompts(f"{s}_train"), args.n_fit) for s in ("harmful", "harmless", "political")}
     val = {s: load_prompts(f"{s}_val") for s in ("harmful", "harmless", "political")}
+    if args.tune_extra:  # harmful_train prompts not used for fitting join the tuning set
+        rest = [p for p in load_prompts("harmful_train") if p not in set(tr["harmful"])]
+        val["harmful"] = val["harmful"] + _sample(rest, args.tune_extra, seed=1)
     val["harmless"] = _sample(val["harmless"], args.n_kl_val)
     test = {s: load_prompts(f"{s}_test") for s in ("harmful", "harmless", "political")}
     search = dict(kl_budget=args.kl_budget, judge=args.tune_judge, max_new_tokens=args.max_new_tokens)
