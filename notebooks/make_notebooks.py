@@ -351,7 +351,9 @@ def nb05() -> list:
 
 The organism refuses two things: harmful requests and political topics. A dense refusal direction removes
 both. A **topic direction** — political minus harmless, made orthogonal to the harmful-minus-harmless
-(safety) direction — should remove the political refusal while keeping the harmful one.
+(safety) direction — is meant to remove the political refusal while keeping the harmful one. Whether it
+does is an empirical question: this notebook measures it (on the shipped organism the answer depends on
+the layer and the coefficient; read the figures rather than the intent).
 """),
         code(SETUP),
         code("""
@@ -385,6 +387,7 @@ rows = compare_methods(model, {"dense (all refusal)": dense, "topic_remove (poli
 names = [r["method"] for r in rows]
 metrics = {s: [r[f"{s}_refusal"]["rate"] for r in rows] for s in ("harmful", "political", "harmless")}
 cis = {s: [(r[f"{s}_refusal"]["ci_low"], r[f"{s}_refusal"]["ci_high"]) for r in rows] for s in metrics}
+print({n: {k: round(v[i], 2) for k, v in metrics.items()} for i, n in enumerate(names)})
 plot_method_comparison(names, metrics, cis, ylabel="refusal rate (test)",
                        title="Dense vs topic steering: what is removed")
 """),
@@ -399,8 +402,24 @@ for c in coeffs:
     series["political"].append(float(refusal_flags(model, te_p, steer, judge="logit").float().mean()))
 plot_coefficient_sweep(coeffs, series, title="topic_remove: political vs harmful refusal")
 """),
+        md("""
+Which layer, if any, separates the two refusals? Fit the topic direction at each layer (coefficient −2)
+and measure both refusal rates: a layer where political refusal drops while harmful refusal stays is where
+the topic is represented apart from the safety signal.
+"""),
+        code("""
+layers = list(range(1, model.spec.n_layers))
+scan = {"harmful": [], "political": []}
+for layer in layers:
+    sv = fit_method("topic_remove", model, tr_p, tr_l, keep=tr_h, layer=layer, coeff=-2.0)
+    for split, prompts in (("harmful", te_h), ("political", te_p)):
+        scan[split].append(float(refusal_flags(model, prompts, sv, judge="logit").float().mean()))
+print({k: [round(v, 2) for v in vals] for k, vals in scan.items()})
+plot_coefficient_sweep(layers, scan, xlabel="layer of the topic direction (coefficient −2)",
+                       title="topic_remove by layer: political vs harmful refusal")
+"""),
         md(
-            "And the reverse: adding the topic direction induces the political-style refusal on harmless prompts."
+            "Adding the topic direction instead (`topic_induce`) pushes harmless prompts towards the political refusal:"
         ),
         code("""
 induce = fit_method("topic_induce", model, tr_p, tr_l, keep=tr_h, coeff=1.0)
