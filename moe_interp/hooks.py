@@ -39,8 +39,8 @@ GLOBAL_SITES: dict[str, str] = {
 
 READ_ONLY_SITES: frozenset[str] = frozenset({"attn.hook_pattern"})
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.hook_out$")
+_BLOCK_RE = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(.+)", re.ASCII)
+_EXPERT_RE = re.compile(r"mlp\.experts\.(0|[1-9][0-9]*)\.hook_out", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,13 @@ def parse_hook(name: str) -> HookName:
         raise ValueError(f"Hook names are strings like 'blocks.0.hook_resid_pre', got {type(name).__name__}.")
     if name in GLOBAL_SITES:
         return HookName(None, name)
-    m = _BLOCK_RE.match(name)
+    m = _BLOCK_RE.fullmatch(name)
     if m:
         layer, rest = int(m.group(1)), m.group(2)
-        em = _EXPERT_RE.match(rest)
+        em = _EXPERT_RE.fullmatch(rest)
         if em:
             return HookName(layer, "mlp.experts.{e}.hook_out", int(em.group(1)))
-        if rest in BLOCK_SITES:
+        if rest in BLOCK_SITES and "{e}" not in rest:
             return HookName(layer, rest)
     raise ValueError(f"{name!r} is not a moe-interp hook name. {_grammar_hint()}")
 

@@ -71,10 +71,6 @@ def test_near_misses_rejected_or_canonical(prefix: str, junk: str) -> None:
     assert str(parsed) == name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hooks.parse_hook accepts non-canonical spellings (re.match + `$` + unicode \\d): reported to the lead",
-)
 @pytest.mark.parametrize(
     "name",
     [
