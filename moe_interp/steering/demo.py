@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--n-kl-val", type=int, default=64, help="harmless_val prompts for the KL budget while tuning"
     )
+    ap.add_argument(
+        "--tune-extra", type=int, default=128, help="unused harmful_train prompts added to tuning"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the demo methods")
     ap.add_argument("--no-topic", action="store_true", help="skip the fine-grained (political) experiment")
