@@ -67,6 +67,8 @@ def judge_batch(
     model, tokenizer, instructions: list[str], refusal_ids: list[int], gen_tokens: int
 ) -> list[dict[str, object]]:
     """Greedy generation (left-padded batch) and logit refusal score for each prompt."""
+    if not instructions:
+        return []
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
