@@ -56,6 +56,7 @@ STEERING_METHODS: tuple[str, ...] = (
     "ridge",
     "topic_remove",
     "topic_induce",
+    "topic_gated",
 )
 
 

@@ -292,7 +292,7 @@ from moe_interp.steering.methods import compare_methods, fit_method, harmless_kl
 
 train_h, train_l = load_prompts("harmful_train")[: 4 * N], load_prompts("harmless_train")[: 4 * N]
 test_h, test_p, test_l = (load_prompts(f"{s}_test")[:N] for s in ("harmful", "political", "harmless"))
-methods = {name: fit_method(name, model, train_h, train_l) for name in cfg.steering_methods if name != "topic_remove"}
+methods = {name: fit_method(name, model, train_h, train_l) for name in cfg.steering_methods if not name.startswith("topic_")}
 methods
 """),
         md("## Compare methods (logit judge: refusal score at the last prompt position > 0)"),
@@ -373,7 +373,13 @@ from moe_interp.plotting import plot_routing_difference
 plot_routing_difference(top1_percentage_difference(model, te_p, te_h, last_n=len(cfg.positions)),
                         title="Top-1 routing difference, political − harmful (pp)")
 """),
-        md("## Remove the topic refusal, keep the safety refusal"),
+        md("""
+## Remove the topic refusal, keep the safety refusal
+
+Three ways: a dense direction (removes every refusal), the orthogonalised topic direction
+(`topic_remove`), and `topic_gated` — a dense removal applied only where a linear topic detector on the
+residual stream fires.
+"""),
         code("""
 topic = fit_method("topic_remove", model, tr_p, tr_l, keep=tr_h)
 dense = fit_method("dense", model, tr_h + tr_p, tr_l + tr_l)  # removes refusal in general
@@ -382,7 +388,9 @@ topic
         code("""
 from moe_interp.plotting import plot_method_comparison
 
-rows = compare_methods(model, {"dense (all refusal)": dense, "topic_remove (political)": topic},
+gated = fit_method("topic_gated", model, tr_p, tr_l, keep=tr_h)  # steer only where a topic detector fires
+steers = {"dense (all refusal)": dense, "topic_remove (political)": topic, "topic_gated (political)": gated}
+rows = compare_methods(model, steers,
                        te_h, te_p, te_l, judge="logit", n_boot=200)
 names = [r["method"] for r in rows]
 metrics = {s: [r[f"{s}_refusal"]["rate"] for r in rows] for s in ("harmful", "political", "harmless")}
@@ -442,6 +450,8 @@ NOTEBOOKS = {
 def main() -> None:
     for name, build in NOTEBOOKS.items():
         nb = new_notebook(cells=build())
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"cell-{i:02d}"  # stable ids: regenerating gives clean diffs
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         nbformat.validate(nb)
