@@ -53,6 +53,21 @@ def _sigmoid_group_topk(router: nn.Module, logits: Tensor, k: int, spec: FamilyS
     return weights, idx
 
 
+def _softmax_group_greedy(
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec
+) -> tuple[Tensor, Tensor]:
+    scores = logits.float().softmax(dim=-1)
+    if getattr(router, "topk_method", "greedy") == "group_limited_greedy":
+        n_group, n_exp = router.num_group, logits.shape[-1]
+        group_scores = scores.view(-1, n_group, n_exp // n_group).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_exp // n_group).reshape(-1, n_exp)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    weights, idx = torch.topk(scores, k=k, dim=-1, sorted=False)
+    return weights * getattr(router, "routed_scaling_factor", 1.0), idx
+
+
 def _sparsemixer(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
     from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
@@ -71,6 +86,7 @@ ROUTERS: dict[RouterKind, Callable[[nn.Module, Tensor, int, FamilySpec], tuple[T
     "softmax_topk": _softmax_topk,
     "topk_softmax": _topk_softmax,
     "sigmoid_group_topk": _sigmoid_group_topk,
+    "softmax_group_greedy": _softmax_group_greedy,
     "sparsemixer": _sparsemixer,
     "topk_sigmoid_dense": _topk_sigmoid_dense,
 }

@@ -88,7 +88,7 @@ FAMILIES: dict[str, FamilySpec] = {
             v=(),
             shared="shared_experts",
             moe_order=("router", "experts", "shared"),
-            router_kind="sigmoid_group_topk",
+            router_kind="softmax_group_greedy",
             notes="MLA attention: hook_q from q_b_proj; keys/values are compressed (no hook_k/hook_v).",
         ),
         FamilySpec(

@@ -128,6 +128,8 @@ class MoEModel:
         self._hook_names = self._enumerate_hooks()
         self._hook_set = set(self._hook_names)
         self._active: list[Any] = []
+        #: phrases whose first tokens define the logit refusal score (None: the library default list)
+        self.refusal_phrases: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------------------- structure
     def _resolve_layers(self) -> list[LayerInfo]:
@@ -562,9 +564,11 @@ def load(
         model = _load_tiny(source.split(":", 1)[1], dtype=dtype, **kwargs)
     elif isinstance(source, str) and source == "organism":
         from moe_interp.organisms import load_organism
+        from moe_interp.organisms.data import HARMFUL_REFUSALS, POLITICAL_REFUSALS
 
         hf, tok = load_organism(**kwargs)
         model = MoEModel(hf, tok, name="organism")
+        model.refusal_phrases = tuple(HARMFUL_REFUSALS + POLITICAL_REFUSALS)
     elif isinstance(source, str | Path):
         model = _load_pretrained(str(source), tokenizer=tokenizer, dtype=dtype, **kwargs)
     else:

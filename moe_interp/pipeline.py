@@ -187,7 +187,7 @@ def stage_directions(run: Run) -> dict[str, Any]:
     from moe_interp.refusal.selection import select_direction
 
     cfg, p = run.config, run.prompts
-    layers = list(range(*cfg.layers)) if cfg.layers else None
+    layers = cfg.layer_range(run.model.spec.n_layers)
     kw = dict(layers=layers, positions=cfg.positions, batch_size=cfg.batch_size, progress=True)
     harmful = collect_resid_stats(run.model, p["harmful_train"], **kw)
     harmless = collect_resid_stats(run.model, p["harmless_train"], **kw)
@@ -530,7 +530,11 @@ def run_pipeline(
     else:
         cfg = load_config(config)
     torch.manual_seed(cfg.seed)
-    model = load(model_source)
+    model = load(model_source, **cfg.load_kwargs())
+    if cfg.refusal_phrases:
+        model.refusal_phrases = tuple(cfg.refusal_phrases)
+    if cfg.chat_template:
+        model.tokenizer.chat_template = cfg.chat_template
     prompts = choose_prompts(model, harmful, harmless, cfg)
     for key in (
         "harmful_train",

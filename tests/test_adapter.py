@@ -288,6 +288,20 @@ def test_edit_router_logits(family: str, tiny_model: Callable[[str], Any]) -> No
     assert ((out_c - out_e).abs().amax(-1)[was_routed] > 1e-6).all()
 
 
+def test_router_logit_rewrite_reproduces_routing(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Writing the router logits back unchanged re-runs the family's routing function
+    (moe_interp.experts.route) in place of the router's own top-k: logits must not move."""
+    model = tiny_model(family)
+    if not model.spec.is_moe:
+        pytest.skip("dense family")
+    enc = model.tokenize(PROMPTS)
+    base = model.forward(enc)
+    names = [f"blocks.{L}.mlp.hook_router_logits" for L in model.spec.moe_layers]
+    with model.intervene(*[Edit(n, lambda z, ctx: z.clone()) for n in names]):
+        rerouted = model.forward(enc)
+    torch.testing.assert_close(rerouted, base, atol=1e-5, rtol=0)
+
+
 def test_edit_resid_pre(family: str, tiny_model: Callable[[str], Any]) -> None:
     """Editing blocks.1.hook_resid_pre changes everything downstream and nothing upstream."""
     model = tiny_model(family)

@@ -39,9 +39,9 @@ def refusal_logodds(
 
 
 def _refusal_ids(model: MoEModel, refusal_ids: Sequence[int] | None) -> list[int]:
-    from moe_interp.refusal.judges import refusal_first_token_ids
+    from moe_interp.refusal.judges import default_refusal_ids
 
-    ids = list(refusal_ids) if refusal_ids is not None else refusal_first_token_ids(model.tokenizer)
+    ids = list(refusal_ids) if refusal_ids is not None else default_refusal_ids(model)
     V = model.spec.vocab_size
     bad = [i for i in ids if not 0 <= int(i) < V]
     if not ids or bad:

@@ -16,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from moe_interp.refusal.judges import Judge, SubstringJudge, refusal_first_token_ids, refusal_score
+from moe_interp.refusal.judges import Judge, SubstringJudge, default_refusal_ids, refusal_score
 
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
@@ -157,9 +157,7 @@ def evaluate(
     if not hasattr(judge, "judge"):
         raise TypeError(f"judge must have judge(instructions, completions); got {type(judge).__name__}.")
     base = model if base_model is None else base_model
-    tok_ids = list(
-        refusal_first_token_ids(model.tokenizer) if refusal_token_ids is None else refusal_token_ids
-    )
+    tok_ids = list(default_refusal_ids(model) if refusal_token_ids is None else refusal_token_ids)
     pad_id = int(model.tokenizer.pad_token_id)
 
     details: list[dict[str, Any]] = []

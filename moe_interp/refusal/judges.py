@@ -251,6 +251,13 @@ def refusal_first_token_ids(tokenizer: Any, phrases: Sequence[str] = REFUSAL_STA
     return list(dict.fromkeys(ids))
 
 
+def default_refusal_ids(model: Any) -> list[int]:
+    """The refusal first-token ids of ``model``: from its own ``refusal_phrases`` when it carries them
+    (e.g. the organism, or a pipeline recipe), else from :data:`REFUSAL_START_PHRASES`."""
+    phrases = getattr(model, "refusal_phrases", None) or REFUSAL_START_PHRASES
+    return refusal_first_token_ids(model.tokenizer, phrases)
+
+
 class LogitJudge:
     """Judge from the logit refusal score at the last prompt position (one forward pass).
 
@@ -271,7 +278,7 @@ class LogitJudge:
             raise ValueError(f"batch_size must be a positive int, got {batch_size}")
         self.model = model
         self.token_ids: list[int] = (
-            refusal_first_token_ids(model.tokenizer) if token_ids is None else [int(t) for t in token_ids]
+            default_refusal_ids(model) if token_ids is None else [int(t) for t in token_ids]
         )
         if not self.token_ids:
             raise ValueError("token_ids must be a non-empty sequence of token ids")

@@ -945,13 +945,9 @@ def fit_method(name: str, model: MoEModel, harmful: Sequence[str], harmless: Seq
 
 
 def _refusal_ids(model: MoEModel) -> list[int]:
-    if model.name == "organism":
-        from moe_interp.organisms.evaluate import refusal_token_ids
+    from moe_interp.refusal.judges import default_refusal_ids
 
-        return refusal_token_ids(model.tokenizer)
-    from moe_interp.refusal.judges import refusal_first_token_ids
-
-    return refusal_first_token_ids(model.tokenizer)
+    return default_refusal_ids(model)
 
 
 @torch.no_grad()
