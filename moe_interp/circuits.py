@@ -341,6 +341,7 @@ def locate_refusal_circuit(
     max_components: int = 64,
     positions: Sequence[int] | None = None,
     n_random: int = 20,
+    selection: str = "prefix",
     refusal_ids: Sequence[int] | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -353,6 +354,8 @@ def locate_refusal_circuit(
     """
     harmful = _check_list(harmful, "harmful")
     harmless = _check_list(harmless, "harmless")
+    if selection not in ("prefix", "greedy"):
+        raise ValueError(f"selection must be 'prefix' or 'greedy', got {selection!r}.")
     if method not in ("attribution", "exhaustive"):
         raise ValueError(f"method must be 'attribution' or 'exhaustive', got {method!r}.")
     if not 0 < target <= 1:
@@ -385,14 +388,30 @@ def locate_refusal_circuit(
     for c, e in zip(comps, eff, strict=True):
         c["effect"] = float(e)
     ranked = sorted(comps, key=lambda c: -c["effect"])
-    # 2. greedy minimal set: smallest prefix (by effect) that removes >= target on the finding prompts
+    # 2. minimal set. "prefix": the smallest prefix of the ranking that removes >= target on the finding
+    # prompts. "greedy": forward selection, adding at each step the component whose ablation together with
+    # the set so far removes the most (finds smaller sets when components are redundant).
     K = min(max_components, len(ranked))
-    prefixes = [ranked[: k + 1] for k in range(K)]
-    sc = ablate_components(model, harmful, prefixes, means, pos, ids_r, batch_size, progress)
-    removed = ((base_harm.mean() - sc.mean(1)) / gap).tolist()
+    if selection == "prefix":
+        prefixes = [ranked[: k + 1] for k in range(K)]
+        sc = ablate_components(model, harmful, prefixes, means, pos, ids_r, batch_size, progress)
+        removed = ((base_harm.mean() - sc.mean(1)) / gap).tolist()
+        order = ranked
+    else:
+        order, removed, pool = [], [], list(ranked)
+        for _ in range(K):
+            sets = [[*order, c] for c in pool]
+            sc = ablate_components(model, harmful, sets, means, pos, ids_r, batch_size, progress)
+            fr = (base_harm.mean() - sc.mean(1)) / gap
+            best = int(fr.argmax())
+            order.append(pool.pop(best))
+            removed.append(float(fr[best]))
+            if removed[-1] >= target:
+                break
+        K = len(order)
     hit = next((k for k, r in enumerate(removed) if r >= target), None)
     size = (hit + 1) if hit is not None else int(max(range(K), key=lambda k: removed[k])) + 1
-    circuit = ranked[:size]
+    circuit = order[:size]
     # 3. faithfulness on held-out prompts, against random sets of the same size
     hb = _scores(model, h_harm, ids_r, batch_size)
     hl = _scores(model, h_less, ids_r, batch_size)
@@ -435,6 +454,7 @@ def locate_refusal_circuit(
             "moe_layers": list(s.moe_layers),
         },
         "method": method,
+        "selection": selection,
         "candidates": list(candidates),
         "positions": pos,
         "ablation": "mean over finding harmless prompts at the aligned post-instruction offsets",

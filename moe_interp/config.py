@@ -131,12 +131,16 @@ class CircuitSettings:
 
     target_fraction: float = 0.8
     n_random_draws: int = 20
+    #: "greedy" forward selection or "prefix" of the effect ranking (see locate_refusal_circuit)
+    selection: str = "greedy"
     candidates: list[str] = field(default_factory=lambda: list(CIRCUIT_CANDIDATES))
 
     def __post_init__(self) -> None:
         if not _is_num(self.target_fraction) or not 0 < self.target_fraction <= 1:
             raise _fail("circuit.target_fraction", "a number in (0, 1]", self.target_fraction)
         _check_int("circuit.n_random_draws", self.n_random_draws, lo=1)
+        if self.selection not in ("greedy", "prefix"):
+            raise _fail("circuit.selection", "'greedy' or 'prefix'", self.selection)
         _check_str_list("circuit.candidates", self.candidates, allowed=circuit_candidates())
         self.candidates = list(self.candidates)
 
@@ -228,6 +232,8 @@ class PipelineConfig:
     steering_methods: list[str] = field(
         default_factory=lambda: ["dense", "routing_experts", "expert_conditioned", "steer_router"]
     )
+    #: per-method keyword arguments for the fit function (e.g. {"expert_conditioned": {"top_n": 8}})
+    steering_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_new_tokens: int = 64
     seed: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
@@ -329,6 +335,15 @@ class PipelineConfig:
             raise _fail("prune_last_frac", "a number in [0, 1)", self.prune_last_frac)
         _check_str_list("steering_methods", self.steering_methods, allowed=steering_methods())
         self.steering_methods = list(self.steering_methods)
+        if not isinstance(self.steering_kwargs, dict) or not all(
+            isinstance(v, dict) for v in self.steering_kwargs.values()
+        ):
+            raise _fail(
+                "steering_kwargs", "a mapping of method name -> keyword arguments", self.steering_kwargs
+            )
+        unknown = sorted(set(self.steering_kwargs) - set(self.steering_methods))
+        if unknown:
+            raise _fail("steering_kwargs", f"keys among steering_methods {self.steering_methods}", unknown)
         if not isinstance(self.memory, dict) or not all(isinstance(k, str) for k in self.memory):
             raise _fail("memory", "an object of informational notes (string keys)", self.memory)
         for k, v in self.memory.items():

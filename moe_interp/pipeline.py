@@ -301,6 +301,7 @@ def stage_circuit(run: Run) -> dict[str, Any]:
         candidates=tuple(cfg.circuit.candidates),
         target=cfg.circuit.target_fraction,
         n_random=cfg.circuit.n_random_draws,
+        selection=cfg.circuit.selection,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
@@ -308,22 +309,56 @@ def stage_circuit(run: Run) -> dict[str, Any]:
 
 
 def stage_steering(run: Run) -> dict[str, Any]:
-    """Fit every configured steering method, save it, and compare all on held-back prompts."""
-    from moe_interp.steering.methods import compare_methods, fit_method
+    """Fit every configured steering method, tune its strength, save it, and compare all on held-back prompts.
 
-    p = run.prompts
-    fitted, files = {}, {}
-    for name in run.config.steering_methods:
-        harmless = p["harmless_train"]
-        harmful = p["political_train"] if name.startswith("topic_") else p["harmful_train"]
-        kw = {"keep": p["harmful_train"]} if name.startswith("topic_") else {}
-        sv = fit_method(name, run.model, harmful, harmless, **kw)
-        fitted[name] = sv
-        if hasattr(sv, "save"):
-            saved = sv.save(run.out / "steering" / name)
+    Strength is tuned on validation prompts ("Refusal Steering" autotuning): the smallest refusal rate
+    under the harmless-KL budget (``kl_threshold``); topic methods must also keep >= 97% of the baseline
+    harmful refusal rate.
+    """
+    from moe_interp.steering.autotune import autotune, coefficient_search
+    from moe_interp.steering.methods import compare_methods, fit_method, refusal_flags
+
+    cfg, p, model = run.config, run.prompts, run.model
+    fitted, files, tuning = {}, {}, {}
+    for name in cfg.steering_methods:
+        kw = dict(cfg.steering_kwargs.get(name, {}))
+        if name.startswith("topic_"):
+            steer = fit_method(
+                name, model, p["political_train"], p["harmless_train"], keep=p["harmful_train"], **kw
+            )
+            keep_min = 0.97 * float(refusal_flags(model, p["harmful_val"]).double().mean())
+            try:
+                res = coefficient_search(
+                    model,
+                    steer,
+                    p["political_val"],
+                    p["harmless_val"],
+                    keep=p["harmful_val"],
+                    keep_min_rate=keep_min,
+                    kl_budget=cfg.kl_threshold,
+                )
+            except ValueError as err:  # no strength satisfies the constraints: keep the fit as is
+                run.log(f"[steering] {name}: no tuned strength ({err}); using the fitted coefficient")
+                fitted[name], tuning[name] = steer, {"error": str(err)}
+            else:
+                fitted[name], tuning[name] = res.steer, res.to_dict()
+        else:
+            res = autotune(
+                name,
+                model,
+                p["harmful_train"],
+                p["harmless_train"],
+                p["harmful_val"],
+                p["harmless_val"],
+                fit_kwargs=kw,
+                kl_budget=cfg.kl_threshold,
+            )
+            fitted[name], tuning[name] = res.steer, res.to_dict()
+        if hasattr(fitted[name], "save"):
+            saved = fitted[name].save(run.out / "steering" / name)
             files[name] = [str(f) for f in (saved if isinstance(saved, tuple | list) else [saved])]
-    rows = compare_methods(run.model, fitted, p["harmful_test"], p["political_test"], p["harmless_test"])
-    return {"table": rows, "files": files}
+    rows = compare_methods(model, fitted, p["harmful_test"], p["political_test"], p["harmless_test"])
+    return {"table": rows, "files": files, "tuning": tuning}
 
 
 STAGES: list[tuple[str, Callable[[Run], dict[str, Any]], tuple[str, ...]]] = [
@@ -382,6 +417,18 @@ def write_figures(run: Run) -> list[str]:
             "attribution_vs_exhaustive",
         )
     save(r["circuit"]["circuit"].plot(), "circuit")
+    for name, tune in r["steering"]["tuning"].items():
+        hist = [h for h in tune.get("history", []) if "refusal_rate" in h]
+        if len(hist) >= 2:
+            label = "experts deactivated" if name == "steer_router" else "coefficient scale"
+            fig = plotting.plot_coefficient_sweep(
+                [float(h["label"]) for h in hist],
+                {"harmful refusal (val)": [h["refusal_rate"] for h in hist]},
+                xlabel=label,
+                secondary={"harmless KL": [h["kl"] for h in hist]},
+                title=f"Steering strength sweep: {name}",
+            )
+            save(fig, f"steering_sweep_{name}")
     rows = r["steering"]["table"]
     methods = [row["method"] for row in rows]
     metrics = {k: [row[f"{k}_refusal"]["rate"] for row in rows] for k in ("harmful", "political", "harmless")}
@@ -475,8 +522,14 @@ def write_report(run: Run, figures: list[str]) -> Path:
         "",
         "## Circuit",
         "",
-        f"{len(circuit.components)} components; faithfulness on held-back prompts: "
-        + ", ".join(f"{k}: {v}" for k, v in f.items() if not isinstance(v, list | dict)),
+        f"{len(circuit.components)} components ({circuit.metadata.get('selection', 'prefix')} selection over "
+        f"{f.get('n_candidates')} candidates: {', '.join(circuit.metadata.get('candidates', []))}); ablating them "
+        f"(mean ablation at the post-instruction positions) removes {f['finding_removed']:.2f} of the refusal-score "
+        f"gap on the finding prompts and **{f['circuit']:.2f}** [{f['circuit_ci'][0]:.2f}, {f['circuit_ci'][1]:.2f}] "
+        f"on held-back prompts; random sets of the same size remove **{f['random']:.2f}** "
+        f"[{f['random_ci'][0]:.2f}, {f['random_ci'][1]:.2f}] (mean and 95% CI over {len(f['random_draws'])} draws).",
+        "",
+        "Effect = fraction of the gap removed by ablating the component alone (ranking estimate).",
         "",
         "| component | kind | layer | effect |",
         "|---|---|---|---|",
