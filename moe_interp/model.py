@@ -607,7 +607,9 @@ def _load_pretrained(source: str, *, tokenizer: Any, dtype: torch.dtype | None, 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(source)
-    get_family(getattr(cfg, "text_config", cfg).model_type if cfg.model_type == "llama4" else cfg.model_type)
+    get_family(
+        (getattr(cfg, "text_config", None) or cfg).model_type
+    )  # multimodal checkpoints: the text model
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", **kwargs)
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
     return MoEModel(hf, tok, name=source)

@@ -7,11 +7,13 @@ position; sweeps normalise it to ``(patched − corrupt) / (clean − corrupt)``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from moe_interp.refusal.stats import bootstrap_ci
 
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
@@ -87,17 +89,3 @@ def call_metric(metric: Metric, logits: Tensor) -> Tensor:
             f"The metric must return a scalar (a 0-d tensor or a float) from logits [batch, pos, vocab], got {got}."
         )
     return val.reshape(())
-
-
-def bootstrap_ci(
-    values: Tensor | Any, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, dim: int = -1
-) -> tuple[Tensor, Tensor]:
-    """Percentile bootstrap CI of the mean over ``dim`` (resampling that dim); returns (lo, hi)."""
-    x = torch.as_tensor(values, dtype=torch.float64).movedim(dim, -1)
-    n = x.shape[-1]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
-    means = x[..., idx].mean(-1)  # [..., n_boot]
-    lo = torch.quantile(means, alpha / 2, dim=-1)
-    hi = torch.quantile(means, 1 - alpha / 2, dim=-1)
-    return lo.float(), hi.float()

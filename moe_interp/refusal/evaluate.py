@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moe_interp.refusal.judges import Judge, SubstringJudge, default_refusal_ids, refusal_score
+from moe_interp.refusal.stats import bootstrap_ci
 
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
@@ -45,22 +46,6 @@ class EvalResult:
         if not details:
             d.pop("details")
         return d
-
-
-def bootstrap_ci(
-    values: Sequence[float] | Tensor, *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap ``(1 − alpha)`` confidence interval of the mean of ``values``."""
-    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if v.numel() == 0:
-        raise ValueError("bootstrap_ci needs at least one value, got none.")
-    if not 0 < alpha < 1 or n_boot < 1:
-        raise ValueError(f"alpha must be in (0, 1) and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}.")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
-    means = v[idx].mean(1)
-    q = torch.quantile(means, torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64))
-    return float(q[0]), float(q[1])
 
 
 def first_token_kl(
@@ -209,7 +194,7 @@ def evaluate(
     return EvalResult(
         n=len(details),
         refusal_rate=sum(refused) / len(refused),
-        refusal_rate_ci=bootstrap_ci(refused, n_boot=n_boot, seed=seed),
+        refusal_rate_ci=tuple(float(v) for v in bootstrap_ci(refused, n_boot=n_boot, seed=seed)),
         mean_refusal_score=sum(d["refusal_score"] for d in details) / len(details),
         kl_to_baseline=kl,
         ce_of_baseline_completions=tot_nll / tot_tok if baseline and tot_tok else None,

@@ -181,3 +181,24 @@ class StreamingMoments:
 
     def __repr__(self) -> str:
         return f"StreamingMoments(sites={self.sites}, d={self.d}, track_cov={self.track_cov}, n={self._n})"
+
+
+def bootstrap_ci(
+    values: Tensor | Sequence[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, dim: int = -1
+) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap ``(1 − alpha)`` CI of the mean over ``dim`` (resampling that dim), float64.
+
+    Returns ``(lo, hi)`` with the other dimensions kept (0-d tensors for a 1-D input). The one bootstrap
+    used by every module (evaluation, patching, ablation sweeps, circuits, steering comparisons).
+    """
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if x.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one value, got none.")
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError(f"alpha must be in (0, 1) and n_boot >= 1, got alpha={alpha}, n_boot={n_boot}.")
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    means = x[..., idx].mean(-1)  # [..., n_boot]
+    return torch.quantile(means, alpha / 2, dim=-1), torch.quantile(means, 1 - alpha / 2, dim=-1)
