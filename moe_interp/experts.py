@@ -156,30 +156,6 @@ def expert_forward(
     return EXPERT_FNS[spec.expert_kind](experts, e, x)
 
 
-def weighted_expert_outputs(
-    spec: FamilySpec,
-    experts: nn.Module,
-    x: Float[Tensor, "n_tok d"],
-    dense_weights: Float[Tensor, "n_tok n_experts"],
-) -> Float[Tensor, "n_tok n_experts d"]:
-    """Each expert's weighted contribution per token (zero where its weight is zero).
-
-    Only experts with a non-zero weight somewhere are computed, and only on the tokens routed to them.
-    """
-    n_tok, n_exp = dense_weights.shape
-    out = x.new_zeros(n_tok, n_exp, x.shape[-1])
-    scaled_input = spec.expert_kind in INPUT_SCALED
-    for e in torch.nonzero(dense_weights.ne(0).any(0)).flatten().tolist():
-        tok = torch.nonzero(dense_weights[:, e] != 0).flatten()
-        w = dense_weights[tok, e, None]
-        if scaled_input:
-            y = expert_forward(spec, experts, e, x[tok] * w)
-        else:
-            y = expert_forward(spec, experts, e, x[tok]) * w
-        out[tok, e] = y.to(out.dtype)
-    return out
-
-
 def topk_expert_outputs(
     spec: FamilySpec,
     experts: nn.Module,

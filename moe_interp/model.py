@@ -395,6 +395,9 @@ class MoEModel:
             logits, store = self._trace(ids[start : start + step], mask[start : start + step], req, grad=grad)
             all_logits.append(logits)
             caches.append({k: v[0] for k, v in store.items()})
+        if len(caches) == 1:  # one batch: no copy
+            cache = {k: caches[0][k] for k in names if k in caches[0]}
+            return all_logits[0], MoECache(cache, self)
         cache = {k: torch.cat([c[k] for c in caches]) for k in names if k in caches[0]}
         return torch.cat(all_logits), MoECache(cache, self)
 

@@ -21,7 +21,6 @@ from moe_interp.experts import (
     route,
     topk_expert_outputs,
     topk_to_dense,
-    weighted_expert_outputs,
 )
 from moe_interp.families import FamilySpec
 
@@ -384,6 +383,7 @@ class LayerTracer:
         want_dense = self.req.wants(pfx + "hook_expert_out") or any(
             self.req.wants(n) for n in per_expert_names
         )
+        computed: Tensor | None = None
         if spec.router_output == "scores_logits":
             out = experts.output  # [E * n_tok, d]: every expert already computed on scaled inputs
             dense = einops.rearrange(out, "(e n) d -> n e d", e=E) * info.residual_multiplier
@@ -397,17 +397,27 @@ class LayerTracer:
             x, indices, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
             module = experts._module
             dense = None
-            if want_dense:
-                dense = weighted_expert_outputs(spec, module, x, topk_to_dense(weights, indices, E))
-                dense = dense * info.residual_multiplier
-            if self.req.wants(pfx + "hook_topk_expert_out"):
+            want_topk = self.req.wants(pfx + "hook_topk_expert_out")
+            if want_dense or want_topk:
+                # One pass over the routed experts (the sparse form), with the same per-expert ops as the HF
+                # module; the dense form is its scatter. The HF module then runs on zero tokens and its
+                # output is set to the sum of these contributions, so experts are computed once, not twice.
                 topk = topk_expert_outputs(spec, module, x, weights, indices) * info.residual_multiplier
+                if len(args) == 3:
+                    experts.inputs = ((x[:0], indices[:0], weights[:0]), kwargs)
+                    computed = topk.sum(dim=1) / info.residual_multiplier
+                if want_dense:
+                    idx = indices.long()[..., None].expand(*indices.shape, topk.shape[-1])
+                    dense = topk.new_zeros(topk.shape[0], E, topk.shape[-1]).scatter_add(1, idx, topk)
+            if want_topk:
                 new = self._site(pfx + "hook_topk_expert_out", self._bp(topk), L)
                 if new is not None:
                     raise ValueError(
                         f"{pfx}hook_topk_expert_out is read-only; edit {pfx}hook_expert_out instead."
                     )
         if dense is None:
+            if computed is not None:
+                experts.output = computed.to(x.dtype)
             return
         dense_bp = self._bp(dense)
         new = self._site(pfx + "hook_expert_out", dense_bp, L)
@@ -426,3 +436,5 @@ class LayerTracer:
                 experts.output = einops.rearrange(flat, "n e d -> (e n) d").to(dense.dtype)
             else:
                 experts.output = flat.sum(dim=1).to(dense.dtype)
+        elif computed is not None:
+            experts.output = computed.to(dense.dtype)

@@ -288,6 +288,23 @@ def test_edit_router_logits(family: str, tiny_model: Callable[[str], Any]) -> No
     assert ((out_c - out_e).abs().amax(-1)[was_routed] > 1e-6).all()
 
 
+def test_expert_hooks_match_hf_expert_computation(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Asking for per-expert outputs makes moe-interp compute the experts from the fused weights (and the HF
+    experts module run on no tokens); hook_mlp_out and the logits must equal a run that leaves HF's own
+    expert computation alone."""
+    model = tiny_model(family)
+    if not model.spec.is_moe:
+        pytest.skip("dense family")
+    enc = model.tokenize(PROMPTS)
+    mlp = [f"blocks.{L}.hook_mlp_out" for L in model.spec.moe_layers]
+    experts = [f"blocks.{L}.mlp.hook_expert_out" for L in model.spec.moe_layers]
+    ref_logits, ref = model.run_with_cache(enc, names=mlp)
+    logits, got = model.run_with_cache(enc, names=mlp + experts)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    for name in mlp:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=0)
+
+
 def test_router_logit_rewrite_reproduces_routing(family: str, tiny_model: Callable[[str], Any]) -> None:
     """Writing the router logits back unchanged re-runs the family's routing function
     (moe_interp.experts.route) in place of the router's own top-k: logits must not move."""
