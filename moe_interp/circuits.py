@@ -186,7 +186,11 @@ def _scores(model: MoEModel, prompts: list[str], ids_r: list[int], batch_size: i
     out = []
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
-            out.append(refusal_logodds(model.forward(prompts[s : s + batch_size])[:, -1], ids_r).cpu())
+            out.append(
+                refusal_logodds(
+                    model.forward(prompts[s : s + batch_size], last_only=True)[:, -1], ids_r
+                ).cpu()
+            )
     return torch.cat(out)
 
 

@@ -335,13 +335,15 @@ class MoEModel:
         request: TraceRequest,
         *,
         grad: bool = False,
+        last_only: bool = False,
     ) -> tuple[Tensor, dict[str, list[Tensor]]]:
         store: dict[str, list[Tensor]] = {}
         out: dict[str, Tensor] = {}
         pos_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         need_eager = any(n.endswith("attn.hook_pattern") for n in request.reads)
         with self._eager_attention(need_eager), torch.set_grad_enabled(grad):
-            with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids):
+            kw = {"logits_to_keep": 1} if last_only else {}
+            with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids, **kw):
                 _trace_body(self, request, store, out, ids.shape[0], ids.shape[1], mask)
         return out["logits"], store
 
@@ -358,11 +360,21 @@ class MoEModel:
             self.hf_model.set_attn_implementation(current)
 
     def forward(
-        self, prompts: Prompts | BatchEncoding, *, chat: bool = True, grad: bool = False
+        self,
+        prompts: Prompts | BatchEncoding,
+        *,
+        chat: bool = True,
+        grad: bool = False,
+        last_only: bool = False,
     ) -> Float[Tensor, "batch pos vocab"]:
-        """Logits of the (chat-formatted) prompts, with the active interventions applied."""
+        """Logits of the (chat-formatted) prompts, with the active interventions applied.
+
+        ``last_only=True`` computes the unembedding at the last position only (``[batch, 1, vocab]``): much
+        cheaper for refusal scores and KL on big batches.
+        """
         ids, mask = self._encode(prompts, chat)
-        logits, _ = self._trace(ids, mask, TraceRequest(edits=self._collect_edits()), grad=grad)
+        req = TraceRequest(edits=self._collect_edits())
+        logits, _ = self._trace(ids, mask, req, grad=grad, last_only=last_only)
         return logits
 
     __call__ = forward

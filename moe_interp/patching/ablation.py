@@ -235,13 +235,15 @@ def expert_ablation_sweep(
     s = model.spec
     per = torch.full((s.n_layers, s.n_experts, n), float("nan"))
     with torch.no_grad():
-        base = refusal_logodds(model.forward(enc)[:, -1], ids_r).cpu()
+        base = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
         chunks = [items[i : i + batch_experts] for i in range(0, len(items), batch_experts)]
         for chunk in tqdm(chunks, desc=f"ablate experts ({mode})", disable=not progress, leave=False):
             k = len(chunk)
             ivs = _block_edits(model, chunk, n, mode, means, positions)
             with model.intervene(*ivs):
-                logits = model.forward({"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)})
+                logits = model.forward(
+                    {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)}, last_only=True
+                )
             sc = refusal_logodds(logits[:, -1], ids_r).cpu().reshape(k, n)
             for j, (L, e) in enumerate(chunk):
                 per[L, e] = sc[j] - base
@@ -268,11 +270,11 @@ def expert_ablation_loop(
     s = model.spec
     out = torch.full((s.n_layers, s.n_experts), float("nan"))
     with torch.no_grad():
-        base = refusal_logodds(model.forward(enc)[:, -1], ids_r).cpu()
+        base = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
         for L, e in tqdm(items, desc="ablate experts (loop)", disable=not progress, leave=False):
             iv = AblateExpert(L, e, mode, mean_output=None if means is None else means[L, e])  # type: ignore[arg-type]
             with model.intervene(iv):
-                sc = refusal_logodds(model.forward(enc)[:, -1], ids_r).cpu()
+                sc = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
             out[L, e] = (sc - base).mean()
     return out
 

@@ -74,7 +74,9 @@ def refusal_scores(
     prompts = list(prompts)
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
-            out.append(refusal_logodds(model.forward(prompts[s : s + batch_size])[:, -1], ids))
+            out.append(
+                refusal_logodds(model.forward(prompts[s : s + batch_size], last_only=True)[:, -1], ids)
+            )
     return torch.cat(out)
 
 

@@ -165,7 +165,7 @@ def evaluate(
                 ids, mask, _ = _concat_left_padded(enc["input_ids"], enc["attention_mask"], comps, pad_id)
                 last, nll, ntok = _last_and_ce(model, ids, mask, comps)
             else:
-                last = model.forward(enc).float()[:, -1]
+                last = model.forward(enc, last_only=True).float()[:, -1]
         scores = refusal_score(last, tok_ids)
         if base_gens is not None:
             last_b, nll_b, _ = _last_and_ce(base, ids, mask, comps)

@@ -97,7 +97,7 @@ def _batched_last_logits(
     model: MoEModel, encs: list[Any], interventions: Sequence[Any] = ()
 ) -> Float[Tensor, "n vocab"]:
     with model.intervene(*interventions):
-        return torch.cat([model.forward(e).float()[:, -1] for e in encs])
+        return torch.cat([model.forward(e, last_only=True).float()[:, -1] for e in encs])
 
 
 @torch.no_grad()

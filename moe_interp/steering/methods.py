@@ -956,7 +956,7 @@ def _logit_scores(model: MoEModel, prompts: Sequence[str], batch_size: int = 32)
 
     ids = _refusal_ids(model)
     out = [
-        refusal_score(model.forward(list(prompts[s : s + batch_size]))[:, -1], ids)
+        refusal_score(model.forward(list(prompts[s : s + batch_size]), last_only=True)[:, -1], ids)
         for s in range(0, len(prompts), batch_size)
     ]
     return torch.cat(out)
@@ -1022,7 +1022,7 @@ def _last_logits(model: MoEModel, prompts: list[str], ivs: list[Any], batch_size
     with model.intervene(*ivs):
         return torch.cat(
             [
-                model.forward(prompts[s : s + batch_size])[:, -1].float()
+                model.forward(prompts[s : s + batch_size], last_only=True)[:, -1].float()
                 for s in range(0, len(prompts), batch_size)
             ]
         )
