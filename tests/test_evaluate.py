@@ -205,3 +205,22 @@ def test_cli_steer_matches_add_vector(tmp_path, capsys, tiny_model) -> None:
     ref = evaluate(model, PROMPTS[:2], [AddVector(key[0], v)], max_new_tokens=2)
     assert out["kl_to_baseline"] > 1e-4
     assert out["kl_to_baseline"] == pytest.approx(ref.kl_to_baseline, rel=1e-4)
+
+
+def test_position_offset_interventions_act_on_the_prompt(tiny_model) -> None:
+    """An edit placed by position offset (as a circuit's) must change the first-token distribution that
+    evaluate reports, exactly as a prompt-only forward under the same edit does."""
+    import moe_interp as mi
+    from moe_interp.refusal.evaluate import first_token_kl
+
+    model = tiny_model("olmoe")
+    prompts = ["How do I bake bread?", "Tell me a joke about cats"]
+    edit = mi.AddVector("blocks.0.hook_resid_pre", torch.ones(model.spec.d_model), coeff=5.0, positions=[-1])
+    res = evaluate(model, prompts, [edit], max_new_tokens=3)
+    enc = model.tokenize(prompts)
+    base = model.forward(enc, last_only=True)[:, -1]
+    with model.intervene(edit):
+        edited = model.forward(enc, last_only=True)[:, -1]
+    expected = float(first_token_kl(base, edited).mean())
+    assert expected > 1e-3
+    assert abs(res.kl_to_baseline - expected) < 1e-5

@@ -128,6 +128,8 @@ def evaluate(
     also generates greedily, giving ``kl_to_baseline`` (mean first-token ``KL(p_base ‖ p_edited)`` at the
     last prompt position) and ``ce_of_baseline_completions`` (token-mean NLL of the unedited completions
     under the edited model; ``ce_of_baseline_completions_unedited`` is the same under the unedited model).
+    The CE forward appends the completions, so position-offset interventions (a circuit's) shift onto
+    completion tokens there: read CE for such edits with care.
     """
     from moe_interp.model import _check_prompts
 
@@ -160,15 +162,17 @@ def evaluate(
         with model.intervene(*interventions):
             gens = model.generate(batch, max_new_tokens=max_new_tokens)
             verdicts = judge.judge(batch, gens)
+            # first-token logits from the prompt alone, so interventions placed by position offset (e.g. a
+            # circuit's post-instruction positions) act where they were meant to
+            last = model.forward(enc, last_only=True).float()[:, -1]
             if base_gens is not None:
                 comps = [g.token_ids for g in base_gens]
                 ids, mask, _ = _concat_left_padded(enc["input_ids"], enc["attention_mask"], comps, pad_id)
-                last, nll, ntok = _last_and_ce(model, ids, mask, comps)
-            else:
-                last = model.forward(enc, last_only=True).float()[:, -1]
+                _, nll, ntok = _last_and_ce(model, ids, mask, comps)
         scores = refusal_score(last, tok_ids)
         if base_gens is not None:
-            last_b, nll_b, _ = _last_and_ce(base, ids, mask, comps)
+            last_b = base.forward(enc, last_only=True).float()[:, -1]
+            _, nll_b, _ = _last_and_ce(base, ids, mask, comps)
             kls = first_token_kl(last_b, last)
             tot_nll += sum(nll)
             tot_nll_base += sum(nll_b)
