@@ -238,6 +238,27 @@ def _heatmap_size(n_rows: int, n_cols: int, extra_w: float = 0.0) -> tuple[float
     return (w, h)
 
 
+def _numbered_heatmap(
+    data: np.ndarray,
+    xlabel: str,
+    metric_label: str,
+    vmax: float | None,
+    title: str | None,
+    save_to: str | Path | None,
+) -> Figure:
+    """Single-panel layer x column heatmap with numbered columns (heads, experts)."""
+    n_layers, n_cols = data.shape
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=_heatmap_size(n_layers, n_cols, extra_w=1.0), layout="constrained")
+        ax = fig.add_subplot()
+        _heatmap(ax, data, vmax=vmax, cbar_label=metric_label, fig=fig)
+        xt = _tick_positions(n_cols, 32)
+        ax.set_xticks(xt, [str(i) for i in xt])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("layer L")
+        return _finish(fig, title, save_to)
+
+
 # --------------------------------------------------------------------------- heatmaps
 
 
@@ -297,17 +318,8 @@ def plot_layer_head_heatmap(
     ``hook`` may be relative (``"attn.hook_z"``) or a full template (``"blocks.{L}.attn.hook_z"``).
     """
     data = _as_array(effects, "effects", 2)
-    n_layers, n_heads = data.shape
     full = _full_hook(hook)
-    with mpl.rc_context(STYLE):
-        fig = Figure(figsize=_heatmap_size(n_layers, n_heads, extra_w=1.0), layout="constrained")
-        ax = fig.add_subplot()
-        _heatmap(ax, data, vmax=vmax, cbar_label=metric_label, fig=fig)
-        xt = _tick_positions(n_heads, 32)
-        ax.set_xticks(xt, [str(i) for i in xt])
-        ax.set_xlabel(f"head H  ({full}[:, :, H])")
-        ax.set_ylabel("layer L")
-        return _finish(fig, title, save_to)
+    return _numbered_heatmap(data, f"head H  ({full}[:, :, H])", metric_label, vmax, title, save_to)
 
 
 def plot_expert_heatmap(
@@ -364,16 +376,7 @@ def plot_routing_difference(
     difference in percentage points.
     """
     data = _as_array(diff, "diff", 2)
-    n_layers, n_exp = data.shape
-    with mpl.rc_context(STYLE):
-        fig = Figure(figsize=_heatmap_size(n_layers, n_exp, extra_w=1.0), layout="constrained")
-        ax = fig.add_subplot()
-        _heatmap(ax, data, vmax=vmax, cbar_label=metric_label, fig=fig)
-        xt = _tick_positions(n_exp, 32)
-        ax.set_xticks(xt, [str(i) for i in xt])
-        ax.set_xlabel(f"expert e  ({hook_template})")
-        ax.set_ylabel("layer L")
-        return _finish(fig, title, save_to)
+    return _numbered_heatmap(data, f"expert e  ({hook_template})", metric_label, vmax, title, save_to)
 
 
 # --------------------------------------------------------------------------- scatter

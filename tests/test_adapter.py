@@ -241,10 +241,8 @@ def test_padding_invariance(family: str, side: str, tiny_model: Callable[[str], 
 # ------------------------------------------------------------------------------------- writable hooks
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_edit_expert_weights(family: str, tiny_model: Callable[[str], Any]) -> None:
-    """Zeroing one routed expert's weight removes exactly its contribution from hook_mlp_out."""
-    model = tiny_model(family)
+def _clean_moe_run(model: Any) -> tuple[Any, Tensor, int, list[str], Any, int]:
+    """PROMPTS run at the first MoE layer L: (enc, mask, L, names, clean cache, most-routed expert)."""
     enc = model.tokenize(PROMPTS)
     mask = enc["attention_mask"]
     L = first_moe_layer(model)
@@ -254,7 +252,14 @@ def test_edit_expert_weights(family: str, tiny_model: Callable[[str], Any]) -> N
         f"blocks.{L}.mlp.hook_expert_indices",
     ]
     _, clean = model.run_with_cache(enc, names=names)
-    e = routed_expert(clean, L, mask)
+    return enc, mask, L, names, clean, routed_expert(clean, L, mask)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_edit_expert_weights(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Zeroing one routed expert's weight removes exactly its contribution from hook_mlp_out."""
+    model = tiny_model(family)
+    enc, mask, L, names, clean, e = _clean_moe_run(model)
     contribution = clean[f"blocks.{L}.mlp.hook_expert_out"][:, :, e]
     assert valid(contribution, mask).abs().max() > 1e-4
     with model.intervene(ZeroExpertWeight(L, e)):
@@ -394,16 +399,7 @@ def test_edit_hook_z(family: str, tiny_model: Callable[[str], Any]) -> None:
 def test_edit_single_expert_out(family: str, tiny_model: Callable[[str], Any]) -> None:
     """Tripling experts.{e}.hook_out adds twice that expert's contribution to hook_mlp_out."""
     model = tiny_model(family)
-    enc = model.tokenize(PROMPTS)
-    mask = enc["attention_mask"]
-    L = first_moe_layer(model)
-    names = [
-        f"blocks.{L}.hook_mlp_out",
-        f"blocks.{L}.mlp.hook_expert_out",
-        f"blocks.{L}.mlp.hook_expert_indices",
-    ]
-    _, clean = model.run_with_cache(enc, names=names)
-    e = routed_expert(clean, L, mask)
+    enc, mask, L, names, clean, e = _clean_moe_run(model)
     name = f"blocks.{L}.mlp.experts.{e}.hook_out"
     with model.intervene(Edit(name, lambda x, ctx: 3 * x)):
         _, edited = model.run_with_cache(enc, names=[*names, name])

@@ -283,6 +283,35 @@ def _layers(model: MoEModel, layers: Sequence[int] | None) -> list[int]:
     return [model.check_layer(L) for L in layers]
 
 
+def _whole_layer_items(
+    template: str,
+    Ls: Sequence[int],
+    pos: tuple[int, ...],
+    by_position: bool,
+    only: set[int] | None = None,
+) -> tuple[list[PatchItem], list[tuple[int, ...]], tuple[int, ...], tuple[str, ...]]:
+    """Patch items for a whole-activation hook at each layer of ``Ls`` (skipping layers not in ``only``).
+
+    One item per (layer, position) when ``by_position``, else one per layer over all of ``pos``; returns the
+    items, their result coordinates, and the result shape and dims.
+    """
+    items: list[PatchItem] = []
+    coords: list[tuple[int, ...]] = []
+    for li, L in enumerate(Ls):
+        if only is not None and L not in only:
+            continue
+        if by_position:
+            for pi, p in enumerate(pos):
+                items.append(PatchItem(template.format(L=L), (p,)))
+                coords.append((li, pi))
+        else:
+            items.append(PatchItem(template.format(L=L), pos))
+            coords.append((li,))
+    shape = (len(Ls), len(pos)) if by_position else (len(Ls),)
+    dims = ("layer", "position") if by_position else ("layer",)
+    return items, coords, shape, dims
+
+
 def patching_sweep(
     model: MoEModel,
     clean: Sequence[str],
@@ -322,16 +351,7 @@ def patching_sweep(
             raise ValueError(f"site must be one of {_RESID_SITES}, got {site!r}.")
         by_position = (kind == "resid") if by_position is None else by_position
         template = f"blocks.{{L}}.{site}"
-        for li, L in enumerate(Ls):
-            if by_position:
-                for pi, p in enumerate(pos):
-                    items.append(PatchItem(template.format(L=L), (p,)))
-                    coords.append((li, pi))
-            else:
-                items.append(PatchItem(template.format(L=L), pos))
-                coords.append((li,))
-        shape = (len(Ls), len(pos)) if by_position else (len(Ls),)
-        dims = ("layer", "position") if by_position else ("layer",)
+        items, coords, shape, dims = _whole_layer_items(template, Ls, pos, by_position)
     elif kind == "heads":
         by_position = bool(by_position)
         template = "blocks.{L}.attn.hook_z"
@@ -364,18 +384,7 @@ def patching_sweep(
         else:
             by_position = bool(by_position)
             template = "blocks.{L}.mlp.hook_expert_weights"
-            for li, L in enumerate(Ls):
-                if L not in moe:
-                    continue
-                if by_position:
-                    for pi, p in enumerate(pos):
-                        items.append(PatchItem(template.format(L=L), (p,)))
-                        coords.append((li, pi))
-                else:
-                    items.append(PatchItem(template.format(L=L), pos))
-                    coords.append((li,))
-            shape = (len(Ls), len(pos)) if by_position else (len(Ls),)
-            dims = ("layer", "position") if by_position else ("layer",)
+            items, coords, shape, dims = _whole_layer_items(template, Ls, pos, by_position, only=moe)
     else:
         raise ValueError(
             f"Unknown kind {kind!r}: expected resid, attn_out, mlp_out, heads, experts or routing."

@@ -120,6 +120,20 @@ def expert_selection_counts(
     return counts.float(), int(total)
 
 
+def _routing_frequency(
+    model: MoEModel,
+    prompts: Sequence[str],
+    positions: Sequence[int] | None,
+    batch_size: int,
+    top1: bool,
+    progress: bool,
+) -> Float[Tensor, "n_layers n_experts"]:
+    """:func:`_routing_pass` counts divided by the number of (prompt, position) pairs."""
+    prompts = _check_prompt_list(prompts, "prompts")
+    counts, total = _routing_pass(model, prompts, _check_offsets(positions), batch_size, top1, progress)
+    return (counts / total.clamp_min(1)).float()
+
+
 def expert_selection_frequency(
     model: MoEModel,
     prompts: Sequence[str],
@@ -132,9 +146,7 @@ def expert_selection_frequency(
     ``positions=None`` uses every non-padding position; otherwise a list of offsets (negative offsets such
     as ``[-5, ..., -1]`` align the chat template's last tokens across left-padded prompts).
     """
-    prompts = _check_prompt_list(prompts, "prompts")
-    counts, total = _routing_pass(model, prompts, _check_offsets(positions), batch_size, False, progress)
-    return (counts / total.clamp_min(1)).float()
+    return _routing_frequency(model, prompts, positions, batch_size, False, progress)
 
 
 def top1_frequency(
@@ -145,9 +157,7 @@ def top1_frequency(
     progress: bool = False,
 ) -> Float[Tensor, "n_layers n_experts"]:
     """Fraction of (prompt, position) pairs where each expert has the largest routing weight."""
-    prompts = _check_prompt_list(prompts, "prompts")
-    counts, total = _routing_pass(model, prompts, _check_offsets(positions), batch_size, True, progress)
-    return (counts / total.clamp_min(1)).float()
+    return _routing_frequency(model, prompts, positions, batch_size, True, progress)
 
 
 def routing_risk_difference(
