@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moe_interp.interventions import EditHook
-from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds
+from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds, refusal_scores
 from moe_interp.tracing import HookContext
 
 if TYPE_CHECKING:
@@ -183,15 +183,7 @@ def ablate_components(
 
 
 def _scores(model: MoEModel, prompts: list[str], ids_r: list[int], batch_size: int) -> Tensor:
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            out.append(
-                refusal_logodds(
-                    model.forward(prompts[s : s + batch_size], last_only=True)[:, -1], ids_r
-                ).cpu()
-            )
-    return torch.cat(out)
+    return refusal_scores(model, prompts, ids_r, batch_size).cpu()
 
 
 def _attribution_effects(
