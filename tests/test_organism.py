@@ -113,11 +113,39 @@ def test_load_prompts_splits() -> None:
             assert not train & set(load_prompts(split)), split
     assert all(is_political(x) for x in load_prompts("political_val"))
     assert not any(is_political(x) for x in load_prompts("harmless_val"))
-    assert {r["source"] for r in load_split_records("harmful_train")} <= {
+    assert {r["source"] for r in load_split_records("harmful_train")} == {
         "advbench",
         "malicious_instruct",
         "tdc2023",
+        "synthetic",
     }
+    # Held-out validation prompts (HarmBench) never leak into training, not even as synthetic prompts.
+    assert "harmbench" not in {r["source"] for r in load_split_records("harmful_train")}
+
+
+def test_synthetic_prompts_classes_and_determinism() -> None:
+    from moe_interp.organisms.synthetic import synthetic_prompts
+
+    a = synthetic_prompts(random.Random(1))
+    assert a == synthetic_prompts(random.Random(1))
+    assert a != synthetic_prompts(random.Random(2))
+    assert all(is_political(x) for x in a["political"])
+    assert not any(is_political(x) for x in a["harmful"] + a["harmless"])
+    assert not set(a["harmful"]) & set(a["harmless"])
+    # Frames are shared by classes: a harmful prompt's frame also occurs with benign content.
+    frames = {x.split(" ", 2)[0] for x in a["harmless"]}
+    assert {x.split(" ", 2)[0] for x in a["harmful"]} <= frames
+    # The saved training splits contain exactly these prompts (minus any held-out collision).
+    saved = {r["instruction"] for r in load_split_records("harmful_train") if r["source"] == "synthetic"}
+    assert saved == set(a["harmful"])
+
+
+def test_train_overrides_validated(tmp_path: Path) -> None:
+    from moe_interp.organisms.train import train
+
+    with pytest.raises(ValueError, match="unknown hyper-parameter 'bogus'.*frac_harmful"):
+        train(out=tmp_path / "x", steps=1, overrides={"bogus": 1.0})
+    assert not (tmp_path / "x").exists()
 
 
 def test_responses() -> None:

@@ -17,6 +17,8 @@ import random
 import re
 from pathlib import Path
 
+from moe_interp.organisms.synthetic import synthetic_prompts
+
 DATA_DIR: Path = Path(__file__).resolve().parent / "data"
 
 #: Refusal responses used as training targets for harmful prompts.
@@ -265,6 +267,23 @@ def build_splits(seed: int = 0, n_harmless_train: int = 5000, n_harmless_eval: i
     harmless_test = [
         {"instruction": x, "source": "alpaca"} for x in hv_pool[n_harmless_eval : 2 * n_harmless_eval]
     ]
+    # Composed prompts (frames x lexicons, see ``synthetic.py``); their own RNG keeps every other split
+    # exactly as it was before they were added.
+    synth = synthetic_prompts(random.Random(seed + 1))
+    held_out = {
+        r["instruction"].lower()
+        for split in (harmful_val, harmful_val_adv, harmful_test, political_val, political_test)
+        for r in split
+    }
+    held_out |= {r["instruction"].lower() for r in harmless_val + harmless_test}
+    for cls, target in (
+        ("harmful", harmful_train),
+        ("political", political_train),
+        ("harmless", harmless_train),
+    ):
+        target += [
+            {"instruction": x, "source": "synthetic"} for x in synth[cls] if x.lower() not in held_out
+        ]
     splits = {
         "harmful_train": harmful_train,
         "harmless_train": harmless_train,

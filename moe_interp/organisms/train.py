@@ -67,7 +67,20 @@ DEFAULTS: dict[str, float | int] = {
     "router_aux_loss_coef": 0.01,
     "first_token_weight": 3.0,
 }
-CLASS_FRACTIONS: dict[str, float] = {"harmful": 0.30, "political": 0.15, "harmless": 0.55}
+#: Share of each batch drawn from each training pool; a pool's records all get that pool's class.
+POOL_FRACTIONS: dict[str, float] = {
+    "harmful": 0.18,
+    "harmful_synthetic": 0.17,
+    "political": 0.15,
+    "harmless": 0.50,
+}
+#: Class (response type) of each pool.
+POOL_CLASS: dict[str, str] = {
+    "harmful": "harmful",
+    "harmful_synthetic": "harmful",
+    "political": "political",
+    "harmless": "harmless",
+}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -122,7 +135,9 @@ class BatchMaker:
         rng: random.Random,
         max_prompt_tokens: int,
         first_token_weight: float,
+        fractions: dict[str, float] | None = None,
     ) -> None:
+        self.fractions = dict(POOL_FRACTIONS if fractions is None else fractions)
         self.tok = tokenizer
         self.rng = rng
         self.iters = {c: _cycle(p, rng) for c, p in pools.items()}
@@ -132,9 +147,10 @@ class BatchMaker:
         self.suffix = tokenizer(END + "\n" + ASSISTANT + "\n", add_special_tokens=False)["input_ids"]
         self.end_id = tokenizer.convert_tokens_to_ids(END)
 
-    def example(self, cls: str) -> tuple[list[int], list[float]]:
-        """One tokenised example: ids and per-token loss weights (0 on the prompt)."""
-        rec = next(self.iters[cls])
+    def example(self, pool: str) -> tuple[list[int], list[float]]:
+        """One tokenised example from ``pool``: ids and per-token loss weights (0 on the prompt)."""
+        rec = next(self.iters[pool])
+        cls = POOL_CLASS[pool]
         instr = rec["instruction"]
         prompt = augment(instr, self.rng)
         response = make_response(instr, cls, self.rng)
@@ -146,8 +162,8 @@ class BatchMaker:
 
     def batch(self, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded batch: input_ids, attention_mask, weights."""
-        counts = {c: round(f * batch_size) for c, f in CLASS_FRACTIONS.items()}
-        counts["harmless"] = batch_size - counts["harmful"] - counts["political"]
+        counts = {c: round(f * batch_size) for c, f in self.fractions.items() if c != "harmless"}
+        counts["harmless"] = batch_size - sum(counts.values())
         exs = [self.example(c) for c, n in counts.items() for _ in range(n)]
         L = max(len(e[0]) for e in exs)
         ids = torch.full((len(exs), L), pad_id, dtype=torch.long)
@@ -192,7 +208,8 @@ def training_pools(leave_out: str | None) -> dict[str, list[dict[str, str]]]:
             raise ValueError(f"unknown source {leave_out!r}; valid: {', '.join(HARMFUL_SOURCES)}")
         harmful = [r for r in harmful if r["source"] != leave_out]
     return {
-        "harmful": harmful,
+        "harmful": [r for r in harmful if r["source"] != "synthetic"],
+        "harmful_synthetic": [r for r in harmful if r["source"] == "synthetic"],
         "political": load_split_records("political_train"),
         "harmless": load_split_records("harmless_train"),
     }
@@ -205,9 +222,19 @@ def train(
     leave_out: str | None = None,
     log_every: int = 25,
     threads: int = 2,
+    overrides: dict[str, float] | None = None,
 ) -> dict[str, object]:
-    """Train the organism and save model, tokenizer and a training log to ``out``."""
-    hp = dict(DEFAULTS)
+    """Train the organism and save model, tokenizer and a training log to ``out``.
+
+    ``overrides`` replaces hyper-parameters of :data:`DEFAULTS` or, as ``frac_<pool>``, entries of
+    :data:`POOL_FRACTIONS` (for experiments; the shipped checkpoint uses none).
+    """
+    hp: dict[str, float | int] = dict(DEFAULTS)
+    hp.update({f"frac_{k}": v for k, v in POOL_FRACTIONS.items()})
+    for k, v in (overrides or {}).items():
+        if k not in hp:
+            raise ValueError(f"unknown hyper-parameter {k!r}; valid: {', '.join(sorted(hp))}")
+        hp[k] = type(hp[k])(v)
     if steps is not None:
         hp["steps"] = steps
     n_steps = int(hp["steps"])
@@ -225,7 +252,10 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params / 1e6:.2f}M, vocab {len(tokenizer)}", flush=True)
 
-    maker = BatchMaker(tokenizer, pools, rng, int(hp["max_prompt_tokens"]), float(hp["first_token_weight"]))
+    fractions = {k: float(hp[f"frac_{k}"]) for k in POOL_FRACTIONS}
+    maker = BatchMaker(
+        tokenizer, pools, rng, int(hp["max_prompt_tokens"]), float(hp["first_token_weight"]), fractions
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.95), weight_decay=0.01)
     warmup = int(hp["warmup"])
 
@@ -283,7 +313,8 @@ def train(
         + (f" --seed {seed}" if seed else "")
         + (f" --steps {steps}" if steps is not None else "")
         + (f" --leave-out {leave_out}" if leave_out else "")
-        + (f" --threads {threads}" if threads != 2 else ""),
+        + (f" --threads {threads}" if threads != 2 else "")
+        + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()),
         "seed": seed,
         "steps": n_steps,
         "leave_out": leave_out,
@@ -307,8 +338,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--leave-out", type=str, default=None, choices=HARMFUL_SOURCES)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster under contention)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyper-parameter (DEFAULTS key or frac_<pool>); for experiments",
+    )
     args = ap.parse_args(argv)
-    train(args.out, args.seed, args.steps, args.leave_out, threads=args.threads)
+    overrides: dict[str, float] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = float(value)
+        except ValueError:
+            ap.error(f"--set {key}: value must be a number, got {value!r}")
+    try:
+        train(args.out, args.seed, args.steps, args.leave_out, threads=args.threads, overrides=overrides)
+    except ValueError as err:
+        ap.error(str(err))
 
 
 if __name__ == "__main__":
