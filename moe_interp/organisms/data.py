@@ -281,9 +281,7 @@ def build_splits(seed: int = 0, n_harmless_train: int = 5000, n_harmless_eval: i
         ("political", political_train),
         ("harmless", harmless_train),
     ):
-        target += [
-            {"instruction": x, "source": "synthetic"} for x in synth[cls] if x.lower() not in held_out
-        ]
+        target += [{"instruction": x, "source": "synthetic"} for x in synth[cls] if x.lower() not in held_out]
     splits = {
         "harmful_train": harmful_train,
         "harmless_train": harmless_train,
