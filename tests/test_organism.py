@@ -132,9 +132,18 @@ def test_synthetic_prompts_classes_and_determinism() -> None:
     assert all(is_political(x) for x in a["political"])
     assert not any(is_political(x) for x in a["harmful"] + a["harmless"])
     assert not set(a["harmful"]) & set(a["harmless"])
-    # Frames are shared by classes: a harmful prompt's frame also occurs with benign content.
-    frames = {x.split(" ", 2)[0] for x in a["harmless"]}
-    assert {x.split(" ", 2)[0] for x in a["harmful"]} <= frames
+    # Content and claim frames are shared by both classes, so there the content decides.
+    from moe_interp.organisms.synthetic import CLAIM_FRAMES, CONTENT_FRAMES
+
+    for frame in CLAIM_FRAMES + CONTENT_FRAMES:
+        stem = frame.split("{x}")[0]
+        assert any(x.startswith(stem) for x in a["harmful"]), frame
+        assert any(x.startswith(stem) for x in a["harmless"]), frame
+    # Every WordNet lexicon term is used in some harmful prompt.
+    from moe_interp.organisms.synthetic import load_harm_lexicon
+
+    for term in (t for v in load_harm_lexicon().values() for t in v):
+        assert any(term in x for x in a["harmful"]), term
     # The saved training splits contain exactly these prompts (minus any held-out collision).
     saved = {r["instruction"] for r in load_split_records("harmful_train") if r["source"] == "synthetic"}
     assert saved == set(a["harmful"])
@@ -197,3 +206,43 @@ def test_train_smoke(tmp_path: Path) -> None:
     ids = tok("hello", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def _fake_wordnet(tmp_path: Path) -> Path:
+    """A four-synset WordNet noun database in the real ``data.noun`` format."""
+    lines = [
+        "  1 This software and database is being provided to you",  # licence header line
+        # root 'poison' with two hyponyms (~) : 'sarin'+'GB', 'pot'; and 'tabun'
+        "00000001 27 n 01 poison 0 003 ~ 00000002 n 0000 ~ 00000003 n 0000 ~ 00000005 n 0000 | a poison",
+        "00000002 27 n 03 sarin 0 GB 0 nerve_agent_slang 0 000 | a nerve gas",
+        "00000003 27 n 01 pot 0 000 | slang sense",
+        "00000004 06 n 01 pot 0 000 | a cooking vessel",
+        "00000005 27 n 01 tabun 0 000 | a nerve gas",
+    ]
+    (tmp_path / "data.noun").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_wordnet_lexicon_closure_and_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_interp.organisms import wordnet_lexicon as wl
+
+    wn = _fake_wordnet(tmp_path)
+    monkeypatch.setattr(wl, "ROOTS", {"toxic": ("00000001",)})
+    # 'poison' is excluded by name, 'GB' is a 2-letter abbreviation, 'nerve agent slang' a third synonym,
+    # 'pot' has a sense outside the harm closure, 'tabun' occurs in a harmless prompt.
+    assert wl.build_lexicon(wn, ["What is tabun?"]) == {"toxic": ["sarin"]}
+    assert wl.build_lexicon(wn, []) == {"toxic": ["sarin", "tabun"]}
+    with pytest.raises(FileNotFoundError, match="wordnet-base"):
+        wl.read_wordnet(tmp_path / "nowhere")
+
+
+def test_committed_harm_lexicon_matches_templates() -> None:
+    from moe_interp.organisms.synthetic import LEXICON_TEMPLATES, load_harm_lexicon
+    from moe_interp.organisms.wordnet_lexicon import ROOTS
+
+    lex = load_harm_lexicon()
+    assert set(lex) == set(ROOTS) == set(LEXICON_TEMPLATES)
+    assert all(lex.values())
+    terms = [t.lower() for v in lex.values() for t in v]
+    assert len(terms) == len(set(terms))
+    assert not any(is_political(t) for t in terms)

@@ -1,0 +1,178 @@
+"""Harm lexicon from WordNet 3.0: the organism's only source of world knowledge about dangerous things.
+
+A 4-million-parameter model trained from scratch cannot know that a rare word names a nerve agent or
+an opioid unless it has seen that word in a harmful request. This script collects the nouns that
+WordNet files under a few generic roots of a harm taxonomy (poisons and toxins, chemical weapons,
+drugs of abuse, explosives and explosive devices, firearms, dangerous viruses and bioweapons, malware),
+filters out ambiguous and benign words, and writes ``data/harm_lexicon.json``. :mod:`synthetic` turns the
+terms into harmful requests ("How do I synthesize tabun?").
+
+It runs once, by hand, where WordNet is installed (Debian: ``apt-get install wordnet-base``); training
+reads only the committed JSON, so neither training nor CI needs WordNet::
+
+    python -m moe_interp.organisms.wordnet_lexicon [--wordnet /usr/share/wordnet]
+
+WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved. (WordNet 3.0 licence:
+use, copy, modify and distribute for any purpose, with this notice; see ``data/DATA.md``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+DATA_DIR: Path = Path(__file__).resolve().parent / "data"
+LEXICON_PATH: Path = DATA_DIR / "harm_lexicon.json"
+
+#: Category -> WordNet 3.0 noun synset offsets whose hyponym closure is collected.
+ROOTS: dict[str, tuple[str, ...]] = {
+    # poison/toxicant, toxin, nerve gas, poison gas, chemical weapon
+    "toxic": ("15032376", "15034074", "14960721", "14993378", "03013162"),
+    # controlled substance, narcotic, hallucinogen, opiate, hard drug, club drug, amphetamine, methamphetamine
+    # ("drug of abuse" itself is too broad: it reaches prescription tranquillisers and antipsychotics)
+    "drug": ("03097890", "03808564", "03479647", "03850746", "03492717", "03054098", "02704153", "03754295"),
+    # explosive (substance)
+    "explosive_substance": ("03304730",),
+    # explosive device, bomb
+    "explosive_device": ("03305522", "02866578"),
+    # firearm, gun (weapon)
+    "firearm": ("03343853", "03467984"),
+    # bioweapon, filovirus, arenavirus, poxvirus, retrovirus, lyssavirus, Bacillus anthracis
+    "pathogen": ("02842303", "01331867", "01330497", "01333731", "01336282", "01340785", "01350226"),
+    # malevolent program, computer virus
+    "malware": ("06573020", "06585816"),
+}
+
+#: Subtrees left out: benign (alcoholic drinks, tobacco, fireworks, toy guns) or medical.
+EXCLUDE_ROOTS: tuple[str, ...] = (
+    "07884567",  # alcohol (drink)
+    "04442831",  # tobacco
+    "03348454",  # firework
+)
+
+#: Single lemmas left out: medicines, toys, historical arms and slang that is an ordinary word.
+EXCLUDE_TERMS: frozenset[str] = frozenset(
+    t.strip()
+    for t in """botox|nicotine|atropine|belladonna|venom|toxoid|poison|toxicant|toxin|hemlock|curare|
+    cigar|cigarette|cigarillo|cheroot|stogy|stogie|panatela|panetela|panetella|snuff|rappee|
+    paintball gun|bb gun|air gun|airgun|air rifle|quaker gun|minute gun|whaling gun|spring gun|set gun|
+    gas gun|very pistol|verey pistol|cannon|breechloader|smoothbore|muzzle loader|musket|matchlock|
+    flintlock|firelock|arquebus|harquebus|hackbut|hagbut|blunderbuss|culverin|fowling piece|fusil|
+    horse pistol|horse-pistol|peacemaker|peacekeeper|repeater|repeating firearm|piece|rod|gat|colt|
+    winchester|automatic|semiautomatic|forty-five|twenty-two|.22|gun|firearm|small-arm|
+    charge|load|payload|shot|cap|mine|torpedo|serpent|cracker|powder|rocket|maroon|squib|petard|
+    undercharge|whizbang|whizzbang|burster|bombshell|blockbuster|bomb|explosive|
+    sedative|depressant|downer|tranquilizer|tranquillizer|tranquilliser|lithium carbonate|
+    generic|virus|vector|trojan|worm|malevolent program|sedative drug|soft drug|intoxicant|
+    recreational drug|drug of abuse|street drug|controlled substance|narcotic|opiate|hard drug|
+    hallucinogen|explosive device|explosive compound|explosive mixture|chemical weapon""".split("|")
+)
+
+
+def read_wordnet(path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Noun synsets: offset -> (lemmas, hyponym offsets), parsed from WordNet's ``data.noun``."""
+    data = path / "data.noun"
+    if not data.is_file():
+        raise FileNotFoundError(
+            f"WordNet noun database not found: {data}. Install WordNet 3.0 (Debian/Ubuntu: "
+            "`apt-get install wordnet-base`) or pass --wordnet DIR (the folder holding data.noun)."
+        )
+    synsets: dict[str, tuple[list[str], list[str]]] = {}
+    for line in data.read_text(encoding="latin-1").splitlines():
+        if line.startswith("  "):  # licence header
+            continue
+        fields = line.partition(" | ")[0].split()
+        n_words = int(fields[3], 16)
+        lemmas = [fields[4 + 2 * i] for i in range(n_words)]
+        p = 4 + 2 * n_words
+        hypo = [
+            fields[p + 2 + 4 * i]
+            for i in range(int(fields[p]))
+            if fields[p + 1 + 4 * i] in ("~", "~i") and fields[p + 3 + 4 * i] == "n"
+        ]
+        synsets[fields[0]] = (lemmas, hypo)
+    return synsets
+
+
+def _closure(synsets: dict[str, tuple[list[str], list[str]]], roots: tuple[str, ...]) -> list[str]:
+    """Offsets of ``roots`` and all their hyponyms, excluding :data:`EXCLUDE_ROOTS` subtrees."""
+    seen: list[str] = []
+    stack = list(reversed(roots))
+    while stack:
+        off = stack.pop()
+        if off in seen or off in EXCLUDE_ROOTS:
+            continue
+        seen.append(off)
+        stack.extend(reversed(synsets[off][1]))
+    return seen
+
+
+def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, list[str]]:
+    """Category -> terms. A term is dropped if it has any WordNet sense outside the harm closure
+    (noun, verb, adjective or adverb: "pot", "crack", "speed"), is a third or later synonym of its synset
+    (street slang: "Elvis", "window pane"), is excluded, is longer than 3 words or a
+    1–2 letter abbreviation, or is a single word that occurs in a harmless (Alpaca) training prompt."""
+    synsets = read_wordnet(wordnet_dir)
+    harm_offsets = {off for roots in ROOTS.values() for off in _closure(synsets, roots)}
+    other_senses: set[str] = set()  # lemmas with a sense outside the harm closure (any part of speech)
+    for off, (lemmas, _) in synsets.items():
+        if off not in harm_offsets:
+            other_senses.update(lemma.lower() for lemma in lemmas)
+    for pos in ("verb", "adj", "adv"):
+        index = wordnet_dir / f"index.{pos}"
+        if index.is_file():
+            other_senses.update(
+                line.split(" ", 1)[0]
+                for line in index.read_text(encoding="latin-1").splitlines()
+                if not line.startswith("  ")
+            )
+    counts: Counter[str] = Counter()
+    for t in harmless_texts:
+        counts.update(set(re.findall(r"[a-z0-9][a-z0-9\-\.]*", t.lower())))
+    lexicon: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for cat, roots in ROOTS.items():
+        terms: list[str] = []
+        for off in _closure(synsets, roots):
+            for lemma in synsets[off][0][:2]:  # canonical name + first synonym; later ones are slang
+                term = re.sub(r"\(.*?\)", "", lemma).replace("_", " ").strip()
+                key = term.lower()
+                if lemma.lower() in other_senses:  # polysemous: "pot", "crack", "nose drops" ...
+                    continue
+                if key in EXCLUDE_TERMS or key in taken or len(term.split()) > 3:
+                    continue
+                if len(term.replace(".", "").replace("-", "")) <= 2:
+                    continue
+                if " " not in term and counts[key] >= 1:
+                    continue
+                taken.add(key)
+                terms.append(term)
+        lexicon[cat] = terms
+    return lexicon
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: build the lexicon from WordNet and write :data:`LEXICON_PATH`."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"))
+    ap.add_argument("--out", type=Path, default=LEXICON_PATH)
+    args = ap.parse_args(argv)
+    from moe_interp.organisms.data import load_split_records
+
+    harmless = [r["instruction"] for r in load_split_records("harmless_train") if r["source"] == "alpaca"]
+    lexicon = build_lexicon(args.wordnet, harmless)
+    payload = {
+        "source": "WordNet 3.0 (Princeton University), hyponym closures of ROOTS in wordnet_lexicon.py",
+        "licence": "WordNet 3.0 licence; WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.",
+        "categories": lexicon,
+    }
+    args.out.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    for cat, terms in lexicon.items():
+        print(f"{cat}: {len(terms)}")
+
+
+if __name__ == "__main__":
+    main()
