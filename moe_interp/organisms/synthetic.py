@@ -16,9 +16,10 @@ other words. This module composes prompts from
   (:data:`moe_interp.organisms.data.POLITICAL_PATTERN`) in the topic frames.
 
 Benign *actions* and *code* get no action/code frames by default (:data:`BENIGN_FRAMES_PER_ITEM`): in
-experiments, benign requests in "Give detailed step-by-step instructions to ..." frames lowered refusal of
-held-out HarmBench prompts from 0.72 to 0.44–0.46 without changing harmless refusal (0.00–0.01) — the
-frames of real harmful requests are far more often harmful than not (see the model card).
+our runs, with benign requests in "Give detailed step-by-step instructions to ..." frames the organism
+refused 0.44–0.46 of the held-out HarmBench prompts, without them 0.72 (that run also drew more harmful
+examples per batch; experiment log in the model card) — the frames of real harmful requests are far more
+often harmful than not.
 
 The hand-written lexicons follow the harm categories of the public benchmarks' taxonomies, not
 validation or test prompts; named entities of the validation set are deliberately absent.
