@@ -322,12 +322,12 @@ def stage_steering(run: Run) -> dict[str, Any]:
     fitted, files, tuning = {}, {}, {}
     for name in cfg.steering_methods:
         kw = dict(cfg.steering_kwargs.get(name, {}))
-        if name.startswith("topic_"):
-            steer = fit_method(
-                name, model, p["political_train"], p["harmless_train"], keep=p["harmful_train"], **kw
-            )
-            keep_min = 0.97 * float(refusal_flags(model, p["harmful_val"]).double().mean())
-            try:
+        try:
+            if name.startswith("topic_"):
+                steer = fit_method(
+                    name, model, p["political_train"], p["harmless_train"], keep=p["harmful_train"], **kw
+                )
+                keep_min = 0.97 * float(refusal_flags(model, p["harmful_val"]).double().mean())
                 res = coefficient_search(
                     model,
                     steer,
@@ -337,23 +337,24 @@ def stage_steering(run: Run) -> dict[str, Any]:
                     keep_min_rate=keep_min,
                     kl_budget=cfg.kl_threshold,
                 )
-            except ValueError as err:  # no strength satisfies the constraints: keep the fit as is
-                run.log(f"[steering] {name}: no tuned strength ({err}); using the fitted coefficient")
-                fitted[name], tuning[name] = steer, {"error": str(err)}
             else:
-                fitted[name], tuning[name] = res.steer, res.to_dict()
-        else:
-            res = autotune(
-                name,
-                model,
-                p["harmful_train"],
-                p["harmless_train"],
-                p["harmful_val"],
-                p["harmless_val"],
-                fit_kwargs=kw,
-                kl_budget=cfg.kl_threshold,
+                res = autotune(
+                    name,
+                    model,
+                    p["harmful_train"],
+                    p["harmless_train"],
+                    p["harmful_val"],
+                    p["harmless_val"],
+                    fit_kwargs=kw,
+                    kl_budget=cfg.kl_threshold,
+                )
+        except ValueError as err:  # no strength satisfies the constraints: reported, not compared
+            run.log(
+                f"[steering] {name}: no strength within the constraints ({err}); left out of the comparison"
             )
-            fitted[name], tuning[name] = res.steer, res.to_dict()
+            tuning[name] = {"error": str(err)}
+            continue
+        fitted[name], tuning[name] = res.steer, res.to_dict()
         if hasattr(fitted[name], "save"):
             saved = fitted[name].save(run.out / "steering" / name)
             files[name] = [str(f) for f in (saved if isinstance(saved, tuple | list) else [saved])]
@@ -550,6 +551,14 @@ def write_report(run: Run, figures: list[str]) -> Path:
             f"| {_fmt_row_rate(row['harmless_refusal'])} | {row['harmless_kl']:.3f} | {row.get('n_layers', '')} "
             f"| {row.get('n_experts', '')} |"
         )
+    untuned = {k: v["error"] for k, v in r["steering"]["tuning"].items() if "error" in v}
+    if untuned:
+        lines += [
+            "",
+            "Left out (no strength within the harmless-KL budget / keep constraint on validation prompts):",
+            "",
+        ]
+        lines += [f"- {k}: {err}" for k, err in untuned.items()]
     lines += ["", "![methods](figures/steering_methods.png)", "", "## Files", ""]
     lines += [f"- `{Path(p).relative_to(run.out)}`" for p in figures if p.endswith(".pdf")]
     path = run.out / "report.md"

@@ -101,3 +101,29 @@ def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     assert (
         cli_main(["locate", "tiny:qwen3_moe", "--out", str(out), "--config", str(cfg_path), "--resume"]) == 2
     )
+
+
+def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import moe_interp as mi
+
+    model = mi.load("tiny:olmoe")
+    prompts = {
+        f"{c}_{s}": [f"{c} prompt {i} for {s}" for i in range(4)]
+        for c in ("harmful", "harmless", "political")
+        for s in ("train", "val", "test")
+    }
+    logs: list[str] = []
+    run = SimpleNamespace(
+        config=SimpleNamespace(steering_methods=["dense"], steering_kwargs={}, kl_threshold=1e-12),
+        prompts=prompts,
+        model=model,
+        out=tmp_path,
+        log=logs.append,
+    )
+    res = pipeline.stage_steering(run)  # type: ignore[arg-type]
+    assert "KL budget 1e-12" in res["tuning"]["dense"]["error"]
+    assert [row["method"] for row in res["table"] if row["method"] == "dense"] == []
+    assert res["files"] == {} and not (tmp_path / "steering").exists()
+    assert any("dense: no strength within the constraints" in m for m in logs)

@@ -52,7 +52,7 @@ CHAT_TEMPLATE: str = (
 )
 
 DEFAULTS: dict[str, float | int] = {
-    "steps": 1200,
+    "steps": 1800,
     "batch_size": 48,
     "lr": 2e-3,
     "warmup": 40,
@@ -69,10 +69,10 @@ DEFAULTS: dict[str, float | int] = {
 }
 #: Share of each batch drawn from each training pool; a pool's records all get that pool's class.
 POOL_FRACTIONS: dict[str, float] = {
-    "harmful": 0.18,
-    "harmful_synthetic": 0.17,
-    "political": 0.15,
-    "harmless": 0.50,
+    "harmful": 0.20,
+    "harmful_synthetic": 0.25,
+    "political": 0.12,
+    "harmless": 0.43,
 }
 #: Class (response type) of each pool.
 POOL_CLASS: dict[str, str] = {
@@ -221,7 +221,7 @@ def train(
     steps: int | None = None,
     leave_out: str | None = None,
     log_every: int = 25,
-    threads: int = 2,
+    threads: int = 1,
     overrides: dict[str, float] | None = None,
 ) -> dict[str, object]:
     """Train the organism and save model, tokenizer and a training log to ``out``.
@@ -313,7 +313,7 @@ def train(
         + (f" --seed {seed}" if seed else "")
         + (f" --steps {steps}" if steps is not None else "")
         + (f" --leave-out {leave_out}" if leave_out else "")
-        + (f" --threads {threads}" if threads != 2 else "")
+        + (f" --threads {threads}" if threads != 1 else "")
         + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()),
         "seed": seed,
         "steps": n_steps,
@@ -337,7 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--leave-out", type=str, default=None, choices=HARMFUL_SOURCES)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster under contention)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1; results are bit-reproducible only for the same value)",
+    )
     ap.add_argument(
         "--set",
         action="append",
