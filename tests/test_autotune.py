@@ -104,3 +104,24 @@ def test_coefficient_search_on_tiny_model() -> None:
         "steer_router", model, HARMFUL, HARMLESS, HARMFUL, HARMLESS, router_grid=(1, 2), kl_budget=10.0
     )
     assert tuned.label == 1 and tuned.to_dict()["history"][0]["label"] == 1
+
+
+class _Scalable:
+    """Stands in for SteeringVectors: ``scaled(s)`` returns the fake candidate ``s``."""
+
+    def scaled(self, s: float) -> float:
+        return s
+
+
+def test_coefficient_search_retries_finer_scales_when_first_is_over_budget(fake_eval) -> None:
+    res = at.coefficient_search(None, _Scalable(), ["h"], ["l"], scales=[5.0, 4.0], kl_budget=0.25)
+    # 4 (smallest) has KL 0.4 > 0.25 -> retried on 4 x (1/8, 1/4, 1/2) = 0.5, 1, 2; 2 is the strongest in budget
+    assert fake_eval == [4.0, 0.5, 1.0, 2.0]
+    assert res.label == 2.0 and math.isclose(res.refusal_rate, 0.5)
+    assert [h["label"] for h in res.history] == [4.0, 0.5, 1.0, 2.0]
+    assert "after scale 4 exceeded the KL budget" in res.stopped
+    # a failure that is not about the first step's KL is not retried
+    with pytest.raises(at.NoCandidateError, match="keep refusal"):
+        at.coefficient_search(
+            None, _Scalable(), ["h"], ["l"], scales=[1.0], kl_budget=1.0, keep=["keep"], keep_min_rate=0.99
+        )

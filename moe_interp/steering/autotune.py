@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SCALES",
+    "FINER_FRACTIONS",
+    "NoCandidateError",
     "TuneResult",
     "autotune",
     "coefficient_search",
@@ -45,6 +47,8 @@ __all__ = [
 
 #: coefficient scales tried by :func:`coefficient_search` (multiplying the fitted coefficients)
 DEFAULT_SCALES: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+#: Fractions of the smallest scale tried when that scale is already over the KL budget.
+FINER_FRACTIONS: tuple[float, ...] = (0.125, 0.25, 0.5)
 
 
 def layer_correlation(
@@ -65,6 +69,14 @@ def layer_correlation(
     p = (acts.float() * r).sum(-1)
     pc, cc = p - p.mean(0), c - c.mean()
     return (pc * cc[:, None]).sum(0) / (pc.norm(dim=0) * cc.norm()).clamp_min(1e-12)
+
+
+class NoCandidateError(ValueError):
+    """No candidate strength satisfies the constraints; ``history`` holds every step tried."""
+
+    def __init__(self, message: str, history: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.history = history
 
 
 @dataclass
@@ -150,10 +162,11 @@ def search_candidates(
             stopped = f"no improvement for {patience} steps"
             break
     if best is None:
-        raise ValueError(
+        raise NoCandidateError(
             f"No candidate satisfies the constraints (KL budget {kl_budget}"
             + (f", keep refusal >= {keep_min_rate}" if keep is not None else "")
-            + f"); first step: {history[0] if history else 'none'}."
+            + f"); first step: {history[0] if history else 'none'}.",
+            history,
         )
     best.history, best.stopped = history, stopped
     return best
@@ -168,7 +181,11 @@ def coefficient_search(
     scales: Sequence[float] = DEFAULT_SCALES,
     **kw: Any,
 ) -> TuneResult:
-    """:func:`search_candidates` over ``sv.scaled(s)`` for increasing ``s`` in ``scales``."""
+    """:func:`search_candidates` over ``sv.scaled(s)`` for increasing ``s`` in ``scales``.
+
+    If even the smallest scale is over the KL budget, the search is repeated once on
+    :data:`FINER_FRACTIONS` of it (1/8, 1/4, 1/2), so a model that is sensitive to steering still gets
+    the strongest strength inside the budget rather than none."""
     if not isinstance(sv, SteeringVectors) and not hasattr(sv, "scaled"):
         raise ValueError(
             f"coefficient_search needs SteeringVectors (or a scalable steering), got {type(sv).__name__}."
@@ -176,7 +193,18 @@ def coefficient_search(
     scales = [float(s) for s in scales]
     if not scales or any(not (s > 0 and s < float("inf")) for s in scales):
         raise ValueError(f"scales must be finite positive numbers, got {scales!r}.")
-    return search_candidates(model, ((s, sv.scaled(s)) for s in sorted(scales)), harmful, harmless, **kw)
+    scales = sorted(scales)
+    try:
+        return search_candidates(model, ((s, sv.scaled(s)) for s in scales), harmful, harmless, **kw)
+    except NoCandidateError as err:
+        budget = kw.get("kl_budget", 0.1)
+        if not err.history or err.history[0]["kl"] <= budget:
+            raise  # the first step fit the KL budget: a smaller one cannot help
+        finer = [scales[0] * f for f in FINER_FRACTIONS]
+        res = search_candidates(model, ((s, sv.scaled(s)) for s in finer), harmful, harmless, **kw)
+        res.history = err.history + res.history
+        res.stopped = f"{res.stopped} (after scale {scales[0]:g} exceeded the KL budget)"
+        return res
 
 
 def autotune(
