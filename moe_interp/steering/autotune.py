@@ -74,9 +74,15 @@ def layer_correlation(
 class NoCandidateError(ValueError):
     """No candidate strength satisfies the constraints; ``history`` holds every step tried."""
 
-    def __init__(self, message: str, history: list[dict[str, Any]]) -> None:
+    def __init__(self, message: str, history: list[dict[str, Any]], kl_budget: float) -> None:
         super().__init__(message)
         self.history = history
+        self.kl_budget = kl_budget
+
+    @property
+    def first_over_kl_budget(self) -> bool:
+        """True when already the weakest candidate was over the KL budget (NaN counts as over)."""
+        return bool(self.history) and not self.history[0]["kl"] <= self.kl_budget
 
 
 @dataclass
@@ -167,6 +173,7 @@ def search_candidates(
             + (f", keep refusal >= {keep_min_rate}" if keep is not None else "")
             + f"); first step: {history[0] if history else 'none'}.",
             history,
+            kl_budget,
         )
     best.history, best.stopped = history, stopped
     return best
@@ -197,8 +204,7 @@ def coefficient_search(
     try:
         return search_candidates(model, ((s, sv.scaled(s)) for s in scales), harmful, harmless, **kw)
     except NoCandidateError as err:
-        budget = kw.get("kl_budget", 0.1)
-        if not err.history or err.history[0]["kl"] <= budget:
+        if not err.first_over_kl_budget:
             raise  # the first step fit the KL budget: a smaller one cannot help
         finer = [scales[0] * f for f in FINER_FRACTIONS]
         res = search_candidates(model, ((s, sv.scaled(s)) for s in finer), harmful, harmless, **kw)
