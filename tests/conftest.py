@@ -12,8 +12,9 @@ import torch
 from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Property tests check behaviour, not speed: hypothesis' default 200 ms deadline turns a slow first example
-# on a loaded 2-core machine into a spurious failure (seen once in a fresh-clone CI run).
+# Property tests check behaviour, not speed: hypothesis' default 200 ms deadline can turn a slow first example
+# on a loaded 2-core machine into a spurious failure. (A fresh-clone CI run failed one unidentified test once,
+# not reproduced in four reruns; this deadline was the suite's tightest timing dependence.)
 settings.register_profile("moe_interp", deadline=None)
 settings.load_profile("moe_interp")
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
