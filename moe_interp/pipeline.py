@@ -315,7 +315,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
     under the harmless-KL budget (``kl_threshold``); topic methods must also keep >= 97% of the baseline
     harmful refusal rate.
     """
-    from moe_interp.steering.autotune import autotune, coefficient_search
+    from moe_interp.steering.autotune import NoCandidateError, autotune, coefficient_search
     from moe_interp.steering.methods import compare_methods, fit_method, refusal_flags
 
     cfg, p, model = run.config, run.prompts, run.model
@@ -348,7 +348,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
                     fit_kwargs=kw,
                     kl_budget=cfg.kl_threshold,
                 )
-        except ValueError as err:  # no strength satisfies the constraints: reported, not compared
+        except NoCandidateError as err:  # no strength satisfies the constraints: reported, not compared
             run.log(
                 f"[steering] {name}: no strength within the constraints ({err}); left out of the comparison"
             )

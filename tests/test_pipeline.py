@@ -127,3 +127,9 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
     assert [row["method"] for row in res["table"] if row["method"] == "dense"] == []
     assert res["files"] == {} and not (tmp_path / "steering").exists()
     assert any("dense: no strength within the constraints" in m for m in logs)
+    # a configuration error is not a tuning outcome: it propagates instead of being left out quietly
+    run.config = SimpleNamespace(
+        steering_methods=["dense"], steering_kwargs={"dense": {"layer": 99}}, kl_threshold=0.1
+    )
+    with pytest.raises(ValueError, match="Layer 99 is out of range"):
+        pipeline.stage_steering(run)  # type: ignore[arg-type]

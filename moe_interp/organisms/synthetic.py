@@ -638,9 +638,13 @@ LEXICON_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The committed WordNet harm lexicon, written by :mod:`moe_interp.organisms.wordnet_lexicon`.
+LEXICON_PATH: Path = Path(__file__).resolve().parent / "data" / "harm_lexicon.json"
+
+
 def load_harm_lexicon() -> dict[str, list[str]]:
     """Category -> terms of the committed WordNet harm lexicon (see :mod:`wordnet_lexicon`)."""
-    path = Path(__file__).resolve().parent / "data" / "harm_lexicon.json"
+    path = LEXICON_PATH
     if not path.is_file():
         raise FileNotFoundError(
             f"harm lexicon missing: {path}; rebuild it with `python -m moe_interp.organisms.wordnet_lexicon`"

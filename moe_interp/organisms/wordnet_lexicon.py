@@ -24,8 +24,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-DATA_DIR: Path = Path(__file__).resolve().parent / "data"
-LEXICON_PATH: Path = DATA_DIR / "harm_lexicon.json"
+from moe_interp.organisms.synthetic import LEXICON_PATH
 
 #: Category -> WordNet 3.0 noun synset offsets whose hyponym closure is collected.
 ROOTS: dict[str, tuple[str, ...]] = {
@@ -99,15 +98,15 @@ def read_wordnet(path: Path) -> dict[str, tuple[list[str], list[str]]]:
 
 def _closure(synsets: dict[str, tuple[list[str], list[str]]], roots: tuple[str, ...]) -> list[str]:
     """Offsets of ``roots`` and all their hyponyms, excluding :data:`EXCLUDE_ROOTS` subtrees."""
-    seen: list[str] = []
+    seen: dict[str, None] = {}  # insertion-ordered set: depth-first order, O(1) membership
     stack = list(reversed(roots))
     while stack:
         off = stack.pop()
         if off in seen or off in EXCLUDE_ROOTS:
             continue
-        seen.append(off)
+        seen[off] = None
         stack.extend(reversed(synsets[off][1]))
-    return seen
+    return list(seen)
 
 
 def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, list[str]]:
@@ -116,7 +115,8 @@ def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, lis
     (street slang: "Elvis", "window pane"), is excluded, is longer than 3 words or a
     1–2 letter abbreviation, or is a single word that occurs in a harmless (Alpaca) training prompt."""
     synsets = read_wordnet(wordnet_dir)
-    harm_offsets = {off for roots in ROOTS.values() for off in _closure(synsets, roots)}
+    closures = {cat: _closure(synsets, roots) for cat, roots in ROOTS.items()}
+    harm_offsets = {off for offs in closures.values() for off in offs}
     other_senses: set[str] = set()  # lemmas with a sense outside the harm closure (any part of speech)
     for off, (lemmas, _) in synsets.items():
         if off not in harm_offsets:
@@ -134,9 +134,9 @@ def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, lis
         counts.update(set(re.findall(r"[a-z0-9][a-z0-9\-\.]*", t.lower())))
     lexicon: dict[str, list[str]] = {}
     taken: set[str] = set()
-    for cat, roots in ROOTS.items():
+    for cat, offsets in closures.items():
         terms: list[str] = []
-        for off in _closure(synsets, roots):
+        for off in offsets:
             for lemma in synsets[off][0][:2]:  # canonical name + first synonym; later ones are slang
                 term = re.sub(r"\(.*?\)", "", lemma).replace("_", " ").strip()
                 key = term.lower()
