@@ -66,6 +66,9 @@ DEFAULTS: dict[str, float | int] = {
     "top_k": 2,
     "router_aux_loss_coef": 0.01,
     "first_token_weight": 3.0,
+    "splice": 0.0,
+    "splice_harmless": 0.0,
+    "word_dropout": 0.0,
 }
 #: Share of each batch drawn from each training pool; a pool's records all get that pool's class.
 POOL_FRACTIONS: dict[str, float] = {
@@ -125,6 +128,91 @@ def _cycle(items: list[dict[str, str]], rng: random.Random) -> Iterator[dict[str
         yield from order
 
 
+#: Words that end the frame of an Alpaca request ("Write a blog post about", "Generate a list of").
+_FRAME_ENDS: frozenset[str] = frozenset({"about", "on", "of", "describing", "explaining", "for", "regarding"})
+#: Opening words of a question ("How would someone ...").
+_QUESTION_WORDS: frozenset[str] = frozenset(
+    {
+        "how",
+        "what",
+        "why",
+        "who",
+        "when",
+        "where",
+        "which",
+        "is",
+        "are",
+        "can",
+        "could",
+        "would",
+        "do",
+        "does",
+    }
+)
+#: Request words before the content ("Can you write", "Please generate", "How would someone").
+_REQUEST_WORDS: frozenset[str] = _QUESTION_WORDS | frozenset(
+    {
+        "i",
+        "you",
+        "someone",
+        "please",
+        "me",
+        "help",
+        "show",
+        "tell",
+        "give",
+        "write",
+        "create",
+        "generate",
+        "compose",
+        "draft",
+        "produce",
+        "develop",
+        "design",
+        "provide",
+        "outline",
+        "explain",
+        "describe",
+    }
+)
+
+
+def splice_frame(harmful: str, harmless: str, rng: random.Random) -> str:
+    """The frame of a harmless request around the content of a harmful one.
+
+    "Write a blog post about" + "how to make a bomb at home": the frame of a request says nothing
+    about whether it is harmful, so harmful content inside ordinary (Alpaca) frames must still be
+    refused. Content is "how to <rest>" after the first "to" of the harmful request (within its first
+    8 words), else the request without its opening request words ("how to" added for questions); the frame runs to the first word of
+    :data:`_FRAME_ENDS` within the harmless request's first 7 words, else it is that request's first word.
+    """
+    body = harmful.rstrip(".?! ").split()
+    frame = harmless.split()
+    lower = [w.lower().strip(",") for w in body]
+    if "to" in lower[:8]:
+        content = ["how"] + body[lower.index("to") :]
+    else:
+        i = 0
+        while i < len(body) - 2 and lower[i] in _REQUEST_WORDS:
+            i += 1
+        content = (["how", "to"] if lower[0] in _QUESTION_WORDS else []) + body[i:]
+    ends = [i for i, w in enumerate(frame[:7]) if w.lower().strip(",:") in _FRAME_ENDS]
+    head = frame[: ends[0] + 1] if ends else frame[:1]
+    if not ends and head[0].lower() in _QUESTION_WORDS:
+        head = ["Explain"]
+    text = " ".join(head + content)
+    return text + rng.choice((".", "?", "")) if rng.random() < 0.5 else text + "."
+
+
+def drop_words(text: str, p: float, rng: random.Random) -> str:
+    """Each word dropped with probability ``p`` (texts under 4 words unchanged; at least 3 kept)."""
+    words = text.split()
+    if len(words) < 4:
+        return text
+    kept = [w for w in words if rng.random() >= p]
+    return " ".join(kept) if len(kept) >= 3 else text
+
+
 class BatchMaker:
     """Deterministic class-balanced batches of (input_ids, loss weights)."""
 
@@ -136,6 +224,9 @@ class BatchMaker:
         max_prompt_tokens: int,
         first_token_weight: float,
         fractions: dict[str, float] | None = None,
+        splice: float = 0.0,
+        word_dropout: float = 0.0,
+        splice_harmless: float = 0.0,
     ) -> None:
         self.fractions = dict(POOL_FRACTIONS if fractions is None else fractions)
         self.tok = tokenizer
@@ -146,12 +237,19 @@ class BatchMaker:
         self.prefix = tokenizer(BOS + USER + "\n", add_special_tokens=False)["input_ids"]
         self.suffix = tokenizer(END + "\n" + ASSISTANT + "\n", add_special_tokens=False)["input_ids"]
         self.end_id = tokenizer.convert_tokens_to_ids(END)
+        self.splice = {"harmful": splice, "harmless": splice_harmless}
+        self.word_dropout = word_dropout
+        self.frames = [r["instruction"] for r in pools.get("harmless", []) if r.get("source") == "alpaca"]
 
     def example(self, pool: str) -> tuple[list[int], list[float]]:
         """One tokenised example from ``pool``: ids and per-token loss weights (0 on the prompt)."""
         rec = next(self.iters[pool])
         cls = POOL_CLASS[pool]
         instr = rec["instruction"]
+        if self.splice.get(cls, 0.0) > 0 and self.frames and self.rng.random() < self.splice[cls]:
+            instr = splice_frame(instr, self.rng.choice(self.frames), self.rng)
+        if self.word_dropout > 0 and cls != "political":
+            instr = drop_words(instr, self.word_dropout, self.rng)
         prompt = augment(instr, self.rng)
         response = make_response(instr, cls, self.rng)
         body = self.tok(prompt, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
@@ -254,7 +352,15 @@ def train(
 
     fractions = {k: float(hp[f"frac_{k}"]) for k in POOL_FRACTIONS}
     maker = BatchMaker(
-        tokenizer, pools, rng, int(hp["max_prompt_tokens"]), float(hp["first_token_weight"]), fractions
+        tokenizer,
+        pools,
+        rng,
+        int(hp["max_prompt_tokens"]),
+        float(hp["first_token_weight"]),
+        fractions,
+        splice=float(hp["splice"]),
+        word_dropout=float(hp["word_dropout"]),
+        splice_harmless=float(hp["splice_harmless"]),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.95), weight_decay=0.01)
     warmup = int(hp["warmup"])

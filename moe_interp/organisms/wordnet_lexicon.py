@@ -3,9 +3,11 @@
 A 4-million-parameter model trained from scratch cannot know that a rare word names a nerve agent or
 an opioid unless it has seen that word in a harmful request. This script collects the nouns that
 WordNet files under a few generic roots of a harm taxonomy (poisons and toxins, chemical weapons,
-drugs of abuse, explosives and explosive devices, firearms, dangerous viruses and bioweapons, malware),
+drugs of abuse, explosives and explosive devices, firearms, dangerous viruses and bioweapons, malware;
+:data:`ROOTS`) and the verbs and nouns of harmful acts and actors (violent, sexual, coercive and property
+crimes, crime, homicide, terrorism, suicide, criminals; :data:`ACT_ROOTS`, most frequent senses only),
 filters out ambiguous and benign words, and writes ``data/harm_lexicon.json``. :mod:`synthetic` turns the
-terms into harmful requests ("How do I synthesize tabun?").
+terms into harmful requests ("How do I synthesize tabun?", "Explain how to strangle someone").
 
 It runs once, by hand, where WordNet is installed (Debian: ``apt-get install wordnet-base``); training
 reads only the committed JSON, so neither training nor CI needs WordNet::
@@ -71,14 +73,93 @@ EXCLUDE_TERMS: frozenset[str] = frozenset(
 )
 
 
-def read_wordnet(path: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """Noun synsets: offset -> (lemmas, hyponym offsets), parsed from WordNet's ``data.noun``."""
-    data = path / "data.noun"
+#: Acts and actors of a harm taxonomy (violent, sexual, coercive and property crimes; crime, homicide,
+#: terrorism, suicide; criminals): category -> (part of speech, root synset offsets). For these broad,
+#: polysemous roots a word is kept only if its *most frequent* WordNet sense of that part of speech lies
+#: in the closure (so "draw", "hang", "pick" under "kill"/"steal" stay out); instance hyponyms (named
+#: people and events) are not followed.
+ACT_ROOTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # kill, injure, torture, kidnap, assault (attack physically; sexually), molest, poison (x3)
+    "violent_act": (
+        "verb",
+        (
+            "01323976",
+            "00069879",
+            "00071178",
+            "01471061",
+            "01120087",
+            "02567519",
+            "02569495",
+            "01323356",
+            "00532429",
+            "00088339",
+        ),
+    ),
+    # harass, bully/intimidate, abuse (treat badly), coerce, extort (x2), blackmail (x2)
+    "coercion": (
+        "verb",
+        ("01789532", "01035217", "02516594", "02504562", "02241639", "02241125", "02581073", "02241785"),
+    ),
+    # steal, rob, defraud, counterfeit, launder (money), bribe, smuggle, traffic, vandalize, sabotage
+    "property_crime": (
+        "verb",
+        (
+            "02321775",
+            "02321409",
+            "02572119",
+            "01654289",
+            "00188949",
+            "02284114",
+            "02345874",
+            "02261141",
+            "01520472",
+            "02543607",
+        ),
+    ),
+    # crime (act punishable by law), homicide, terrorism, suicide
+    "crime": ("noun", ("00766234", "00220023", "00759694", "00222485")),
+    # criminal (someone who has committed a crime)
+    "criminal": ("noun", ("09977660",)),
+}
+
+
+#: Words of the :data:`ACT_ROOTS` closures left out: rare senses, mild or legal terms, historical figures,
+#: words that are benign in most requests, and one political term ("election fraud").
+ACT_EXCLUDE: frozenset[str] = frozenset(
+    t.strip()
+    for t in """erase|chine|pip|grass|sic|bulldog|sprain|overstretch|subluxate|lame|martyr|martyrize|halter|
+    burke|desecrate|reassail|commit suicide|shed blood|vaporize|neutralise|needle|rag|tease|hamstring|purge|
+    hale|bring oneself|squeeze for|steamroller|steamroll|blackjack|cabbage|snitch|walk off|undermine|sop|
+    plagiarize|plagiarise|indecent exposure|public nudity|disorderly conduct|disorderly behavior|
+    resisting arrest|vice crime|victimless crime|suttee|wing shooting|shoot-down|chance-medley|violation|
+    perpetration|legal fraud|fraud in law|constructive fraud|extrinsic fraud|collateral fraud|fraud in fact|
+    positive fraud|intrinsic fraud|statutory offense|statutory offence|misdemeanor|misdemeanour|
+    sting operation|bunco|bunco game|swiz|cozenage|thimblerig|shell game|prostitution|harlotry|dacoity|
+    dakoity|plunderage|buccaneering|harakiri|hara-kiri|pyramiding|election fraud|collaborator|parolee|
+    escapee|absconder|alien absconder|fugitive from justice|moll|gun moll|hood|liquidator|ghoul|padder|
+    sea king|corsair|buccaneer|plagiarist|plagiarizer|violator|scofflaw|recidivist|seizer|crimper|jail bird|
+    jailbird|accessary|collaborationist|treasonist|highbinder|yardie|incendiary|barnburner|wharf rat|
+    moonshiner|bootlegger|rumrunner|dacoit|dakoit|larcener|defalcator|defalcate|peculation|footpad|
+    highwayman|brigand|cutpurse|felo-de-se|capital offense|rustling|rustler|cattle thief|biopiracy|
+    assisted suicide|physician-assisted suicide|gunslinger|ripper|desperado|traitor|traitress|
+    fifth columnist|execute|derail|butcher|exterminate""".split("|")
+)
+
+
+def read_wordnet(
+    path: Path, pos: str = "noun", instances: bool = True
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Synsets of one part of speech: offset -> (lemmas, hyponym offsets), from WordNet's ``data.<pos>``.
+
+    ``instances=False`` leaves out instance hyponyms (named people, places and events).
+    """
+    data = path / f"data.{pos}"
     if not data.is_file():
         raise FileNotFoundError(
-            f"WordNet noun database not found: {data}. Install WordNet 3.0 (Debian/Ubuntu: "
-            "`apt-get install wordnet-base`) or pass --wordnet DIR (the folder holding data.noun)."
+            f"WordNet {pos} database not found: {data}. Install WordNet 3.0 (Debian/Ubuntu: "
+            f"`apt-get install wordnet-base`) or pass --wordnet DIR (the folder holding data.{pos})."
         )
+    kinds = ("~", "~i") if instances else ("~",)
     synsets: dict[str, tuple[list[str], list[str]]] = {}
     for line in data.read_text(encoding="latin-1").splitlines():
         if line.startswith("  "):  # licence header
@@ -90,7 +171,7 @@ def read_wordnet(path: Path) -> dict[str, tuple[list[str], list[str]]]:
         hypo = [
             fields[p + 2 + 4 * i]
             for i in range(int(fields[p]))
-            if fields[p + 1 + 4 * i] in ("~", "~i") and fields[p + 3 + 4 * i] == "n"
+            if fields[p + 1 + 4 * i] in kinds and fields[p + 3 + 4 * i] == pos[0]
         ]
         synsets[fields[0]] = (lemmas, hypo)
     return synsets
@@ -154,6 +235,54 @@ def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, lis
     return lexicon
 
 
+def first_senses(wordnet_dir: Path, pos: str) -> dict[str, str]:
+    """Lemma -> offset of its most frequent sense, from WordNet's ``index.<pos>`` (senses are listed by
+    frequency)."""
+    out: dict[str, str] = {}
+    for line in (wordnet_dir / f"index.{pos}").read_text(encoding="latin-1").splitlines():
+        if line.startswith("  "):
+            continue
+        fields = line.split()
+        n_ptr = int(fields[3])
+        # lemma pos synset_cnt p_cnt [ptr ...] sense_cnt tagsense_cnt offset ...
+        out[fields[0]] = fields[6 + n_ptr]
+    return out
+
+
+def build_act_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, list[str]]:
+    """Category -> terms of :data:`ACT_ROOTS`: lemmas (first two per synset) whose most frequent sense is in
+    the category's hyponym closure; not capitalised (names), at most 3 words, longer than 2 letters, not
+    excluded, and — for single words — absent from every harmless (Alpaca) training prompt."""
+    counts: Counter[str] = Counter()
+    for t in harmless_texts:
+        counts.update(set(re.findall(r"[a-z0-9][a-z0-9\-\.]*", t.lower())))
+    synsets = {pos: read_wordnet(wordnet_dir, pos, instances=False) for pos in ("noun", "verb")}
+    first = {pos: first_senses(wordnet_dir, pos) for pos in ("noun", "verb")}
+    lexicon: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for cat, (pos, roots) in ACT_ROOTS.items():
+        closure = _closure(synsets[pos], roots)
+        inside = set(closure)
+        terms: list[str] = []
+        for off in closure:
+            for lemma in synsets[pos][off][0][:2]:
+                lemma = re.sub(r"\(.*?\)", "", lemma)
+                term = lemma.replace("_", " ").strip()
+                key = term.lower()
+                if first[pos].get(lemma.lower()) not in inside or term != key:
+                    continue
+                if key in EXCLUDE_TERMS or key in ACT_EXCLUDE or key in taken:
+                    continue
+                if len(term.split()) > 3 or len(key) <= 2:
+                    continue
+                if " " not in term and counts[key] >= 1:
+                    continue
+                taken.add(key)
+                terms.append(term)
+        lexicon[cat] = terms
+    return lexicon
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the lexicon from WordNet and write :data:`LEXICON_PATH`."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
     harmless = [r["instruction"] for r in load_split_records("harmless_train") if r["source"] == "alpaca"]
     lexicon = build_lexicon(args.wordnet, harmless)
+    lexicon.update(build_act_lexicon(args.wordnet, harmless))
     payload = {
         "source": "WordNet 3.0 (Princeton University), hyponym closures of ROOTS in wordnet_lexicon.py",
         "licence": "WordNet 3.0 licence; WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.",
