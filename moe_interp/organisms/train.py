@@ -66,9 +66,11 @@ DEFAULTS: dict[str, float | int] = {
     "top_k": 2,
     "router_aux_loss_coef": 0.01,
     "first_token_weight": 3.0,
-    "splice": 0.0,
+    # Anti-shortcut augmentation (see splice_frame, drop_words): share of harmful / harmless examples put
+    # into the frame of a random Alpaca request, and per-word drop probability (harmful and harmless only).
+    "splice": 0.5,
     "splice_harmless": 0.0,
-    "word_dropout": 0.0,
+    "word_dropout": 0.15,
 }
 #: Share of each batch drawn from each training pool; a pool's records all get that pool's class.
 POOL_FRACTIONS: dict[str, float] = {
