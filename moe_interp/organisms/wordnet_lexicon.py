@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 from moe_interp.organisms.synthetic import LEXICON_PATH
@@ -146,6 +145,12 @@ ACT_EXCLUDE: frozenset[str] = frozenset(
 )
 
 
+#: Harmless prompts whose words filter the lexicon: the first 5000 Alpaca prompts of ``harmless_train`` (the
+#: whole Alpaca part when the lexicon was built; ``build_splits`` takes a prefix of one fixed shuffle, so these
+#: stay the same when the split grows).
+FILTER_PROMPTS: int = 5000
+
+
 def read_wordnet(
     path: Path, pos: str = "noun", instances: bool = True
 ) -> dict[str, tuple[list[str], list[str]]]:
@@ -190,6 +195,22 @@ def _closure(synsets: dict[str, tuple[list[str], list[str]]], roots: tuple[str, 
     return list(seen)
 
 
+def _words(texts: list[str]) -> set[str]:
+    """Lower-cased words of ``texts`` (letters, digits, inner hyphens and dots)."""
+    return {w for t in texts for w in re.findall(r"[a-z0-9][a-z0-9\-\.]*", t.lower())}
+
+
+def _admissible(term: str, words: set[str], excluded: frozenset[str], taken: set[str]) -> bool:
+    """Shared term filter: not excluded or already taken (case-insensitive), at most 3 words, not a 1–2 letter
+    abbreviation, and — for a single word — absent from ``words`` (the harmless prompts' words)."""
+    key = term.lower()
+    if key in excluded or key in taken or len(term.split()) > 3:
+        return False
+    if len(term.replace(".", "").replace("-", "")) <= 2:
+        return False
+    return " " in term or key not in words
+
+
 def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, list[str]]:
     """Category -> terms. A term is dropped if it has any WordNet sense outside the harm closure
     (noun, verb, adjective or adverb: "pot", "crack", "speed"), is a third or later synonym of its synset
@@ -210,9 +231,7 @@ def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, lis
                 for line in index.read_text(encoding="latin-1").splitlines()
                 if not line.startswith("  ")
             )
-    counts: Counter[str] = Counter()
-    for t in harmless_texts:
-        counts.update(set(re.findall(r"[a-z0-9][a-z0-9\-\.]*", t.lower())))
+    words = _words(harmless_texts)
     lexicon: dict[str, list[str]] = {}
     taken: set[str] = set()
     for cat, offsets in closures.items():
@@ -220,17 +239,11 @@ def build_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str, lis
         for off in offsets:
             for lemma in synsets[off][0][:2]:  # canonical name + first synonym; later ones are slang
                 term = re.sub(r"\(.*?\)", "", lemma).replace("_", " ").strip()
-                key = term.lower()
                 if lemma.lower() in other_senses:  # polysemous: "pot", "crack", "nose drops" ...
                     continue
-                if key in EXCLUDE_TERMS or key in taken or len(term.split()) > 3:
-                    continue
-                if len(term.replace(".", "").replace("-", "")) <= 2:
-                    continue
-                if " " not in term and counts[key] >= 1:
-                    continue
-                taken.add(key)
-                terms.append(term)
+                if _admissible(term, words, EXCLUDE_TERMS, taken):
+                    taken.add(term.lower())
+                    terms.append(term)
         lexicon[cat] = terms
     return lexicon
 
@@ -253,9 +266,7 @@ def build_act_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str,
     """Category -> terms of :data:`ACT_ROOTS`: lemmas (first two per synset) whose most frequent sense is in
     the category's hyponym closure; not capitalised (names), at most 3 words, longer than 2 letters, not
     excluded, and — for single words — absent from every harmless (Alpaca) training prompt."""
-    counts: Counter[str] = Counter()
-    for t in harmless_texts:
-        counts.update(set(re.findall(r"[a-z0-9][a-z0-9\-\.]*", t.lower())))
+    words = _words(harmless_texts)
     synsets = {pos: read_wordnet(wordnet_dir, pos, instances=False) for pos in ("noun", "verb")}
     first = {pos: first_senses(wordnet_dir, pos) for pos in ("noun", "verb")}
     lexicon: dict[str, list[str]] = {}
@@ -268,17 +279,11 @@ def build_act_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str,
             for lemma in synsets[pos][off][0][:2]:
                 lemma = re.sub(r"\(.*?\)", "", lemma)
                 term = lemma.replace("_", " ").strip()
-                key = term.lower()
-                if first[pos].get(lemma.lower()) not in inside or term != key:
+                if first[pos].get(lemma.lower()) not in inside or term != term.lower():
                     continue
-                if key in EXCLUDE_TERMS or key in ACT_EXCLUDE or key in taken:
-                    continue
-                if len(term.split()) > 3 or len(key) <= 2:
-                    continue
-                if " " not in term and counts[key] >= 1:
-                    continue
-                taken.add(key)
-                terms.append(term)
+                if _admissible(term, words, EXCLUDE_TERMS | ACT_EXCLUDE, taken):
+                    taken.add(term)
+                    terms.append(term)
         lexicon[cat] = terms
     return lexicon
 
@@ -292,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     from moe_interp.organisms.data import load_split_records
 
     harmless = [r["instruction"] for r in load_split_records("harmless_train") if r["source"] == "alpaca"]
+    harmless = harmless[:FILTER_PROMPTS]
     lexicon = build_lexicon(args.wordnet, harmless)
     lexicon.update(build_act_lexicon(args.wordnet, harmless))
     payload = {
