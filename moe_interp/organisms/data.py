@@ -215,7 +215,7 @@ def _read(name: str) -> list[str]:
         return [d["instruction"] for d in json.load(f)]
 
 
-def build_splits(seed: int = 0, n_harmless_train: int = 5000, n_harmless_eval: int = 300) -> None:
+def build_splits(seed: int = 0, n_harmless_train: int = 10000, n_harmless_eval: int = 300) -> None:
     """Build all splits from the shared datasets and save them as JSON in :data:`DATA_DIR`.
 
     Each split file is a list of ``{"instruction": str, "source": str}``.
