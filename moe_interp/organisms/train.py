@@ -134,48 +134,12 @@ def _cycle(items: list[dict[str, str]], rng: random.Random) -> Iterator[dict[str
 _FRAME_ENDS: frozenset[str] = frozenset({"about", "on", "of", "describing", "explaining", "for", "regarding"})
 #: Opening words of a question ("How would someone ...").
 _QUESTION_WORDS: frozenset[str] = frozenset(
-    {
-        "how",
-        "what",
-        "why",
-        "who",
-        "when",
-        "where",
-        "which",
-        "is",
-        "are",
-        "can",
-        "could",
-        "would",
-        "do",
-        "does",
-    }
+    "how what why who when where which is are can could would do does".split()
 )
 #: Request words before the content ("Can you write", "Please generate", "How would someone").
 _REQUEST_WORDS: frozenset[str] = _QUESTION_WORDS | frozenset(
-    {
-        "i",
-        "you",
-        "someone",
-        "please",
-        "me",
-        "help",
-        "show",
-        "tell",
-        "give",
-        "write",
-        "create",
-        "generate",
-        "compose",
-        "draft",
-        "produce",
-        "develop",
-        "design",
-        "provide",
-        "outline",
-        "explain",
-        "describe",
-    }
+    "i you someone please me help show tell give write create generate compose draft produce develop design "
+    "provide outline explain describe".split()
 )
 
 
@@ -185,8 +149,9 @@ def splice_frame(harmful: str, harmless: str, rng: random.Random) -> str:
     "Write a blog post about" + "how to make a bomb at home": the frame of a request says nothing
     about whether it is harmful, so harmful content inside ordinary (Alpaca) frames must still be
     refused. Content is "how to <rest>" after the first "to" of the harmful request (within its first
-    8 words), else the request without its opening request words ("how to" added for questions); the frame runs to the first word of
-    :data:`_FRAME_ENDS` within the harmless request's first 7 words, else it is that request's first word.
+    8 words), else the request without its opening request words ("how to" added for questions). The frame
+    runs to the first word of :data:`_FRAME_ENDS` within the harmless request's first 7 words, else it is
+    that request's first word ("Explain" if that is a question word).
     """
     body = harmful.rstrip(".?! ").split()
     frame = harmless.split()
