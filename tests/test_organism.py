@@ -314,7 +314,7 @@ def test_batchmaker_splices_harmful_examples_only() -> None:
     }
     tok = train_tokenizer([r["instruction"] for p in pools.values() for r in p] * 5, 300)
     maker = BatchMaker(tok, pools, random.Random(0), 56, 3.0, splice=1.0, word_dropout=0.0)
-    text = {pool: tok.decode(maker.example(pool)[0]).lower() for pool in pools for _ in range(3)}
+    text = {pool: tok.decode(maker.example(pool)[0]).lower() for pool in pools}
     assert "blog post about how to make a bomb at home" in text["harmful"]
     assert "blog post about how to make a bomb at home" in text["harmful_synthetic"]
     assert "the election" in text["political"] and "healthy eating" in text["harmless"]

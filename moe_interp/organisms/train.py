@@ -213,7 +213,8 @@ class BatchMaker:
         rec = next(self.iters[pool])
         cls = POOL_CLASS[pool]
         instr = rec["instruction"]
-        if self.splice.get(cls, 0.0) > 0 and self.frames and self.rng.random() < self.splice[cls]:
+        splice = self.splice.get(cls, 0.0)
+        if splice > 0 and self.frames and self.rng.random() < splice:
             instr = splice_frame(instr, self.rng.choice(self.frames), self.rng)
         if self.word_dropout > 0 and cls != "political":
             instr = drop_words(instr, self.word_dropout, self.rng)
