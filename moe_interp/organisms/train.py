@@ -71,6 +71,8 @@ DEFAULTS: dict[str, float | int] = {
     "splice": 0.5,
     "splice_harmless": 0.0,
     "word_dropout": 0.15,
+    # Share of examples (every class) given an unrelated context phrase (see add_context).
+    "context": 0.5,
 }
 #: Share of each batch drawn from each training pool; a pool's records all get that pool's class.
 POOL_FRACTIONS: dict[str, float] = {
@@ -180,6 +182,52 @@ def drop_words(text: str, p: float, rng: random.Random) -> str:
     return " ".join(kept) if len(kept) >= 3 else text
 
 
+#: Words that join an inserted context phrase to a request ("... on a Windows XP computer").
+_JOINERS: tuple[str, ...] = tuple(
+    "on in for with using from via at about of by while upon near during through inside against".split()
+)
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwxz", "aeiouy"
+
+
+def pseudo_entity(rng: random.Random) -> str:
+    """A made-up name of 1-3 words ("Zoraki Velum", "KX-27"): stands for names never seen in training."""
+    if rng.random() < 0.25:
+        letters = "".join(rng.choice(_CONSONANTS + _VOWELS).upper() for _ in range(rng.randint(1, 3)))
+        return f"{letters}-{rng.randint(1, 99)}"
+    words = [
+        "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 4)))
+        for _ in range(rng.randint(1, 3))
+    ]
+    return " ".join(w.capitalize() if rng.random() < 0.6 else w for w in words)
+
+
+def add_context(text: str, context: str, rng: random.Random) -> str:
+    """``text`` with an unrelated phrase joined in at a random word boundary.
+
+    The phrase is a joiner ("on", "via", ...) followed by either 2-7 consecutive words of ``context`` (an
+    unrelated harmless request) or, one time in three, a made-up name (:func:`pseudo_entity`). Real requests
+    carry details and names the organism never saw ("... on a Windows XP computer upon being inserted via
+    USB"); without this, extra or unfamiliar words read as a sign of a harmless request, because the
+    harmless pool is far more varied than the harmful one. Every class gets the same phrases, so they carry
+    no class information.
+    """
+    words = text.rstrip(".?! ").split()
+    tail = text[len(text.rstrip(".?! ")) :]
+    if len(words) < 2:
+        return text
+    if rng.random() < 1 / 3:
+        phrase = ["a" if rng.random() < 0.5 else "the", pseudo_entity(rng)]
+    else:
+        src = context.rstrip(".?! ").split()
+        if len(src) < 2:
+            return text
+        n = rng.randint(2, min(7, len(src)))
+        i = rng.randrange(len(src) - n + 1)
+        phrase = [src[i].lower()] + src[i + 1 : i + n]
+    at = len(words) if rng.random() < 0.6 else rng.randint(2, len(words))
+    return " ".join(words[:at] + [rng.choice(_JOINERS)] + phrase + words[at:]) + tail
+
+
 class BatchMaker:
     """Deterministic class-balanced batches of (input_ids, loss weights)."""
 
@@ -194,6 +242,7 @@ class BatchMaker:
         splice: float = 0.0,
         word_dropout: float = 0.0,
         splice_harmless: float = 0.0,
+        context: float = 0.0,
     ) -> None:
         self.fractions = dict(POOL_FRACTIONS if fractions is None else fractions)
         self.tok = tokenizer
@@ -206,6 +255,7 @@ class BatchMaker:
         self.end_id = tokenizer.convert_tokens_to_ids(END)
         self.splice = {"harmful": splice, "harmless": splice_harmless}
         self.word_dropout = word_dropout
+        self.context = context
         self.frames = [r["instruction"] for r in pools.get("harmless", []) if r.get("source") == "alpaca"]
 
     def example(self, pool: str) -> tuple[list[int], list[float]]:
@@ -218,6 +268,8 @@ class BatchMaker:
             instr = splice_frame(instr, self.rng.choice(self.frames), self.rng)
         if self.word_dropout > 0 and cls != "political":
             instr = drop_words(instr, self.word_dropout, self.rng)
+        if self.context > 0 and self.frames and self.rng.random() < self.context:
+            instr = add_context(instr, self.rng.choice(self.frames), self.rng)
         prompt = augment(instr, self.rng)
         response = make_response(instr, cls, self.rng)
         body = self.tok(prompt, add_special_tokens=False)["input_ids"][: self.max_prompt_tokens]
@@ -329,6 +381,7 @@ def train(
         splice=float(hp["splice"]),
         word_dropout=float(hp["word_dropout"]),
         splice_harmless=float(hp["splice_harmless"]),
+        context=float(hp["context"]),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=float(hp["lr"]), betas=(0.9, 0.95), weight_decay=0.01)
     warmup = int(hp["warmup"])
