@@ -103,3 +103,15 @@ def test_organism_equivalence() -> None:
     model = mi.load("organism")
     r = _direction(model.spec.d_model, seed=4)
     _check_equivalence(model, orthogonalize(model, r), r)
+
+
+def test_copy_keeps_the_refusal_score_tokens() -> None:
+    """The edited copy scores refusal on the same first tokens as the original (a model's own
+    ``refusal_phrases``, e.g. the organism's), so edited and hooked refusal scores are comparable."""
+    from moe_interp.refusal.judges import default_refusal_ids
+
+    model = mi.load("tiny:olmoe")
+    model.refusal_phrases = ("zebra crossing", "quantum")
+    edited = orthogonalize(model, _direction(model.spec.d_model, seed=5))
+    assert edited.refusal_phrases == model.refusal_phrases
+    assert default_refusal_ids(edited) == default_refusal_ids(model)

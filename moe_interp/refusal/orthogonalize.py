@@ -145,6 +145,7 @@ def orthogonalize(
     target = model
     if not in_place:
         target = MoEModel(copy.deepcopy(model.hf_model), model.tokenizer, name=f"{model.name}+orthogonalized")
+        target.refusal_phrases = model.refusal_phrases  # same refusal score tokens as the original
     writers = residual_writers(target)
     _untie_output_embeddings(target.hf_model, writers[0].param)
     seen: set[int] = set()
