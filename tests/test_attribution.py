@@ -18,20 +18,38 @@ def model(tiny_model):  # noqa: ANN001, ANN201
 
 
 def test_hook_gradient_matches_finite_difference(model) -> None:  # noqa: ANN001
+    """Directional derivative from the hook gradient = central finite difference.
+
+    Top-k routing is piecewise constant: a ±eps step that flips a downstream expert choice makes the finite
+    difference jump (the random tiny router has near-ties: at eps 1e-3 every direction flipped some choice and
+    5% of directions missed the tolerance), so eps is 1e-4 and seeded directions are tried in turn until one
+    leaves every routing decision unchanged.
+    """
     from moe_interp.interventions import EditHook
 
     enc = model.tokenize(HARM)
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     hook = "blocks.1.hook_mlp_out"
+    routing = [f"blocks.{i}.mlp.hook_expert_indices" for i in range(2, model.spec.n_layers)]
     metric = refusal_metric(model)
     grads, m0 = hook_gradients(model, inputs, [hook], metric)
-    d = torch.randn_like(grads[hook]) * enc["attention_mask"][..., None]
-    eps = 1e-3
-
-    vals = []
-    for sign in (1, -1):
-        with torch.no_grad(), model.intervene(EditHook(hook, lambda x, ctx, s=sign: x + s * eps * d)):
-            vals.append(metric(model.forward(inputs)).item())
+    eps = 1e-4
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        d = torch.randn(grads[hook].shape, generator=gen) * enc["attention_mask"][..., None]
+        vals, routes = [], []
+        for sign in (1, -1):
+            with (
+                torch.no_grad(),
+                model.intervene(EditHook(hook, lambda x, ctx, s=sign, d=d: x + s * eps * d)),
+            ):
+                logits, cache = model.run_with_cache(enc, names=routing)
+            vals.append(metric(logits).item())
+            routes.append([cache[n] for n in routing])
+        if all(torch.equal(a, b) for a, b in zip(*routes, strict=True)):
+            break
+    else:
+        pytest.fail("every seeded direction flipped a routing decision")
     fd = (vals[0] - vals[1]) / (2 * eps)  # central difference
     assert fd == pytest.approx((grads[hook] * d).sum().item(), rel=3e-2, abs=5e-3)
     assert m0.item() == pytest.approx(metric(model.forward(inputs)).item(), abs=1e-5)
