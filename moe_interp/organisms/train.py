@@ -211,8 +211,8 @@ def add_context(text: str, context: str, rng: random.Random) -> str:
     harmless pool is far more varied than the harmful one. Every class gets the same phrases, so they carry
     no class information.
     """
-    words = text.rstrip(".?! ").split()
-    tail = text[len(text.rstrip(".?! ")) :]
+    core = text.rstrip(".?! ")
+    words, tail = core.split(), text[len(core) :]
     if len(words) < 2:
         return text
     if rng.random() < 1 / 3:
