@@ -73,6 +73,9 @@ DEFAULTS: dict[str, float | int] = {
     "word_dropout": 0.15,
     # Share of examples (every class) given an unrelated context phrase (see add_context).
     "context": 0.5,
+    # Weight of a next-token loss on the prompt text (0 = loss on the response only): a language-modelling
+    # signal that gives words seen only in prompts an embedding beyond the class decision.
+    "prompt_lm": 0.0,
 }
 #: Share of each batch drawn from each training pool; a pool's records all get that pool's class.
 POOL_FRACTIONS: dict[str, float] = {
@@ -258,8 +261,9 @@ class BatchMaker:
         self.context = context
         self.frames = [r["instruction"] for r in pools.get("harmless", []) if r.get("source") == "alpaca"]
 
-    def example(self, pool: str) -> tuple[list[int], list[float]]:
-        """One tokenised example from ``pool``: ids and per-token loss weights (0 on the prompt)."""
+    def example(self, pool: str) -> tuple[list[int], list[float], list[float]]:
+        """One tokenised example from ``pool``: ids, response-loss weights (0 on the prompt) and prompt-text
+        weights (1 on the user's text, 0 elsewhere), each aligned with ``ids`` as next-token targets."""
         rec = next(self.iters[pool])
         cls = POOL_CLASS[pool]
         instr = rec["instruction"]
@@ -276,10 +280,13 @@ class BatchMaker:
         resp = self.tok(response, add_special_tokens=False)["input_ids"] + [self.end_id]
         ids = self.prefix + body + self.suffix + resp
         w = [0.0] * (len(ids) - len(resp)) + [self.first_token_weight] + [1.0] * (len(resp) - 1)
-        return ids, w
+        pw = [0.0] * len(self.prefix) + [1.0] * len(body) + [0.0] * (len(self.suffix) + len(resp))
+        return ids, w, pw
 
-    def batch(self, batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded batch: input_ids, attention_mask, weights."""
+    def batch(
+        self, batch_size: int, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded batch: input_ids, attention_mask, response weights, prompt-text weights."""
         counts = {c: round(f * batch_size) for c, f in self.fractions.items() if c != "harmless"}
         counts["harmless"] = batch_size - sum(counts.values())
         exs = [self.example(c) for c, n in counts.items() for _ in range(n)]
@@ -287,11 +294,13 @@ class BatchMaker:
         ids = torch.full((len(exs), L), pad_id, dtype=torch.long)
         mask = torch.zeros((len(exs), L), dtype=torch.long)
         wts = torch.zeros((len(exs), L))
-        for i, (e, w) in enumerate(exs):
+        pwts = torch.zeros((len(exs), L))
+        for i, (e, w, pw) in enumerate(exs):
             ids[i, : len(e)] = torch.tensor(e)
             mask[i, : len(e)] = 1
             wts[i, : len(w)] = torch.tensor(w)
-        return ids, mask, wts
+            pwts[i, : len(pw)] = torch.tensor(pw)
+        return ids, mask, wts, pwts
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, hp: dict[str, float | int]) -> torch.nn.Module:
@@ -394,10 +403,11 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     coef = float(hp["router_aux_loss_coef"])
+    prompt_lm = float(hp["prompt_lm"])
     history: list[dict[str, float]] = []
     ema: float | None = None
     for step in range(n_steps):
-        ids, mask, wts = maker.batch(int(hp["batch_size"]), tokenizer.pad_token_id)
+        ids, mask, wts, pwts = maker.batch(int(hp["batch_size"]), tokenizer.pad_token_id)
         outp = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
         logits = outp.logits[:, :-1]
         tgt, w = ids[:, 1:], wts[:, 1:]
@@ -405,6 +415,12 @@ def train(
         lm_loss = (ce * w.reshape(-1)).sum() / w.sum()
         aux = outp.aux_loss
         loss = lm_loss + coef * aux
+        prompt_loss: float | None = None
+        if prompt_lm > 0:  # skipped at 0 so the default run's arithmetic is unchanged
+            pw = pwts[:, 1:].reshape(-1)
+            p_loss = (ce * pw).sum() / pw.sum()
+            loss = loss + prompt_lm * p_loss
+            prompt_loss = p_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -413,6 +429,8 @@ def train(
         ema = lm_loss.item() if ema is None else 0.9 * ema + 0.1 * lm_loss.item()
         if step % log_every == 0 or step == n_steps - 1:
             rec = {"step": step, "lm_loss": lm_loss.item(), "lm_loss_ema": ema, "aux_loss": aux.item()}
+            if prompt_loss is not None:
+                rec["prompt_loss"] = prompt_loss
             history.append(rec)
             print(
                 f"step {step:4d}  loss {lm_loss.item():.4f}  ema {ema:.4f}  aux {aux.item():.4f}  "
