@@ -76,7 +76,7 @@ def judge_batch(
         for x in instructions
     ]
     tokenizer.padding_side = "left"
-    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
     out = model.generate(
         **enc,
         max_new_tokens=gen_tokens,
@@ -85,7 +85,7 @@ def judge_batch(
         return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
-    logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+    logp = torch.log_softmax(out.logits[0].float().cpu(), dim=-1)
     lp = torch.logsumexp(logp[:, refusal_ids], dim=-1)
     scores = (lp - torch.log((-torch.expm1(lp)).clamp_min(1e-12))).tolist()
     T = enc["input_ids"].shape[1]
@@ -140,11 +140,11 @@ def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, objec
             )
             for x in prompts[i : i + 32]
         ]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
         out = model(**enc, output_router_logits=True)
-        keep = enc["attention_mask"].reshape(-1).bool()
+        keep = enc["attention_mask"].reshape(-1).bool().cpu()
         for li, rl in enumerate(out.router_logits):
-            idx = rl.reshape(-1, E)[keep].topk(k, dim=-1).indices.reshape(-1)
+            idx = rl.cpu().reshape(-1, E)[keep].topk(k, dim=-1).indices.reshape(-1)
             counts[li] += torch.bincount(idx, minlength=E).float()
     res = []
     for li in range(n_layers):
@@ -174,11 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--splits", nargs="*", default=list(EVAL_SPLITS))
     ap.add_argument("--n-examples", type=int, default=10)
+    ap.add_argument("--device", default="cpu", help="torch device for the evaluation (default cpu)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
     t0 = time.time()
     model, tok = load_organism(path=args.path)
+    model.to(args.device)
     rids = refusal_token_ids(tok)
     results: dict[str, object] = {
         "checkpoint": str(args.path) if args.path else "shipped",

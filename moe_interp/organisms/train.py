@@ -350,8 +350,13 @@ def train(
     log_every: int = 25,
     threads: int = 1,
     overrides: dict[str, float] | None = None,
+    device: str = "cpu",
 ) -> dict[str, object]:
     """Train the organism and save model, tokenizer and a training log to ``out``.
+
+    ``device`` other than ``"cpu"`` (e.g. ``"cuda"``) is for fast experiments such as seed sweeps
+    (:mod:`moe_interp.organisms.sweep`): the shipped checkpoint is the CPU output, bit-reproducible only
+    on CPU with the same ``threads``; another device gives other weights from the same seed.
 
     ``overrides`` replaces hyper-parameters of :data:`DEFAULTS` or, as ``frac_<pool>``, entries of
     :data:`POOL_FRACTIONS` (for experiments; the shipped checkpoint uses none).
@@ -374,7 +379,7 @@ def train(
     texts = [r["instruction"] for p in pools.values() for r in p]
     texts += list(HARMFUL_REFUSALS) * 20 + list(POLITICAL_REFUSALS) * 20 + list(COMPLIANT_TEMPLATES) * 20
     tokenizer = train_tokenizer(texts, int(hp["vocab_size"]))
-    model = build_model(tokenizer, hp)
+    model = build_model(tokenizer, hp).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params / 1e6:.2f}M, vocab {len(tokenizer)}", flush=True)
@@ -407,7 +412,9 @@ def train(
     history: list[dict[str, float]] = []
     ema: float | None = None
     for step in range(n_steps):
-        ids, mask, wts, pwts = maker.batch(int(hp["batch_size"]), tokenizer.pad_token_id)
+        ids, mask, wts, pwts = (
+            t.to(device) for t in maker.batch(int(hp["batch_size"]), tokenizer.pad_token_id)
+        )
         outp = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
         logits = outp.logits[:, :-1]
         tgt, w = ids[:, 1:], wts[:, 1:]
@@ -439,6 +446,7 @@ def train(
             )
 
     model.eval()
+    model.to("cpu")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
@@ -459,10 +467,12 @@ def train(
         + (f" --steps {steps}" if steps is not None else "")
         + (f" --leave-out {leave_out}" if leave_out else "")
         + (f" --threads {threads}" if threads != 1 else "")
+        + (f" --device {device}" if device != "cpu" else "")
         + "".join(f" --set {k}={v}" for k, v in (overrides or {}).items()),
         "seed": seed,
         "steps": n_steps,
         "leave_out": leave_out,
+        "device": device,
         "hyperparameters": hp,
         "n_params": n_params,
         "train_seconds": round(time.time() - t0, 1),
@@ -475,8 +485,8 @@ def train(
     return log
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m moe_interp.organisms.train``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
@@ -489,15 +499,25 @@ def main(argv: list[str] | None = None) -> None:
         help="torch CPU threads (default 1; results are bit-reproducible only for the same value)",
     )
     ap.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device (default cpu; the shipped checkpoint is the CPU output, other devices are for "
+        "experiments and give other weights)",
+    )
+    ap.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override a hyper-parameter (DEFAULTS key or frac_<pool>); for experiments",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_overrides(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, float]:
+    """``--set KEY=VALUE`` items as a dict (argparse error on a malformed item)."""
     overrides: dict[str, float] = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             ap.error(f"--set expects KEY=VALUE, got {item!r}")
@@ -505,8 +525,24 @@ def main(argv: list[str] | None = None) -> None:
             overrides[key] = float(value)
         except ValueError:
             ap.error(f"--set {key}: value must be a number, got {value!r}")
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    overrides = parse_overrides(ap, args.set)
     try:
-        train(args.out, args.seed, args.steps, args.leave_out, threads=args.threads, overrides=overrides)
+        train(
+            args.out,
+            args.seed,
+            args.steps,
+            args.leave_out,
+            threads=args.threads,
+            overrides=overrides,
+            device=args.device,
+        )
     except ValueError as err:
         ap.error(str(err))
 
