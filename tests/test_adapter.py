@@ -395,6 +395,32 @@ def test_edit_hook_z(family: str, tiny_model: Callable[[str], Any]) -> None:
     close(valid(edited[f"blocks.{L}.hook_attn_out"], mask), valid(expected, mask))
 
 
+def test_hook_result_replaces_the_output_projection(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """Reading hook_result (which skips o_proj and sums the heads) leaves logits and hook_attn_out as without it;
+    tripling one head's hook_result adds twice its contribution to hook_attn_out."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    mask = enc["attention_mask"]
+    L = first_attn_layer(model)
+    head = model.layers[L].n_heads - 1
+    r_name, a_name = f"blocks.{L}.attn.hook_result", f"blocks.{L}.hook_attn_out"
+    plain_logits, plain = model.run_with_cache(enc, names=[a_name])
+    logits, clean = model.run_with_cache(enc, names=[r_name, a_name])
+    close(valid(logits, mask), valid(plain_logits, mask))
+    close(valid(clean[a_name], mask), valid(plain[a_name], mask))
+    contribution = clean[r_name][:, :, head]
+    assert valid(contribution, mask).abs().max() > 1e-4
+
+    def triple(r: Tensor, ctx: HookContext) -> Tensor:
+        r = r.clone()
+        r[:, :, head] *= 3
+        return r
+
+    with model.intervene(mi.EditHook(r_name, triple)):
+        _, edited = model.run_with_cache(enc, names=[r_name, a_name])
+    close(valid(edited[a_name], mask), valid(clean[a_name] + 2 * contribution, mask))
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_edit_single_expert_out(family: str, tiny_model: Callable[[str], Any]) -> None:
     """Tripling experts.{e}.hook_out adds twice that expert's contribution to hook_mlp_out."""
@@ -544,3 +570,27 @@ def test_layer_out_of_range(tiny_model: Callable[[str], Any]) -> None:
     with pytest.raises(ValueError, match="Unknown hook name"):
         with model.intervene(AddVector(f"blocks.{n}.hook_resid_pre", torch.zeros(model.spec.d_model))):
             pass  # pragma: no cover
+
+
+def test_hook_result_skips_the_output_projection(tiny_model: Callable[[str], Any]) -> None:
+    """With hook_result read, o_proj's matmul is not run (its output is the sum of the per-head results)."""
+    from torch.overrides import TorchFunctionMode
+
+    model = tiny_model("olmoe")
+    o_proj = model.hf_model.model.layers[0].self_attn.o_proj
+    used: list[int] = []
+
+    class CountOProj(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.nn.functional.linear and len(args) > 1 and args[1] is o_proj.weight:
+                used.append(1)
+            return func(*args, **(kwargs or {}))
+
+    enc = model.tokenize(PROMPTS)
+    with CountOProj():
+        model.run_with_cache(enc, names=["blocks.0.hook_attn_out"])
+    assert len(used) == 1
+    used.clear()
+    with CountOProj():
+        model.run_with_cache(enc, names=["blocks.0.attn.hook_result", "blocks.0.hook_attn_out"])
+    assert used == []
