@@ -25,6 +25,7 @@ from moe_interp.refusal.judges import (
     parse_label,
     refusal_confidence,
     refusal_first_token_ids,
+    refusal_logodds,
     refusal_rate,
     refusal_score,
 )
@@ -108,6 +109,19 @@ def test_refusal_score_exact_values() -> None:
     assert s[1].item() == pytest.approx(0.0, abs=1e-12)
     # two refusal tokens out of four, duplicates ignored: P = 1/2
     assert refusal_score(torch.zeros(1, 4), [0, 1, 1]).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_refusal_logodds_is_the_differentiable_refusal_score() -> None:
+    """Same value as refusal_score (float32 for float32 / bf16 logits) and the analytic gradient."""
+    logits = torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]], requires_grad=True)  # P(token 0) = 1/2
+    lo = refusal_logodds(logits, [0])
+    assert lo.dtype == torch.float32
+    assert lo.item() == pytest.approx(refusal_score(logits, [0]).item(), abs=1e-6)
+    lo.sum().backward()
+    # d/dz_j [log P - log(1 - P)] = p_j / P for refusal tokens, -p_j / (1 - P) for the others
+    expected = torch.tensor([[(1 / 2) / (1 / 2), -(1 / 6) / (1 / 2), -(1 / 6) / (1 / 2), -(1 / 6) / (1 / 2)]])
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+    assert refusal_logodds(torch.zeros(1, 4, dtype=torch.bfloat16), [0, 1]).dtype == torch.float32
 
 
 def test_refusal_score_is_stable_at_extremes() -> None:

@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.refusal.judges import refusal_logodds
 from moe_interp.refusal.stats import bootstrap_ci
 
 if TYPE_CHECKING:
@@ -28,16 +29,6 @@ __all__ = [
     "refusal_metric",
     "refusal_scores",
 ]
-
-
-def refusal_logodds(
-    logits_last: Float[Tensor, "batch vocab"], refusal_ids: Sequence[int]
-) -> Float[Tensor, " batch"]:
-    """Differentiable ``log P(refusal token) − log(1 − P)`` (same value as ``refusal.judges.refusal_score``)."""
-    logp = torch.log_softmax(logits_last.float(), dim=-1)
-    mask = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
-    mask[list(refusal_ids)] = True
-    return torch.logsumexp(logp[:, mask], -1) - torch.logsumexp(logp[:, ~mask], -1)
 
 
 def _refusal_ids(model: MoEModel, refusal_ids: Sequence[int] | None) -> list[int]:

@@ -33,6 +33,7 @@ from moe_interp.refusal.judges import (
     parse_label,
     refusal_confidence,
     refusal_first_token_ids,
+    refusal_logodds,
     refusal_rate,
     refusal_score,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "refusal_confidence",
     "refusal_first_token_ids",
     "refusal_rate",
+    "refusal_logodds",
     "refusal_score",
     "resid_names",
     "ridge_direction",

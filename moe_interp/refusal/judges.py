@@ -200,14 +200,29 @@ class SubstringJudge:
 
 
 # ---------------------------------------------------------------------------- logit score
+def refusal_logodds(
+    logits_last: Float[Tensor, "batch vocab"], refusal_token_ids: Sequence[int]
+) -> Float[Tensor, " batch"]:
+    """Differentiable ``log P - log(1 - P)``, ``P`` the probability of ``refusal_token_ids`` (no checks).
+
+    Both terms are logsumexps of the log-softmax — over the refusal tokens and over all other tokens — so
+    the value is stable for ``P`` near 0 and near 1, where ``log1p(-P)`` would cancel. Computed in at
+    least float32. The metric of patching and attribution; :func:`refusal_score` is its checked, detached
+    float64 form for judging.
+    """
+    logp = torch.log_softmax(logits_last.to(torch.promote_types(logits_last.dtype, torch.float32)), dim=-1)
+    mask = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    mask[list(refusal_token_ids)] = True
+    return torch.logsumexp(logp[:, mask], dim=-1) - torch.logsumexp(logp[:, ~mask], dim=-1)
+
+
 def refusal_score(
     logits_last: Float[Tensor, "batch vocab"], refusal_token_ids: Sequence[int]
 ) -> Float[Tensor, " batch"]:
     """Log-odds that the next token is one of ``refusal_token_ids``: ``log P - log(1 - P)``.
 
-    Computed in float64 from the log-softmax: ``log P`` is the logsumexp of the refusal tokens'
-    log-probs and ``log(1 - P)`` the logsumexp of all other tokens' log-probs (stable for ``P``
-    near 0 and near 1).  ``+inf`` only if every vocabulary token is a refusal token.
+    :func:`refusal_logodds` in float64 on detached logits, after checking the arguments.
+    ``+inf`` only if every vocabulary token is a refusal token.
     """
     if not isinstance(logits_last, Tensor) or logits_last.dim() != 2:
         shape = tuple(logits_last.shape) if isinstance(logits_last, Tensor) else type(logits_last).__name__
@@ -219,17 +234,7 @@ def refusal_score(
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise ValueError(f"refusal_token_ids must lie in [0, {vocab}), got {bad}")
-    ids = list(dict.fromkeys(ids))
-    logp = torch.log_softmax(logits_last.detach().to(torch.float64), dim=-1)
-    mask = torch.zeros(vocab, dtype=torch.bool, device=logp.device)
-    mask[ids] = True
-    log_p = torch.logsumexp(logp[:, mask], dim=-1)
-    if bool(mask.all()):
-        return torch.full_like(log_p, math.inf)
-    # log(1 - P) as the logsumexp over the complementary tokens: exact even when P -> 1, where
-    # log1p(-exp(log P)) would cancel catastrophically.
-    log_1mp = torch.logsumexp(logp[:, ~mask], dim=-1)
-    return log_p - log_1mp
+    return refusal_logodds(logits_last.detach().to(torch.float64), list(dict.fromkeys(ids)))
 
 
 def refusal_first_token_ids(tokenizer: Any, phrases: Sequence[str] = REFUSAL_START_PHRASES) -> list[int]:
