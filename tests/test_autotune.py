@@ -38,9 +38,11 @@ def test_layer_correlation_exact() -> None:
 def fake_eval(monkeypatch: pytest.MonkeyPatch):
     """Candidates are floats s; KL = s / 10, harmful refusal = max(0, 1 − s / 4), keep refusal = 1 − s / 10."""
     calls: list[float] = []
+    stats: list[str] = []
 
-    def kl(model, prompts, steer, batch_size=32, base=None):
+    def kl(model, prompts, steer, batch_size=32, base=None, statistic="mean"):
         calls.append(steer)
+        stats.append(statistic)
         return steer / 10.0
 
     def flags(model, prompts, steer, judge="logit", max_new_tokens=8):
@@ -51,7 +53,21 @@ def fake_eval(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(at, "harmless_kl", kl)
     monkeypatch.setattr(at, "refusal_flags", flags)
     monkeypatch.setattr(at, "_last_logits", lambda *a, **k: None)
+    calls_stats.clear()
+    calls_stats.append(stats)
     return calls
+
+
+calls_stats: list[list[str]] = []
+
+
+def test_search_applies_the_budget_to_the_chosen_kl_statistic(fake_eval) -> None:
+    at.search_candidates(None, cands([1, 2]), ["h"], ["l"], kl_budget=1.0, kl_statistic="trimmed_mean")
+    assert calls_stats[0] == ["trimmed_mean", "trimmed_mean"]
+    at.search_candidates(None, cands([1]), ["h"], ["l"], kl_budget=1.0)
+    assert calls_stats[0][-1] == "mean"
+    with pytest.raises(ValueError, match="kl_statistic 'p99'.*mean"):
+        at.search_candidates(None, cands([1]), ["h"], ["l"], kl_budget=1.0, kl_statistic="p99")
 
 
 def cands(scales):

@@ -6,12 +6,16 @@ from moe_interp.steering.gguf_io import (
     read_control_vector_model_hint,
 )
 from moe_interp.steering.methods import (
+    KL_STATISTICS,
     METHODS,
     ExpertConditionedAdd,
     RouterSteering,
     compare_methods,
     expert_specific_directions,
     fit_method,
+    harmless_kl,
+    per_prompt_kl,
+    summarise_kl,
 )
 from moe_interp.steering.vectors import (
     AddSteering,
@@ -26,6 +30,7 @@ from moe_interp.steering.vectors import (
 )
 
 __all__ = [
+    "KL_STATISTICS",
     "METHODS",
     "AddSteering",
     "ExpertConditionedAdd",
@@ -33,6 +38,9 @@ __all__ = [
     "compare_methods",
     "expert_specific_directions",
     "fit_method",
+    "harmless_kl",
+    "per_prompt_kl",
+    "summarise_kl",
     "Conditioning",
     "PositionScope",
     "SteeringKey",

@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from moe_interp.steering.methods import (
+    KL_STATISTICS,
     _check_prompts,
     _last_logits,
     fit_method,
@@ -123,12 +124,18 @@ def search_candidates(
     max_new_tokens: int = 8,
     maximize_refusal: bool = False,
     batch_size: int = 32,
+    kl_statistic: str = "mean",
 ) -> TuneResult:
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
-    ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL."""
+    ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL.
+
+    ``kl_statistic`` (one of :data:`KL_STATISTICS`) is what the budget applies to: the mean per-prompt KL
+    (default), its median or its trimmed mean (steadier under the heavy tail of per-prompt KLs)."""
     if not kl_budget > 0:
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
+    if kl_statistic not in KL_STATISTICS:
+        raise ValueError(f"Unknown kl_statistic {kl_statistic!r}; expected one of {KL_STATISTICS}.")
     harmful = _check_prompts(harmful, "harmful")
     harmless = _check_prompts(harmless, "harmless")
     base = _last_logits(model, harmless, [], batch_size)
@@ -137,11 +144,11 @@ def search_candidates(
     history: list[dict[str, Any]] = []
     stale, stopped = 0, "grid exhausted"
     for label, steer in candidates:
-        kl = harmless_kl(model, harmless, steer, batch_size, base)
+        kl = harmless_kl(model, harmless, steer, batch_size, base, kl_statistic)
         step: dict[str, Any] = {"label": label, "kl": kl}
         history.append(step)
         if not kl <= kl_budget:  # NaN counts as over budget
-            stopped = f"KL {kl:.3g} > budget {kl_budget} at {label}"
+            stopped = f"KL ({kl_statistic}) {kl:.3g} > budget {kl_budget} at {label}"
             break
         rate = float(
             refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens).double().mean()
@@ -169,7 +176,7 @@ def search_candidates(
             break
     if best is None:
         raise NoCandidateError(
-            f"No candidate satisfies the constraints (KL budget {kl_budget}"
+            f"No candidate satisfies the constraints (KL budget {kl_budget} on the {kl_statistic}"
             + (f", keep refusal >= {keep_min_rate}" if keep is not None else "")
             + f"); first step: {history[0] if history else 'none'}.",
             history,

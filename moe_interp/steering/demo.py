@@ -22,7 +22,7 @@ import torch
 
 from moe_interp.interventions import DirectionalAblation
 from moe_interp.steering.autotune import autotune, coefficient_search
-from moe_interp.steering.methods import compare_methods, fit_method, refusal_flags
+from moe_interp.steering.methods import KL_STATISTICS, compare_methods, fit_method, refusal_flags
 
 #: method → fit keyword arguments used by the demo
 SPECS: dict[str, dict[str, Any]] = {
@@ -58,11 +58,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a markdown table."""
     head = (
         "| method | harmful refusal [95% CI] | political refusal [95% CI] | harmless refusal [95% CI] "
-        "| harmless KL | layers | experts |\n|---|---|---|---|---|---|---|\n"
+        "| harmless KL mean / median / trimmed | layers | experts |\n|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['method']} | {_fmt_rate(r['harmful_refusal'])} | {_fmt_rate(r['political_refusal'])} "
-        f"| {_fmt_rate(r['harmless_refusal'])} | {r['harmless_kl']:.4f} | {r['n_layers']} {r['layers']} "
+        f"| {_fmt_rate(r['harmless_refusal'])} | {r['harmless_kl']:.4f} / {r.get('harmless_kl_median', 0.0):.4f} "
+        f"/ {r.get('harmless_kl_trimmed_mean', 0.0):.4f} | {r['n_layers']} {r['layers']} "
         f"| {r['n_experts']} |\n"
         for r in rows
     )
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge", default="logit", choices=["logit", "generation"])
     ap.add_argument("--tune-judge", default="logit", choices=["logit", "generation"])
     ap.add_argument("--kl-budget", type=float, default=0.1)
+    ap.add_argument(
+        "--kl-statistic",
+        default="mean",
+        choices=list(KL_STATISTICS),
+        help="statistic of the per-prompt harmless KL that the budget applies to (default mean)",
+    )
     ap.add_argument("--n-fit", type=int, default=128)
     ap.add_argument(
         "--n-kl-val", type=int, default=64, help="harmless_val prompts for the KL budget while tuning"
@@ -106,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         val["harmful"] = val["harmful"] + _sample(rest, args.tune_extra, seed=1)
     val["harmless"] = _sample(val["harmless"], args.n_kl_val)
     test = {s: load_prompts(f"{s}_test") for s in ("harmful", "harmless", "political")}
-    search = dict(kl_budget=args.kl_budget, judge=args.tune_judge, max_new_tokens=args.max_new_tokens)
+    search = dict(
+        kl_budget=args.kl_budget,
+        kl_statistic=args.kl_statistic,
+        judge=args.tune_judge,
+        max_new_tokens=args.max_new_tokens,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
 
     steers: dict[str, Any] = {}
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "judge": args.judge,
         "tune_judge": args.tune_judge,
         "kl_budget": args.kl_budget,
+        "kl_statistic": args.kl_statistic,
         "n_fit": args.n_fit,
         "rows": rows,
         "tuning": tuning,

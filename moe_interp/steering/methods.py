@@ -71,7 +71,10 @@ __all__ = [
     "fit_topic_gated",
     "fit_topic_induce",
     "fit_topic_remove",
+    "KL_STATISTICS",
     "harmless_kl",
+    "per_prompt_kl",
+    "summarise_kl",
     "mean_activations",
     "refusal_flags",
     "select_experts",
@@ -1001,21 +1004,61 @@ def refusal_flags(
     return torch.tensor([bool(d["refused"]) for d in res.details])
 
 
+#: Statistics of the per-prompt harmless KL that a KL budget can be put on (see :func:`summarise_kl`).
+KL_STATISTICS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
+#: Share of prompts cut from each end of the sorted per-prompt KLs for ``"trimmed_mean"``.
+KL_TRIM: float = 0.05
+
+
+def summarise_kl(per_prompt: Float[Tensor, " n"], statistic: str = "mean") -> float:
+    """One number from per-prompt KLs: ``"mean"``, ``"median"`` (mean of the two middle values for even n)
+    or ``"trimmed_mean"`` (:data:`KL_TRIM` cut from each end).
+
+    The per-prompt KL of a steering vector is heavy-tailed (a few boundary prompts that it flips carry most of
+    the sum), so a budget on the mean is decided by those few prompts; median and trimmed mean are steadier.
+    """
+    if statistic not in KL_STATISTICS:
+        raise ValueError(f"Unknown KL statistic {statistic!r}; expected one of {KL_STATISTICS}.")
+    x = per_prompt.double().flatten()
+    if x.numel() == 0:
+        raise ValueError("summarise_kl needs at least one per-prompt KL value.")
+    if statistic == "mean":
+        return float(x.mean())
+    if statistic == "median":
+        return float(x.quantile(0.5))
+    cut = int(KL_TRIM * x.numel())
+    return float(x.sort().values[cut : x.numel() - cut].mean())
+
+
 @torch.no_grad()
+def per_prompt_kl(
+    model: MoEModel,
+    prompts: Sequence[str],
+    steer: Any,
+    batch_size: int = 32,
+    base_logits: Tensor | None = None,
+) -> Float[Tensor, " n"]:
+    """``KL(base ‖ steered)`` of the next-token distribution at the last prompt position, per prompt."""
+    prompts = _check_prompts(prompts, "prompts")
+    if base_logits is None:
+        base_logits = _last_logits(model, prompts, [], batch_size)
+    steered = _last_logits(model, prompts, _interventions(steer), batch_size)
+    lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(steered.double(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 def harmless_kl(
     model: MoEModel,
     prompts: Sequence[str],
     steer: Any,
     batch_size: int = 32,
     base_logits: Tensor | None = None,
+    statistic: str = "mean",
 ) -> float:
-    """Mean ``KL(base ‖ steered)`` of the next-token distribution at the last prompt position."""
-    prompts = _check_prompts(prompts, "prompts")
-    if base_logits is None:
-        base_logits = _last_logits(model, prompts, [], batch_size)
-    steered = _last_logits(model, prompts, _interventions(steer), batch_size)
-    lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(steered.double(), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    """:func:`summarise_kl` (default: the mean) of :func:`per_prompt_kl`."""
+    if statistic not in KL_STATISTICS:
+        raise ValueError(f"Unknown KL statistic {statistic!r}; expected one of {KL_STATISTICS}.")
+    return summarise_kl(per_prompt_kl(model, prompts, steer, batch_size, base_logits), statistic)
 
 
 def _last_logits(model: MoEModel, prompts: list[str], ivs: list[Any], batch_size: int) -> Tensor:
@@ -1069,7 +1112,8 @@ def compare_methods(
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
     """Per method (name → steering object or list of interventions): harmful / political / harmless refusal
-    rates with 95% bootstrap CIs, mean harmless KL (last prompt position) and what it touches."""
+    rates with 95% bootstrap CIs, harmless KL (last prompt position; mean, and median / trimmed mean as
+    ``harmless_kl_median`` / ``harmless_kl_trimmed_mean``) and what it touches."""
     items = ([("baseline", None)] if include_baseline else []) + list(methods.items())
     harmless_test = _check_prompts(harmless_test, "harmless_test")
     base = _last_logits(model, harmless_test, [], batch_size)
@@ -1085,9 +1129,10 @@ def compare_methods(
                 model, prompts, steer, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
             row[f"{split}_refusal"] = _rate(flags, n_boot, seed)
-        row["harmless_kl"] = (
-            0.0 if steer is None else harmless_kl(model, harmless_test, steer, batch_size, base)
-        )
+        kls = None if steer is None else per_prompt_kl(model, harmless_test, steer, batch_size, base)
+        row["harmless_kl"] = 0.0 if kls is None else summarise_kl(kls, "mean")
+        for stat in KL_STATISTICS[1:]:
+            row[f"harmless_kl_{stat}"] = 0.0 if kls is None else summarise_kl(kls, stat)
         row.update(touched(steer, model))
         if isinstance(steer, SteeringVectors):
             row["coeffs"] = sorted({round(c, 4) for c in steer.coeffs.values()})
