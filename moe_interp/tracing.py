@@ -243,14 +243,23 @@ class LayerTracer:
                         * info.residual_multiplier
                     )
                     new = self._site(r_name, result, L)
-                    # The output projection is the sum of the per-head results (+ bias): use it and skip the
-                    # module, so o_proj's matmul is not done twice (bench/bench_hooks.py).
-                    out = (result if new is None else new).sum(dim=2)
-                    if info.residual_multiplier != 1.0:
-                        out = out / info.residual_multiplier
-                    if o._module.bias is not None:
-                        out = out + o._module.bias
-                    o.skip(out.to(z.dtype))
+                    # The output projection is the sum of the per-head results (+ bias). When the module is a
+                    # plain Linear, that sum replaces it (nnsight skip) so o_proj's matmul is not done twice
+                    # (bench/bench_hooks.py) — if the result was edited, or in fp32/fp64, where the sum equals
+                    # o_proj to rounding. Unedited in half precision, o_proj runs as usual: observing must not
+                    # change the forward by the per-head roundings.
+                    plain = type(o._module) is torch.nn.Linear
+                    exact = z.dtype in (torch.float32, torch.float64)
+                    if new is not None or (plain and exact):
+                        out = (result if new is None else new).sum(dim=2)
+                        if info.residual_multiplier != 1.0:
+                            out = out / info.residual_multiplier
+                        if o._module.bias is not None:
+                            out = out + o._module.bias
+                        if plain:
+                            o.skip(out.to(z.dtype))
+                        else:
+                            o.output = out.to(z.dtype)
         else:
             attn = getattr(layer, info.linear_attn) if info.linear_attn else None
         if attn is None:
@@ -365,6 +374,11 @@ class LayerTracer:
             if dense_scores:
                 raise ValueError(f"{idx_name} is read-only for this family; edit {w_name} instead.")
             indices = self._flat(new_idx).to(indices.dtype)
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= info.n_experts):
+                raise ValueError(
+                    f"An edit of {idx_name} must give expert indices in [0, {info.n_experts}), got values in "
+                    f"[{int(indices.min())}, {int(indices.max())}]."
+                )
             changed = True
         if self.req.wants(w_name):
             if dense is None:
@@ -410,8 +424,9 @@ class LayerTracer:
                     experts.inputs = ((x[:0], indices[:0], weights[:0]), kwargs)
                     computed = topk.sum(dim=1) / info.residual_multiplier
                 if want_dense:
-                    # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~20x cheaper on CPU than
-                    # an element-wise scatter_add over d (bench/bench_hooks.py); duplicates still accumulate.
+                    # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~2x cheaper on CPU than an
+                    # element-wise scatter_add over d, zero-fill included (bench/README.md); duplicates
+                    # still accumulate.
                     n_tok, d = topk.shape[0], topk.shape[-1]
                     rows = (torch.arange(n_tok, device=topk.device)[:, None] * E + indices.long()).reshape(-1)
                     dense = topk.new_zeros(n_tok * E, d).index_add_(0, rows, topk.reshape(-1, d))

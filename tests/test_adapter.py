@@ -594,3 +594,45 @@ def test_hook_result_skips_the_output_projection(tiny_model: Callable[[str], Any
     with CountOProj():
         model.run_with_cache(enc, names=["blocks.0.attn.hook_result", "blocks.0.hook_attn_out"])
     assert used == []
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_reading_hook_result_leaves_a_bf16_forward_unchanged(family: str) -> None:
+    """In half precision o_proj is not replaced by the per-head sum unless hook_result is edited."""
+    model = mi.load(f"tiny:{family}", dtype=torch.bfloat16)
+    enc = model.tokenize(PROMPTS)
+    plain, _ = model.run_with_cache(enc, names=["blocks.0.hook_attn_out"])
+    observed, cache = model.run_with_cache(enc, names=["blocks.0.attn.hook_result", "blocks.0.hook_attn_out"])
+    assert cache["blocks.0.attn.hook_result"].dtype == torch.bfloat16
+    assert torch.equal(plain, observed)
+
+
+def test_edited_expert_indices_are_range_checked_and_duplicates_accumulate(
+    tiny_model: Callable[[str], Any],
+) -> None:
+    model = tiny_model("olmoe")
+    enc = model.tokenize(PROMPTS)
+    L, E = first_moe_layer(model), model.layers[first_moe_layer(model)].n_experts
+    idx_name, out_name = f"blocks.{L}.mlp.hook_expert_indices", f"blocks.{L}.mlp.hook_expert_out"
+
+    def out_of_range(idx: Tensor, ctx: HookContext) -> Tensor:
+        idx = idx.clone()
+        idx[..., 0] = -1
+        return idx
+
+    with pytest.raises(ValueError, match=rf"expert indices in \[0, {E}\), got values in \[-1,"):
+        with model.intervene(mi.EditHook(idx_name, out_of_range)):
+            model.run_with_cache(enc, names=[out_name])
+
+    def duplicate(idx: Tensor, ctx: HookContext) -> Tensor:
+        idx = idx.clone()
+        idx[..., 1] = idx[..., 0]
+        return idx
+
+    with model.intervene(mi.EditHook(idx_name, duplicate)):
+        _, c = model.run_with_cache(enc, names=[idx_name, out_name, f"blocks.{L}.mlp.hook_topk_expert_out"])
+    topk, dense, idx = c[f"blocks.{L}.mlp.hook_topk_expert_out"], c[out_name], c[idx_name]
+    assert (idx[..., 0] == idx[..., 1]).all()
+    chosen = dense.gather(2, idx[..., :1, None].expand(-1, -1, 1, dense.shape[-1])).squeeze(2)
+    close(chosen, topk[..., 0, :] + topk[..., 1, :])
+    close(dense.sum(2), chosen)  # every other expert's row is zero

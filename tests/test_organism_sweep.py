@@ -26,6 +26,8 @@ def test_parse_setting_splits_name_and_training_arguments() -> None:
         ("x=--set bogus=1", "unknown hyper-parameter 'bogus'"),
         ("x=--frobnicate", "invalid training arguments"),
         ("x=--set lr=fast", "invalid training arguments"),
+        ("x=--see 5", "invalid training arguments"),  # no abbreviation of the managed --seed
+        ("x=--dev cuda", "invalid training arguments"),
     ],
 )
 def test_parse_setting_rejects_bad_input(text: str, match: str) -> None:
@@ -33,13 +35,43 @@ def test_parse_setting_rejects_bad_input(text: str, match: str) -> None:
         parse_setting(text)
 
 
-def test_sweep_rejects_duplicate_names_and_empty_sweeps(tmp_path: Path) -> None:
+def test_sweep_rejects_bad_arguments_before_running(tmp_path: Path) -> None:
     a = Setting("a", ())
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(ValueError, match="setting names must be unique"):
         sweep(tmp_path, [a, a], [0])
     with pytest.raises(ValueError, match="at least one"):
         sweep(tmp_path, [a], [])
+    with pytest.raises(ValueError, match="seeds must be unique"):
+        sweep(tmp_path, [a], [0, 0])
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        sweep(tmp_path, [a], [0], jobs=0)
+    with pytest.raises(ValueError, match=r"unknown split\(s\) \['harmful_vall'\]"):
+        sweep(tmp_path, [a], [0], splits=("harmful_vall",))
+    with pytest.raises(ValueError, match="invalid device 'gpu0'"):
+        sweep(tmp_path, [a], [0], device="gpu0")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_run_is_reported_and_the_others_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moe_interp.organisms.sweep as sw
+
+    def fake_run_one(out: Path, setting: Setting, seed: int, device: str, splits: tuple[str, ...]) -> Path:
+        if seed == 1:
+            raise RuntimeError("training crashed")
+        _fake_run(out, setting.name, seed, [True, False], 0.0)
+        return out / setting.name / f"seed{seed}" / "eval.json"
+
+    monkeypatch.setattr(sw, "run_one", fake_run_one)
+    s = sweep(tmp_path, [Setting("a", ())], [0, 1], jobs=2)
+    assert s["failures"] == ["FAILED a seed 1: training crashed"]
+    assert list(s["settings"]["a"]["runs"]) == ["0"]
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["failures"] == s["failures"] and "wall_seconds" in on_disk
+    with pytest.raises(SystemExit) as exc:
+        sw.main(["--out", str(tmp_path / "again"), "--setting", "a=", "--seeds", "0", "1"])
+    assert exc.value.code == 1
 
 
 def _fake_run(out: Path, name: str, seed: int, harmful: list[bool], harmless_logit: float) -> None:

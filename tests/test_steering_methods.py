@@ -217,6 +217,8 @@ def test_summarise_kl_exact_values() -> None:
         summarise_kl(x, "max")
     with pytest.raises(ValueError, match="at least one"):
         summarise_kl(torch.tensor([]), "mean")
+    with_nan = torch.cat([torch.full((63,), 0.01), torch.tensor([math.nan])])
+    assert all(math.isnan(summarise_kl(with_nan, stat)) for stat in ("mean", "median", "trimmed_mean"))
 
 
 def test_per_prompt_kl_is_zero_without_steering_and_positive_with_it(olmoe) -> None:

@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     results["examples"] = examples
     results["eval_seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(args.out)  # atomic: a reader (e.g. organisms.sweep) never sees a half-written file
     print(f"wrote {args.out} ({results['eval_seconds']}s)")
 
 

@@ -29,6 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from moe_interp.organisms.data import SPLITS
 from moe_interp.organisms.train import DEFAULTS, POOL_FRACTIONS, build_parser, parse_overrides
 
 #: Splits evaluated for every run (validation, then the blind test splits).
@@ -97,6 +100,7 @@ def run_one(out: Path, setting: Setting, seed: int, device: str, splits: tuple[s
     d = run_dir(out, setting, seed)
     d.mkdir(parents=True, exist_ok=True)
     ckpt, result = d / "checkpoint", d / "eval.json"
+    result.unlink(missing_ok=True)  # a failed rerun must not leave the previous run's figures counted
     py = [sys.executable, "-m"]
     train_cmd = py + [
         "moe_interp.organisms.train",
@@ -128,9 +132,10 @@ def summarise(out: Path, settings: list[Setting], seeds: list[int]) -> dict[str,
         runs: dict[str, object] = {}
         for seed in seeds:
             f = run_dir(out, s, seed) / "eval.json"
-            if not f.is_file():
+            try:
+                ev = json.loads(f.read_text())
+            except (OSError, ValueError):  # not there (yet), or unreadable: not a finished run
                 continue
-            ev = json.loads(f.read_text())
             log_f = run_dir(out, s, seed) / "checkpoint" / "train_log.json"
             runs[str(seed)] = {
                 "train_seconds": json.loads(log_f.read_text()).get("train_seconds")
@@ -194,36 +199,60 @@ def sweep(
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
         raise ValueError(f"setting names must be unique, got {names}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be unique (each run has its own directory), got {seeds}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    bad = [x for x in splits if x not in SPLITS]
+    if bad or not splits:
+        raise ValueError(f"unknown split(s) {bad}; valid: {', '.join(SPLITS)}")
+    try:
+        torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"invalid device {device!r}: {err}") from err
     out.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
     t0 = time.time()
     failures: list[str] = []
 
+    def write(extra: dict[str, object]) -> dict[str, object]:
+        summary = {**summarise(out, settings, seeds), "failures": list(failures), "device": device, **extra}
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out / "summary.json")
+        return summary
+
     def task(setting: Setting, seed: int) -> None:
         try:
             run_one(out, setting, seed, device, splits)
             msg = f"done {setting.name} seed {seed} ({time.time() - t0:.0f}s)"
-        except RuntimeError as err:
-            failures.append(str(err))
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
             msg = f"FAILED {setting.name} seed {seed}: {err}"
+            with lock:
+                failures.append(msg)
         with lock:
             print(msg, flush=True)
-            (out / "summary.json").write_text(json.dumps(summarise(out, settings, seeds), indent=1))
+            write({})
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for f in [pool.submit(task, s, seed) for seed in seeds for s in settings]:
-            f.result()
-    summary = summarise(out, settings, seeds)
-    summary["failures"] = failures
-    summary["device"] = device
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(task, s, seed) for seed in seeds for s in settings]
+        try:
+            for f in futures:
+                f.result()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return write({"wall_seconds": round(time.time() - t0, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m moe_interp.organisms.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     ap.add_argument("--out", type=Path, required=True, help="sweep directory (runs and summary.json)")
     ap.add_argument("--setting", action="append", required=True, metavar="NAME=TRAIN_ARGS")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -487,7 +487,12 @@ def train(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``python -m moe_interp.organisms.train``."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m moe_interp.organisms.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a sweep setting must not reach --out / --seed / --device by abbreviation
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=None)

@@ -201,9 +201,9 @@ class SubstringJudge:
 
 # ---------------------------------------------------------------------------- logit score
 def refusal_logodds(
-    logits_last: Float[Tensor, "batch vocab"], refusal_token_ids: Sequence[int]
+    logits_last: Float[Tensor, "batch vocab"], refusal_ids: Sequence[int]
 ) -> Float[Tensor, " batch"]:
-    """Differentiable ``log P - log(1 - P)``, ``P`` the probability of ``refusal_token_ids`` (no checks).
+    """Differentiable ``log P - log(1 - P)``, ``P`` the probability of ``refusal_ids`` (no checks).
 
     Both terms are logsumexps of the log-softmax — over the refusal tokens and over all other tokens — so
     the value is stable for ``P`` near 0 and near 1, where ``log1p(-P)`` would cancel. Computed in at
@@ -212,7 +212,7 @@ def refusal_logodds(
     """
     logp = torch.log_softmax(logits_last.to(torch.promote_types(logits_last.dtype, torch.float32)), dim=-1)
     mask = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
-    mask[list(refusal_token_ids)] = True
+    mask[list(refusal_ids)] = True
     return torch.logsumexp(logp[:, mask], dim=-1) - torch.logsumexp(logp[:, ~mask], dim=-1)
 
 

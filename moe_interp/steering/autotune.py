@@ -4,7 +4,8 @@
   activation on the layer's direction and the judge's refusal confidence (used by
   :func:`moe_interp.steering.methods.fit_ridge` to pick layers).
 * :func:`coefficient_search` — grow the coefficient scale along a grid and keep the scale that removes the
-  most refusal while the mean harmless KL stays within ``kl_budget`` (and, optionally, a ``keep`` prompt set
+  most refusal while the harmless KL (mean over prompts, or another ``kl_statistic``) stays within
+  ``kl_budget`` (and, optionally, a ``keep`` prompt set
   keeps a minimum refusal rate); stops early once the KL budget or the keep constraint is broken (both
   grow with the scale), once the target refusal rate is reached, or after ``patience`` steps without gain.
 * :func:`search_candidates` — the same selection over any list of steering objects (e.g. SteerMoE with

@@ -72,6 +72,7 @@ __all__ = [
     "fit_topic_induce",
     "fit_topic_remove",
     "KL_STATISTICS",
+    "KL_TRIM",
     "harmless_kl",
     "per_prompt_kl",
     "summarise_kl",
@@ -1012,7 +1013,8 @@ KL_TRIM: float = 0.05
 
 def summarise_kl(per_prompt: Float[Tensor, " n"], statistic: str = "mean") -> float:
     """One number from per-prompt KLs: ``"mean"``, ``"median"`` (mean of the two middle values for even n)
-    or ``"trimmed_mean"`` (:data:`KL_TRIM` cut from each end).
+    or ``"trimmed_mean"`` (:data:`KL_TRIM` cut from each end; nothing is cut below 20 values). NaN if any
+    value is NaN.
 
     The per-prompt KL of a steering vector is heavy-tailed (a few boundary prompts that it flips carry most of
     the sum), so a budget on the mean is decided by those few prompts; median and trimmed mean are steadier.
@@ -1022,6 +1024,8 @@ def summarise_kl(per_prompt: Float[Tensor, " n"], statistic: str = "mean") -> fl
     x = per_prompt.double().flatten()
     if x.numel() == 0:
         raise ValueError("summarise_kl needs at least one per-prompt KL value.")
+    if bool(x.isnan().any()):  # NaN must stay NaN (over any budget), not be sorted away by the trimming
+        return math.nan
     if statistic == "mean":
         return float(x.mean())
     if statistic == "median":
