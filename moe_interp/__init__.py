@@ -1,36 +1,85 @@
-"""moe-interp: mechanistic interpretability for Mixture-of-Experts language models."""
+"""moe-interp: mechanistic interpretability for Mixture-of-Experts language models.
+
+The public names below are imported on first use (PEP 562), so that ``import moe_interp.organisms`` — the
+organism's training and evaluation scripts — needs only torch, tokenizers and transformers, not nnsight or
+transformer-lens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from moe_interp.families import FAMILIES, FamilySpec, get_family, supported_families  # noqa: E402
-from moe_interp.interventions import (  # noqa: E402
-    AblateExpert,
-    AddVector,
-    DirectionalAblation,
-    EditHook,
-    ForceExpert,
-    Patch,
-    SteerRouter,
-)
-from moe_interp.model import Generation, ModelSpec, MoECache, MoEModel, load  # noqa: E402
-from moe_interp.tracing import HookContext  # noqa: E402
+#: public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "FAMILIES": "moe_interp.families",
+    "FamilySpec": "moe_interp.families",
+    "get_family": "moe_interp.families",
+    "supported_families": "moe_interp.families",
+    "AblateExpert": "moe_interp.interventions",
+    "AddVector": "moe_interp.interventions",
+    "DirectionalAblation": "moe_interp.interventions",
+    "EditHook": "moe_interp.interventions",
+    "ForceExpert": "moe_interp.interventions",
+    "Patch": "moe_interp.interventions",
+    "SteerRouter": "moe_interp.interventions",
+    "Generation": "moe_interp.model",
+    "ModelSpec": "moe_interp.model",
+    "MoECache": "moe_interp.model",
+    "MoEModel": "moe_interp.model",
+    "load": "moe_interp.model",
+    "HookContext": "moe_interp.tracing",
+}
 
 __all__ = [
+    "FAMILIES",
     "AblateExpert",
     "AddVector",
     "DirectionalAblation",
     "EditHook",
-    "ForceExpert",
-    "Patch",
-    "SteerRouter",
-    "FAMILIES",
     "FamilySpec",
+    "ForceExpert",
     "Generation",
     "HookContext",
     "MoECache",
     "MoEModel",
     "ModelSpec",
+    "Patch",
+    "SteerRouter",
     "get_family",
     "load",
     "supported_families",
 ]
+
+if TYPE_CHECKING:
+    from moe_interp.families import FAMILIES, FamilySpec, get_family, supported_families
+    from moe_interp.interventions import (
+        AblateExpert,
+        AddVector,
+        DirectionalAblation,
+        EditHook,
+        ForceExpert,
+        Patch,
+        SteerRouter,
+    )
+    from moe_interp.model import Generation, ModelSpec, MoECache, MoEModel, load
+    from moe_interp.tracing import HookContext
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. moe_interp.model
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'moe_interp' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
