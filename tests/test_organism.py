@@ -155,6 +155,12 @@ def test_train_overrides_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown hyper-parameter 'bogus'.*frac_harmful"):
         train(out=tmp_path / "x", steps=1, overrides={"bogus": 1.0})
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="invalid device 'gpu0'"):
+        train(out=tmp_path / "x", steps=1, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            train(out=tmp_path / "x", steps=1, device="cuda")
+    assert not (tmp_path / "x").exists()
 
 
 def test_responses() -> None:

@@ -15,7 +15,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from moe_interp.organisms.data import SPLITS, load_split_records
 
-__all__ = ["REQUIRED_FILES", "RETRAIN_COMMAND", "checkpoint_dir", "load_organism", "load_prompts"]
+__all__ = [
+    "REQUIRED_FILES",
+    "RETRAIN_COMMAND",
+    "check_device",
+    "checkpoint_dir",
+    "load_organism",
+    "load_prompts",
+]
 
 RETRAIN_COMMAND: str = "python -m moe_interp.organisms.train"
 
@@ -26,6 +33,17 @@ REQUIRED_FILES: tuple[str, ...] = (
     "tokenizer.json",
     "tokenizer_config.json",
 )
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, or a ValueError that says why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"invalid device {device!r} ({err}); e.g. 'cpu' or 'cuda'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+    return dev
 
 
 def checkpoint_dir() -> Path:

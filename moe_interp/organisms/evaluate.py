@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from moe_interp.organisms import load_organism
+from moe_interp.organisms import check_device, load_organism
 from moe_interp.organisms.data import (
     COMPLIANT_TEMPLATES,
     HARMFUL_REFUSALS,
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-examples", type=int, default=10)
     ap.add_argument("--device", default="cpu", help="torch device for the evaluation (default cpu)")
     args = ap.parse_args(argv)
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        ap.error(str(err))
 
     torch.set_num_threads(2)
     t0 = time.time()

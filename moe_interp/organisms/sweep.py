@@ -29,8 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from moe_interp.organisms import check_device
 from moe_interp.organisms.data import SPLITS
 from moe_interp.organisms.train import DEFAULTS, POOL_FRACTIONS, build_parser, parse_overrides
 
@@ -206,10 +205,7 @@ def sweep(
     bad = [x for x in splits if x not in SPLITS]
     if bad or not splits:
         raise ValueError(f"unknown split(s) {bad}; valid: {', '.join(SPLITS)}")
-    try:
-        torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"invalid device {device!r}: {err}") from err
+    check_device(device)
     out.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
     t0 = time.time()

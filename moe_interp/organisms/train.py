@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
+from moe_interp.organisms import check_device
 from moe_interp.organisms.data import (
     COMPLIANT_TEMPLATES,
     HARMFUL_REFUSALS,
@@ -361,6 +362,7 @@ def train(
     ``overrides`` replaces hyper-parameters of :data:`DEFAULTS` or, as ``frac_<pool>``, entries of
     :data:`POOL_FRACTIONS` (for experiments; the shipped checkpoint uses none).
     """
+    check_device(device)
     hp: dict[str, float | int] = dict(DEFAULTS)
     hp.update({f"frac_{k}": v for k, v in POOL_FRACTIONS.items()})
     for k, v in (overrides or {}).items():
