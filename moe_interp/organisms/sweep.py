@@ -219,15 +219,15 @@ def sweep(
         return summary
 
     def task(setting: Setting, seed: int) -> None:
+        failed = None
         try:
             run_one(out, setting, seed, device, splits)
-            msg = f"done {setting.name} seed {seed} ({time.time() - t0:.0f}s)"
         except Exception as err:  # noqa: BLE001 - one failed run must not stop the others
-            msg = f"FAILED {setting.name} seed {seed}: {err}"
-            with lock:
-                failures.append(msg)
+            failed = f"FAILED {setting.name} seed {seed}: {err}"
         with lock:
-            print(msg, flush=True)
+            if failed:
+                failures.append(failed)
+            print(failed or f"done {setting.name} seed {seed} ({time.time() - t0:.0f}s)", flush=True)
             write({})
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
