@@ -374,10 +374,11 @@ class LayerTracer:
             if dense_scores:
                 raise ValueError(f"{idx_name} is read-only for this family; edit {w_name} instead.")
             indices = self._flat(new_idx).to(indices.dtype)
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= info.n_experts):
+            lo, hi = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
+            if lo < 0 or hi >= info.n_experts:
                 raise ValueError(
                     f"An edit of {idx_name} must give expert indices in [0, {info.n_experts}), got values in "
-                    f"[{int(indices.min())}, {int(indices.max())}]."
+                    f"[{lo}, {hi}]."
                 )
             changed = True
         if self.req.wants(w_name):

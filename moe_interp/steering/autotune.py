@@ -24,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from moe_interp.steering.methods import (
-    KL_STATISTICS,
     _check_prompts,
     _last_logits,
+    check_kl_statistic,
     fit_method,
     harmless_kl,
     refusal_flags,
@@ -131,12 +131,11 @@ def search_candidates(
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
     ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL.
 
-    ``kl_statistic`` (one of :data:`KL_STATISTICS`) is what the budget applies to: the mean per-prompt KL
+    ``kl_statistic`` (one of :data:`~moe_interp.steering.methods.KL_STATISTICS`) is what the budget applies to: the mean per-prompt KL
     (default), its median or its trimmed mean (steadier under the heavy tail of per-prompt KLs)."""
     if not kl_budget > 0:
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
-    if kl_statistic not in KL_STATISTICS:
-        raise ValueError(f"Unknown kl_statistic {kl_statistic!r}; expected one of {KL_STATISTICS}.")
+    check_kl_statistic(kl_statistic, "kl_statistic")
     harmful = _check_prompts(harmful, "harmful")
     harmless = _check_prompts(harmless, "harmless")
     base = _last_logits(model, harmless, [], batch_size)

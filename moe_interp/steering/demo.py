@@ -62,8 +62,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     )
     body = "".join(
         f"| {r['method']} | {_fmt_rate(r['harmful_refusal'])} | {_fmt_rate(r['political_refusal'])} "
-        f"| {_fmt_rate(r['harmless_refusal'])} | {r['harmless_kl']:.4f} / {r.get('harmless_kl_median', 0.0):.4f} "
-        f"/ {r.get('harmless_kl_trimmed_mean', 0.0):.4f} | {r['n_layers']} {r['layers']} "
+        f"| {_fmt_rate(r['harmless_refusal'])} | {r['harmless_kl']:.4f} / {r['harmless_kl_median']:.4f} "
+        f"/ {r['harmless_kl_trimmed_mean']:.4f} | {r['n_layers']} {r['layers']} "
         f"| {r['n_experts']} |\n"
         for r in rows
     )

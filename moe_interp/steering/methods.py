@@ -73,6 +73,7 @@ __all__ = [
     "fit_topic_remove",
     "KL_STATISTICS",
     "KL_TRIM",
+    "check_kl_statistic",
     "harmless_kl",
     "per_prompt_kl",
     "summarise_kl",
@@ -1011,6 +1012,12 @@ KL_STATISTICS: tuple[str, ...] = ("mean", "median", "trimmed_mean")
 KL_TRIM: float = 0.05
 
 
+def check_kl_statistic(statistic: str, name: str = "KL statistic") -> None:
+    """ValueError naming ``name`` unless ``statistic`` is one of :data:`KL_STATISTICS`."""
+    if statistic not in KL_STATISTICS:
+        raise ValueError(f"Unknown {name} {statistic!r}; expected one of {KL_STATISTICS}.")
+
+
 def summarise_kl(per_prompt: Float[Tensor, " n"], statistic: str = "mean") -> float:
     """One number from per-prompt KLs: ``"mean"``, ``"median"`` (mean of the two middle values for even n)
     or ``"trimmed_mean"`` (:data:`KL_TRIM` cut from each end; nothing is cut below 20 values). NaN if any
@@ -1019,8 +1026,7 @@ def summarise_kl(per_prompt: Float[Tensor, " n"], statistic: str = "mean") -> fl
     The per-prompt KL of a steering vector is heavy-tailed (a few boundary prompts that it flips carry most of
     the sum), so a budget on the mean is decided by those few prompts; median and trimmed mean are steadier.
     """
-    if statistic not in KL_STATISTICS:
-        raise ValueError(f"Unknown KL statistic {statistic!r}; expected one of {KL_STATISTICS}.")
+    check_kl_statistic(statistic)
     x = per_prompt.double().flatten()
     if x.numel() == 0:
         raise ValueError("summarise_kl needs at least one per-prompt KL value.")
@@ -1060,8 +1066,7 @@ def harmless_kl(
     statistic: str = "mean",
 ) -> float:
     """:func:`summarise_kl` (default: the mean) of :func:`per_prompt_kl`."""
-    if statistic not in KL_STATISTICS:
-        raise ValueError(f"Unknown KL statistic {statistic!r}; expected one of {KL_STATISTICS}.")
+    check_kl_statistic(statistic)
     return summarise_kl(per_prompt_kl(model, prompts, steer, batch_size, base_logits), statistic)
 
 
