@@ -32,6 +32,17 @@ _LAZY: dict[str, str] = {
     "MoEModel": "moe_interp.model",
     "load": "moe_interp.model",
     "HookContext": "moe_interp.tracing",
+    "NonFiniteOutputError": "moe_interp.errors",
+    "DLAResult": "moe_interp.dla",
+    "direct_logit_attribution": "moe_interp.dla",
+    "LogitLensResult": "moe_interp.lens",
+    "logit_lens": "moe_interp.lens",
+    "PathPatchResult": "moe_interp.path_patching",
+    "path_patch": "moe_interp.path_patching",
+    "path_patch_sweep": "moe_interp.path_patching",
+    "attention_view": "moe_interp.views",
+    "dla_view": "moe_interp.views",
+    "routing_view": "moe_interp.views",
 }
 
 __all__ = [
@@ -47,14 +58,27 @@ __all__ = [
     "MoECache",
     "MoEModel",
     "ModelSpec",
+    "NonFiniteOutputError",
     "Patch",
     "SteerRouter",
     "get_family",
     "load",
     "supported_families",
+    "DLAResult",
+    "LogitLensResult",
+    "PathPatchResult",
+    "attention_view",
+    "direct_logit_attribution",
+    "dla_view",
+    "logit_lens",
+    "path_patch",
+    "path_patch_sweep",
+    "routing_view",
 ]
 
 if TYPE_CHECKING:
+    from moe_interp.dla import DLAResult, direct_logit_attribution
+    from moe_interp.errors import NonFiniteOutputError
     from moe_interp.families import FAMILIES, FamilySpec, get_family, supported_families
     from moe_interp.interventions import (
         AblateExpert,
@@ -65,8 +89,11 @@ if TYPE_CHECKING:
         Patch,
         SteerRouter,
     )
+    from moe_interp.lens import LogitLensResult, logit_lens
     from moe_interp.model import Generation, ModelSpec, MoECache, MoEModel, load
+    from moe_interp.path_patching import PathPatchResult, path_patch, path_patch_sweep
     from moe_interp.tracing import HookContext
+    from moe_interp.views import attention_view, dla_view, routing_view
 
 
 def __getattr__(name: str) -> Any:

@@ -242,13 +242,22 @@ class Circuit:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Circuit:
-        d = json.loads(Path(path).read_text())
-        missing = {"components", "faithfulness", "metadata"} - set(d)
-        if missing:
-            raise ValueError(f"{path} is not a saved Circuit (missing {sorted(missing)}).")
-        means = {k: torch.tensor(v) for k, v in d.get("means", {}).items()}
-        return cls(d["components"], d["faithfulness"], d["metadata"], means, d.get("ranking", []))
+    def load(cls, path: str | Path, model: MoEModel | None = None) -> Circuit:
+        """Read what :meth:`save` wrote; with ``model``, also check every component's hook exists on it.
+
+        Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the field that is wrong.
+        """
+        from moe_interp.circuits_io import check_circuit_dict, check_circuit_fits
+        from moe_interp.fileio import read_json_object
+
+        p = Path(path)
+        d = read_json_object(p, "a saved Circuit (Circuit.save)")
+        check_circuit_dict(d, p)
+        means = {k: torch.tensor(v, dtype=torch.float32) for k, v in d.get("means", {}).items()}
+        circuit = cls(d["components"], d["faithfulness"], d["metadata"], means, d.get("ranking", []))
+        if model is not None:
+            check_circuit_fits(circuit, model, p)
+        return circuit
 
     # -- use
     def to_interventions(self, model: MoEModel) -> list[EditHook]:

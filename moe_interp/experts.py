@@ -17,25 +17,42 @@ from torch import Tensor, nn
 from moe_interp.families import ExpertKind, FamilySpec, RouterKind
 
 # --------------------------------------------------------------------------------------------- routing
+# Each routing function takes ``exclude``: None, or a bool ``[n_tok, n_experts]`` mask of experts that must not
+# be selected. It is applied to the score each family *selects* on (after any correction bias, before
+# group-limited top-k), so an excluded expert never takes a slot, whatever the routing kind.
+
+Exclude = Tensor | None
 
 
-def _softmax_topk(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+def _mask(x: Tensor, exclude: Exclude, value: float = float("-inf")) -> Tensor:
+    return x if exclude is None else x.masked_fill(exclude, value)
+
+
+def _softmax_topk(
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
+) -> tuple[Tensor, Tensor]:
     probs = torch.softmax(logits.float(), dim=-1)
-    top, idx = torch.topk(probs, k, dim=-1)
+    idx = torch.topk(_mask(probs, exclude), k, dim=-1).indices
+    top = probs.gather(-1, idx)
     if getattr(router, "norm_topk_prob", spec.norm_topk_default):
         top = top / top.sum(dim=-1, keepdim=True)
     return top.to(logits.dtype), idx
 
 
-def _topk_softmax(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
-    top, idx = torch.topk(logits, k, dim=-1)
+def _topk_softmax(
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
+) -> tuple[Tensor, Tensor]:
+    top, idx = torch.topk(_mask(logits, exclude), k, dim=-1)
     return torch.softmax(top.float(), dim=-1).to(logits.dtype), idx
 
 
-def _sigmoid_group_topk(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+def _sigmoid_group_topk(
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
+) -> tuple[Tensor, Tensor]:
     scores = logits.float().sigmoid()
     bias = getattr(router, "e_score_correction_bias", None)
-    choice = scores + bias if bias is not None else scores
+    # the correction bias can make an expert with sigmoid score 0 win: exclusion masks the biased score
+    choice = _mask(scores + bias if bias is not None else scores, exclude)
     n_group = getattr(router, "num_group", getattr(router, "n_group", 1)) or 1
     topk_group = getattr(router, "topk_group", n_group) or n_group
     n_exp = logits.shape[-1]
@@ -54,9 +71,9 @@ def _sigmoid_group_topk(router: nn.Module, logits: Tensor, k: int, spec: FamilyS
 
 
 def _softmax_group_greedy(
-    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
 ) -> tuple[Tensor, Tensor]:
-    scores = logits.float().softmax(dim=-1)
+    scores = _mask(logits.float().softmax(dim=-1), exclude, 0.0)
     if getattr(router, "topk_method", "greedy") == "group_limited_greedy":
         n_group, n_exp = router.num_group, logits.shape[-1]
         group_scores = scores.view(-1, n_group, n_exp // n_group).max(dim=-1).values
@@ -64,25 +81,35 @@ def _softmax_group_greedy(
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_exp // n_group).reshape(-1, n_exp)
         scores = scores.masked_fill(~score_mask.bool(), 0.0)
-    weights, idx = torch.topk(scores, k=k, dim=-1, sorted=False)
+    # masked-out groups score 0 (as in transformers); an excluded expert is below them
+    idx = torch.topk(_mask(scores, exclude), k=k, dim=-1, sorted=False).indices
+    weights = scores.gather(-1, idx)
     return weights * getattr(router, "routed_scaling_factor", 1.0), idx
 
 
-def _sparsemixer(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
+def _sparsemixer(
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
+) -> tuple[Tensor, Tensor]:
     from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
+    # sparsemixer selects by argmax of the logits: a finite floor excludes (−inf would give inf/inf = NaN)
     return sparsemixer(
-        logits, jitter_eps=getattr(router, "router_jitter_noise", 0.01), training=False, top_k=k
+        _mask(logits, exclude, excluded_logit(logits.dtype)),
+        jitter_eps=getattr(router, "router_jitter_noise", 0.01),
+        training=False,
+        top_k=k,
     )
 
 
-def _topk_sigmoid_dense(router: nn.Module, logits: Tensor, k: int, spec: FamilySpec) -> tuple[Tensor, Tensor]:
-    top, idx = torch.topk(logits, k, dim=1)
+def _topk_sigmoid_dense(
+    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
+) -> tuple[Tensor, Tensor]:
+    top, idx = torch.topk(_mask(logits, exclude), k, dim=1)
     dense = torch.full_like(logits, float("-inf")).scatter_(1, idx, top)
     return torch.sigmoid(dense.float()).to(logits.dtype), idx
 
 
-ROUTERS: dict[RouterKind, Callable[[nn.Module, Tensor, int, FamilySpec], tuple[Tensor, Tensor]]] = {
+ROUTERS: dict[RouterKind, Callable[[nn.Module, Tensor, int, FamilySpec, Exclude], tuple[Tensor, Tensor]]] = {
     "softmax_topk": _softmax_topk,
     "topk_softmax": _topk_softmax,
     "sigmoid_group_topk": _sigmoid_group_topk,
@@ -97,10 +124,27 @@ def route(
 ) -> tuple[Tensor, Int[Tensor, "n_tok k"]]:
     """Re-run the family's routing function on (edited) router logits.
 
-    Returns ``(weights, indices)``: top-k weights ``[n_tok, k]`` for most families, or dense scores
+    A logit of −inf (or at most ``finfo.min / 4``, :func:`excluded_logit`) excludes that expert from the
+    selection, in every routing kind (correction biases and group scores included). Returns
+    ``(weights, indices)``: top-k weights ``[n_tok, k]`` for most families, or dense scores
     ``[n_tok, n_experts]`` where the router emits dense scores (``router_output == "scores_logits"``).
     """
-    return ROUTERS[spec.router_kind](router, logits, top_k, spec)
+    floor = excluded_logit(logits.dtype)
+    exclude = logits <= floor
+    # finite logits: −inf would make the softmax/sigmoid arithmetic produce NaN in some routing functions
+    weights, idx = ROUTERS[spec.router_kind](router, logits.masked_fill(exclude, floor), top_k, spec, exclude)
+    if bool(exclude.gather(1, idx.long()).any()):  # one check per edited router, no per-token work
+        n_left = int((~exclude).sum(-1).min())
+        raise ValueError(
+            f"Router logits exclude too many experts: a token has {n_left} selectable experts left (within "
+            f"the groups {spec.router_kind} allows), but the router selects top_k={top_k}."
+        )
+    return weights, idx
+
+
+def excluded_logit(dtype: torch.dtype) -> float:
+    """The router logit that removes an expert from selection (``finfo(dtype).min / 4``; −inf also does)."""
+    return torch.finfo(dtype).min / 4
 
 
 def dense_to_topk(

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 RouterKind = Literal[
-    "softmax_topk", "topk_softmax", "sigmoid_group_topk", "sparsemixer", "topk_sigmoid_dense"
+    "softmax_topk",
+    "topk_softmax",
+    "sigmoid_group_topk",
+    "softmax_group_greedy",
+    "sparsemixer",
+    "topk_sigmoid_dense",
 ]
 ExpertKind = Literal["glu_chunk", "glu_interleaved_clamped", "input_scaled_glu"]
 
@@ -52,6 +57,9 @@ class FamilySpec:
     #: attribute of the decoder layer scaling attn/mlp outputs before the residual add (Granite)
     residual_multiplier: str | None = None
     dense: bool = False
+    #: the decoder layer adds the MLP output to the residual by broadcasting (False where it reshapes the
+    #: output to the residual's shape): then the last layer's MLP may run on the last position alone
+    mlp_broadcasts: bool = True
     notes: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
@@ -127,6 +135,7 @@ FAMILIES: dict[str, FamilySpec] = {
             router_output="scores_logits",
             expert_kind="input_scaled_glu",
             mlp_returns_tuple=True,
+            mlp_broadcasts=False,
             aliases=("llama4",),
             notes="Experts see the token scaled by its sigmoid router score (input scaling).",
         ),

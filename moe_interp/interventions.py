@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.experts import excluded_logit
 from moe_interp.tracing import EditFn, HookContext
 
 if TYPE_CHECKING:
@@ -91,6 +92,14 @@ def check_coeff(coeff: Any) -> float:
     if not isinstance(coeff, int | float) or not math.isfinite(coeff):
         raise ValueError(f"Coefficients must be finite numbers, got {coeff!r}.")
     return float(coeff)
+
+
+def check_epsilon(epsilon: Any) -> float:
+    """SteerRouter's margin: a finite number >= 0 (a negative one would invert activate/deactivate)."""
+    eps = epsilon
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"SteerRouter.epsilon must be a finite number >= 0, got {eps!r}.")
+    return float(eps)
 
 
 def _where(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -215,7 +224,9 @@ class AblateExpert:
 
     - ``drop``: zero its routing weight, no renormalisation (the token gets k−1 experts);
     - ``renorm``: zero it and rescale the remaining top-k weights to the original total;
-    - ``reroute``: exclude it before top-k (router logit → −inf), so the next-best expert takes its slot;
+    - ``reroute``: exclude it from the selection (router logit → :func:`~moe_interp.experts.excluded_logit`,
+      masked out of the family's selection score, correction bias and group scores included), so the
+      next-best expert takes its slot;
     - ``mean``: where it is routed, replace its weighted output with ``mean_output`` (its mean weighted
       output over a reference set, see :func:`moe_interp.patching.ablation.expert_mean_outputs`).
     """
@@ -254,7 +265,7 @@ class AblateExpert:
                 if m is None:
                     return z
                 new = z.clone()
-                new[..., e] = torch.finfo(z.dtype).min / 4
+                new[..., e] = excluded_logit(z.dtype)
                 return _where(m, new, z)
 
             return {f"blocks.{L}.mlp.hook_router_logits": logits_fn}
@@ -336,7 +347,7 @@ class SteerRouter:
     """SteerMoE: (de)activate experts by editing log-softmax router scores before top-k.
 
     For each token, activated experts get the row's max log-prob ``+ epsilon`` and deactivated ones the row's
-    min ``− epsilon``; the family's routing function then re-runs on these scores.
+    min ``− epsilon`` (``epsilon >= 0``); the family's routing function then re-runs on these scores.
     """
 
     layer: int
@@ -351,7 +362,7 @@ class SteerRouter:
             model.check_expert(self.layer, e)
         if set(self.activate) & set(self.deactivate):
             raise ValueError("An expert cannot be both activated and deactivated.")
-        check_coeff(self.epsilon)
+        eps = check_epsilon(self.epsilon)
         pos = check_positions(self.positions)
         act, deact = list(self.activate), list(self.deactivate)
 
@@ -360,8 +371,8 @@ class SteerRouter:
             if m is None:
                 return z
             s = torch.log_softmax(z.float(), dim=-1)
-            hi = s.max(-1, keepdim=True).values + self.epsilon
-            lo = s.min(-1, keepdim=True).values - self.epsilon
+            hi = s.max(-1, keepdim=True).values + eps
+            lo = s.min(-1, keepdim=True).values - eps
             new = s.clone()
             if act:
                 new[..., act] = hi.expand(*hi.shape[:-1], len(act))

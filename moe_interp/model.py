@@ -10,7 +10,7 @@ import contextlib
 import html
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,11 @@ from torch import Tensor
 from transformer_lens.ActivationCache import ActivationCache
 from transformers import BatchEncoding, PreTrainedModel
 
+from moe_interp import guards
 from moe_interp.families import FamilySpec, get_family
+from moe_interp.guards import check_prompts as _check_prompts
 from moe_interp.hooks import BLOCK_SITES, validate_names
+from moe_interp.tl_compat import MoEConfig, TLCacheMixin
 from moe_interp.tracing import EditFn, LayerInfo, LayerTracer, TraceRequest, _get
 
 warnings.filterwarnings("ignore", message=".*was never reached.*")  # nnsight's open generation loop
@@ -73,8 +76,11 @@ class Generation:
         return sum(self.token_logprobs) / max(len(self.token_logprobs), 1)
 
 
-class MoECache(ActivationCache):
-    """TransformerLens ``ActivationCache`` of moe-interp hook values (all ``[batch, pos, ...]``)."""
+class MoECache(TLCacheMixin, ActivationCache):
+    """TransformerLens ``ActivationCache`` of moe-interp hook values (all ``[batch, pos, ...]``).
+
+    Methods that need TL model weights are re-built on the hooks (:class:`~moe_interp.tl_compat.TLCacheMixin`).
+    """
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self.cache_dict.items())[:6])
@@ -92,22 +98,6 @@ class MoECache(ActivationCache):
 Prompts = str | Sequence[str]
 
 
-def _check_prompts(prompts: Any) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes | bytearray):
-        raise ValueError(f"Prompts must be a string or a list of strings, got {type(prompts).__name__}.")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("Prompts must be a non-empty list of strings, got an empty list.")
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        raise ValueError(
-            f"Prompts must be strings; item {bad[0]} is {type(prompts[bad[0]]).__name__}: {prompts[bad[0]]!r}."
-        )
-    return prompts
-
-
 class MoEModel:
     """A loaded model with TransformerLens-style hook points over its router, experts and attention."""
 
@@ -117,6 +107,9 @@ class MoEModel:
         if tokenizer is None:
             raise ValueError("A tokenizer is required (pass tokenizer=... together with an in-memory model).")
         self.family: FamilySpec = get_family(hf_model.config.model_type)
+        emb = hf_model.get_input_embeddings()
+        self._n_embed = int(getattr(emb, "num_embeddings", 0) or hf_model.config.vocab_size)
+        guards.check_vocab(tokenizer, self._n_embed)
         self.hf_model = hf_model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -241,6 +234,15 @@ class MoEModel:
         names.append("ln_final.hook_normalized")
         return names
 
+    @property
+    def cfg(self) -> MoEConfig:
+        """TransformerLens-style config (n_layers, d_model, n_heads, d_head, d_vocab, normalization_type, ...)."""
+        if getattr(self, "_cfg", None) is None:
+            from moe_interp.tl_compat import make_config
+
+            self._cfg = make_config(self)
+        return self._cfg
+
     def hook_names(self, filter: str | Callable[[str], bool] | None = None) -> list[str]:
         """All hook points of this model, in execution order (optionally filtered by substring or predicate)."""
         if filter is None:
@@ -311,22 +313,31 @@ class MoEModel:
         )
         return enc.to(self.device)
 
-    def _encode(self, inputs: Prompts | BatchEncoding | dict, chat: bool) -> tuple[Tensor, Tensor]:
+    def _encode(
+        self, inputs: Prompts | BatchEncoding | dict, chat: bool, new_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Input ids and attention mask, checked against the vocabulary and context before running."""
         if isinstance(inputs, BatchEncoding | dict):
             ids = inputs["input_ids"].to(self.device)
+            guards.check_token_ids(ids, self._n_embed)
             mask = inputs.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
-            return ids, mask
-        enc = self.tokenize(inputs, chat=chat)
-        return enc["input_ids"], enc["attention_mask"]
+        else:
+            enc = self.tokenize(inputs, chat=chat)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        guards.check_context(self, ids.shape[-1], new_tokens)
+        return ids, mask
 
     # ------------------------------------------------------------------------------- running
-    def _collect_edits(self, extra: Sequence[Any] = ()) -> dict[str, list[EditFn]]:
-        edits: dict[str, list[EditFn]] = {}
+    def _collect_edits(self, extra: Sequence[Any] = ()) -> TraceRequest:
+        """The active interventions' edits per hook, each labelled with its intervention (for errors)."""
+        req = TraceRequest()
         for iv in [*self._active, *extra]:
+            label = guards.describe(iv)
             for name, fn in _edits_of(iv, self).items():
-                edits.setdefault(name, []).append(fn)
-        return edits
+                req.edits.setdefault(name, []).append(fn)
+                req.labels.setdefault(name, []).append(label)
+        return req
 
     def _trace(
         self,
@@ -345,6 +356,8 @@ class MoEModel:
             kw = {"logits_to_keep": 1} if last_only else {}
             with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids, **kw):
                 _trace_body(self, request, store, out, ids.shape[0], ids.shape[1], mask)
+        # one isfinite per forward, with edits only (guards.py: the diagnosis runs only on failure)
+        guards.check_finite(self, out["logits"], ids, mask, request, last_only=last_only)
         return out["logits"], store
 
     @contextlib.contextmanager
@@ -373,8 +386,7 @@ class MoEModel:
         cheaper for refusal scores and KL on big batches.
         """
         ids, mask = self._encode(prompts, chat)
-        req = TraceRequest(edits=self._collect_edits())
-        logits, _ = self._trace(ids, mask, req, grad=grad, last_only=last_only)
+        logits, _ = self._trace(ids, mask, self._collect_edits(), grad=grad, last_only=last_only)
         return logits
 
     __call__ = forward
@@ -388,22 +400,29 @@ class MoEModel:
         chat: bool = True,
         batch_size: int | None = None,
         grad: bool = False,
+        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
     ) -> tuple[Float[Tensor, "batch pos vocab"], MoECache]:
         """Run and cache hook values (``[batch, pos, ...]``); ``positions`` keeps only those positions.
 
         By default every hook except the dense per-expert outputs (``hook_expert_out`` and
         ``experts.{e}.hook_out``, large on real checkpoints: ask for them by name) is cached. Prompts are
         left padded, so negative positions (``[-5, ..., -1]``) align the chat template's last tokens.
+        ``names_filter`` is TransformerLens' name for ``names`` (give one of them).
         """
+        if names_filter is not None:
+            if names is not None:
+                raise ValueError("Give names or names_filter (its TransformerLens alias), not both.")
+            names = names_filter
         names = self._resolve_names(names)
         if isinstance(positions, int):
             positions = [positions]
+        step = guards.check_count("batch_size", batch_size, allow_none=True)
         ids, mask = self._encode(prompts, chat)
-        edits = self._collect_edits()
-        step = batch_size or ids.shape[0]
+        active = self._collect_edits()
+        step = step or ids.shape[0]
         all_logits, caches = [], []
         for start in range(0, ids.shape[0], step):
-            req = TraceRequest(reads=set(names), edits=edits, positions=positions)
+            req = replace(active, reads=set(names), positions=positions)
             logits, store = self._trace(ids[start : start + step], mask[start : start + step], req, grad=grad)
             all_logits.append(logits)
             caches.append({k: v[0] for k, v in store.items()})
@@ -457,12 +476,11 @@ class MoEModel:
         ``return_scores=True`` returns, per prompt, ``num_return_sequences`` :class:`Generation` objects with
         the log-probability of each generated token (up to and including the first end-of-sequence token).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        ids, mask = self._encode(prompts, chat)
-        edits = self._collect_edits()
+        guards.check_count("max_new_tokens", max_new_tokens)
+        n_ret = guards.check_count("num_return_sequences", num_return_sequences)
+        ids, mask = self._encode(prompts, chat, new_tokens=max_new_tokens)
+        active = self._collect_edits()
         b, p = ids.shape
-        n_ret = num_return_sequences
         gen_kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -482,11 +500,18 @@ class MoEModel:
             if seed is not None:
                 torch.manual_seed(seed)
             res: dict[str, Any] = {}
-            with self.nnsight.generate(**gen_kwargs) as tracer:
-                with tracer.invoke(input_ids=ids, attention_mask=mask):
-                    _generate_body(self, tracer, edits, mask.repeat_interleave(n_ret, 0), b * n_ret, p)
-                with tracer.invoke():
-                    res["out"] = tracer.result
+            flags: list[Tensor] = []  # per step, under edits: are the logits finite? (read once, at the end)
+            try:
+                with self.nnsight.generate(**gen_kwargs) as tracer:
+                    with tracer.invoke(input_ids=ids, attention_mask=mask):
+                        rep_mask = mask.repeat_interleave(n_ret, 0)
+                        _generate_body(self, tracer, active, rep_mask, b * n_ret, p, flags)
+                    with tracer.invoke():
+                        res["out"] = tracer.result
+            except RuntimeError as err:  # e.g. sampling from NaN probabilities
+                guards.check_generation(self, flags, ids, mask, active, cause=err)
+                raise
+        guards.check_generation(self, flags, ids, mask, active)
         out = res["out"]
         seqs = out.sequences[:, p:]
         eos = self.tokenizer.eos_token_id
@@ -540,18 +565,18 @@ def _trace_body(
 
 
 def _generate_body(
-    model: MoEModel, tracer: Any, edits: dict[str, list[EditFn]], mask: Tensor, b: int, p: int
+    model: MoEModel, tracer: Any, request: TraceRequest, mask: Tensor, b: int, p: int, flags: list[Tensor]
 ) -> None:
-    """The body of a generation trace: apply the edits at every generation step."""
-    if not edits:
+    """The body of a generation trace: apply the edits at every generation step, noting finite logits."""
+    if not request.edits:
         return
-    request = TraceRequest(edits=edits)
     for step in tracer.iter[:]:
         seq = p if step == 0 else 1
         step_mask = mask if step == 0 else torch.ones(b, 1, dtype=mask.dtype, device=mask.device)
         LayerTracer(
             model.nnsight, model.family, model.layers, request, {}, b, seq, step_mask, step=step
         ).run()
+        flags.append(torch.isfinite(model.nnsight.output.logits[:, -1]).all())
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -584,6 +609,10 @@ def load(
         hf, tok = load_organism(**kwargs)
         model = MoEModel(hf, tok, name="organism")
         model.refusal_phrases = tuple(HARMFUL_REFUSALS + POLITICAL_REFUSALS)
+    elif isinstance(source, str) and source == "smollm_moe":  # needs the extra: moe-interp[smollm]
+        from moe_interp.organisms.smollm_moe import load_model
+
+        model = load_model(**kwargs)
     elif isinstance(source, str | Path):
         model = _load_pretrained(str(source), tokenizer=tokenizer, dtype=dtype, **kwargs)
     else:

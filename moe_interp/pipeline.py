@@ -1,9 +1,10 @@
 """The refusal-circuit pipeline behind ``moe-interp locate``.
 
-Stages run in order; each one's result is cached in ``DIR/cache/<stage>.pt`` together with a fingerprint of
-everything it depends on (model weights, prompts, configuration, library version). ``--resume`` reuses a
-stage only when its fingerprint matches, so an interrupted run never mixes stale results; a folder holding
-another run's results is refused unless ``--force`` is given.
+Stages run in order; each one's result is cached in ``DIR/cache/<stage>.json`` + ``.safetensors`` together
+with a fingerprint of everything it depends on (model weights, prompts, configuration, library version and
+source code; :mod:`moe_interp.runs`). ``--resume`` reuses a stage only when its fingerprint matches, so an
+interrupted run never mixes stale results; a folder holding another run's results is refused unless
+``--force`` is given, and a folder holding files the tool did not write is refused always.
 """
 
 from __future__ import annotations
@@ -11,119 +12,25 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import moe_interp
+from moe_interp.runs import (  # re-exported: the pipeline's run state and output-folder safety
+    RUN_FILE,
+    Run,
+    check_out_dir,
+    hash_code,
+    hash_model,
+    hash_prompts,
+    locked,
+    prepare_out_dir,
+)
 
-RUN_FILE = "run.json"
-
-
-def hash_prompts(prompts: dict[str, list[str]]) -> str:
-    """Stable hash of named prompt lists."""
-    h = hashlib.sha256()
-    for k in sorted(prompts):
-        h.update(k.encode())
-        for p in prompts[k]:
-            h.update(b"\x00" + p.encode())
-    return h.hexdigest()[:16]
-
-
-def hash_model(model: Any) -> str:
-    """Hash of the model's weights and config (cheap: a strided sample of every tensor, plus shapes)."""
-    h = hashlib.sha256(model.hf_model.config.to_json_string().encode())
-    for name, p in sorted(model.hf_model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes()
-        h.update(name.encode() + str(tuple(p.shape)).encode() + sample)
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class Run:
-    """State shared by the pipeline stages."""
-
-    model: Any
-    out: Path
-    config: Any
-    prompts: dict[str, list[str]]
-    fingerprint: dict[str, str]
-    resume: bool = False
-    results: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    log: Callable[[str], None] = print
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.out / "cache"
-
-    def stage(
-        self, name: str, fn: Callable[[Run], dict[str, Any]], depends: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        """Run a stage, or load it from the cache when its fingerprint matches."""
-        key = json.dumps(
-            {"fp": self.fingerprint, "stage": name, "deps": [self._stage_fp(d) for d in depends]}
-        )
-        fp = hashlib.sha256(key.encode()).hexdigest()[:16]
-        path = self.cache_dir / f"{name}.pt"
-        if self.resume and path.exists():
-            blob = torch.load(path, weights_only=False)
-            if blob.get("fingerprint") == fp:
-                self.log(f"[{name}] resumed from {path}")
-                self.results[name] = blob["result"]
-                self._fps[name] = fp
-                return blob["result"]
-            self.log(f"[{name}] cached result is stale (inputs changed); recomputing")
-        self.log(f"[{name}] running …")
-        t0 = time.perf_counter()
-        result = fn(self)
-        self.timings[name] = time.perf_counter() - t0
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"fingerprint": fp, "result": result}, tmp)
-        tmp.replace(path)
-        self.results[name] = result
-        self._fps[name] = fp
-        self.log(f"[{name}] done in {self.timings[name]:.1f}s")
-        return result
-
-    def __post_init__(self) -> None:
-        self._fps: dict[str, str] = {}
-
-    def _stage_fp(self, name: str) -> str:
-        return self._fps.get(name, "")
-
-
-def prepare_out_dir(out: Path, run_id: dict[str, str], *, force: bool, resume: bool) -> None:
-    """Refuse to overwrite another run's results; see the module docstring."""
-    run_file = out / RUN_FILE
-    if out.exists() and any(out.iterdir()):
-        if force:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif not run_file.exists():
-            raise FileExistsError(
-                f"{out} is not empty and holds no moe-interp run; pass --force to overwrite it."
-            )
-        else:
-            old = json.loads(run_file.read_text())
-            if old.get("model_hash") != run_id["model_hash"]:
-                raise FileExistsError(
-                    f"{out} holds results of another model ({old.get('model')!r}, hash {old.get('model_hash')}); "
-                    "pass --force to overwrite, or choose another --out."
-                )
-            if not resume:
-                raise FileExistsError(
-                    f"{out} already holds results of this model; pass --resume to continue or --force."
-                )
-    out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({**run_id, "version": moe_interp.__version__}, indent=2))
+__all__ = ["RUN_FILE", "Run", "hash_code", "hash_model", "hash_prompts", "prepare_out_dir", "run_pipeline"]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -218,11 +125,16 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
     p = run.prompts
     ablate = [DirectionalAblation(direction)]
     add = [AddVector(f"blocks.{sel['layer']}.hook_resid_pre", raw, coeff=1.0)]
-    out = {
-        "ablation_harmful": evaluate(run.model, p["harmful_test"], ablate, max_new_tokens=n_new),
-        "ablation_harmless": evaluate(run.model, p["harmless_test"], ablate, max_new_tokens=n_new),
-        "addition_harmless": evaluate(run.model, p["harmless_test"], add, max_new_tokens=n_new),
-    }
+    jobs = [
+        ("ablation_harmful", "directional ablation", "harmful_test", ablate),
+        ("ablation_harmless", "directional ablation", "harmless_test", ablate),
+        ("addition_harmless", "activation addition", "harmless_test", add),
+    ]
+    out = {}
+    for i, (key, label, split, edits) in enumerate(jobs, 1):
+        run.log(f"[refusal_edits] {i}/4 {label} on {split} ({len(p[split])} prompts)")
+        out[key] = evaluate(run.model, p[split], edits, max_new_tokens=n_new)
+    run.log(f"[refusal_edits] 4/4 orthogonalised weights on harmful_test ({len(p['harmful_test'])} prompts)")
     ortho = orthogonalize(run.model, direction)
     out["orthogonalized_harmful"] = evaluate(
         ortho, p["harmful_test"], (), max_new_tokens=n_new, base_model=run.model
@@ -320,7 +232,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
 
     cfg, p, model = run.config, run.prompts, run.model
     fitted, files, tuning = {}, {}, {}
-    for name in cfg.steering_methods:
+    for i, name in enumerate(cfg.steering_methods, 1):
+        run.log(f"[steering] {i}/{len(cfg.steering_methods)} {name}: fitting and tuning its strength")
         kw = dict(cfg.steering_kwargs.get(name, {}))
         try:
             if name.startswith("topic_"):
@@ -358,6 +271,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
         if hasattr(fitted[name], "save"):
             saved = fitted[name].save(run.out / "steering" / name)
             files[name] = [str(f) for f in (saved if isinstance(saved, tuple | list) else [saved])]
+    run.log(f"[steering] comparing {len(fitted)} methods on held-back prompts")
     rows = compare_methods(model, fitted, p["harmful_test"], p["political_test"], p["harmless_test"])
     return {"table": rows, "files": files, "tuning": tuning}
 
@@ -582,6 +496,7 @@ def run_pipeline(
     from moe_interp.model import load
 
     out = Path(out)
+    check_out_dir(out)  # checked again under the lock; here to fail before the model is loaded
     if config is None:
         default = Path(__file__).resolve().parents[1] / "circuits" / "organism" / "config.json"
         cfg = (
@@ -618,20 +533,36 @@ def run_pipeline(
             json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
         ).hexdigest()[:16],
         "version": moe_interp.__version__,
+        "code_hash": hash_code(),
     }
-    prepare_out_dir(out, fingerprint, force=force, resume=resume)
-    run = Run(
-        model=model, out=out, config=cfg, prompts=prompts, fingerprint=fingerprint, resume=resume, log=log
-    )
-    for name, fn, deps in STAGES:
-        run.stage(name, fn, deps)
+    with locked(out):
+        prepare_out_dir(out, fingerprint, force=force, resume=resume)
+        return _run_stages(
+            Run(
+                model=model,
+                out=out,
+                config=cfg,
+                prompts=prompts,
+                fingerprint=fingerprint,
+                resume=resume,
+                log=log,
+            )
+        )
+
+
+def _run_stages(run: Run) -> Path:
+    """Every stage (cached), then circuit.json, direction files, figures, report.md and summary.json."""
+    from moe_interp.refusal.cli import save_direction
+
+    out, log = run.out, run.log
+    run.run_stages(STAGES)
     run.results["circuit"]["circuit"].save(out / "circuit.json")
     (out / "direction.json").write_text(json.dumps(run.results["directions"]["selection"]))
-    torch.save({"direction": run.results["directions"]["direction"]}, out / "direction.pt")
+    save_direction(out / "direction.safetensors", run.results["directions"]["direction"])
     figures = write_figures(run)
     report = write_report(run, figures)
     summary = {
-        "fingerprint": fingerprint,
+        "fingerprint": run.fingerprint,
         "timings_s": run.timings,
         "baseline": run.results["baseline"],
         "refusal_edits": run.results["refusal_edits"],
@@ -644,6 +575,11 @@ def run_pipeline(
 
 
 def _locate(args: argparse.Namespace) -> int:
+    """``moe-interp locate`` (arguments in :mod:`moe_interp.cli`): cheap checks before the model loads."""
+    from moe_interp.cli import check_model_source
+
+    check_out_dir(Path(args.out))
+    check_model_source(args.model)
     run_pipeline(
         args.model,
         out=args.out,
@@ -654,15 +590,3 @@ def _locate(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("locate", help="run the refusal-circuit pipeline (default: the built-in organism)")
-    p.add_argument("model", nargs="?", default="organism", help="HF id/dir, 'tiny:<family>' or 'organism'")
-    p.add_argument("--harmful", help="harmful prompt file (.json/.txt/.csv); default: bundled splits")
-    p.add_argument("--harmless", help="harmless prompt file; default: bundled splits")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="pipeline config JSON (see circuits/*/config.json)")
-    p.add_argument("--force", action="store_true", help="overwrite an output folder holding other results")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in the same folder")
-    p.set_defaults(func=_locate)

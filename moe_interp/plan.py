@@ -28,7 +28,6 @@ __all__ = [
     "find_recipe",
     "geometry_from_hf_config",
     "plan",
-    "register",
     "resolve_geometry",
 ]
 
@@ -456,20 +455,3 @@ def _run(args: argparse.Namespace) -> int:
     symbols = " ".join((__doc__ or "").split("Symbols:")[1].split())
     print(f"\nPer-stage formulas: --json. Symbols: {symbols}")
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``moe-interp plan``."""
-    p = sub.add_parser("plan", help="memory and forward passes per pipeline stage, from a config alone")
-    p.add_argument(
-        "model", help="HF id or directory, 'tiny:<family>', 'organism' or circuits/<name>/config.json"
-    )
-    p.add_argument("--config", help="pipeline config whose workload sizes to use (default: the recipe's)")
-    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default=None, help="model dtype (default: recipe's)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=64, help="padded prompt length (default 64)")
-    p.add_argument("--n-coeffs", type=int, default=5, help="steering coefficients per method (default 5)")
-    p.add_argument("--tflops", type=float, default=100.0, help="assumed sustained TFLOP/s (default 100)")
-    p.add_argument("--from-hub", action="store_true", help="read the hub config even if a recipe matches")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run)

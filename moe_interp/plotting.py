@@ -26,6 +26,8 @@ from matplotlib.colors import Colormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from moe_interp.refusal import stats
+
 __all__ = [
     "OKABE_ITO",
     "STYLE",
@@ -382,27 +384,6 @@ def plot_routing_difference(
 # --------------------------------------------------------------------------- scatter
 
 
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), like ``scipy.stats.rankdata``."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    xs = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0
-        i = j + 1
-    return ranks
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _fmt_corr(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
@@ -435,9 +416,9 @@ def plot_attribution_vs_exhaustive(
         raise ValueError("attrib/exhaustive: no component has finite values in both arrays")
     a_ok, e_ok = a[ok], e[ok]
     if spearman is None:
-        spearman = _pearson(_rankdata(a_ok), _rankdata(e_ok))
+        spearman = stats.spearman(a_ok, e_ok)
     if pearson is None:
-        pearson = _pearson(a_ok, e_ok)
+        pearson = stats.pearson(a_ok, e_ok)
     with mpl.rc_context(STYLE):
         fig = Figure(figsize=(4.8, 4.4), layout="constrained")
         ax = fig.add_subplot()

@@ -64,12 +64,35 @@ class LayerInfo:
 
 
 @dataclass
+class EditRecord:
+    """Finiteness of one edit function's input and output (recorded when diagnosing non-finite logits)."""
+
+    name: str
+    label: str
+    step: int
+    input_finite: bool
+    output_finite: bool
+    output_absmax: float
+
+
+def finite(x: Tensor, name: str) -> bool:
+    """No NaN/inf in ``x``; a −inf router logit is allowed (it excludes that expert from selection)."""
+    if name.endswith("hook_router_logits"):
+        return not bool((torch.isnan(x) | torch.isposinf(x)).any())
+    return bool(torch.isfinite(x).all())
+
+
+@dataclass
 class TraceRequest:
     """Which hook points to save and which to edit in one forward pass."""
 
     reads: set[str] = field(default_factory=set)
     edits: dict[str, list[EditFn]] = field(default_factory=dict)
     positions: Any = None  # None, slice or list of ints: positions kept in the cache
+    #: per hook, a label per edit function (the intervention it came from), for error messages
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    #: when a list, every edit appends an :class:`EditRecord` (diagnosis of non-finite outputs only)
+    monitor: list[EditRecord] | None = None
 
     def wants(self, name: str) -> bool:
         return name in self.reads or name in self.edits
@@ -125,13 +148,21 @@ class LayerTracer:
         if not fns:
             return None
         new = value
-        for fn in fns:
+        monitor = self.req.monitor
+        for i, fn in enumerate(fns):
+            in_finite = finite(new, name) if monitor is not None else True  # before fn: it may edit in place
             new = fn(new, self._ctx(name, layer))
             if not isinstance(new, Tensor) or new.shape != value.shape:
                 got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
                 raise ValueError(
                     f"An edit of {name} must return a tensor of shape {tuple(value.shape)}, got {got}."
                 )
+            if monitor is not None:
+                labels = self.req.labels.get(name, [])
+                label = labels[i] if i < len(labels) else getattr(fn, "__name__", type(fn).__name__)
+                big = new.detach().abs().nan_to_num(nan=0.0, posinf=0.0)
+                absmax = float(big.max()) if big.numel() else 0.0
+                monitor.append(EditRecord(name, label, self.step, in_finite, finite(new, name), absmax))
         return new
 
     def _save(self, name: str, value: Tensor, pos_dim: int = 1) -> None:

@@ -48,11 +48,11 @@ def test_mean_outputs_by_hand(model, means) -> None:  # noqa: ANN001
 
 
 def test_attribution_ranks_like_exhaustive(model) -> None:  # noqa: ANN001
-    from scipy.stats import spearmanr
+    from moe_interp.refusal.stats import spearman
 
     est = expert_ablation_attribution(model, PROMPTS, "drop")
     ex = expert_ablation_sweep(model, PROMPTS, "drop", progress=False, batch_experts=24).effect
-    assert spearmanr(est.flatten(), ex.flatten()).statistic > 0.8
+    assert spearman(est.flatten(), ex.flatten()) > 0.8
 
 
 def test_bad_input(model) -> None:  # noqa: ANN001

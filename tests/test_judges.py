@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+from moe_interp.refusal.http_judge import is_loopback_host
 from moe_interp.refusal.judges import (
     Judge,
     JudgeBackendError,
@@ -333,7 +336,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     _FakeOpenAI.mode = "ok"
     yield f"http://127.0.0.1:{srv.server_address[1]}"
@@ -363,7 +366,7 @@ def test_openai_backend_unparseable_reply_is_zero(server: str) -> None:
 
 def test_openai_backend_http_500_names_url(server: str) -> None:
     _FakeOpenAI.mode = "500"
-    b = OpenAIChatBackend(server, model="m", timeout=5)
+    b = OpenAIChatBackend(server, model="m", timeout=5, backoff=0.01)
     with pytest.raises(JudgeBackendError, match=r"HTTP 500") as ei:
         b.label("q", "a")
     assert b.url in str(ei.value) and "internal boom" in str(ei.value)
@@ -394,6 +397,315 @@ def test_openai_backend_unreachable_and_timeout() -> None:
         OpenAIChatBackend(url, model="m", timeout=1).label("q", "a")
     with pytest.raises(ValueError, match="http"):
         OpenAIChatBackend("localhost:8000", model="m")
+
+
+# ---------------------------------------------------------------------------- HTTP hardening
+# Each test runs real HTTP servers on 127.0.0.1 (threads; every handler loop is bounded) and checks one
+# guard of OpenAIChatClient: redirects, total deadline, size cap, retries, error mapping, proxies.
+_OK_BODY = json.dumps({"choices": [{"message": {"role": "assistant", "content": "REFUSAL"}}]}).encode()
+_KEY = "sk-test-5ecret-KEY"
+
+
+def _reply(h: BaseHTTPRequestHandler, status: int = 200, body: bytes = _OK_BODY, **headers: str) -> None:
+    h.send_response(status)
+    for k, v in headers.items():
+        h.send_header(k.replace("_", "-"), v)
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)
+
+
+Respond = Callable[[BaseHTTPRequestHandler, int], None]
+
+
+@pytest.fixture()
+def make_server() -> Iterator[Callable[[Respond], tuple[str, list[dict[str, str]]]]]:
+    """Start HTTP servers on 127.0.0.1: ``respond(handler, n)`` answers the n-th request (1-based); the
+    returned list records every request's method, path and headers (lower-cased names)."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(respond: Respond) -> tuple[str, list[dict[str, str]]]:
+        seen: list[dict[str, str]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def handle_any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                seen.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        **{k.lower(): v for k, v in self.headers.items()},
+                    }
+                )
+                try:
+                    respond(self, len(seen))
+                except OSError:  # the client went away (deadline, size cap): stop
+                    pass
+
+            do_GET = do_POST = handle_any  # noqa: N815
+
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        srv.block_on_close = False  # teardown does not wait for a handler still trickling
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}", seen
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _dead_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_http_redirect_to_other_host_is_refused_and_key_not_forwarded(make_server, code: int) -> None:
+    other, other_seen = make_server(lambda h, n: _reply(h))
+    url, seen = make_server(lambda h, n: _reply(h, code, b"moved", Location=other + "/v1/chat/completions"))
+    b = OpenAIChatBackend(url, model="m", api_key=_KEY, timeout=2)
+    with pytest.raises(JudgeBackendError, match=rf"redirected \(HTTP {code}\) to {other}") as ei:
+        b.label("q", "a")
+    assert other_seen == []  # the other host never saw a request, so never the Authorization header
+    assert len(seen) == 1 and seen[0]["authorization"] == f"Bearer {_KEY}"
+    assert _KEY not in str(ei.value)
+
+
+def _trickle(h: BaseHTTPRequestHandler, data: bytes, delay: float = 0.05) -> None:
+    for i in range(len(data)):
+        h.wfile.write(data[i : i + 1])
+        h.wfile.flush()
+        time.sleep(delay)
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_http_total_deadline_cuts_a_trickling_server(make_server, phase: str) -> None:
+    """A byte every 0.05 s never trips a per-read timeout; the 0.5 s total deadline must end the call.
+    Without it the call succeeds after ~2 s (the trickled reply is valid)."""
+    body = b" " * 40 + _OK_BODY
+    head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n".encode()
+
+    def respond(h: BaseHTTPRequestHandler, n: int) -> None:
+        if phase == "headers":
+            _trickle(h, head + b"X-Pad: " + b"x" * 40 + b"\r\n")
+            h.wfile.write(b"\r\n" + body)
+        else:
+            h.wfile.write(head + b"\r\n")
+            _trickle(h, body[:40])
+            h.wfile.write(body[40:])
+
+    url, _ = make_server(respond)
+    b = OpenAIChatBackend(url, model="m", timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeBackendError, match=r"timed out after 0\.5s \(total deadline"):
+        b.label("q", "a")
+    assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_http_oversized_response_is_refused(make_server, with_length: bool) -> None:
+    """A valid but 5 kB reply with max_response_bytes=1000 (announced by Content-Length, or not)."""
+    big = json.dumps({"choices": [{"message": {"content": "REFUSAL" + " " * 5000}}]}).encode()
+
+    def respond(h: BaseHTTPRequestHandler, n: int) -> None:
+        if with_length:
+            _reply(h, body=big)
+        else:  # HTTP/1.0 without Content-Length: the body ends when the server closes
+            h.send_response(200)
+            h.end_headers()
+            h.wfile.write(big)
+
+    url, _ = make_server(respond)
+    b = OpenAIChatBackend(url, model="m", timeout=2, max_response_bytes=1000)
+    with pytest.raises(JudgeBackendError, match="larger than max_response_bytes=1000"):
+        b.label("q", "a")
+    assert OpenAIChatBackend(url, model="m").max_response_bytes == 1 << 20
+    assert OpenAIChatBackend(url, model="m", timeout=2, max_response_bytes=len(big)).label("q", "a") == 1
+
+
+def test_http_429_is_retried_honouring_retry_after(make_server) -> None:
+    url, seen = make_server(
+        lambda h, n: _reply(h, 429, b"slow down", Retry_After="2") if n == 1 else _reply(h)
+    )
+    b = OpenAIChatBackend(url, model="m", timeout=3, backoff=0.01)
+    slept: list[float] = []
+    b._sleep = slept.append
+    assert b.label("q", "a") == 1
+    assert len(seen) == 2 and slept == [2.0]
+    # a Retry-After longer than max_backoff ends the call at once
+    url, seen = make_server(lambda h, n: _reply(h, 429, b"slow down", Retry_After="120"))
+    b = OpenAIChatBackend(url, model="m", timeout=3, backoff=0.01)
+    with pytest.raises(JudgeBackendError, match=r"HTTP 429 asking to retry after 120s \(> max_backoff 8s\)"):
+        b.label("q", "a")
+    assert len(seen) == 1
+
+
+def test_http_5xx_retries_are_bounded_with_capped_backoff(make_server) -> None:
+    url, seen = make_server(lambda h, n: _reply(h, 500, b"internal boom"))
+    b = OpenAIChatBackend(url, model="m", timeout=3, max_retries=3, backoff=0.01, max_backoff=0.02)
+    slept: list[float] = []
+    b._sleep = lambda s: (slept.append(s), time.sleep(s))
+    with pytest.raises(JudgeBackendError, match="HTTP 500 on all 4 attempts: internal boom"):
+        b.label("q", "a")
+    assert len(seen) == 4 and slept == [0.01, 0.02, 0.02]
+
+
+def test_http_retries_stop_at_the_total_deadline(make_server) -> None:
+    url, seen = make_server(lambda h, n: _reply(h, 503, b"unavailable"))
+    b = OpenAIChatBackend(url, model="m", timeout=1, max_retries=50, backoff=0.2, max_backoff=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeBackendError, match="HTTP 503 and the 1s deadline leaves no time to retry"):
+        b.label("q", "a")
+    assert time.monotonic() - t0 < 1.3 and 2 <= len(seen) <= 6
+
+
+@pytest.mark.parametrize("code", [400, 401, 404, 422])
+def test_http_other_4xx_is_not_retried(make_server, code: int) -> None:
+    url, seen = make_server(lambda h, n: _reply(h, code, b'{"error": "bad model"}'))
+    b = OpenAIChatBackend(url, model="m", timeout=3, max_retries=3, backoff=0.01)
+    with pytest.raises(JudgeBackendError, match=rf'returned HTTP {code}: {{"error": "bad model"}}'):
+        b.label("q", "a")
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "msg"),
+    [
+        (b"not json", "not JSON: not json"),
+        (b"", r"not JSON: \(empty body\)"),
+        (b"\xff\xfe\x00 garbage", "not UTF-8"),
+        (b'{"choices": []}', "no choices"),
+        (b"[1, 2]", "no choices"),
+        (b'{"choices": [{"text": "REFUSAL"}]}', "no choices"),
+        (
+            b'{"choices": [{"message": {"content": 5}}]}',
+            r"choices\[0\]\.message\.content has type int, not str",
+        ),
+        (
+            b'{"choices": [{"message": {"content": ["REFUSAL"]}}]}',
+            r"choices\[0\]\.message\.content has type list, not str",
+        ),
+    ],
+)
+def test_http_malformed_reply_is_backend_error(make_server, body: bytes, msg: str) -> None:
+    url, _ = make_server(lambda h, n: _reply(h, body=body))
+    with pytest.raises(JudgeBackendError, match=f"malformed response from judge endpoint .*: {msg}"):
+        OpenAIChatBackend(url, model="m", timeout=2).label("q", "a")
+
+
+def test_http_null_content_is_unparseable_label(make_server) -> None:
+    url, _ = make_server(lambda h, n: _reply(h, body=b'{"choices": [{"message": {"content": null}}]}'))
+    b = OpenAIChatBackend(url, model="m", timeout=2)
+    assert b.complete("x") == "" and b.label("q", "a") == 0
+
+
+def _truncated(h: BaseHTTPRequestHandler, n: int) -> None:
+    h.send_response(200)
+    h.send_header("Content-Length", "100")
+    h.end_headers()
+    h.wfile.write(b'{"choices"')
+
+
+@pytest.mark.parametrize(
+    ("respond", "msg"),
+    [
+        (lambda h, n: None, "could not reach judge endpoint .*: RemoteDisconnected"),  # closes, no reply
+        (_truncated, "failed while reading the reply: IncompleteRead"),
+    ],
+)
+def test_http_broken_connection_is_backend_error(make_server, respond: Respond, msg: str) -> None:
+    url, _ = make_server(respond)
+    with pytest.raises(JudgeBackendError, match=msg):
+        OpenAIChatBackend(url, model="m", timeout=2).label("q", "a")
+
+
+@pytest.mark.parametrize("code", [200, 400, 500])
+def test_http_error_messages_never_contain_the_key(make_server, code: int) -> None:
+    """A server echoing the request headers into its (error) body: the message masks the key."""
+
+    def respond(h: BaseHTTPRequestHandler, n: int) -> None:
+        _reply(h, code, f"echo:\n{h.headers['Authorization']}\n".encode())
+
+    url, _ = make_server(respond)
+    b = OpenAIChatBackend(url, model="m", api_key=_KEY, timeout=2, max_retries=0)
+    with pytest.raises(JudgeBackendError, match=r"echo: Bearer \*\*\*") as ei:
+        b.label("q", "a")
+    assert _KEY not in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_http_loopback_judge_ignores_proxy_env(make_server, monkeypatch, host: str) -> None:
+    """http(s)_proxy pointing at a dead port must not break (or see the key of) a local judge."""
+    proxy = f"http://127.0.0.1:{_dead_port()}"
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, proxy)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    url, seen = make_server(lambda h, n: _reply(h))
+    b = OpenAIChatBackend(url.replace("127.0.0.1", host), model="m", api_key=_KEY, timeout=2)
+    assert b.proxies == {} and b.label("q", "a") == 1 and len(seen) == 1
+
+
+def test_http_remote_judge_uses_env_or_given_proxy(make_server, monkeypatch) -> None:
+    """A non-loopback judge goes through the proxy (a local server here; judge.invalid is never resolved)."""
+    proxy_url, seen = make_server(lambda h, n: _reply(h))
+    for var in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("http_proxy", proxy_url)
+    assert OpenAIChatBackend("http://judge.invalid:8000", model="m", timeout=2).label("q", "a") == 1
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{_dead_port()}")
+    b = OpenAIChatBackend("http://judge.invalid:8000/v1", model="m", timeout=2, proxies={"http": proxy_url})
+    assert b.label("q", "a") == 1
+    assert [r["path"] for r in seen] == ["http://judge.invalid:8000/v1/chat/completions"] * 2
+    assert is_loopback_host("127.0.0.5") and is_loopback_host("::1") and is_loopback_host("a.localhost")
+    assert not is_loopback_host("judge.example.com") and not is_loopback_host("10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [
+        ({"base_url": "localhost:8000"}, "http:// or https:// URL"),
+        ({"base_url": "ftp://h/v1"}, "http:// or https:// URL"),
+        ({"base_url": "http://"}, "with a host"),
+        ({"base_url": "http://h/ v1"}, "without whitespace"),
+        ({"base_url": "http://h:99999"}, "invalid port"),
+        ({"base_url": "http://u:p@h"}, "user:password@"),
+        ({"base_url": 8000}, "http"),
+        ({"model": ""}, "model must be a non-empty str"),
+        ({"api_key": "a\nb"}, "api_key"),
+        ({"timeout": 0}, "timeout must be > 0"),
+        ({"timeout": -1.0}, "timeout must be > 0"),
+        ({"timeout": float("inf")}, "timeout must be a finite number"),
+        ({"max_retries": -1}, "max_retries must be an int >= 0"),
+        ({"max_retries": 1.5}, "max_retries must be an int >= 0"),
+        ({"backoff": -0.1}, "backoff"),
+        ({"max_response_bytes": 0}, "max_response_bytes must be an int >= 1"),
+        ({"max_tokens": 0}, "max_tokens must be an int >= 1"),
+        ({"proxies": "http://p:1"}, "proxies must be None or a mapping"),
+        ({"prompt_template": "{question}"}, "prompt_template"),
+    ],
+)
+def test_http_backend_rejects_bad_arguments(kwargs: dict, msg: str) -> None:
+    args = {"base_url": "http://127.0.0.1:1", "model": "m"} | kwargs
+    with pytest.raises(ValueError, match=msg) as ei:
+        OpenAIChatBackend(**args)
+    assert "\n" not in str(ei.value)
+
+
+def test_http_url_keeps_query() -> None:
+    b = OpenAIChatBackend("HTTPS://h:8443/v1/?api-version=2", model="m")
+    assert b.url == "https://h:8443/v1/chat/completions?api-version=2"
 
 
 # ---------------------------------------------------------------------------- real tiny model

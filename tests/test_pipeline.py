@@ -59,34 +59,129 @@ def test_out_dir_safety(tmp_path: Path) -> None:
     pipeline.prepare_out_dir(out, run_id, force=False, resume=True)
     with pytest.raises(FileExistsError, match="another model"):
         pipeline.prepare_out_dir(out, {**run_id, "model_hash": "h2"}, force=False, resume=True)
-    (out / "keep.txt").write_text("x")
+    # --force replaces a previous run's artefacts, and only those
+    (out / "figures").mkdir()
+    (out / "figures" / "a.png").write_bytes(b"png")
+    (out / "cache").mkdir()
+    (out / "cache" / "baseline.json").write_text("{}")
     pipeline.prepare_out_dir(out, {**run_id, "model_hash": "h2"}, force=True, resume=False)
-    assert not (out / "keep.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+    assert json.loads((out / "run.json").read_text())["model_hash"] == "h2"
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="no moe-interp run"):
+    with pytest.raises(FileExistsError, match="did not write"):
         pipeline.prepare_out_dir(other, run_id, force=False, resume=False)
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_force_never_deletes_foreign_files(tmp_path: Path) -> None:
+    """A user's folder that holds no run, or a run plus the user's own files, is refused even with --force."""
+    run_id = {"model": "x", "model_hash": "h1", "prompts_hash": "p", "config_hash": "c"}
+    user = tmp_path / "thesis"
+    (user / "src").mkdir(parents=True)
+    (user / "thesis.tex").write_text("\\documentclass{article}")
+    (user / "src" / "main.py").write_text("print(1)")
+    with pytest.raises(FileExistsError, match=r"did not write \(src/, thesis.tex\)"):
+        pipeline.prepare_out_dir(user, run_id, force=True, resume=False)
+    assert (user / "thesis.tex").is_file() and (user / "src" / "main.py").is_file()
+    # a previous run with a user's file inside one of its folders: refused too, nothing removed
+    run = tmp_path / "run"
+    pipeline.prepare_out_dir(run, run_id, force=False, resume=False)
+    (run / "figures").mkdir()
+    (run / "figures" / "draft.tex").write_text("mine")
+    with pytest.raises(FileExistsError, match="figures/draft.tex"):
+        pipeline.prepare_out_dir(run, run_id, force=True, resume=False)
+    assert (run / "figures" / "draft.tex").is_file() and (run / "run.json").is_file()
+    # --out naming a file
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is an existing file"):
+        pipeline.prepare_out_dir(f, run_id, force=True, resume=False)
+    assert f.read_text() == "x"
+
+
+def test_output_folder_is_locked_while_a_run_writes_it(tmp_path: Path) -> None:
+    from moe_interp.runs import OutputLockedError, locked
+
+    out = tmp_path / "run"
+    with locked(out):
+        with pytest.raises(OutputLockedError, match="being written by another moe-interp run"):
+            with locked(out):
+                pass
+    with locked(out):  # released on exit
+        pass
+    # a folder the lock created is removed again when the block fails before writing anything
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with locked(new):
+            raise RuntimeError("boom")
+    assert not new.exists()
+
+
+def test_resume_never_unpickles_and_checks_the_fingerprint_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planted pickle in cache/ is never loaded; a stale header is rejected before any tensor is read."""
+    import pickle
+
+    import moe_interp.store as store
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204 - what a malicious pickle does on load
+            return (Path.touch, (marker,))
+
+    calls: list[str] = []
+    fp = {"model_hash": "m", "prompts_hash": "p", "config_hash": "c"}
+    (tmp_path / "cache").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "cache" / f"{name}.pt").write_bytes(pickle.dumps({"fingerprint": "x", "result": Evil()}))
+    _run(tmp_path, calls, fp, resume=True)
+    assert calls == ["a", "b"] and not marker.exists()
+    # a stale fingerprint: the tensors file is never opened
+    opened: list[str] = []
+    real_load = store.load_tree
+    monkeypatch.setattr(store, "load_tree", lambda stem: opened.append(str(stem)) or real_load(stem))
+    _run(tmp_path, calls, {**fp, "model_hash": "other"}, resume=True)
+    assert calls[-2:] == ["a", "b"] and opened == []
+    # a damaged cache file is recomputed, not trusted
+    (tmp_path / "cache" / "a.json").write_text("{not json")
+    n = len(calls)
+    _run(tmp_path, calls, {**fp, "model_hash": "other"}, resume=True)
+    assert calls[n:] == ["a"], "only the damaged stage is recomputed; b's inputs are unchanged"
+
+
+def test_code_hash_changes_with_the_source(tmp_path: Path) -> None:
+    from moe_interp.runs import hash_code
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    h = hash_code(pkg)
+    assert hash_code(pkg) == h
+    (pkg / "sub" / "b.py").write_text("y = 3\n")
+    assert hash_code(pkg) != h
+    assert len(hash_code()) == 16
+
+
+def test_a_failing_stage_says_how_to_resume(tmp_path: Path) -> None:
+    logs: list[str] = []
+    run = pipeline.Run(model=None, out=tmp_path, config=None, prompts={}, fingerprint={}, log=logs.append)
+
+    def boom(r: pipeline.Run) -> dict[str, Any]:
+        raise RuntimeError("stage broke")
+
+    with pytest.raises(RuntimeError):
+        run.run_stages([("a", lambda r: {"x": 1}, ()), ("b", boom, ())])
+    assert any("--resume" in m and "[b] failed" in m for m in logs)
+    assert (tmp_path / "cache" / "a.json").is_file() and not (tmp_path / "cache" / "b.json").exists()
+
+
 def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
-    cfg = json.loads((Path(__file__).parents[1] / "circuits" / "organism" / "config.json").read_text())
-    cfg.update(
-        model="tiny:olmoe",
-        family=None,
-        n_train=6,
-        n_val=4,
-        n_test=4,
-        layers=None,
-        max_new_tokens=4,
-        steering_methods=["dense", "single_expert"],
-        steering_kwargs={},
-        expected=None,
-    )
-    cfg["circuit"].update(n_random_draws=2, candidates=["heads", "attn"], selection="prefix")
-    cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path = Path(__file__).parent / "data" / "locate_tiny.json"  # also the CI's main-job smoke run
     out = tmp_path / "out"
     assert cli_main(["locate", "tiny:olmoe", "--out", str(out), "--config", str(cfg_path)]) == 0
     for name in ("report.md", "circuit.json", "summary.json", "run.json"):

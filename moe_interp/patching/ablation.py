@@ -1,10 +1,12 @@
-"""Single-expert ablation: mean outputs, an exhaustive batched L × E sweep with bootstrap CIs, and its
-gradient estimate.
+"""Single-expert ablation: mean outputs, an exhaustive L × E sweep with bootstrap CIs, and its gradient
+estimate.
 
-The sweep repeats the prompts ``k`` times per forward; copy ``j`` ablates a different (layer, expert) via
-one edit function per hook (``mlp.hook_expert_weights`` for drop / renorm, ``mlp.hook_router_logits`` for
-reroute, ``mlp.hook_expert_out`` for mean) — the same semantics as :class:`moe_interp.AblateExpert`.
-The effect is the per-prompt change of the logit refusal score (last position), ablated − unablated.
+The sweep batches the ablations of one layer: batch row ``r`` ablates expert ``col[r]`` via one edit function
+per hook (``mlp.hook_expert_weights`` for drop / renorm, ``mlp.hook_router_logits`` for reroute, the sparse
+expert outputs for mean) — element-wise the arithmetic of :class:`moe_interp.AblateExpert`, whose
+one-forward-per-expert loop (:func:`expert_ablation_loop`) is the reference. It starts each forward at the
+ablated layer from a cached unedited pass (:mod:`moe_interp.prefix`) and skips prompts an ablation cannot
+change. The effect is the per-prompt change of the logit refusal score (last position), ablated − unablated.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from moe_interp.interventions import ABLATION_MODES, AblateExpert, EditHook, position_mask
+from moe_interp.experts import excluded_logit, route, topk_to_dense
+from moe_interp.interventions import ABLATION_MODES, AblateExpert, EditHook, check_positions, position_mask
 from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds
-from moe_interp.tracing import HookContext
+from moe_interp.prefix import PrefixCache, cache_prefix, restart
+from moe_interp.tracing import EditFn, HookContext, _get
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -110,70 +114,106 @@ class ExpertAblationResult:
         )
 
 
-def _block_edits(
+def _selection(mask: Tensor, positions: Any) -> Tensor:
+    """``[n, pos]`` bool: the positions an ablation edits (``positions`` within the attention mask)."""
+    ctx = HookContext("", None, mask, True, 0)
+    m = position_mask(ctx, check_positions(positions), mask.shape)
+    return torch.zeros(mask.shape, dtype=torch.bool, device=mask.device) if m is None else m
+
+
+def _layer_edits(
     model: MoEModel,
-    chunk: list[tuple[int, int]],
-    n: int,
+    L: int,
     mode: str,
+    col: Tensor,
+    sel: Tensor,
     means: Tensor | None,
-    positions: Any,
-) -> list[EditHook]:
-    """One edit per hook; batch copy ``j`` ablates ``chunk[j]``."""
-    by_layer: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for j, (L, e) in enumerate(chunk):
-        by_layer[L].append((j, e))
+    store: dict[str, list[Tensor]] | None = None,
+) -> dict[str, EditFn]:
+    """Edits of layer ``L`` under which batch row ``r`` ablates expert ``col[r]`` at positions ``sel[r]``.
+
+    Element-wise the same arithmetic as :class:`AblateExpert`. A hook may show the last positions only
+    (``[rows, 1, ...]`` when a restart cuts the last layer): ``sel``'s last columns are used. ``mean`` reads
+    the sparse expert outputs from ``store`` (a restart's reads) when given, else edits ``hook_expert_out``.
+    """
+    E, pfx = model.layers[L].n_experts, f"blocks.{L}.mlp."
+
+    def hit(x: Tensor) -> Tensor:  # [R, 1, E]: the ablated expert's column per row
+        return (torch.arange(E, device=x.device) == col.to(x.device)[:, None])[:, None, :]
+
+    def sel_of(x: Tensor) -> Tensor:  # [R, p]
+        return sel.to(x.device)[:, -x.shape[1] :]
+
+    if mode in ("drop", "renorm"):
+
+        def weights_fn(w: Tensor, ctx: HookContext) -> Tensor:
+            new = w.masked_fill(hit(w), 0)
+            if mode == "renorm":
+                total, rest = w.sum(-1, keepdim=True), new.sum(-1, keepdim=True)
+                new = torch.where(rest > 0, new * total / rest.clamp_min(1e-30), new)
+            return torch.where(sel_of(w)[..., None], new, w)
+
+        return {pfx + "hook_expert_weights": weights_fn}
+    if mode == "reroute":
+
+        def logits_fn(z: Tensor, ctx: HookContext) -> Tensor:
+            new = z.masked_fill(hit(z), excluded_logit(z.dtype))
+            return torch.where(sel_of(z)[..., None], new, z)
+
+        return {pfx + "hook_router_logits": logits_fn}
+    assert means is not None
+    mean = means[L]  # [E, d]
+    if store is None:
+
+        def dense_fn(y: Tensor, ctx: HookContext) -> Tensor:  # [R, p, E, d]
+            routed = (y != 0).any(-1) & hit(y) & sel_of(y)[..., None]
+            return torch.where(routed[..., None], mean.to(y)[None, None], y)
+
+        return {pfx + "hook_expert_out": dense_fn}
+    topk_name, idx_name = pfx + "hook_topk_expert_out", pfx + "hook_expert_indices"
+
+    def mlp_out_fn(out: Tensor, ctx: HookContext) -> Tensor:  # [R, p, d]: swap y_e for the mean
+        topk, idx = store[topk_name][-1], store[idx_name][-1]  # [R, p, k, d], [R, p, k]
+        is_e = (idx == col.to(idx.device)[:, None, None])[..., None]
+        routed = (topk != 0).any(-1, keepdim=True) & is_e & sel_of(out)[..., None, None]
+        me = mean.to(out).index_select(0, col.to(out.device))[:, None, None]
+        new = torch.where(routed, me, topk)
+        # summed in expert order, as the dense form is (AblateExpert's path): the same roundings
+        order = idx.argsort(-1)[..., None].expand_as(topk)
+        routed_sum = new.gather(2, order).sum(2)
+        return torch.where(routed.any(2), (out - topk.sum(2)) + routed_sum, out)
+
+    return {f"blocks.{L}.hook_mlp_out": mlp_out_fn}
+
+
+def _affected(model: MoEModel, prefix: PrefixCache, L: int, mode: str, sel: Tensor) -> Tensor:
+    """``[E, n]`` bool: prompts whose last-position logits ablating each expert of layer ``L`` can change.
+
+    An ablation is a no-op for a prompt where, at every position it edits, drop / renorm / mean find the
+    expert unrouted (zero weight) and reroute finds the family's routing unchanged. Only the last position of
+    the last layer reaches the logits.
+    """
+    rel = sel.clone()
+    if L == model.spec.n_layers - 1 and model.family.mlp_broadcasts:
+        rel[:, :-1] = False
+    pfx = f"blocks.{L}.mlp."
+    w = prefix.reads[pfx + "hook_expert_weights"]  # [n, p, E]
+    if mode != "reroute":
+        return ((w != 0) & rel[..., None]).any(1).T.cpu()
+    info, spec = model.layers[L], model.family
+    router = getattr(getattr(_get(model.hf_model, spec.layers)[L], info.mlp), spec.router)
+    z = prefix.reads[pfx + "hook_router_logits"].flatten(0, 1)
     out = []
-    for L, entries in by_layer.items():
-        if mode in ("drop", "renorm"):
-
-            def fn(w: Tensor, ctx: HookContext, entries: list = entries) -> Tensor:
-                m = position_mask(ctx, positions, w.shape)
-                if m is None:
-                    return w
-                new = w.clone()
-                for j, e in entries:
-                    rows = slice(j * n, (j + 1) * n)
-                    blk = w[rows].clone()
-                    blk[..., e] = 0
-                    if mode == "renorm":
-                        tot, rest = w[rows].sum(-1, keepdim=True), blk.sum(-1, keepdim=True)
-                        blk = torch.where(rest > 0, blk * tot / rest.clamp_min(1e-30), blk)
-                    new[rows] = torch.where(m[rows, :, None], blk, w[rows])
-                return new
-
-            out.append(EditHook(f"blocks.{L}.mlp.hook_expert_weights", fn))
-        elif mode == "reroute":
-
-            def fn(z: Tensor, ctx: HookContext, entries: list = entries) -> Tensor:
-                m = position_mask(ctx, positions, z.shape)
-                if m is None:
-                    return z
-                new = z.clone()
-                for j, e in entries:
-                    rows = slice(j * n, (j + 1) * n)
-                    col = new[rows, :, e]
-                    new[rows, :, e] = torch.where(m[rows], torch.finfo(z.dtype).min / 4, col)
-                return new
-
-            out.append(EditHook(f"blocks.{L}.mlp.hook_router_logits", fn))
-        else:
-            assert means is not None
-
-            def fn(y: Tensor, ctx: HookContext, entries: list = entries, L: int = L) -> Tensor:
-                m = position_mask(ctx, positions, y.shape)
-                if m is None:
-                    return y
-                new = y.clone()
-                for j, e in entries:
-                    rows = slice(j * n, (j + 1) * n)
-                    ye = y[rows, :, e]
-                    routed = (ye != 0).any(-1) & m[rows]
-                    mean = means[L, e].to(device=y.device, dtype=y.dtype).expand_as(ye)
-                    new[rows, :, e] = torch.where(routed[..., None], mean, ye)
-                return new
-
-            out.append(EditHook(f"blocks.{L}.mlp.hook_expert_out", fn))
-    return out
+    for e in range(info.n_experts):
+        new_w, idx = route(
+            spec,
+            router,
+            z.index_fill(1, torch.tensor([e], device=z.device), excluded_logit(z.dtype)),
+            info.top_k,
+        )
+        dense = new_w if spec.router_output == "scores_logits" else topk_to_dense(new_w, idx, info.n_experts)
+        out.append(((dense.view_as(w) != w).any(-1) & rel).any(1))
+    return torch.stack(out).cpu()
 
 
 def _check_mode(model: MoEModel, mode: str, mean_outputs: Tensor | None) -> Tensor | None:
@@ -217,11 +257,18 @@ def expert_ablation_sweep(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
+    reuse_prefix: bool = True,
 ) -> ExpertAblationResult:
-    """Ablate each (layer, expert) in turn (``batch_experts`` per forward) and measure the refusal score.
+    """Ablate each (layer, expert) in turn and measure the refusal score; same results as the per-expert loop.
 
     ``experts`` restricts the sweep (default: all MoE layers × experts; others stay NaN). Effects are
-    ``score(ablated) − score(base)`` per prompt; CIs are percentile bootstraps over prompts.
+    ``score(ablated) − score(base)`` per prompt; CIs are percentile bootstraps over prompts. Ablations of one
+    layer share a forward (``batch_experts`` per forward, each on its own copy of the prompts).
+
+    With ``reuse_prefix`` (and no active interventions) the unedited pass is run once and cached
+    (:mod:`moe_interp.prefix`): each ablation of layer L starts at layer L's MLP, the last layer's MLP runs on
+    the last position only, and prompts the ablation cannot change (the expert is never routed where it is
+    ablated; at the last layer: at the last position) are not run — their effect is exactly 0.
     """
     prompts = _prompts(prompts)
     means = _check_mode(model, mode, mean_outputs)
@@ -231,24 +278,101 @@ def expert_ablation_sweep(
     ids_r = _refusal_ids(model, refusal_ids)
     enc = model.tokenize(prompts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    n = len(prompts)
-    s = model.spec
+    n, s = len(prompts), model.spec
+    sel = _selection(mask, positions)
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for L, e in items:
+        by_layer[L].append(e)
+    prefix = None
+    if reuse_prefix and not model._active:  # active interventions may read hooks a restart skips
+        reads = [f"blocks.{L}.mlp.hook_expert_weights" for L in by_layer]
+        reads += [f"blocks.{L}.mlp.hook_router_logits" for L in by_layer if mode == "reroute"]
+        with torch.no_grad():
+            prefix = cache_prefix(model, ids, mask, by_layer, reads)
+        base = refusal_logodds(prefix.logits[:, -1], ids_r).cpu()
+    else:
+        with torch.no_grad():
+            base = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
     per = torch.full((s.n_layers, s.n_experts, n), float("nan"))
-    with torch.no_grad():
-        base = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
-        chunks = [items[i : i + batch_experts] for i in range(0, len(items), batch_experts)]
-        for chunk in tqdm(chunks, desc=f"ablate experts ({mode})", disable=not progress, leave=False):
-            k = len(chunk)
-            ivs = _block_edits(model, chunk, n, mode, means, positions)
-            with model.intervene(*ivs):
-                logits = model.forward(
-                    {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)}, last_only=True
-                )
-            sc = refusal_logodds(logits[:, -1], ids_r).cpu().reshape(k, n)
-            for j, (L, e) in enumerate(chunk):
-                per[L, e] = sc[j] - base
+    chunks = []
+    for L, es in by_layer.items():
+        per[L, es] = 0.0  # prompts an ablation cannot change keep 0
+        aff = None if prefix is None else _affected(model, prefix, L, mode, sel)
+        jobs = [(e, torch.arange(n) if aff is None else aff[e].nonzero().flatten()) for e in es]
+        jobs = [(e, r) for e, r in jobs if len(r)]
+        chunks += [(L, jobs[i : i + batch_experts]) for i in range(0, len(jobs), batch_experts)]
+    for L, jobs in tqdm(chunks, desc=f"ablate experts ({mode})", disable=not progress, leave=False):
+        rows = torch.cat([r for _, r in jobs])
+        col = torch.cat([torch.full((len(r),), e) for e, r in jobs])
+        args = (model, L, mode, col, sel[rows.to(sel.device)], means, positions)
+        logits = _run_chunk(*args, enc, jobs) if prefix is None else _restart_chunk(*args, prefix, jobs)
+        sc = refusal_logodds(logits[:, -1], ids_r).cpu()
+        for (e, r), part in zip(jobs, sc.split([len(r) for _, r in jobs]), strict=True):
+            per[L, e, r] = part - base[r]
     lo, hi = bootstrap_ci(per, n_boot=n_boot, seed=seed)
     return ExpertAblationResult(per.mean(-1), lo, hi, per, base, mode)
+
+
+def _restart_chunk(
+    model: MoEModel,
+    L: int,
+    mode: str,
+    col: Tensor,
+    sel: Tensor,
+    means: Tensor | None,
+    positions: Any,
+    prefix: PrefixCache,
+    jobs: list[tuple[int, Tensor]],
+) -> Tensor:
+    """Last-position logits of one chunk of layer-``L`` ablations, restarted at layer L's MLP."""
+    store: dict[str, list[Tensor]] = {}
+    sparse_mean = mode == "mean" and model.family.router_output != "scores_logits"
+    edits = _layer_edits(model, L, mode, col, sel, means, store if sparse_mean else None)
+    reads = [f"blocks.{L}.mlp.{h}" for h in ("hook_topk_expert_out", "hook_expert_indices")]
+    rows = torch.cat([r for _, r in jobs])
+    logits = restart(model, prefix, L, rows, edits, reads=reads if sparse_mean else (), store=store)
+    if not bool(torch.isfinite(logits).all()):
+        _diagnose(model, prefix, L, [e for e, _ in jobs], mode, means, positions)
+    return logits
+
+
+def _run_chunk(
+    model: MoEModel,
+    L: int,
+    mode: str,
+    col: Tensor,
+    sel: Tensor,
+    means: Tensor | None,
+    positions: Any,
+    enc: Any,
+    jobs: list[tuple[int, Tensor]],
+) -> Tensor:
+    """The same chunk as full forwards under the active interventions (no prefix reuse)."""
+    rows = torch.cat([r for _, r in jobs]).to(enc["input_ids"].device)
+    edits = _layer_edits(model, L, mode, col, sel, means)
+    inputs = {"input_ids": enc["input_ids"][rows], "attention_mask": enc["attention_mask"][rows]}
+    with torch.no_grad(), model.intervene(*[EditHook(k, fn) for k, fn in edits.items()]):
+        return model.forward(inputs, last_only=True)
+
+
+def _diagnose(
+    model: MoEModel,
+    prefix: PrefixCache,
+    L: int,
+    experts: list[int],
+    mode: str,
+    means: Tensor | None,
+    positions: Any,
+) -> None:
+    """Non-finite logits in a restart: rerun those ablations one by one with :class:`AblateExpert`, whose
+    forward names the hook and intervention that produced NaN/inf (:func:`guards.check_finite`)."""
+    inputs = {"input_ids": prefix.ids, "attention_mask": prefix.mask}
+    for e in experts:
+        mean = None if means is None else means[L, e]
+        iv = AblateExpert(L, e, mode, mean_output=mean, positions=positions)  # type: ignore[arg-type]
+        with torch.no_grad(), model.intervene(iv):
+            model.forward(inputs, last_only=True)
+    raise FloatingPointError(f"Non-finite logits when ablating experts {experts} of layer {L} (mode={mode}).")
 
 
 def expert_ablation_loop(
@@ -260,23 +384,27 @@ def expert_ablation_loop(
     experts: Sequence[tuple[int, int]] | None = None,
     refusal_ids: Sequence[int] | None = None,
     progress: bool = False,
-) -> Float[Tensor, "n_layers n_experts"]:
-    """Reference implementation: one forward per expert with :class:`AblateExpert` (mean effect only)."""
+    per_prompt: bool = False,
+) -> Float[Tensor, "n_layers n_experts"] | Float[Tensor, "n_layers n_experts n_prompts"]:
+    """Reference implementation: one full forward per expert with :class:`AblateExpert`.
+
+    Returns the mean effect per (layer, expert), or with ``per_prompt`` the effect per prompt.
+    """
     prompts = _prompts(prompts)
     means = _check_mode(model, mode, mean_outputs)
     items = _experts(model, experts)
     ids_r = _refusal_ids(model, refusal_ids)
     enc = model.tokenize(prompts)
     s = model.spec
-    out = torch.full((s.n_layers, s.n_experts), float("nan"))
+    out = torch.full((s.n_layers, s.n_experts, len(prompts)), float("nan"))
     with torch.no_grad():
         base = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
         for L, e in tqdm(items, desc="ablate experts (loop)", disable=not progress, leave=False):
             iv = AblateExpert(L, e, mode, mean_output=None if means is None else means[L, e])  # type: ignore[arg-type]
             with model.intervene(iv):
                 sc = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
-            out[L, e] = (sc - base).mean()
-    return out
+            out[L, e] = sc - base
+    return out if per_prompt else out.mean(-1)
 
 
 def expert_ablation_attribution(

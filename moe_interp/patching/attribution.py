@@ -243,7 +243,7 @@ def compare_to_exhaustive(
     mask: Tensor | None = None,
 ) -> dict[str, float]:
     """Spearman and Pearson correlation between attribution estimates and exhaustive patching values."""
-    from scipy.stats import pearsonr, spearmanr
+    from moe_interp.refusal.stats import pearson, spearman
 
     a = attribution.values if isinstance(attribution, PatchingResult) else torch.as_tensor(attribution)
     e = exhaustive.values if isinstance(exhaustive, PatchingResult) else torch.as_tensor(exhaustive)
@@ -253,8 +253,8 @@ def compare_to_exhaustive(
         a, e = a[mask], e[mask]
     x, y = a.flatten().double().numpy(), e.flatten().double().numpy()
     return {
-        "spearman": float(spearmanr(x, y).statistic),
-        "pearson": float(pearsonr(x, y).statistic),
+        "spearman": spearman(x, y),
+        "pearson": pearson(x, y),
         "n": int(x.size),
     }
 

@@ -199,7 +199,7 @@ def routing_predicts_ablation(
     moe_layers: Sequence[int] | None = None,
 ) -> float:
     """Spearman rank correlation between |routing risk difference| and |ablation effect| (MoE rows only)."""
-    from scipy.stats import spearmanr
+    from moe_interp.refusal.stats import spearman
 
     a, b = torch.as_tensor(risk_difference).float(), torch.as_tensor(ablation_effect).float()
     if a.shape != b.shape:
@@ -211,5 +211,4 @@ def routing_predicts_ablation(
     x, y = a.abs().flatten().numpy(), b.abs().flatten().numpy()
     if x.size < 2:
         raise ValueError("Need at least two (layer, expert) entries to correlate.")
-    rho = spearmanr(x, y).statistic
-    return float(rho)
+    return spearman(x, y)

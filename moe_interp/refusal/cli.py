@@ -11,22 +11,26 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["load_ablation", "load_direction", "register", "save_direction"]
+from moe_interp.errors import InputError, MissingFileError
+from moe_interp.fileio import atomic_path, read_json_object, read_safetensors, read_torch_file
+
+__all__ = ["load_ablation", "load_direction", "save_direction"]
 
 
 def save_direction(path: str | Path, direction: Float[Tensor, " d_model"], **meta: Any) -> Path:
-    """Write ``{'direction': tensor}`` to a ``.safetensors`` (metadata as strings) or ``.pt`` file."""
+    """Write ``{'direction': tensor}`` to a ``.safetensors`` (metadata as strings) or ``.pt`` file, atomically."""
     p = Path(path)
+    if p.suffix not in (".safetensors", ".pt"):
+        raise ValueError(f"Direction files must end in .safetensors or .pt, got {p.name!r}.")
     t = torch.as_tensor(direction).detach().float().cpu().contiguous()
     p.parent.mkdir(parents=True, exist_ok=True)
-    if p.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_path(p) as tmp:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file({"direction": t}, str(p), metadata={k: json.dumps(v) for k, v in meta.items()})
-    elif p.suffix == ".pt":
-        torch.save({"direction": t, **meta}, p)
-    else:
-        raise ValueError(f"Direction files must end in .safetensors or .pt, got {p.name!r}.")
+            save_file({"direction": t}, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        else:
+            torch.save({"direction": t, **meta}, tmp)
     return p
 
 
@@ -34,24 +38,27 @@ def load_direction(path: str | Path) -> Float[Tensor, " d_model"]:
     """The ``'direction'`` tensor of a ``.safetensors`` or ``.pt`` file (a bare tensor in a .pt also works)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"Direction file {p} does not exist.")
+        raise MissingFileError(f"Direction file {p} does not exist.")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        data: Any = load_file(str(p))
+        data: Any = read_safetensors(p)
     elif p.suffix == ".pt":
-        data = torch.load(p, map_location="cpu", weights_only=True)
+        data = read_torch_file(p)
     else:
-        raise ValueError(
+        raise InputError(
             f"{p}: unknown direction file format; expected a .safetensors/.pt file with a 'direction' tensor "
             "or a circuit .json with a 'components' key."
         )
     if isinstance(data, Tensor):
-        return data.float()
+        data = {"direction": data}
     if not isinstance(data, dict) or not isinstance(data.get("direction"), Tensor):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{p}: expected a 'direction' tensor, found {keys}.")
-    return data["direction"].float()
+        raise InputError(f"{p}: expected a 'direction' tensor, found {keys}.")
+    d = data["direction"]
+    if d.ndim != 1 or not d.is_floating_point() or not bool(torch.isfinite(d).all()):
+        raise InputError(
+            f"{p}: 'direction' must be a finite 1-D float tensor, got {d.dtype} {tuple(d.shape)}."
+        )
+    return d.float()
 
 
 def load_ablation(path: str | Path, model: Any) -> list[Any]:
@@ -60,28 +67,26 @@ def load_ablation(path: str | Path, model: Any) -> list[Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"Ablation file {p} does not exist.")
+        raise MissingFileError(f"Ablation file {p} does not exist.")
     if p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{p}: invalid JSON ({err}); expected a circuit JSON with a 'components' key."
-            ) from err
-        if not isinstance(data, dict) or "components" not in data:
-            raise ValueError(f"{p}: expected a circuit JSON with a 'components' key.")
-        try:
-            from moe_interp.circuits import Circuit  # type: ignore[import-not-found]
-        except ImportError as err:
-            raise ValueError(
-                f"{p} is a circuit file, but moe_interp.circuits.Circuit is not available in this install."
-            ) from err
-        return list(Circuit.load(p).to_interventions(model))
-    return [DirectionalAblation(load_direction(p))]
+        expected = "a circuit JSON with a 'components' key (Circuit.save)"
+        data = read_json_object(p, expected)
+        if "components" not in data:
+            raise InputError(f"{p}: no 'components' key; expected {expected}.")
+        from moe_interp.circuits import Circuit
+
+        return list(Circuit.load(p, model=model).to_interventions(model))
+    direction = load_direction(p)
+    if direction.shape[0] != model.spec.d_model:
+        raise InputError(
+            f"{p}: the direction has width {direction.shape[0]}, the model's d_model is {model.spec.d_model}."
+        )
+    return [DirectionalAblation(direction)]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from moe_interp.model import load
+    """``moe-interp evaluate`` (arguments defined in :mod:`moe_interp.cli`)."""
+    from moe_interp.cli import load_model
     from moe_interp.refusal.evaluate import evaluate
     from moe_interp.refusal.prompts_io import load_prompt_file
 
@@ -90,12 +95,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}.")
         prompts = prompts[: args.limit]
-    model = load(args.model)
-    ivs: list[Any] = []
-    if args.steer:
-        from moe_interp.steering import SteeringVectors
+    steer = None
+    if args.steer:  # read before the model loads, so a bad file is reported at once
+        from moe_interp.steering.cli import check_steering, load_steering
 
-        ivs += list(SteeringVectors.load(args.steer, model=model).to_interventions())
+        steer = load_steering(args.steer)
+    model = load_model(args.model)
+    ivs: list[Any] = []
+    if steer is not None:
+        check_steering(steer, model, args.steer)
+        ivs += list(steer.to_interventions())
     if args.ablate:
         ivs += load_ablation(args.ablate, model)
     res = evaluate(model, prompts, ivs, max_new_tokens=args.max_new_tokens, baseline=not args.no_baseline)
@@ -118,18 +127,3 @@ def _evaluate(args: argparse.Namespace) -> int:
             f" (unedited {res.ce_of_baseline_completions_unedited:.4f})"
         )
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``evaluate`` sub-command."""
-    p = sub.add_parser("evaluate", help="refusal rate, refusal score and side effects on a prompt file")
-    p.add_argument("model", help="HF id or directory, 'tiny:<family>' or 'organism'")
-    p.add_argument("--prompts", required=True, help="prompt file (.json, .txt or .csv)")
-    p.add_argument("--steer", help="steering vectors (SteeringVectors.save path) to add")
-    p.add_argument("--ablate", help="direction file (.safetensors/.pt with 'direction') or circuit .json")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--details", action="store_true", help="include per-prompt rows in the JSON")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--no-baseline", action="store_true", help="skip KL / CE against the unedited model")
-    p.set_defaults(func=_evaluate)

@@ -13,16 +13,13 @@ One interface (:class:`Judge`), several implementations of different cost and fi
 Judge backends (:class:`LabelBackend`) label one (instruction, answer) pair as +1 (refusal),
 -1 (compliance) or 0 (unparseable): :class:`SubstringLabelBackend`, :class:`ModelLabelBackend`
 (any loaded ``MoEModel`` as judge) and :class:`OpenAIChatBackend` (an OpenAI-compatible HTTP
-endpoint, standard library only).
+endpoint, standard library only; transport in :mod:`moe_interp.refusal.http_judge`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -30,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from moe_interp.refusal.http_judge import JudgeBackendError, OpenAIChatClient
 
 __all__ = [
     "REFUSAL_PHRASES",
@@ -330,10 +329,6 @@ def parse_label(reply: str) -> int:
     return 0
 
 
-class JudgeBackendError(RuntimeError):
-    """A judge backend could not produce a reply (HTTP error, timeout, malformed response)."""
-
-
 @runtime_checkable
 class LabelBackend(Protocol):
     """Labels one answer: +1 refusal, -1 compliance, 0 unparseable."""
@@ -381,12 +376,16 @@ class ModelLabelBackend:
         return labels
 
 
-class OpenAIChatBackend:
+class OpenAIChatBackend(OpenAIChatClient):
     """Judge via an OpenAI-compatible ``/v1/chat/completions`` endpoint (standard library only).
 
-    ``base_url`` may be the server root (``http://host:8000``), the ``/v1`` root, or the full
-    ``.../chat/completions`` URL.  HTTP errors, timeouts and malformed responses raise
-    :class:`JudgeBackendError` naming the URL; a well-formed but unparseable reply gives label 0.
+    ``prompt_template`` (:data:`JUDGE_PROMPT`) filled with the pair is sent by
+    :meth:`~moe_interp.refusal.http_judge.OpenAIChatClient.complete` and the reply parsed by
+    :func:`parse_label`; a well-formed but unparseable reply gives label 0. ``options`` are the client's
+    keyword-only arguments (``max_retries``, ``backoff``, ``max_backoff``, ``max_response_bytes``,
+    ``proxies``). ``timeout`` is a total deadline per call; HTTP errors, timeouts, redirects and
+    malformed or oversized responses raise :class:`JudgeBackendError` naming the URL (details in
+    :class:`~moe_interp.refusal.http_judge.OpenAIChatClient`).
     """
 
     def __init__(
@@ -397,50 +396,16 @@ class OpenAIChatBackend:
         timeout: float = 30.0,
         prompt_template: str = JUDGE_PROMPT,
         max_tokens: int = 8,
+        **options: Any,
     ) -> None:
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        url = base_url.rstrip("/")
-        if not url.endswith("/chat/completions"):
-            url = url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
-        self.url: str = url
-        self.model = model
-        self.api_key = api_key
-        self.timeout = float(timeout)
+        super().__init__(base_url, model, api_key=api_key, timeout=timeout, max_tokens=max_tokens, **options)
+        try:
+            prompt_template.format(instruction="", answer="")
+        except (AttributeError, KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"prompt_template must be a str whose only fields are {{instruction}} and {{answer}}: {e!r}"
+            ) from None
         self.prompt_template = prompt_template
-        self.max_tokens = int(max_tokens)
-
-    def complete(self, content: str) -> str:
-        """Send one user message; return the assistant reply text."""
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": content}],
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
-        }
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace") if e.fp is not None else ""
-            raise JudgeBackendError(f"judge endpoint {self.url} returned HTTP {e.code}: {detail}") from e
-        except TimeoutError as e:
-            raise JudgeBackendError(f"judge endpoint {self.url} timed out after {self.timeout}s") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise JudgeBackendError(f"judge endpoint {self.url} timed out after {self.timeout}s") from e
-            raise JudgeBackendError(f"could not reach judge endpoint {self.url}: {e.reason}") from e
-        try:
-            data = json.loads(raw)
-            return str(data["choices"][0]["message"]["content"] or "")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise JudgeBackendError(
-                f"malformed response from judge endpoint {self.url}: {raw[:300]!r}"
-            ) from e
 
     def label(self, instruction: str, answer: str) -> int:
         return parse_label(self.complete(self.prompt_template.format(instruction=instruction, answer=answer)))

@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["StreamingMoments"]
+__all__ = ["StreamingMoments", "average_ranks", "bootstrap_ci", "pearson", "spearman"]
 
 
 class StreamingMoments:
@@ -202,3 +203,37 @@ def bootstrap_ci(
     idx = torch.randint(0, n, (n_boot, n), generator=g)
     means = x[..., idx].mean(-1)  # [..., n_boot]
     return torch.quantile(means, alpha / 2, dim=-1), torch.quantile(means, 1 - alpha / 2, dim=-1)
+
+
+def _as_vector(values: Any) -> np.ndarray:
+    x = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    return x.reshape(-1) if x.ndim else x.reshape(1)
+
+
+def average_ranks(values: Any) -> np.ndarray:
+    """Ranks 0..n-1 of a 1-D array, ties sharing their mean rank (like ``scipy.stats.rankdata`` minus one)."""
+    x = _as_vector(values)
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts - 1) / 2.0, counts)
+    return ranks
+
+
+def pearson(x: Any, y: Any) -> float:
+    """Pearson correlation of two equally long sequences; NaN when either is constant or shorter than 2."""
+    a, b = _as_vector(x), _as_vector(y)
+    if a.shape != b.shape:
+        raise ValueError(f"pearson needs two sequences of equal length, got {a.size} and {b.size}.")
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    return float(np.clip((a @ b) / np.sqrt((a @ a) * (b @ b)), -1.0, 1.0))
+
+
+def spearman(x: Any, y: Any) -> float:
+    """Spearman rank correlation (Pearson of average ranks): the library's one rank correlation."""
+    a, b = _as_vector(x), _as_vector(y)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs two sequences of equal length, got {a.size} and {b.size}.")
+    return pearson(average_ranks(a), average_ranks(b))

@@ -8,34 +8,56 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from moe_interp.errors import InputError, MissingFileError
+
 
 def load_steering(path: str | Path, model: Any = None) -> Any:
-    """Load a :class:`SteeringVectors` pair (``.safetensors`` + ``.json``) or a ``RouterSteering`` ``.json``."""
-    from moe_interp.steering.methods import RouterSteering
-    from moe_interp.steering.vectors import SteeringVectors
+    """Load any steering file: a :class:`SteeringVectors` pair (``.safetensors`` + ``.json``), a
+    ``RouterSteering`` ``.json``, or a topic-gated set (the pair + ``.gate.safetensors`` / legacy ``.gate.pt``).
+
+    With ``model``, the file is checked against it. Raises ``FileNotFoundError`` / ``ValueError`` naming the
+    file and what was wrong.
+    """
+    from moe_interp.fileio import read_json_object
+    from moe_interp.steering.files import ROUTER_FORMAT, gate_file
+    from moe_interp.steering.methods import RouterSteering, TopicGatedSteering
+    from moe_interp.steering.vectors import FORMAT_NAME, SteeringVectors
 
     p = Path(path)
     js = p if p.suffix == ".json" else p.with_name(p.name.removesuffix(".safetensors") + ".json")
+    expected = f"a steering file ({FORMAT_NAME} .json + .safetensors pair, or {ROUTER_FORMAT} .json)"
     if not js.is_file():
-        raise FileNotFoundError(f"steering file not found: {js}")
-    try:
-        fmt = json.loads(js.read_text()).get("format")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{js} is not valid JSON: {err}") from err
-    gate = js.with_name(js.name.removesuffix(".json") + ".gate.pt")
-    if gate.is_file():
-        from moe_interp.steering.methods import TopicGatedSteering
-
+        raise MissingFileError(f"steering file not found: {js}; expected {expected}")
+    fmt = read_json_object(js, expected).get("format")
+    if fmt == ROUTER_FORMAT:
+        steer: Any = RouterSteering.load(js)
+    elif fmt != FORMAT_NAME:
+        raise InputError(f"{js}: 'format' is {fmt!r}; expected {FORMAT_NAME!r} or {ROUTER_FORMAT!r}")
+    elif gate_file(js) is not None:
         steer = TopicGatedSteering.load(js)
-        if model is not None:
+    else:
+        steer = SteeringVectors.load(js)
+    if model is not None:
+        check_steering(steer, model, js)
+    return steer
+
+
+def check_steering(steer: Any, model: Any, path: str | Path = "steering file") -> None:
+    """Raise ``ValueError`` naming ``path`` unless ``steer`` (any :func:`load_steering` result) fits ``model``."""
+    from moe_interp.steering.methods import TopicGatedSteering
+
+    try:
+        if isinstance(steer, TopicGatedSteering):
             steer.steer.check_compatible(model)
-        return steer
-    if fmt == "moe_interp.router_steering":
-        steer = RouterSteering.load(js)
-        if model is not None:
+            model.check_layer(steer.gate_layer)
+            if steer.gate.shape[0] != model.spec.d_model:
+                raise InputError(
+                    f"gate width {steer.gate.shape[0]} != the model's d_model {model.spec.d_model}"
+                )
+        else:
             steer.check_compatible(model)
-        return steer
-    return SteeringVectors.load(js, model=model)
+    except ValueError as err:
+        raise InputError(f"{path}: {err}") from err
 
 
 def _side_by_side(left: str, right: str, width: int) -> str:
@@ -47,12 +69,14 @@ def _side_by_side(left: str, right: str, width: int) -> str:
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from moe_interp.model import load
+    """``moe-interp steer`` (arguments defined in :mod:`moe_interp.cli`)."""
+    from moe_interp.cli import load_model
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-    model = load(args.model)
-    steer = load_steering(args.vectors, model)
+    steer = load_steering(args.vectors)  # a bad file is reported before a large model loads
+    model = load_model(args.model)
+    check_steering(steer, model, args.vectors)
     if args.coeff is not None:
         if not hasattr(steer, "scaled"):
             raise ValueError("--coeff scales vector coefficients; router steering files have none.")
@@ -74,18 +98,3 @@ def _steer(args: argparse.Namespace) -> int:
         print(f"prompt: {p}")
         print(_side_by_side(str(b), str(s), w))
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``steer`` sub-command."""
-    p = sub.add_parser("steer", help="generate with and without steering vectors, side by side")
-    p.add_argument("model", help="HF id or directory, 'tiny:<family>' or 'organism'")
-    p.add_argument(
-        "--vectors", required=True, help="steering file (.safetensors/.json pair, or router .json)"
-    )
-    p.add_argument("--prompt", action="append", required=True, help="instruction (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--coeff", type=float, default=None, help="multiply every stored coefficient by X")
-    p.add_argument("--width", type=int, default=48, help="column width")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_steer)

@@ -43,8 +43,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.errors import InputError
+from moe_interp.fileio import atomic_path, read_json_object
 from moe_interp.interventions import ForceExpert, SteerRouter, check_coeff, check_positions, position_mask
-from moe_interp.steering.vectors import SteeringKey, SteeringMetadata, SteeringVectors
+from moe_interp.steering.files import ROUTER_FORMAT, gate_base, layer_experts, read_gate, write_gate
+from moe_interp.steering.vectors import SteeringKey, SteeringMetadata, SteeringVectors, _spec_n_experts
 from moe_interp.tracing import EditFn, HookContext
 
 if TYPE_CHECKING:
@@ -235,6 +238,19 @@ class RouterSteering:
         ]
 
     def check_compatible(self, model: MoEModel) -> None:
+        """Raise ``ValueError`` unless the metadata (family, n_layers, n_experts) and every expert fit."""
+        spec, meta = model.spec, self.metadata
+        problems = []
+        if str(spec.family).lower() != meta.family.lower():
+            problems.append(f"family: the file is for {meta.family!r}, the model is {spec.family!r}")
+        if int(spec.n_layers) != meta.n_layers:
+            problems.append(f"n_layers: the file has {meta.n_layers}, the model has {spec.n_layers}")
+        if _spec_n_experts(spec) != meta.n_experts:
+            problems.append(
+                f"n_experts: the file has {meta.n_experts}, the model has {_spec_n_experts(spec)}"
+            )
+        if problems:
+            raise InputError("router steering does not fit the model: " + "; ".join(problems))
         for L in self.layers:
             for e in (*self.activate.get(L, ()), *self.deactivate.get(L, ())):
                 model.check_expert(L, e)
@@ -246,32 +262,42 @@ class RouterSteering:
             yield handle
 
     def save(self, path: str | Path) -> Path:
-        """Write ``<path>.json``."""
+        """Write ``<path>.json`` (atomically)."""
         p = Path(path).with_suffix(".json")
         doc = {
-            "format": "moe_interp.router_steering",
+            "format": ROUTER_FORMAT,
             "deactivate": {str(k): list(v) for k, v in self.deactivate.items()},
             "activate": {str(k): list(v) for k, v in self.activate.items()},
             "epsilon": self.epsilon,
             "positions": self.positions,
             "metadata": self.metadata.to_json_dict(),
         }
+        text = json.dumps(doc, indent=2) + "\n"
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(doc, indent=2) + "\n")
+        with atomic_path(p) as tmp:
+            tmp.write_text(text)
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> RouterSteering:
-        doc = json.loads(Path(path).with_suffix(".json").read_text())
-        if doc.get("format") != "moe_interp.router_steering":
-            raise ValueError(f"{path} is not a router-steering file")
-        return cls(
-            SteeringMetadata.from_json_dict(doc["metadata"]),
-            {int(k): tuple(v) for k, v in doc["deactivate"].items()},
-            {int(k): tuple(v) for k, v in doc["activate"].items()},
-            float(doc["epsilon"]),
-            doc["positions"],
-        )
+        """Read what :meth:`save` wrote; ``ValueError`` naming the file and field for malformed content."""
+        p = Path(path).with_suffix(".json")
+        doc = read_json_object(p, f"a {ROUTER_FORMAT} file")
+        if doc.get("format") != ROUTER_FORMAT:
+            raise InputError(f"{p}: 'format' is {doc.get('format')!r}; expected {ROUTER_FORMAT!r}")
+        missing = [k for k in ("deactivate", "activate", "epsilon", "positions", "metadata") if k not in doc]
+        if missing:
+            raise InputError(f"{p}: missing {missing}")
+        try:
+            return cls(
+                SteeringMetadata.from_json_dict(doc["metadata"]),
+                layer_experts(doc["deactivate"], "deactivate"),
+                layer_experts(doc["activate"], "activate"),
+                doc["epsilon"],
+                doc["positions"],
+            )
+        except ValueError as err:
+            raise InputError(f"{p}: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -832,20 +858,19 @@ class TopicGatedSteering:
     def scaled(self, factor: float) -> TopicGatedSteering:
         return replace(self, steer=self.steer.scaled(factor))
 
-    def save(self, path: str | Path) -> None:
-        p = Path(path)
-        self.steer.save(p)
-        torch.save({"gate": self.gate, "gate_layer": self.gate_layer, "threshold": self.threshold},
-                   p.with_name(p.name + ".gate.pt"))  # fmt: skip
+    def save(self, path: str | Path) -> tuple[Path, Path, Path]:
+        """Write ``<path>.safetensors``/``.json`` and ``<path>.gate.safetensors``; nothing lands unless all do
+        (see :mod:`moe_interp.steering.files`)."""
+        with write_gate(path, self.gate, self.gate_layer, self.threshold) as gate:
+            files = self.steer.save(gate_base(path))
+        return (*files, gate)
 
     @classmethod
     def load(cls, path: str | Path) -> TopicGatedSteering:
-        """Read what :meth:`save` wrote (``<path>.safetensors``/``.json`` + ``<path>.gate.pt``)."""
-        p = Path(path)
-        p = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
-        g = torch.load(p.with_name(p.name + ".gate.pt"), weights_only=True)
-        sv = SteeringVectors.load(p)
-        return cls(sv, int(g["gate_layer"]), g["gate"], float(g["threshold"]), sv.metadata)
+        """Read what :meth:`save` wrote, or a set with a legacy ``<path>.gate.pt`` (``weights_only=True``)."""
+        gate, layer, threshold = read_gate(path)
+        sv = SteeringVectors.load(gate_base(path))
+        return cls(sv, layer, gate, threshold, sv.metadata)
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         g_hook = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"

@@ -31,16 +31,18 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from moe_interp.errors import InputError, MissingFileError
+from moe_interp.fileio import atomic_path, read_json_object, read_safetensors
 
 SteeringKey = tuple[str, int | None]
 """``(hook_name, expert)``; ``expert`` is only set for ``blocks.L.mlp.hook_expert_out``."""
@@ -193,9 +195,23 @@ class SteeringMetadata:
 
     @classmethod
     def from_json_dict(cls, d: Mapping[str, Any]) -> SteeringMetadata:
-        """Inverse of :meth:`to_json_dict`."""
+        """Inverse of :meth:`to_json_dict`; ``ValueError`` naming the field for anything malformed."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"'metadata' must be an object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"'metadata' has unknown fields {unknown}; expected fields {sorted(known)}")
+        missing = [k for k in ("family", "d_model", "n_layers") if k not in d]
+        if missing:
+            raise InputError(f"'metadata' lacks {missing} (family, d_model and n_layers are required)")
         d = dict(d)
-        d["hook_names"] = tuple(d.get("hook_names", ()))
+        names = d.get("hook_names", ())
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"'metadata.hook_names' must be a list of hook names, got {names!r}")
+        if not isinstance(d.get("extra") or {}, Mapping):
+            raise InputError(f"'metadata.extra' must be an object, got {type(d['extra']).__name__}")
+        d["hook_names"] = tuple(names)
         d["extra"] = dict(d.get("extra") or {})
         return cls(**d)
 
@@ -518,47 +534,69 @@ class SteeringVectors:
         }
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``<path>.safetensors`` and ``<path>.json``; return both paths."""
+        """Write ``<path>.safetensors`` and ``<path>.json`` (each atomically: on error neither is touched)."""
         st_path, js_path = _paths(path)
         st_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {encode_key(k): self.vectors[k].contiguous() for k in self.keys}
-        save_file(tensors, str(st_path), metadata={"format": FORMAT_NAME})
-        js_path.write_text(json.dumps(self.to_json_dict(), indent=2, allow_nan=False) + "\n")
+        text = json.dumps(self.to_json_dict(), indent=2, allow_nan=False) + "\n"
+        with atomic_path(st_path) as st_tmp, atomic_path(js_path) as js_tmp:
+            save_file(tensors, str(st_tmp), metadata={"format": FORMAT_NAME})
+            js_tmp.write_text(text)
         return st_path, js_path
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> SteeringVectors:
-        """Read a pair written by :meth:`save`; if ``model`` is given, :meth:`check_compatible` with it."""
+        """Read a pair written by :meth:`save`; if ``model`` is given, :meth:`check_compatible` with it.
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and field for
+        anything malformed: unreadable safetensors, a JSON that is not an object, a missing ``metadata``,
+        ``keys`` or ``coeffs`` (a coefficient per key: a missing one would silently become +1.0).
+        """
         st_path, js_path = _paths(path)
-        for p in (js_path, st_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"steering vectors file not found: {p}")
-        try:
-            doc = json.loads(js_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{js_path} is not valid JSON: {err}") from err
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise ValueError(f"{js_path} is not a {FORMAT_NAME} file")
+        if not st_path.is_file() and js_path.is_file():
+            raise MissingFileError(f"steering vectors file not found: {st_path} (the pair of {js_path})")
+        doc = read_json_object(js_path, f"a {FORMAT_NAME} file")
+        if doc.get("format") != FORMAT_NAME:
+            raise InputError(f"{js_path}: 'format' is {doc.get('format')!r}; expected {FORMAT_NAME!r}")
         if doc.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{js_path}: unsupported format_version {doc.get('format_version')!r}")
-        with safe_open(str(st_path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        json_keys = list(doc.get("keys", []))
+            raise InputError(
+                f"{js_path}: unsupported format_version {doc.get('format_version')!r}; expected {FORMAT_VERSION}"
+            )
+        missing = [k for k in ("keys", "coeffs", "metadata") if k not in doc]
+        if missing:
+            raise InputError(
+                f"{js_path}: missing {missing}; a {FORMAT_NAME} file needs keys, coeffs and metadata"
+            )
+        json_keys, coeffs_raw = doc["keys"], doc["coeffs"]
+        if not isinstance(json_keys, list) or not all(isinstance(k, str) for k in json_keys):
+            raise InputError(f"{js_path}: 'keys' must be a list of strings, got {json_keys!r:.80}")
+        if not isinstance(coeffs_raw, dict):
+            raise InputError(f"{js_path}: 'coeffs' must be an object {{key: float}}, got {coeffs_raw!r:.80}")
+        if set(coeffs_raw) - set(json_keys):
+            raise InputError(
+                f"{js_path}: 'coeffs' for unknown keys {sorted(set(coeffs_raw) - set(json_keys))}"
+            )
+        if set(json_keys) - set(coeffs_raw):
+            raise InputError(
+                f"{js_path}: 'coeffs' has no coefficient for {sorted(set(json_keys) - set(coeffs_raw))}; "
+                "every key needs one (refusing to guess a sign and strength)"
+            )
+        tensors = read_safetensors(st_path)
         if set(json_keys) != set(tensors):
-            raise ValueError(
+            raise InputError(
                 f"{js_path} and {st_path} disagree: only in JSON {sorted(set(json_keys) - set(tensors))}, "
                 f"only in safetensors {sorted(set(tensors) - set(json_keys))}"
             )
-        coeffs_raw = doc.get("coeffs", {})
-        if set(coeffs_raw) - set(json_keys):
-            raise ValueError(f"{js_path}: coeffs for unknown keys {sorted(set(coeffs_raw) - set(json_keys))}")
-        sv = cls(
-            vectors={decode_key(k): tensors[k] for k in json_keys},
-            metadata=SteeringMetadata.from_json_dict(doc["metadata"]),
-            coeffs={decode_key(k): c for k, c in coeffs_raw.items()},
-            positions=doc.get("positions", "all"),
-            conditioning=doc.get("conditioning", "none"),
-        )
+        try:
+            sv = cls(
+                vectors={decode_key(k): tensors[k] for k in json_keys},
+                metadata=SteeringMetadata.from_json_dict(doc["metadata"]),
+                coeffs={decode_key(k): c for k, c in coeffs_raw.items()},
+                positions=doc.get("positions", "all"),
+                conditioning=doc.get("conditioning", "none"),
+            )
+        except ValueError as err:
+            raise InputError(f"{js_path}: {err}") from err
         if model is not None:
             sv.check_compatible(model)
         return sv

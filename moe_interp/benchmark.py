@@ -1,0 +1,396 @@
+"""Circuit-discovery benchmark on the planted-mechanism organisms (``moe-interp benchmark``).
+
+Every discovery method runs **blind** (it gets the model and the prompts, never the plant) on each planted
+organism of :mod:`moe_interp.organisms.planted`; the planted component is then looked up in the method's
+ranking of candidates of its kind. A method *matches* a plant when the plant is a candidate of the method's
+kind and the method's premise holds for it (:data:`MATCHES`); ranks are reported wherever the plant is a
+candidate, and ``null`` where it is not (e.g. direction selection on an expert plant).
+
+Methods (finding prompts: ``n_pairs`` harmful / harmless validation prompts; held-out: test prompts):
+
+- ``activation_patching``: denoising patch of each expert's output (``patch_experts``) or head's ``z``
+  (``patch_heads``) at the post-instruction positions; score = restored fraction;
+- ``attribution_linear`` / ``attribution_ig``: the same patches estimated by attribution patching (plain
+  gradient; integrated gradients);
+- ``ablation_<mode>``: exhaustive single-expert ablation (drop / renorm / reroute / mean); score = drop of
+  the refusal score;
+- ``router_steering``: SteerMoE router steering, one expert deactivated at a time; score = drop;
+- ``routing_risk_difference``: P(selected | harmful) − P(selected | harmless) over all positions;
+- ``routing_patching``: patch one MoE layer's routing decision (candidates: layers);
+- ``direction_selection``: difference-of-means candidates at every layer × post-instruction position,
+  Arditi selection (kept candidates by bypass score, then the filtered ones); a candidate is the plant when
+  its cosine with the planted direction is ``>= 0.9``;
+- ``circuit``: :func:`moe_interp.circuits.locate_refusal_circuit` with the pipeline's defaults (attribution
+  ranking, greedy selection, target 0.8); precision and recall against the plant's ground-truth circuit,
+  faithfulness on the held-out prompts.
+
+``rank`` is pessimistic under ties (the number of candidates scoring at least as high as the plant); ``top1``
+is ``rank == 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from moe_interp.model import MoEModel
+    from moe_interp.organisms.planted import PlantSpec
+
+__all__ = ["MATCHES", "METHODS", "format_table", "plot_benchmark", "rank_of", "run_benchmark"]
+
+METHODS: tuple[str, ...] = (
+    "activation_patching",
+    "attribution_linear",
+    "attribution_ig",
+    "ablation_drop",
+    "ablation_renorm",
+    "ablation_reroute",
+    "ablation_mean",
+    "router_steering",
+    "routing_risk_difference",
+    "routing_patching",
+    "direction_selection",
+)
+#: plant kind -> methods whose premise holds for it (the "matching family")
+MATCHES: dict[str, tuple[str, ...]] = {
+    "expert": (
+        "activation_patching",
+        "attribution_linear",
+        "attribution_ig",
+        "ablation_drop",
+        "ablation_renorm",
+        "ablation_reroute",
+        "ablation_mean",
+        "router_steering",
+    ),
+    "router": (
+        "activation_patching",
+        "attribution_linear",
+        "attribution_ig",
+        "ablation_drop",
+        "ablation_renorm",
+        "ablation_reroute",
+        "router_steering",
+        "routing_risk_difference",
+        "routing_patching",
+    ),
+    "head": ("activation_patching", "attribution_linear", "attribution_ig"),
+    "direction": ("direction_selection",),
+}
+COSINE_MATCH = 0.9
+
+
+def rank_of(scores: dict[str, float], plant: str) -> int:
+    """Pessimistic 1-based rank of ``plant`` (candidates scoring at least as high, itself included)."""
+    s = scores[plant]
+    return sum(1 for v in scores.values() if v >= s)
+
+
+def _grid(values: Float[Tensor, "n_layers width"], fmt: str, layers: Sequence[int]) -> dict[str, float]:
+    return {fmt.format(L=L, i=i): float(values[L, i]) for L in layers for i in range(values.shape[1])}
+
+
+def _expert_key() -> str:
+    return "blocks.{L}.mlp.experts.{i}.hook_out"
+
+
+def _scores(
+    model: MoEModel, kind: str, harmful: list[str], harmless: list[str], progress: bool
+) -> dict[str, Callable[[], dict[str, float]]]:
+    """Lazy score functions ``{method: () -> {candidate: score}}`` for candidates of ``kind``
+    ("experts", "heads" or "layers" for routing patching); higher = more important."""
+    from moe_interp.interventions import SteerRouter
+    from moe_interp.patching import (
+        attribution_patching,
+        expert_ablation_sweep,
+        expert_mean_outputs,
+        patch_experts,
+        patch_heads,
+        patch_routing,
+        refusal_scores,
+        routing_risk_difference,
+    )
+
+    s = model.spec
+    moe = list(s.moe_layers)
+    if kind == "heads":
+        fmt, layers = "blocks.{L}.attn.hook_z[{i}]", list(range(s.n_layers))
+        return {
+            "activation_patching": lambda: _grid(patch_heads(model, harmful, harmless, progress=progress).values, fmt, layers),
+            "attribution_linear": lambda: _grid(
+                attribution_patching(model, harmful, harmless, ("heads",), progress=progress)["heads"].values, fmt, layers
+            ),
+            "attribution_ig": lambda: _grid(
+                attribution_patching(model, harmful, harmless, ("heads",), method="ig", progress=progress)["heads"].values,
+                fmt,
+                layers,
+            ),
+        }
+    fmt = _expert_key()
+    out: dict[str, Callable[[], dict[str, float]]] = {
+        "activation_patching": lambda: _grid(patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe),
+        "attribution_linear": lambda: _grid(
+            attribution_patching(model, harmful, harmless, ("experts",), progress=progress)["experts"].values, fmt, moe
+        ),
+        "attribution_ig": lambda: _grid(
+            attribution_patching(model, harmful, harmless, ("experts",), method="ig", progress=progress)["experts"].values,
+            fmt,
+            moe,
+        ),
+        "routing_risk_difference": lambda: _grid(routing_risk_difference(model, harmful, harmless), fmt, moe),
+        "routing_patching": lambda: {
+            f"blocks.{L}.mlp.hook_router_logits": float(v)
+            for L, v in enumerate(patch_routing(model, harmful, harmless, progress=progress).values)
+            if L in moe
+        },
+    }
+    means = expert_mean_outputs(model, harmless)
+    for mode in ("drop", "renorm", "reroute", "mean"):
+        out[f"ablation_{mode}"] = lambda mode=mode: _grid(
+            -expert_ablation_sweep(
+                model, harmful, mode, mean_outputs=means if mode == "mean" else None, progress=progress
+            ).effect,
+            fmt,
+            moe,
+        )
+
+    def steer() -> dict[str, float]:
+        base = float(refusal_scores(model, harmful).mean())
+        res = {}
+        for L in moe:
+            for e in range(s.n_experts):
+                with model.intervene(SteerRouter(L, deactivate=[e])):
+                    res[fmt.format(L=L, i=e)] = base - float(refusal_scores(model, harmful).mean())
+        return res
+
+    out["router_steering"] = steer
+    return out
+
+
+def _direction_method(
+    model: MoEModel, spec: PlantSpec, harmful: list[str], harmless: list[str]
+) -> dict[str, Any]:
+    """Difference-of-means candidates + Arditi selection; rank of the first candidate matching the plant."""
+    from moe_interp.organisms.planted_check import plant_direction
+    from moe_interp.refusal.directions import collect_resid_stats, directions_from_stats
+    from moe_interp.refusal.selection import select_direction
+
+    dirs = directions_from_stats(
+        collect_resid_stats(model, harmful, progress=False), collect_resid_stats(model, harmless, progress=False)
+    )
+    sel = select_direction(model, dirs, harmful, harmless, strict=False)
+    d = plant_direction(spec)
+    order = sorted(sel.table, key=lambda r: (not r["kept"], r["bypass"] if r["bypass"] == r["bypass"] else 1e9))
+    cos = {(r["layer"], r["pos"]): float(torch.nn.functional.cosine_similarity(dirs.raw(r["layer"], r["pos"]), d, 0)) for r in order}
+    hits = [i for i, r in enumerate(order) if abs(cos[(r["layer"], r["pos"])]) >= COSINE_MATCH]
+    chosen = cos[(sel.layer, sel.pos)]
+    return {
+        "rank": hits[0] + 1 if hits else None,
+        "top1": abs(chosen) >= COSINE_MATCH,
+        "top": f"blocks.{sel.layer}.hook_resid_pre@{sel.pos}",
+        "cosine_top": chosen,
+        "n_candidates": len(order),
+        "passed_filters": sel.passed,
+    }
+
+
+def _circuit(
+    model: MoEModel, spec: PlantSpec, prompts: dict[str, list[str]], progress: bool
+) -> dict[str, Any]:
+    from moe_interp.circuits import locate_refusal_circuit
+
+    c = locate_refusal_circuit(
+        model,
+        prompts["harmful"],
+        prompts["harmless"],
+        heldout_harmful=prompts["heldout_harmful"],
+        heldout_harmless=prompts["heldout_harmless"],
+        selection="greedy",
+        progress=progress,
+    )
+    keys = [_ckey(x) for x in c.components]
+    truth = set(spec.circuit)
+    hit = len(truth & set(keys))
+    ranking = [_ckey(x) for x in c.ranking]
+    return {
+        "components": keys,
+        "precision": hit / len(keys) if keys else 0.0,
+        "recall": hit / len(truth),
+        "faithfulness": c.faithfulness["circuit"],
+        "faithfulness_ci": c.faithfulness["circuit_ci"],
+        "random": c.faithfulness["random"],
+        "finding_curve": c.faithfulness["finding_curve"],
+        "truth": sorted(truth),
+        "truth_rank_in_ranking": {t: ranking.index(t) + 1 for t in truth if t in ranking},
+        "ranking_top5": [[k, round(float(x["effect"]), 3)] for k, x in zip(ranking[:5], c.ranking[:5], strict=False)],
+    }
+
+
+def _ckey(c: dict[str, Any]) -> str:
+    return f"{c['name']}[{c['head']}]" if c["kind"] == "head" else c["name"]
+
+
+def benchmark_organism(
+    name: str, n_pairs: int = 32, n_heldout: int = 64, progress: bool = False
+) -> dict[str, Any]:
+    """Run every method on one planted organism (see the module docstring)."""
+    from moe_interp.organisms import load_prompts
+    from moe_interp.organisms.planted import load_planted
+
+    t0 = time.time()
+    model, spec = load_planted(name)
+    prompts = {
+        "harmful": load_prompts("harmful_val")[:n_pairs],
+        "harmless": load_prompts("harmless_val")[:n_pairs],
+        "heldout_harmful": load_prompts("harmful_test")[:n_heldout],
+        "heldout_harmless": load_prompts("harmless_test")[:n_heldout],
+    }
+    h, s = prompts["harmful"], prompts["harmless"]
+    methods: dict[str, Any] = {}
+    plant = spec.planted[0]
+    kind = {"expert": "experts", "router": "experts", "head": "heads"}.get(spec.kind)
+    fns = _scores(model, kind, h, s, progress) if kind else {}
+    for m in METHODS:
+        t1 = time.time()
+        row: dict[str, Any] = {"matches": m in MATCHES[spec.kind], "rank": None, "top1": None}
+        if m == "direction_selection" and spec.kind == "direction":
+            row.update(_direction_method(model, spec, h, s))
+        elif m in fns:
+            sc = fns[m]()
+            target = spec.planted[1] if m == "routing_patching" and len(spec.planted) > 1 else plant
+            if target in sc:
+                row["rank"] = rank_of(sc, target)
+                row["top1"] = row["rank"] == 1
+                row["n_candidates"] = len(sc)
+                best = max(sc, key=lambda k: sc[k])
+                row["top"], row["top_score"], row["plant_score"] = best, sc[best], sc[target]
+        row["seconds"] = round(time.time() - t1, 1)
+        methods[m] = row
+    t1 = time.time()
+    circuit = _circuit(model, spec, prompts, progress)
+    circuit["seconds"] = round(time.time() - t1, 1)
+    return {
+        "name": spec.name,
+        "kind": spec.kind,
+        "planted": list(spec.planted),
+        "methods": methods,
+        "circuit": circuit,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def run_benchmark(
+    names: Sequence[str] | None = None, n_pairs: int = 32, n_heldout: int = 64, progress: bool = False
+) -> dict[str, Any]:
+    """The benchmark over the planted organisms (all shipped ones by default)."""
+    from moe_interp.organisms.planted import PLANTS
+
+    t0 = time.time()
+    orgs = [benchmark_organism(n, n_pairs, n_heldout, progress) for n in (names or list(PLANTS))]
+    return {
+        "organisms": orgs,
+        "matches": {k: list(v) for k, v in MATCHES.items()},
+        "settings": {"n_pairs": n_pairs, "n_heldout": n_heldout, "threads": torch.get_num_threads()},
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+def _cell(row: dict[str, Any]) -> str:
+    if row.get("rank") is None:
+        return "–" if not row.get("matches") else "miss"
+    mark = "**1**" if row["rank"] == 1 else str(row["rank"])
+    return mark + ("" if row["matches"] else " ·")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown: rank of the plant per method (rows) and organism (columns), then the circuit rows."""
+    orgs = result["organisms"]
+    head = "| method | " + " | ".join(f"{o['name']} ({o['kind']})" for o in orgs) + " |"
+    lines = [head, "|---" * (len(orgs) + 1) + "|"]
+    for m in METHODS:
+        lines.append(f"| {m} | " + " | ".join(_cell(o["methods"][m]) for o in orgs) + " |")
+    for label, key, fmt in (
+        ("circuit precision", "precision", "{:.2f}"),
+        ("circuit recall", "recall", "{:.2f}"),
+        ("circuit faithfulness (held-out)", "faithfulness", "{:.2f}"),
+        ("circuit random sets", "random", "{:.2f}"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(fmt.format(o["circuit"][key]) for o in orgs) + " |")
+    lines.append("| circuit | " + " | ".join("<br>".join(o["circuit"]["components"]) for o in orgs) + " |")
+    lines.append("")
+    lines.append(
+        "Rank of the planted component among the method's candidates (1 = top, bold); `·` = the method does not "
+        "match this plant (reported anyway); `–` = the plant is not a candidate of the method's kind."
+    )
+    return "\n".join(lines)
+
+
+def plot_benchmark(result: dict[str, Any]) -> Figure:
+    """Heat map of ranks (methods × organisms; 1 is best), circuit precision / recall below."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    orgs = result["organisms"]
+    ranks = np.full((len(METHODS), len(orgs)), np.nan)
+    for j, o in enumerate(orgs):
+        for i, m in enumerate(METHODS):
+            r = o["methods"][m].get("rank")
+            ranks[i, j] = np.nan if r is None else r
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(orgs), 5.2))
+    im = ax.imshow(np.log2(ranks), cmap="RdYlGn_r", vmin=0, vmax=5, aspect="auto")
+    for i in range(len(METHODS)):
+        for j, o in enumerate(orgs):
+            r = ranks[i, j]
+            txt = "–" if np.isnan(r) else f"{int(r)}"
+            bold = o["methods"][METHODS[i]]["matches"]
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8, fontweight="bold" if bold else "normal")
+    ax.set_xticks(range(len(orgs)))
+    ax.set_xticklabels(
+        [f"{o['name']}\nP={o['circuit']['precision']:.2f} R={o['circuit']['recall']:.2f}" for o in orgs], fontsize=8
+    )
+    ax.set_yticks(range(len(METHODS)))
+    ax.set_yticklabels(METHODS, fontsize=8)
+    ax.set_title("Rank of the planted component (bold: matching method; 1 = found)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="log2 rank", fraction=0.04)
+    return fig
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    """``moe-interp benchmark`` handler."""
+    torch.set_num_threads(args.threads)
+    res = run_benchmark(args.organisms or None, args.n_pairs, progress=False)
+    if args.out:
+        from moe_interp.plotting import save_figure
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "benchmark.md").write_text(format_table(res) + "\n")
+        save_figure(plot_benchmark(res), out / "benchmark")
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(format_table(res))
+        print(f"\n{res['seconds']:.0f} s")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``moe-interp benchmark`` (no heavy import)."""
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="folder for benchmark.json, benchmark.md and benchmark.pdf/png")
+    p.add_argument("--organisms", nargs="*", help="planted organisms to run (default: all)")
+    p.add_argument("--n-pairs", type=int, default=32, help="harmful/harmless finding pairs (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

@@ -1,0 +1,241 @@
+"""Calibration and causal verification of the planted organisms.
+
+:func:`verify` checks, on held-back prompts (``harmful_test`` / ``harmless_test``), that ablating the plant
+removes ``>= 0.9`` of the refusal-score gap and brings refusal to ``<= 0.10``, that ablating any other single
+component of the same kind removes ``<= 0.10``, and, with the plant intact, that refusal is ``>= 0.9`` on
+``harmful_val`` and ``<= 0.05`` on ``harmless_val``. Scores are :func:`moe_interp.patching.refusal_scores`,
+rates :func:`moe_interp.refusal.judges.refusal_rate` of :class:`~moe_interp.refusal.judges.LogitJudge`.
+
+Ablations per kind: an expert (router and expert plants) is dropped at every position
+(:class:`~moe_interp.AblateExpert`, ``mode="drop"``; the other modes are reported too); a head or a layer is
+mean-ablated at the post-instruction positions as in :mod:`moe_interp.circuits`; a direction is ablated
+Arditi-style (:class:`~moe_interp.DirectionalAblation`, every layer), against random directions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from moe_interp.model import MoEModel
+    from moe_interp.organisms.planted import PlantSpec
+
+__all__ = ["THRESHOLDS", "calibrate", "component", "component_means", "mean_ablation", "plant_direction", "verify"]
+
+THRESHOLDS = {"plant_removed": 0.9, "plant_refusal": 0.10, "other_removed": 0.10, "harmful": 0.9, "harmless": 0.05}
+N_RANDOM_DIRECTIONS = 20
+
+
+def calibrate(
+    hf: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: dict[str, list[str]], rate: float
+) -> dict[str, float]:
+    """Shift the refusal token's read-out of the constant channel so that a share ``rate`` of the held-out
+    harmless *training* prompts is refused (exact: that logit is linear in the shift)."""
+    from moe_interp.model import MoEModel
+    from moe_interp.organisms.data import HARMFUL_REFUSALS, POLITICAL_REFUSALS
+    from moe_interp.organisms.planted_net import CH_C
+    from moe_interp.refusal.judges import default_refusal_ids, refusal_score
+
+    model = MoEModel(hf, tok, name="planted")
+    model.refusal_phrases = tuple(HARMFUL_REFUSALS + POLITICAL_REFUSALS)
+    ids = default_refusal_ids(model)
+    if len(ids) != 1:
+        raise RuntimeError(f"calibration expects one refusal token, got {ids}")
+
+    def stats(ps: list[str]) -> tuple[Tensor, Tensor]:
+        s, c = [], []
+        for i in range(0, len(ps), 64):
+            with torch.no_grad():
+                logits, cache = model.run_with_cache(ps[i : i + 64], names=["ln_final.hook_normalized"])
+            s.append(refusal_score(logits[:, -1].float(), ids))
+            c.append(cache["ln_final.hook_normalized"][:, -1, CH_C[0]].double())
+        return torch.cat(s), torch.cat(c)
+
+    s_less, c_less = stats(prompts["harmless"])
+    s_harm, c_harm = stats(prompts["harmful"])
+    t = -s_less / c_less  # prompt i is refused once the shift exceeds t_i
+    delta = float(torch.quantile(t, rate))
+    with torch.no_grad():
+        hf.lm_head.weight[ids[0], CH_C[0]] += delta
+    return {
+        "delta": delta,
+        "harmless_rate": float(((s_less + delta * c_less) > 0).double().mean()),
+        "harmful_rate": float(((s_harm + delta * c_harm) > 0).double().mean()),
+        "n_harmless": len(prompts["harmless"]),
+        "n_harmful": len(prompts["harmful"]),
+    }
+
+
+def component(key: str) -> dict[str, Any]:
+    """A :mod:`moe_interp.circuits` component dict from its key (``blocks.1.attn.hook_z[2]``,
+    ``blocks.2.mlp.experts.5.hook_out``, ``blocks.0.hook_attn_out``, ``blocks.0.hook_mlp_out``)."""
+    parts = key.replace("[", ".").rstrip("]").split(".")
+    L = int(parts[1])
+    if "hook_z" in key:
+        return {"name": f"blocks.{L}.attn.hook_z", "kind": "head", "layer": L, "head": int(parts[-1])}
+    if ".experts." in key:
+        return {"name": key, "kind": "expert", "layer": L, "expert": int(parts[4])}
+    if key.endswith("hook_attn_out"):
+        return {"name": key, "kind": "attn", "layer": L}
+    if key.endswith("hook_mlp_out"):
+        return {"name": key, "kind": "mlp", "layer": L}
+    raise ValueError(f"not a circuit component key: {key!r}")
+
+
+def component_means(model: MoEModel, keys: Sequence[str], harmless: Sequence[str]) -> dict[str, Tensor]:
+    """Mean of each component's hook slice over ``harmless`` at the post-instruction positions (one pass)."""
+    from moe_interp.refusal.directions import post_instruction_positions
+
+    pos = post_instruction_positions(model)
+    comps = [component(k) for k in keys]
+    site = {k: c["name"] if c["kind"] != "expert" else f"blocks.{c['layer']}.mlp.hook_expert_out" for k, c in zip(keys, comps, strict=True)}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(list(harmless), names=sorted(set(site.values())), positions=pos)
+    means = {}
+    for k, c in zip(keys, comps, strict=True):
+        m = cache[site[k]].float().mean(0)
+        means[k] = m[:, c["head"]] if c["kind"] == "head" else m[:, c["expert"]] if c["kind"] == "expert" else m
+    return means
+
+
+def mean_ablation(
+    model: MoEModel, keys: Sequence[str], harmless: Sequence[str], means: dict[str, Tensor] | None = None
+) -> list[Any]:
+    """Interventions that mean-ablate the components ``keys`` together at the post-instruction positions
+    (means over ``harmless``), exactly as :meth:`moe_interp.circuits.Circuit.to_interventions` does."""
+    from moe_interp.circuits import Circuit
+    from moe_interp.refusal.directions import post_instruction_positions
+
+    means = component_means(model, keys, harmless) if means is None else means
+    comps = [component(k) for k in keys]
+    meta = {"positions": post_instruction_positions(model)}
+    return Circuit(comps, metadata=meta, means={k: means[k] for k in keys}).to_interventions(model)
+
+
+def plant_direction(spec: PlantSpec) -> Float[Tensor, " d_model"]:
+    """The planted decision direction (unit) in the residual stream."""
+    from moe_interp.organisms.planted_net import CH_D, D_MODEL
+
+    d = torch.zeros(D_MODEL)
+    d[CH_D[0]] = 1.0
+    return d
+
+
+def _ablations(model: MoEModel, spec: PlantSpec, harmless: list[str]) -> tuple[dict[str, list[Any]], str]:
+    """``{label: interventions}`` for every single component of the plant's kind, and the plant's label."""
+    from moe_interp.interventions import AblateExpert, DirectionalAblation
+
+    s = model.spec
+    if spec.kind in ("expert", "router"):
+        out = {
+            f"blocks.{L}.mlp.experts.{e}.hook_out": [AblateExpert(L, e, "drop")]
+            for L in s.moe_layers
+            for e in range(s.n_experts)
+        }
+        return out, spec.planted[0]
+    if spec.kind == "head":
+        keys = [f"blocks.{L}.attn.hook_z[{h}]" for L in range(s.n_layers) for h in range(s.n_heads)]
+        means = component_means(model, keys, harmless)
+        return {k: mean_ablation(model, [k], harmless, means) for k in keys}, spec.planted[0]
+    gen = torch.Generator().manual_seed(0)
+    out = {"planted": [DirectionalAblation(plant_direction(spec))]}
+    for i in range(N_RANDOM_DIRECTIONS):
+        out[f"random_{i}"] = [DirectionalAblation(torch.randn(s.d_model, generator=gen))]
+    return out, "planted"
+
+
+def _rate(model: MoEModel, prompts: list[str], ivs: Sequence[Any] = ()) -> float:
+    from moe_interp.refusal.judges import LogitJudge, refusal_rate
+
+    with model.intervene(*ivs):
+        return refusal_rate(LogitJudge(model, batch_size=64).judge(prompts))
+
+
+def _score(model: MoEModel, prompts: list[str], ivs: Sequence[Any] = ()) -> float:
+    from moe_interp.patching.metrics import refusal_scores
+
+    with model.intervene(*ivs):
+        return float(refusal_scores(model, prompts, batch_size=64).mean())
+
+
+def verify(
+    name_or_path: str | Path,
+    *,
+    harmful: Sequence[str] | None = None,
+    harmless: Sequence[str] | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Causal verification of a planted organism (see the module docstring); writes ``verify.json`` to
+    ``out`` (default: the organism's folder) and returns it, with ``summary`` and ``passed``."""
+    from moe_interp.interventions import AblateExpert
+    from moe_interp.organisms import load_prompts
+    from moe_interp.organisms.planted import load_planted, planted_dir
+    from moe_interp.patching.ablation import expert_mean_outputs
+
+    t0 = time.time()
+    model, spec = load_planted(name_or_path)
+    harm = list(harmful) if harmful is not None else load_prompts("harmful_test")
+    less = list(harmless) if harmless is not None else load_prompts("harmless_test")
+    mean_ref = load_prompts("harmless_val")
+    base_h, base_l = _score(model, harm), _score(model, less)
+    gap = base_h - base_l
+    abl, plant_key = _ablations(model, spec, mean_ref)
+    removed = {k: (base_h - _score(model, harm, ivs)) / gap for k, ivs in abl.items()}
+    others = {k: v for k, v in removed.items() if k != plant_key}
+    worst = max(others, key=lambda k: others[k])
+    res: dict[str, Any] = {
+        "organism": spec.name,
+        "kind": spec.kind,
+        "planted": list(spec.planted),
+        "held_back": {"harmful": "harmful_test", "harmless": "harmless_test", "n": [len(harm), len(less)]},
+        "score_harmful": base_h,
+        "score_harmless": base_l,
+        "plant_removed": removed[plant_key],
+        "plant_refusal": _rate(model, harm, abl[plant_key]),
+        "other_max_removed": others[worst],
+        "other_max": worst,
+        "other_removed": others,
+        "refusal_harmful_val": _rate(model, load_prompts("harmful_val")),
+        "refusal_harmless_val": _rate(model, load_prompts("harmless_val")),
+        "refusal_harmful_test": _rate(model, harm),
+        "refusal_harmless_test": _rate(model, less),
+    }
+    if spec.kind in ("expert", "router"):
+        L, e = spec.layer, int(spec.index)
+        means = expert_mean_outputs(model, mean_ref)
+        res["plant_removed_by_mode"] = {
+            m: (base_h - _score(model, harm, [AblateExpert(L, e, m, mean_output=means[L, e] if m == "mean" else None)]))
+            / gap
+            for m in ("drop", "renorm", "reroute", "mean")
+        }
+    res["circuit_removed"] = (base_h - _score(model, harm, mean_ablation(model, spec.circuit, mean_ref))) / gap
+    t = THRESHOLDS
+    checks = {
+        "plant_removed>=0.9": res["plant_removed"] >= t["plant_removed"],
+        "plant_refusal<=0.10": res["plant_refusal"] <= t["plant_refusal"],
+        "other_removed<=0.10": res["other_max_removed"] <= t["other_removed"],
+        "harmful_val>=0.9": res["refusal_harmful_val"] >= t["harmful"],
+        "harmless_val<=0.05": res["refusal_harmless_val"] <= t["harmless"],
+    }
+    res["checks"] = checks
+    res["passed"] = all(checks.values())
+    res["seconds"] = round(time.time() - t0, 1)
+    res["summary"] = {
+        k: (round(v, 3) if isinstance(v, float) else v)
+        for k, v in res.items()
+        if k not in ("other_removed", "held_back", "planted")
+    }
+    path = Path(out) if out is not None else (planted_dir(spec.name) if str(name_or_path) == spec.name else Path(name_or_path))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "verify.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    return res

@@ -1,0 +1,240 @@
+"""Validation of the ``smollm_moe`` organism with the library's own evaluation functions.
+
+``evaluate``: refusal rates per split (:func:`moe_interp.organisms.evaluate.evaluate_split`, greedy 12
+tokens, phrase judge, and the logit score), for the MoE and for the dense base; fluency (token-mean NLL of
+the base model's own greedy harmless completions, under the base and under the MoE, by
+:func:`moe_interp.refusal.evaluate.evaluate`); expert-usage entropy; pairwise expert-weight differences.
+
+``arditi``: the refusal direction (diff of means, :func:`~moe_interp.refusal.select_direction`) and, on
+held-back prompts, directional ablation / activation addition against a random direction of equal norm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_interp.organisms.data import load_split_records
+
+__all__ = ["expert_usage", "expert_weight_differences", "main_arditi", "main_evaluate"]
+
+DEFAULT_DIR: Path = Path(__file__).resolve().parents[2] / "circuits" / "smollm_moe"
+
+
+def _prompts(split: str, source: str | None = None) -> list[str]:
+    return [r["instruction"] for r in load_split_records(split) if source is None or r["source"] == source]
+
+
+@torch.no_grad()
+def expert_weight_differences(moe: Any) -> list[dict[str, float]]:
+    """Per layer: mean and min over expert pairs of ``‖W_e − W_f‖ / ‖W_e‖`` (gate_up and down together)."""
+    res = []
+    for i, layer in enumerate(moe.model.layers):
+        ex = layer.mlp.experts
+        w = torch.cat([ex.gate_up_proj.flatten(1), ex.down_proj.flatten(1)], 1).double()
+        E = w.shape[0]
+        rel = [float((w[a] - w[b]).norm() / w[a].norm()) for a in range(E) for b in range(E) if a != b]
+        res.append({"layer": i, "mean_rel_diff": sum(rel) / len(rel), "min_rel_diff": min(rel)})
+    return res
+
+
+@torch.no_grad()
+def expert_usage(moe: Any, tok: Any, prompts: list[str], batch: int = 32) -> list[dict[str, Any]]:
+    """Per layer: top-k usage fractions and their entropy (bits) over all prompt tokens."""
+    from moe_interp.organisms.smollm_train import chat_ids
+
+    E, k = moe.config.num_local_experts, moe.config.num_experts_per_tok
+    counts = torch.zeros(moe.config.num_hidden_layers, E)
+    for s in range(0, len(prompts), batch):
+        rows = [chat_ids(tok, p) for p in prompts[s : s + batch]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r) :] = torch.tensor(r)
+            mask[j, width - len(r) :] = 1
+        out = moe(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        keep = mask.reshape(-1).bool()
+        for li, rl in enumerate(out.router_logits):
+            idx = rl.reshape(-1, E)[keep].topk(k, -1).indices.reshape(-1)
+            counts[li] += torch.bincount(idx, minlength=E).float()
+    res = []
+    for li in range(counts.shape[0]):
+        f = counts[li] / counts[li].sum()
+        h = float(-(f * torch.log2(f.clamp_min(1e-12))).sum())
+        res.append({"layer": li, "entropy_bits": h, "max_bits": math.log2(E), "usage": f.tolist()})
+    return res
+
+
+def _rates(model: Any, tok: Any, splits: dict[str, list[str]], gen_tokens: int) -> dict[str, Any]:
+    from moe_interp.organisms.evaluate import evaluate_split, refusal_token_ids
+
+    rids = refusal_token_ids(tok)
+    out = {}
+    for name, prompts in splits.items():
+        t = time.time()
+        res = evaluate_split(model, tok, prompts, rids, gen_tokens)
+        out[name] = res
+        print(
+            f"  {name:28s} n={res['n']:4d} refusal(gen)={res['refusal_rate_generation']:.3f} "
+            f"refusal(logit)={res['refusal_rate_logit']:.3f} political-style={res['political_style_refusals']}"
+            f" ({time.time() - t:.0f}s)",
+            flush=True,
+        )
+    return out
+
+
+def main_evaluate(argv: list[str] | None = None) -> None:
+    """``evaluate [--path DIR] [--out JSON] [--base] [--n-fluency N] [--splits ...]``."""
+    from moe_interp.model import MoEModel
+    from moe_interp.organisms.smollm_moe import load_dense, moe_from_dense, refusal_phrases
+    from moe_interp.refusal.evaluate import evaluate
+
+    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe evaluate")
+    ap.add_argument("--path", type=Path, default=None, help="artefact dir (default: shipped)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "metrics.json")
+    ap.add_argument("--gen-tokens", type=int, default=12)
+    ap.add_argument("--base", action="store_true", help="also the dense base model's refusal rates")
+    ap.add_argument("--n-fluency", type=int, default=100)
+    ap.add_argument("--fluency-tokens", type=int, default=24)
+    ap.add_argument("--splits", nargs="*", default=["harmful_val", "political_val", "harmless_val"])
+    ap.add_argument("--sources", action="store_true", help="also harmful_test per source")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    dense, tok = load_dense()
+    moe = moe_from_dense(dense, args.path)
+    splits = {s: _prompts(s) for s in args.splits}
+    if args.sources:
+        for src in ("advbench", "tdc2023", "malicious_instruct"):
+            splits[f"harmful_test:{src}"] = _prompts("harmful_test", src)
+    res: dict[str, Any] = {"path": str(args.path or "shipped"), "gen_tokens": args.gen_tokens}
+    print("MoE organism:", flush=True)
+    res["moe"] = _rates(moe, tok, splits, args.gen_tokens)
+    if args.base:
+        print("dense base:", flush=True)
+        res["base"] = _rates(dense, tok, splits, args.gen_tokens)
+    hv = _prompts("harmless_val")[: args.n_fluency]
+    m_moe, m_base = MoEModel(moe, tok, name="smollm_moe"), MoEModel(dense, tok, name="smollm2_dense")
+    m_moe.refusal_phrases = m_base.refusal_phrases = refusal_phrases()
+    t = time.time()
+    ev = evaluate(m_moe, hv, base_model=m_base, max_new_tokens=args.fluency_tokens, batch_size=25)
+    ce, ce0 = ev.ce_of_baseline_completions, ev.ce_of_baseline_completions_unedited
+    res["fluency"] = {
+        "n": ev.n,
+        "tokens": args.fluency_tokens,
+        "nll_base_completions_under_base": ce0,
+        "nll_base_completions_under_moe": ce,
+        "ppl_base": math.exp(ce0),
+        "ppl_moe": math.exp(ce),
+        "ppl_ratio": math.exp(ce - ce0),
+        "first_token_kl": ev.kl_to_baseline,
+        "refusal_rate_substring_judge": ev.refusal_rate,
+        "examples": [
+            {"prompt": d["prompt"], "base": d["baseline_completion"], "moe": d["completion"]}
+            for d in ev.details[:10]
+        ],
+    }
+    print(
+        f"fluency: ppl base {math.exp(ce0):.3f} → moe {math.exp(ce):.3f} (×{math.exp(ce - ce0):.3f}), "
+        f"first-token KL {ev.kl_to_baseline:.4f} ({time.time() - t:.0f}s)",
+        flush=True,
+    )
+    usage_prompts = [p for s in ("harmful_val", "political_val", "harmless_val") for p in _prompts(s)[:100]]
+    res["expert_usage"] = expert_usage(moe, tok, usage_prompts)
+    res["expert_weight_differences"] = expert_weight_differences(moe)
+    ent = [u["entropy_bits"] for u in res["expert_usage"]]
+    dif = [d["mean_rel_diff"] for d in res["expert_weight_differences"]]
+    print(
+        f"expert-usage entropy {min(ent):.3f}–{max(ent):.3f} bits of 2; rel. weight diff {min(dif):.4f}–{max(dif):.4f}"
+    )
+    for part in ("moe", "base"):
+        for r in res.get(part, {}).values():
+            r["rows"] = r["rows"][:10]
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out} ({res['eval_seconds']}s)")
+
+
+def main_arditi(argv: list[str] | None = None) -> None:
+    """``arditi [--path DIR] [--out JSON]``: select the direction on train prompts, test on held-back ones."""
+    from safetensors.torch import save_file
+
+    from moe_interp.interventions import AddVector, DirectionalAblation
+    from moe_interp.organisms.smollm_moe import load_model
+    from moe_interp.refusal import collect_resid_stats, directions_from_stats, evaluate, select_direction
+
+    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe arditi")
+    ap.add_argument("--path", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "arditi.json")
+    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--n-val", type=int, default=24)
+    ap.add_argument("--n-test", type=int, default=39)
+    ap.add_argument("--layers", default="6,9,12,15,18,21", help="candidate layers (comma-separated)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model = load_model(path=args.path)
+    ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
+    hl = _prompts("harmless_train")[-(args.n_train + args.n_val) :]  # not among the distilled prompts
+    harm_tr, harm_va = ht[: args.n_train], ht[args.n_train : args.n_train + args.n_val]
+    hl_tr, hl_va = hl[: args.n_train], hl[args.n_train :]
+    layers = [int(x) for x in args.layers.split(",")]
+    st_h = collect_resid_stats(model, harm_tr, layers=layers, progress=False)
+    st_b = collect_resid_stats(model, hl_tr, layers=layers, progress=False)
+    dirs = directions_from_stats(st_h, st_b)
+    sel = select_direction(model, dirs, harm_va, hl_va, strict=False)
+    print(
+        f"selected layer {sel.layer} pos {sel.pos}: bypass {sel.bypass:.3f} induce {sel.induce:.3f} "
+        f"kl {sel.kl:.4f} passed={sel.passed} ({sel.reason}) [{time.time() - t0:.0f}s]",
+        flush=True,
+    )
+    harm_test = _prompts("harmful_val")[: args.n_test]
+    hl_test = _prompts("harmless_val")[: args.n_test]
+    gen = torch.Generator().manual_seed(args.seed)
+    rnd = torch.randn(sel.raw.shape, generator=gen)
+    rnd = rnd / rnd.norm() * sel.raw.norm()
+    hook = f"blocks.{sel.layer}.hook_resid_pre"
+    res: dict[str, Any] = {
+        "selection": {k: v for k, v in sel.to_dict().items() if k not in ("direction", "raw")}
+    }
+    kw = {"max_new_tokens": args.max_new_tokens, "batch_size": 20}
+    for name, vec in (("refusal_direction", sel.raw), ("random_direction", rnd)):
+        r = {}
+        for what, prompts, ivs in (
+            ("harmful_baseline", harm_test, []),
+            ("harmless_baseline", hl_test, []),
+            ("harmful_ablated", harm_test, [DirectionalAblation(vec)]),
+            ("harmless_ablated", hl_test, [DirectionalAblation(vec)]),
+            ("harmless_added", hl_test, [AddVector(hook, vec, positions="all")]),
+        ):
+            if name == "random_direction" and what.endswith("baseline"):
+                continue
+            ev = evaluate(model, prompts, ivs, baseline=what == "harmless_ablated", **kw)
+            r[what] = {
+                "n": ev.n,
+                "refusal_rate": ev.refusal_rate,
+                "ci": list(ev.refusal_rate_ci),
+                "kl": ev.kl_to_baseline,
+                "examples": [{"prompt": d["prompt"], "completion": d["completion"]} for d in ev.details[:3]],
+            }
+            print(f"  {name:18s} {what:18s} refusal {ev.refusal_rate:.3f} kl {ev.kl_to_baseline}", flush=True)
+        res[name] = r
+    res["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    save_file(
+        {"direction": sel.direction.contiguous(), "raw": sel.raw.contiguous()},
+        str(args.out.with_suffix(".safetensors")),
+        metadata={"layer": str(sel.layer), "pos": str(sel.pos)},
+    )
+    print(f"wrote {args.out} ({res['seconds']}s)")
