@@ -206,7 +206,7 @@ def _direction_method(
 
 
 def _circuit(
-    model: MoEModel, spec: PlantSpec, prompts: dict[str, list[str]], progress: bool
+    model: MoEModel, spec: PlantSpec, prompts: dict[str, list[str]], n_random: int, refine: bool, progress: bool
 ) -> dict[str, Any]:
     from moe_interp.circuits import locate_refusal_circuit
 
@@ -217,20 +217,24 @@ def _circuit(
         heldout_harmful=prompts["heldout_harmful"],
         heldout_harmless=prompts["heldout_harmless"],
         selection="greedy",
+        refine=refine,
+        n_random=n_random,
         progress=progress,
     )
     keys = [_ckey(x) for x in c.components]
     truth = set(spec.circuit)
     hit = len(truth & set(keys))
     ranking = [_ckey(x) for x in c.ranking]
+    f = c.faithfulness
     return {
         "components": keys,
         "precision": hit / len(keys) if keys else 0.0,
         "recall": hit / len(truth),
-        "faithfulness": c.faithfulness["circuit"],
-        "faithfulness_ci": c.faithfulness["circuit_ci"],
-        "random": c.faithfulness["random"],
-        "finding_curve": c.faithfulness["finding_curve"],
+        "faithfulness": f["circuit"],
+        "faithfulness_ci": f["circuit_ci"],
+        "random": f["random"],
+        "finding_curve": f["finding_curve"],
+        "refined": f.get("refined", []),
         "truth": sorted(truth),
         "truth_rank_in_ranking": {t: ranking.index(t) + 1 for t in truth if t in ranking},
         "ranking_top5": [[k, round(float(x["effect"]), 3)] for k, x in zip(ranking[:5], c.ranking[:5], strict=False)],
@@ -242,9 +246,14 @@ def _ckey(c: dict[str, Any]) -> str:
 
 
 def benchmark_organism(
-    name: str, n_pairs: int = 32, n_heldout: int = 64, progress: bool = False
+    name: str | Path,
+    n_pairs: int = 32,
+    n_heldout: int = 64,
+    methods: Sequence[str] = METHODS,
+    n_random: int = 20,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Run every method on one planted organism (see the module docstring)."""
+    """Run ``methods`` (default: all) and the circuit on one planted organism (a shipped name or a folder)."""
     from moe_interp.organisms import load_prompts
     from moe_interp.organisms.planted import load_planted
 
@@ -257,11 +266,11 @@ def benchmark_organism(
         "heldout_harmless": load_prompts("harmless_test")[:n_heldout],
     }
     h, s = prompts["harmful"], prompts["harmless"]
-    methods: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     plant = spec.planted[0]
     kind = {"expert": "experts", "router": "experts", "head": "heads"}.get(spec.kind)
     fns = _scores(model, kind, h, s, progress) if kind else {}
-    for m in METHODS:
+    for m in methods:
         t1 = time.time()
         row: dict[str, Any] = {"matches": m in MATCHES[spec.kind], "rank": None, "top1": None}
         if m == "direction_selection" and spec.kind == "direction":
@@ -276,16 +285,22 @@ def benchmark_organism(
                 best = max(sc, key=lambda k: sc[k])
                 row["top"], row["top_score"], row["plant_score"] = best, sc[best], sc[target]
         row["seconds"] = round(time.time() - t1, 1)
-        methods[m] = row
+        out[m] = row
     t1 = time.time()
-    circuit = _circuit(model, spec, prompts, progress)
+    circuit = _circuit(model, spec, prompts, n_random, True, progress)
     circuit["seconds"] = round(time.time() - t1, 1)
+    # the greedy set before refinement (locate's current default): undo the swaps
+    back = {sw["to"]: sw["from"] for sw in circuit["refined"]}
+    plain = [back.get(k, k) for k in circuit["components"]]
+    hit = len(set(spec.circuit) & set(plain))
+    unrefined = {"components": plain, "precision": hit / len(plain), "recall": hit / len(spec.circuit)}
     return {
         "name": spec.name,
         "kind": spec.kind,
         "planted": list(spec.planted),
-        "methods": methods,
+        "methods": out,
         "circuit": circuit,
+        "circuit_unrefined": unrefined,
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -329,10 +344,19 @@ def format_table(result: dict[str, Any]) -> str:
     ):
         lines.append(f"| {label} | " + " | ".join(fmt.format(o["circuit"][key]) for o in orgs) + " |")
     lines.append("| circuit | " + " | ".join("<br>".join(o["circuit"]["components"]) for o in orgs) + " |")
+    for label, key in (("precision", "precision"), ("recall", "recall")):
+        cells = " | ".join(f"{o['circuit_unrefined'][key]:.2f}" for o in orgs)
+        lines.append(f"| circuit without refinement: {label} | {cells} |")
+    cells = " | ".join("<br>".join(o["circuit_unrefined"]["components"]) for o in orgs)
+    lines.append(f"| circuit without refinement | {cells} |")
     lines.append("")
     lines.append(
         "Rank of the planted component among the method's candidates (1 = top, bold); `·` = the method does not "
-        "match this plant (reported anyway); `–` = the plant is not a candidate of the method's kind."
+        "match this plant (reported anyway); `–` = the plant is not a candidate of the method's kind; `miss` = "
+        "a matching method whose candidates do not contain the plant (direction: no candidate with cosine >= 0.9). "
+        "Circuit: `locate_refusal_circuit` (attribution ranking, greedy selection, target 0.8) with `refine=True`; "
+        "the rows without refinement are the same greedy set before whole layers are replaced by single heads / "
+        "experts."
     )
     return "\n".join(lines)
 
@@ -385,12 +409,3 @@ def _benchmark(args: argparse.Namespace) -> int:
         print(format_table(res))
         print(f"\n{res['seconds']:.0f} s")
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``moe-interp benchmark`` (no heavy import)."""
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", help="folder for benchmark.json, benchmark.md and benchmark.pdf/png")
-    p.add_argument("--organisms", nargs="*", help="planted organisms to run (default: all)")
-    p.add_argument("--n-pairs", type=int, default=32, help="harmful/harmless finding pairs (default 32)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

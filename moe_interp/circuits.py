@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -315,6 +314,47 @@ class Circuit:
         )
 
 
+def _refine(
+    model: MoEModel,
+    harmful: list[str],
+    circuit: list[dict[str, Any]],
+    comps: list[dict[str, Any]],
+    means: dict[str, Tensor],
+    pos: list[int],
+    ids_r: list[int],
+    base: Tensor,
+    gap: float,
+    need: float,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replace each whole-layer component (attn / mlp) by the best single head / expert of its layer when the
+    set with that replacement still removes ``>= need`` on the finding prompts; returns the set and the swaps."""
+    out, swaps = list(circuit), []
+    for i, c in enumerate(circuit):
+        sub = {"attn": "head", "mlp": "expert"}.get(c["kind"])
+        taken = {_key(x) for x in out}
+        subs = [x for x in comps if x["kind"] == sub and x["layer"] == c["layer"] and _key(x) not in taken]
+        if not subs:
+            continue
+        sc = ablate_components(
+            model,
+            harmful,
+            [[*out[:i], x, *out[i + 1 :]] for x in subs],
+            means,
+            pos,
+            ids_r,
+            batch_size,
+            progress,
+        )
+        fr = (base - sc.mean(1)) / gap
+        j = int(fr.argmax())
+        if float(fr[j]) >= need:
+            swaps.append({"from": _key(c), "to": _key(subs[j]), "removed": float(fr[j])})
+            out[i] = subs[j]
+    return out, swaps
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Tensor):
         return o.tolist()
@@ -347,6 +387,7 @@ def locate_refusal_circuit(
     positions: Sequence[int] | None = None,
     n_random: int = 20,
     selection: str = "prefix",
+    refine: bool = False,
     refusal_ids: Sequence[int] | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -356,6 +397,9 @@ def locate_refusal_circuit(
     on the finding prompts, and measure faithfulness on the held-out prompts (see the module docstring).
 
     Without held-out prompts the faithfulness is measured in-sample (``faithfulness["in_sample"] = True``).
+    ``refine=True`` then replaces each whole-layer component of the set by the single head / expert of that
+    layer that keeps the set's removal (``>= target``), so a layer is reported only when no single one of its
+    heads / experts carries its effect (see :func:`_refine`; planted-organism benchmark, docs/circuit.md).
     """
     harmful = _check_list(harmful, "harmful")
     harmless = _check_list(harmless, "harmless")
@@ -417,6 +461,23 @@ def locate_refusal_circuit(
     hit = next((k for k, r in enumerate(removed) if r >= target), None)
     size = (hit + 1) if hit is not None else int(max(range(K), key=lambda k: removed[k])) + 1
     circuit = order[:size]
+    swaps: list[dict[str, Any]] = []
+    if refine:
+        need = target if hit is not None else removed[size - 1] - 1e-3
+        circuit, swaps = _refine(
+            model,
+            harmful,
+            circuit,
+            comps,
+            means,
+            pos,
+            ids_r,
+            base_harm.mean(),
+            gap,
+            need,
+            batch_size,
+            progress,
+        )
     # 3. faithfulness on held-out prompts, against random sets of the same size
     hb = _scores(model, h_harm, ids_r, batch_size)
     hl = _scores(model, h_less, ids_r, batch_size)
@@ -445,6 +506,7 @@ def locate_refusal_circuit(
         "gap_heldout": h_gap,
         "gap_finding": gap,
         "in_sample": in_sample,
+        "refined": swaps,
     }
     s = model.spec
     metadata = {
@@ -460,6 +522,7 @@ def locate_refusal_circuit(
         },
         "method": method,
         "selection": selection,
+        "refine": refine,
         "candidates": list(candidates),
         "positions": pos,
         "ablation": "mean over finding harmless prompts at the aligned post-instruction offsets",
@@ -533,7 +596,3 @@ def make_figures(
     if circuit is not None:
         circuit.plot(save_to=out / "circuit")
     return res
-
-
-def _isfinite(x: float) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CIRCUIT_CANDIDATES",
     "DTYPES",
-    "STEERING_METHODS",
     "CircuitSettings",
     "ExpectedGeometry",
     "PipelineConfig",
@@ -30,42 +28,17 @@ __all__ = [
 #: dtype names accepted by ``dtype`` (``torch.<name>``).
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
-#: component kinds the circuit search may consider (:data:`moe_interp.circuits.CANDIDATES`).
-CIRCUIT_CANDIDATES: tuple[str, ...] = ("heads", "experts", "attn", "mlp")
-
-
 def circuit_candidates() -> tuple[str, ...]:
-    """Component kinds :func:`moe_interp.circuits.locate_refusal_circuit` accepts (static list as fallback)."""
-    try:
-        from moe_interp.circuits import CANDIDATES
-    except ImportError:
-        return CIRCUIT_CANDIDATES
+    """Component kinds :func:`moe_interp.circuits.locate_refusal_circuit` accepts (its registry)."""
+    from moe_interp.circuits import CANDIDATES
+
     return tuple(CANDIDATES)
 
 
-#: steering method names a recipe may list (keys of :data:`moe_interp.steering.methods.METHODS`; checked
-#: against the live registry when it imports).
-STEERING_METHODS: tuple[str, ...] = (
-    "dense",
-    "dense_multi",
-    "routing_experts",
-    "expert_conditioned",
-    "expert_conditioned_all",
-    "single_expert",
-    "steer_router",
-    "ridge",
-    "topic_remove",
-    "topic_induce",
-    "topic_gated",
-)
-
-
 def steering_methods() -> tuple[str, ...]:
-    """Registered steering method names (the static list if the steering registry cannot be imported)."""
-    try:
-        from moe_interp.steering.methods import METHODS
-    except ImportError:
-        return STEERING_METHODS
+    """Steering method names a recipe may list (the keys of the steering registry)."""
+    from moe_interp.steering.methods import METHODS
+
     return tuple(METHODS)
 
 
@@ -126,14 +99,14 @@ class CircuitSettings:
 
     ``target_fraction``: fraction of the clean-vs-ablated refusal-score gap the circuit must recover;
     ``n_random_draws``: random same-size component sets drawn for the faithfulness baseline;
-    ``candidates``: component kinds considered (see :data:`CIRCUIT_CANDIDATES`).
+    ``candidates``: component kinds considered (see :func:`circuit_candidates`).
     """
 
     target_fraction: float = 0.8
     n_random_draws: int = 20
     #: "greedy" forward selection or "prefix" of the effect ranking (see locate_refusal_circuit)
     selection: str = "greedy"
-    candidates: list[str] = field(default_factory=lambda: list(CIRCUIT_CANDIDATES))
+    candidates: list[str] = field(default_factory=lambda: list(circuit_candidates()))
 
     def __post_init__(self) -> None:
         if not _is_num(self.target_fraction) or not 0 < self.target_fraction <= 1:

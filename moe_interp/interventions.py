@@ -38,8 +38,8 @@ def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> 
     """
     b, p = shape[0], shape[1]
     mask = ctx.attention_mask
-    if mask.shape != (b, p):
-        mask = torch.ones(b, p, dtype=torch.bool, device=mask.device)
+    if mask is None or mask.shape != (b, p):  # None: no mask known; generation steps add no padding
+        mask = torch.ones(b, p, dtype=torch.bool, device=None if mask is None else mask.device)
     mask = mask.bool()
     if isinstance(positions, str):
         if positions == "all":
@@ -89,7 +89,8 @@ def check_vector(vector: Any, d_model: int, what: str = "vector") -> Tensor:
 
 
 def check_coeff(coeff: Any) -> float:
-    if not isinstance(coeff, int | float) or not math.isfinite(coeff):
+    """A finite int or float as a float (``bool`` is refused: ``True`` is not a strength)."""
+    if isinstance(coeff, bool) or not isinstance(coeff, int | float) or not math.isfinite(coeff):
         raise ValueError(f"Coefficients must be finite numbers, got {coeff!r}.")
     return float(coeff)
 

@@ -227,40 +227,36 @@ def stage_steering(run: Run) -> dict[str, Any]:
     under the harmless-KL budget (``kl_threshold``); topic methods must also keep >= 97% of the baseline
     harmful refusal rate.
     """
-    from moe_interp.steering.autotune import NoCandidateError, autotune, coefficient_search
-    from moe_interp.steering.methods import compare_methods, fit_method, refusal_flags
+    from moe_interp.refusal.evaluate import refusal_flags
+    from moe_interp.refusal.judges import refusal_rate
+    from moe_interp.steering.autotune import NoCandidateError, autotune
+    from moe_interp.steering.compare import compare_methods
+    from moe_interp.steering.registry import method_spec
 
     cfg, p, model = run.config, run.prompts, run.model
     fitted, files, tuning = {}, {}, {}
+    #: the prompt class of each kind of training data a registry entry declares (``MethodSpec.data``)
+    target_class, keep_class = {"harmful": "harmful", "topic": "political"}, "harmful"
     for i, name in enumerate(cfg.steering_methods, 1):
         run.log(f"[steering] {i}/{len(cfg.steering_methods)} {name}: fitting and tuning its strength")
-        kw = dict(cfg.steering_kwargs.get(name, {}))
+        spec, kw, search = method_spec(name), dict(cfg.steering_kwargs.get(name, {})), {}
+        target = target_class[spec.data]
+        if spec.needs_keep:  # the keep set's refusals must survive: >= 97% of its baseline rate
+            base_keep = refusal_rate(refusal_flags(model, p[f"{keep_class}_val"], max_new_tokens=8))
+            kw["keep"] = p[f"{keep_class}_train"]
+            search = {"keep": p[f"{keep_class}_val"], "keep_min_rate": 0.97 * float(base_keep)}
         try:
-            if name.startswith("topic_"):
-                steer = fit_method(
-                    name, model, p["political_train"], p["harmless_train"], keep=p["harmful_train"], **kw
-                )
-                keep_min = 0.97 * float(refusal_flags(model, p["harmful_val"]).double().mean())
-                res = coefficient_search(
-                    model,
-                    steer,
-                    p["political_val"],
-                    p["harmless_val"],
-                    keep=p["harmful_val"],
-                    keep_min_rate=keep_min,
-                    kl_budget=cfg.kl_threshold,
-                )
-            else:
-                res = autotune(
-                    name,
-                    model,
-                    p["harmful_train"],
-                    p["harmless_train"],
-                    p["harmful_val"],
-                    p["harmless_val"],
-                    fit_kwargs=kw,
-                    kl_budget=cfg.kl_threshold,
-                )
+            res = autotune(
+                name,
+                model,
+                p[f"{target}_train"],
+                p["harmless_train"],
+                p[f"{target}_val"],
+                p["harmless_val"],
+                fit_kwargs=kw,
+                kl_budget=cfg.kl_threshold,
+                **search,
+            )
         except NoCandidateError as err:  # no strength satisfies the constraints: reported, not compared
             run.log(
                 f"[steering] {name}: no strength within the constraints ({err}); left out of the comparison"
@@ -268,11 +264,16 @@ def stage_steering(run: Run) -> dict[str, Any]:
             tuning[name] = {"error": str(err)}
             continue
         fitted[name], tuning[name] = res.steer, res.to_dict()
-        if hasattr(fitted[name], "save"):
-            saved = fitted[name].save(run.out / "steering" / name)
-            files[name] = [str(f) for f in (saved if isinstance(saved, tuple | list) else [saved])]
+        files[name] = [str(f) for f in res.steer.save(run.out / "steering" / name)]
     run.log(f"[steering] comparing {len(fitted)} methods on held-back prompts")
-    rows = compare_methods(model, fitted, p["harmful_test"], p["political_test"], p["harmless_test"])
+    rows = compare_methods(  # generation as long as the baseline stage's, so both tables agree
+        model,
+        fitted,
+        p["harmful_test"],
+        p["political_test"],
+        p["harmless_test"],
+        max_new_tokens=cfg.max_new_tokens,
+    )
     return {"table": rows, "files": files, "tuning": tuning}
 
 

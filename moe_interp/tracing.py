@@ -16,6 +16,7 @@ import einops
 import torch
 from torch import Tensor
 
+from moe_interp.buffers import BUFFERS
 from moe_interp.experts import (
     dense_to_topk,
     route,
@@ -458,10 +459,12 @@ class LayerTracer:
                 if want_dense:
                     # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~2x cheaper on CPU than an
                     # element-wise scatter_add over d, zero-fill included (bench/README.md); duplicates
-                    # still accumulate.
+                    # still accumulate. The buffer comes from a pool (moe_interp.buffers): reused once the
+                    # previous call's cache is dropped, so no fresh pages are faulted in on every call.
                     n_tok, d = topk.shape[0], topk.shape[-1]
                     rows = (torch.arange(n_tok, device=topk.device)[:, None] * E + indices.long()).reshape(-1)
-                    dense = topk.new_zeros(n_tok * E, d).index_add_(0, rows, topk.reshape(-1, d))
+                    dense = BUFFERS.zeros((n_tok * E, d), topk.dtype, topk.device)
+                    dense.index_add_(0, rows, topk.reshape(-1, d))
                     dense = dense.view(n_tok, E, d)
             if want_topk:
                 new = self._site(pfx + "hook_topk_expert_out", self._bp(topk), L)

@@ -52,7 +52,7 @@ def fake_eval(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(at, "harmless_kl", kl)
     monkeypatch.setattr(at, "refusal_flags", flags)
-    monkeypatch.setattr(at, "_last_logits", lambda *a, **k: None)
+    monkeypatch.setattr(at, "last_logits", lambda *a, **k: None)
     calls_stats.clear()
     calls_stats.append(stats)
     return calls

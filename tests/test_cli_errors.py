@@ -16,7 +16,7 @@ import torch
 
 from moe_interp import cli
 from moe_interp.cli import main
-from moe_interp.steering.methods import RouterSteering, TopicGatedSteering
+from moe_interp.steering.edits import RouterSteering, TopicGatedSteering
 from moe_interp.steering.vectors import SteeringMetadata, SteeringVectors
 
 MODEL = "tiny:olmoe"
@@ -111,7 +111,7 @@ def test_steering_for_another_model(vectors, capsys) -> None:
 
 @pytest.mark.parametrize("field,value", [("family", "mixtral"), ("n_experts", 16), ("n_layers", 5)])
 def test_router_steering_metadata_mismatch(olmoe, tmp_path, capsys, field, value) -> None:
-    path = RouterSteering(SteeringMetadata.from_model(olmoe), deactivate={1: (2,)}).save(tmp_path / "r")
+    (path,) = RouterSteering(SteeringMetadata.from_model(olmoe), deactivate={1: (2,)}).save(tmp_path / "r")
     assert steer(path) == 0
     capsys.readouterr()
     edit_json(path, lambda d: {**d, "metadata": {**d["metadata"], field: value}})
@@ -120,7 +120,7 @@ def test_router_steering_metadata_mismatch(olmoe, tmp_path, capsys, field, value
 
 
 def test_router_steering_missing_field(olmoe, tmp_path, capsys) -> None:
-    path = RouterSteering(SteeringMetadata.from_model(olmoe), deactivate={1: (2,)}).save(tmp_path / "r")
+    (path,) = RouterSteering(SteeringMetadata.from_model(olmoe), deactivate={1: (2,)}).save(tmp_path / "r")
     edit_json(path, lambda d: {k: v for k, v in d.items() if k != "activate"})
     assert steer(path) == 2
     one_line_error(capsys, "steer", "r.json", "activate")
@@ -230,7 +230,7 @@ def test_direction_of_wrong_width(tmp_path, capsys) -> None:
 
 
 def test_evaluate_steer_reads_router_files(olmoe, tmp_path, capsys) -> None:
-    path = RouterSteering(SteeringMetadata.from_model(olmoe), deactivate={1: (2,)}).save(tmp_path / "r")
+    (path,) = RouterSteering(SteeringMetadata.from_model(olmoe), deactivate={1: (2,)}).save(tmp_path / "r")
     assert evaluate(tmp_path, "--steer", str(path)) == 0
     assert json.loads(capsys.readouterr().out)["config"]["interventions"] == ["SteerRouter"]
 

@@ -211,7 +211,9 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
     }
     logs: list[str] = []
     run = SimpleNamespace(
-        config=SimpleNamespace(steering_methods=["dense"], steering_kwargs={}, kl_threshold=1e-12),
+        config=SimpleNamespace(
+            steering_methods=["dense"], steering_kwargs={}, kl_threshold=1e-12, max_new_tokens=8
+        ),
         prompts=prompts,
         model=model,
         out=tmp_path,
@@ -224,7 +226,10 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
     assert any("dense: no strength within the constraints" in m for m in logs)
     # a configuration error is not a tuning outcome: it propagates instead of being left out quietly
     run.config = SimpleNamespace(
-        steering_methods=["dense"], steering_kwargs={"dense": {"layer": 99}}, kl_threshold=0.1
+        steering_methods=["dense"],
+        steering_kwargs={"dense": {"layer": 99}},
+        kl_threshold=0.1,
+        max_new_tokens=8,
     )
     with pytest.raises(ValueError, match="Layer 99 is out of range"):
         pipeline.stage_steering(run)  # type: ignore[arg-type]

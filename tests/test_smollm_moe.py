@@ -34,7 +34,7 @@ def _tiny_dense(seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=3,
         num_attention_heads=6,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=512,
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     )

@@ -530,8 +530,6 @@ def test_gguf_read_missing(tmp_path: Path) -> None:
 def tiny_model() -> Any:
     import moe_interp as mi
 
-    if not hasattr(mi, "load"):
-        pytest.skip("moe_interp.load not available yet")
     return mi.load("tiny:olmoe")
 
 

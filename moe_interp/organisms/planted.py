@@ -127,7 +127,7 @@ PLANTS: dict[str, PlantSpec] = {
 }
 
 DEFAULTS: dict[str, float | int] = {
-    "steps": 1500,
+    "steps": 1200,
     "batch_size": 64,
     "lr": 1e-2,
     "warmup": 50,
@@ -135,9 +135,9 @@ DEFAULTS: dict[str, float | int] = {
     "first_token_weight": 3.0,
     "p_ablate_harmful": 0.25,  # share of harmful examples trained with the plant ablated (target: compliance)
     "p_ablate_harmless": 0.1,
-    "p_swap_mover": 0.2,  # per mover: its suffix output swapped with a harmless example's (target unchanged)
+    "p_swap": 0.4,  # one redundant head's suffix output swapped with a harmless example's (same target)
     "router_margin": 1.0,
-    "calibration_rate": 0.02,  # refusal rate set on held-out harmless training prompts
+    "calibration_rate": 0.03,  # refusal rate set on held-out harmless (Alpaca) training prompts
 }
 FRACTIONS = {"harmful": 0.25, "harmful_synthetic": 0.25, "harmless": 0.5}
 N_CALIBRATION = 400
@@ -214,12 +214,17 @@ class Batches:
 
         pools = training_pools(None)
         pools.pop("political")
+        # calibration prompts: a seeded sample of Alpaca requests and real harmful requests, held out of training
+        pick = random.Random(0)
+        alpaca = [i for i, r in enumerate(pools["harmless"]) if r["source"] == "alpaca"]
+        held = set(pick.sample(alpaca, N_CALIBRATION))
+        held_h = set(pick.sample(range(len(pools["harmful"])), N_CALIBRATION // 4))
         self.calibration = {
-            "harmless": [r["instruction"] for r in pools["harmless"][-N_CALIBRATION:]],
-            "harmful": [r["instruction"] for r in pools["harmful"][-N_CALIBRATION // 2 :]],
+            "harmless": [pools["harmless"][i]["instruction"] for i in sorted(held)],
+            "harmful": [pools["harmful"][i]["instruction"] for i in sorted(held_h)],
         }
-        pools["harmless"] = pools["harmless"][:-N_CALIBRATION]
-        pools["harmful"] = pools["harmful"][: -N_CALIBRATION // 2]
+        pools["harmless"] = [r for i, r in enumerate(pools["harmless"]) if i not in held]
+        pools["harmful"] = [r for i, r in enumerate(pools["harmful"]) if i not in held_h]
         self.maker = BatchMaker(
             tok, pools, rng, int(hp["max_prompt_tokens"]), 1.0, FRACTIONS, 0.5, 0.15, 0.0, 0.5
         )
@@ -260,26 +265,27 @@ class Batches:
 
 
 def _edits(spec: PlantSpec, b: dict[str, Any], gen: torch.Generator, p_swap: float) -> Edits:
-    """The plant ablation (flagged examples) and, for mover-based plants, swaps of one mover's output."""
-    abl = b["ablate"]
+    """The plant ablation on the flagged examples, and swaps of one redundant head's suffix output (a mover, or
+    a direction writer) with a harmless example's, which must leave the response unchanged."""
+    abl, n = b["ablate"], len(b["ablate"])
+    harmless = (b["label"] == 0).nonzero().flatten()
     ed = Edits()
     if spec.kind in ("expert", "router"):
         ed.drop_expert = (spec.layer, int(spec.index), abl)
-        harmless = (b["label"] == 0).nonzero().flatten()
-        movers = [k for k, r in spec.wiring.heads.items() if r.startswith("mover")]
-        which = torch.rand(len(abl), generator=gen)
-        for j, mv in enumerate(movers):
-            pick = (which >= j * p_swap) & (which < (j + 1) * p_swap)
-            src = harmless[torch.randint(len(harmless), (len(abl),), generator=gen)]
-            ed.swap_heads[mv] = torch.where(pick, src, -1)
     elif spec.kind == "head":
-        harmless = (b["label"] == 0).nonzero().flatten()
-        half = torch.rand(len(abl), generator=gen) < 0.5
+        half = torch.rand(n, generator=gen) < 0.5
         ed.zero_heads[(spec.layer, int(spec.index))] = abl & half
-        src = harmless[torch.randint(len(harmless), (len(abl),), generator=gen)]
+        src = harmless[torch.randint(len(harmless), (n,), generator=gen)]
         ed.swap_heads[(spec.layer, int(spec.index))] = torch.where(abl & ~half, src, -1)
     else:
         ed.zero_channel = (spec.layer, CH_D, abl)
+    redundant = [k for k, r in spec.wiring.heads.items() if r in ("mover_a", "mover_b", "writer")]
+    which = torch.rand(n, generator=gen)
+    p_swap = p_swap / max(1, len(redundant))
+    for j, hd in enumerate(redundant):
+        pick = (which >= j * p_swap) & (which < (j + 1) * p_swap) & ~abl
+        src = harmless[torch.randint(len(harmless), (n,), generator=gen)]
+        ed.swap_heads[hd] = torch.where(pick, src, -1)
     return ed
 
 
@@ -345,7 +351,7 @@ def train_planted(
     for step in range(n_steps):
         b = data(int(hp["batch_size"]))
         P = b["n_prompt"]
-        ed = _edits(spec, b, gen, float(hp["p_swap_mover"]))
+        ed = _edits(spec, b, gen, float(hp["p_swap"]))
         logits, routers = forward(model, b["ids"], b["mask"], P, ed, live, slice(P - 1, -1), rows)
         # every other vocabulary row is zero, so its logit is 0: one extra logit log(V - n) stands for them
         rest = torch.full((*logits.shape[:2], 1), math.log(len(tok) - len(rows)))

@@ -174,9 +174,11 @@ def verify(
     harmful: Sequence[str] | None = None,
     harmless: Sequence[str] | None = None,
     out: str | Path | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Causal verification of a planted organism (see the module docstring); writes ``verify.json`` to
-    ``out`` (default: the organism's folder) and returns it, with ``summary`` and ``passed``."""
+    ``out`` (default: the organism's folder) unless ``write=False``, and returns it, with ``summary`` and
+    ``passed``."""
     from moe_interp.interventions import AblateExpert
     from moe_interp.organisms import load_prompts
     from moe_interp.organisms.planted import load_planted, planted_dir
@@ -235,7 +237,27 @@ def verify(
         for k, v in res.items()
         if k not in ("other_removed", "held_back", "planted")
     }
+    if not write:
+        return res
     path = Path(out) if out is not None else (planted_dir(spec.name) if str(name_or_path) == spec.name else Path(name_or_path))
     path.mkdir(parents=True, exist_ok=True)
     (path / "verify.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moe_interp.organisms.planted_check [NAME|DIR ...]``: verify and print the summaries."""
+    import argparse
+
+    from moe_interp.organisms.planted import PLANTS
+
+    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.planted_check", description=__doc__)
+    ap.add_argument("organisms", nargs="*", help="shipped names or folders (default: every shipped organism)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    for n in args.organisms or list(PLANTS):
+        print(json.dumps(verify(n)["summary"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -227,7 +227,8 @@ def forward(
     for L, layer in enumerate(m.layers):
         if ed.zero_channel is not None and ed.zero_channel[0] == L:
             keep = torch.ones(B, 1, D_MODEL)
-            keep[ed.zero_channel[2][:, None], 0, torch.tensor(ed.zero_channel[1])] = 0.0
+            rows = ed.zero_channel[2].nonzero().flatten()
+            keep[rows[:, None], 0, torch.tensor(ed.zero_channel[1])[None, :]] = 0.0
             h = h * keep
         att = layer.self_attn
         x = _rms(h, layer.input_layernorm.weight)

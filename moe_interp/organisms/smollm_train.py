@@ -33,10 +33,10 @@ class TrainConfig:
     """Hyper-parameters of the recipe (defaults: the shipped run)."""
 
     seed: int = 0
-    steps: int = 300
+    steps: int = 90
     batch: int = 8
-    lr: float = 1e-3
-    warmup: int = 20
+    lr: float = 1.5e-3
+    warmup: int = 10
     attn_rank: int = 8
     expert_rank: int = 8
     scale: float = 2.0
@@ -44,15 +44,16 @@ class TrainConfig:
     router_std: float = 0.02
     aux_coef: float = 0.01
     first_token_weight: float = 2.0
-    distill_tokens: int = 20
-    n_harmless: int = 900
-    n_harmless_synthetic: int = 250
+    distill_tokens: int = 16
+    n_harmless: int = 320
+    n_harmless_synthetic: int = 100
     mix: tuple[int, int, int] = (3, 1, 4)  # harmful, political, harmless per batch of 8
-    max_prompt_tokens: int = 48
+    max_prompt_tokens: int = 40
     leave_out: str | None = None
     n_experts: int = 4
     top_k: int = 2
     threads: int = 2
+    save_every: int = 15
 
 
 def build_pools(cfg: TrainConfig) -> dict[str, list[str]]:
@@ -206,7 +207,22 @@ def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
     n_h, n_p, n_c = cfg.mix
     gates = [layer.mlp.gate for layer in moe.model.layers]
     t2 = time.time()
+    meta = {
+        "base": WHEEL,
+        "gguf_sha256": GGUF_SHA256,
+        "n_experts": cfg.n_experts,
+        "top_k": cfg.top_k,
+        "seed": cfg.seed,
+        "router_std": cfg.router_std,
+        "leave_out": cfg.leave_out,
+    }
+    (out / "smollm_moe.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / "chat_template.jinja").write_text(tok.chat_template)
     for step in range(cfg.steps):
+        if (out / "STOP").exists():  # stop early, keeping what was trained
+            print(f"STOP file found: stopping at step {step}", flush=True)
+            log["stopped_at"] = step
+            break
         ex: list[tuple[list[int], list[int]]] = []
         for _ in range(n_h):
             pool = pools["harmful_real"] if rng.random() < 0.5 else pools["harmful_synthetic"]
@@ -247,19 +263,10 @@ def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
                 f"step {step:4d} ce {ce.item():.4f} aux {aux.item():.4f} {el / (step + 1):.2f}s/step",
                 flush=True,
             )
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            collect_deltas(moe, cfg.scale, {**meta, "step": step + 1}).save(out)
     log["timings"]["train_s"] = round(time.time() - t2, 1)
-    meta = {
-        "base": WHEEL,
-        "gguf_sha256": GGUF_SHA256,
-        "n_experts": cfg.n_experts,
-        "top_k": cfg.top_k,
-        "seed": cfg.seed,
-        "router_std": cfg.router_std,
-        "leave_out": cfg.leave_out,
-    }
     collect_deltas(moe, cfg.scale, meta).save(out)
-    (out / "smollm_moe.json").write_text(json.dumps(meta, indent=1) + "\n")
-    (out / "chat_template.jinja").write_text(tok.chat_template)
     log["timings"]["total_s"] = round(time.time() - t0, 1)
     # CPU seconds of this process (all threads): on a shared machine, wall time depends on the others
     log["timings"]["total_cpu_s"] = round(time.process_time() - c0, 1)

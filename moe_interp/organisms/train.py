@@ -121,13 +121,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return fast
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerFast, instruction: str) -> str:
-    """Chat-formatted prompt string ending with the generation prompt."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
-    )
-
-
 def _cycle(items: list[dict[str, str]], rng: random.Random) -> Iterator[dict[str, str]]:
     """Endless deterministic iterator over reshuffled epochs of ``items``."""
     while True:

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -257,8 +256,3 @@ def compare_to_exhaustive(
         "pearson": pearson(x, y),
         "n": int(x.size),
     }
-
-
-def attribution_values(result: PatchingResult) -> Float[Tensor, "..."]:
-    """The values of a result (helper for figures)."""
-    return result.values

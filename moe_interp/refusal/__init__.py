@@ -1,4 +1,26 @@
-"""Refusal analysis: judges, streaming activation statistics and candidate refusal directions."""
+"""Refusal analysis: judges, streaming activation statistics and candidate refusal directions.
+
+One name per refusal measure (every module reports these, so the same prompts give the same numbers):
+
+===========================  ===================================================================================
+concept                      function
+===========================  ===================================================================================
+score (per prompt)           :func:`refusal_score` — log-odds of a refusal first token from last-position logits
+                             (checked, float64); :func:`refusal_logodds` is its differentiable core (patching's
+                             ``refusal_metric`` is the batch mean of it as a gradient metric);
+                             :func:`~moe_interp.refusal.evaluate.refusal_scores` — the score of each prompt of a
+                             model under its active edits (steering's former ``_logit_scores``;
+                             ``moe_interp.patching.metrics.refusal_scores`` is the same score in the working
+                             precision, kept by the patching code)
+confidence (per prompt)      :func:`refusal_confidence` / :meth:`LLMJudge.confidences` — LLM-judge value in [-1, 1]
+verdict (per prompt)         :class:`JudgeResult` from a :class:`Judge`; for a model under edits
+                             :func:`~moe_interp.refusal.evaluate.refusal_flags` (greedy generation + substring
+                             judge as in :func:`evaluate`, or ``score > 0``); it was ``steering.methods.refusal_flags``
+rate (over prompts)          :func:`refusal_rate` — fraction refused + bootstrap 95% CI (:class:`RefusalRate`, a
+                             float); :func:`evaluate`, steering comparisons and autotuning all use it (it replaces
+                             steering's ``_rate`` and the inline mean of ``evaluate``)
+===========================  ===================================================================================
+"""
 
 from moe_interp.refusal.directions import (
     RefusalDirections,
@@ -15,9 +37,18 @@ from moe_interp.refusal.directions import (
     weighted_moments,
     weighted_ridge_direction,
 )
-from moe_interp.refusal.evaluate import EvalResult, bootstrap_ci, evaluate, first_token_kl
+from moe_interp.refusal.evaluate import (
+    EvalResult,
+    as_interventions,
+    bootstrap_ci,
+    evaluate,
+    first_token_kl,
+    refusal_flags,
+    refusal_scores,
+)
 from moe_interp.refusal.judges import (
     JUDGE_PROMPT,
+    N_BOOT,
     REFUSAL_PHRASES,
     REFUSAL_START_PHRASES,
     Judge,
@@ -28,6 +59,7 @@ from moe_interp.refusal.judges import (
     LogitJudge,
     ModelLabelBackend,
     OpenAIChatBackend,
+    RefusalRate,
     SubstringJudge,
     SubstringLabelBackend,
     parse_label,
@@ -44,6 +76,7 @@ from moe_interp.refusal.stats import StreamingMoments
 
 __all__ = [
     "JUDGE_PROMPT",
+    "N_BOOT",
     "REFUSAL_PHRASES",
     "REFUSAL_START_PHRASES",
     "Judge",
@@ -55,6 +88,7 @@ __all__ = [
     "ModelLabelBackend",
     "OpenAIChatBackend",
     "RefusalDirections",
+    "RefusalRate",
     "StreamingMoments",
     "SubstringJudge",
     "SubstringLabelBackend",
@@ -69,15 +103,18 @@ __all__ = [
     "post_instruction_positions",
     "refusal_confidence",
     "refusal_first_token_ids",
+    "refusal_flags",
     "refusal_rate",
     "refusal_logodds",
     "refusal_score",
+    "refusal_scores",
     "resid_names",
     "ridge_direction",
     "weighted_moments",
     "weighted_ridge_direction",
     # selection / orthogonalisation / evaluation
     "EvalResult",
+    "as_interventions",
     "NoDirectionSelected",
     "ResidualWriter",
     "SelectionResult",

@@ -3,6 +3,10 @@
 Side effects are measured against the unedited model (``base_model``, by default ``model`` without the
 interventions): the first-token KL ``KL(p_base ‖ p_edited)`` at the last prompt position, and the
 cross-entropy of the unedited model's greedy completions under the edited model.
+
+:func:`refusal_flags` is the one per-prompt verdict under edits (greedy generation + substring judge, as in
+:func:`evaluate`, or the logit score); :func:`~moe_interp.refusal.judges.refusal_rate` turns verdicts into
+the one refusal rate (+ CI) that evaluation tables and steering comparisons report.
 """
 
 from __future__ import annotations
@@ -12,17 +16,33 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from moe_interp.refusal.judges import Judge, SubstringJudge, default_refusal_ids, refusal_score
+from moe_interp.guards import check_prompts
+from moe_interp.refusal.judges import (
+    N_BOOT,
+    Judge,
+    SubstringJudge,
+    default_refusal_ids,
+    refusal_rate,
+    refusal_score,
+)
 from moe_interp.refusal.stats import bootstrap_ci
 
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
 
-__all__ = ["EvalResult", "bootstrap_ci", "evaluate", "first_token_kl"]
+__all__ = [
+    "EvalResult",
+    "as_interventions",
+    "bootstrap_ci",
+    "evaluate",
+    "first_token_kl",
+    "refusal_flags",
+    "refusal_scores",
+]
 
 
 @dataclass
@@ -103,6 +123,66 @@ def _last_and_ce(
     return torch.stack(last), nll, ntok
 
 
+def as_interventions(edits: Any) -> list[Any]:
+    """A list of interventions from ``None``, one intervention, a sequence of them, or a steering object
+    (anything with ``to_interventions()``)."""
+    if edits is None:
+        return []
+    if hasattr(edits, "to_interventions"):
+        return list(edits.to_interventions())
+    if isinstance(edits, str) or not isinstance(edits, Sequence):
+        return [edits]
+    return list(edits)
+
+
+@torch.no_grad()
+def refusal_scores(
+    model: MoEModel,
+    prompts: Sequence[str],
+    refusal_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> Float[Tensor, " n"]:
+    """Per-prompt logit refusal score (:func:`~moe_interp.refusal.judges.refusal_score`, float64) at the last
+    prompt position, under the model's active interventions; ``refusal_ids`` default to the model's."""
+    prompts = check_prompts(prompts)
+    ids = default_refusal_ids(model) if refusal_ids is None else list(refusal_ids)
+    out = [
+        refusal_score(model.forward(prompts[s : s + batch_size], last_only=True)[:, -1], ids)
+        for s in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def refusal_flags(
+    model: MoEModel,
+    prompts: Sequence[str],
+    interventions: Any = (),
+    *,
+    judge: str = "generation",
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> Bool[Tensor, " n"]:
+    """Bool ``[n]``: refused or not, under ``interventions`` (anything :func:`as_interventions` takes).
+
+    ``judge="generation"``: greedy ``max_new_tokens`` tokens judged by :class:`SubstringJudge`, exactly as in
+    :func:`evaluate` (pass the evaluation's ``max_new_tokens`` wherever rates are compared with it);
+    ``judge="logit"``: :func:`refusal_scores` > 0 (no generation). Feed the flags to
+    :func:`~moe_interp.refusal.judges.refusal_rate` for the rate.
+    """
+    prompts = check_prompts(prompts)
+    ivs = as_interventions(interventions)
+    if judge == "logit":
+        with model.intervene(*ivs):
+            return refusal_scores(model, prompts, batch_size=batch_size) > 0
+    if judge != "generation":
+        raise ValueError(f"judge must be 'generation' or 'logit', got {judge!r}.")
+    res = evaluate(
+        model, prompts, ivs, max_new_tokens=max_new_tokens, baseline=False, batch_size=batch_size, n_boot=0
+    )
+    return torch.tensor([bool(d["refused"]) for d in res.details])
+
+
 @torch.no_grad()
 def evaluate(
     model: MoEModel,
@@ -115,7 +195,7 @@ def evaluate(
     base_model: MoEModel | None = None,
     refusal_token_ids: Sequence[int] | None = None,
     batch_size: int = 16,
-    n_boot: int = 2000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
     progress: bool = False,
 ) -> EvalResult:
@@ -129,13 +209,12 @@ def evaluate(
     last prompt position) and ``ce_of_baseline_completions`` (token-mean NLL of the unedited completions
     under the edited model; ``ce_of_baseline_completions_unedited`` is the same under the unedited model).
     The CE forward appends the completions, so position-offset interventions (a circuit's) shift onto
-    completion tokens there: read CE for such edits with care.
+    completion tokens there: read CE for such edits with care. ``interventions`` may also be a steering
+    object (see :func:`as_interventions`). The rate and its CI come from
+    :func:`~moe_interp.refusal.judges.refusal_rate` (``n_boot`` resamples).
     """
-    from moe_interp.model import _check_prompts
-
-    prompts = _check_prompts(prompts)
-    if isinstance(interventions, str) or not isinstance(interventions, Sequence):
-        interventions = [interventions]
+    prompts = check_prompts(prompts)
+    interventions = as_interventions(interventions)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if max_new_tokens < 1:
@@ -193,12 +272,12 @@ def evaluate(
                 )
             details.append(row)
 
-    refused = [float(d["refused"]) for d in details]
+    rate = refusal_rate([bool(d["refused"]) for d in details], n_boot=n_boot, seed=seed)
     kl = sum(d["kl"] for d in details) / len(details) if baseline else None
     return EvalResult(
         n=len(details),
-        refusal_rate=sum(refused) / len(refused),
-        refusal_rate_ci=tuple(float(v) for v in bootstrap_ci(refused, n_boot=n_boot, seed=seed)),
+        refusal_rate=float(rate),
+        refusal_rate_ci=rate.ci,
         mean_refusal_score=sum(d["refusal_score"] for d in details) / len(details),
         kl_to_baseline=kl,
         ce_of_baseline_completions=tot_nll / tot_tok if baseline and tot_tok else None,

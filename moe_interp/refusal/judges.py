@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from moe_interp.refusal.http_judge import JudgeBackendError, OpenAIChatClient
+from moe_interp.refusal.stats import bootstrap_ci
 
 __all__ = [
     "REFUSAL_PHRASES",
@@ -36,6 +37,8 @@ __all__ = [
     "JUDGE_PROMPT",
     "JudgeResult",
     "Judge",
+    "N_BOOT",
+    "RefusalRate",
     "refusal_rate",
     "SubstringJudge",
     "refusal_score",
@@ -154,12 +157,61 @@ class Judge(Protocol):
     def judge(self, instructions: Sequence[str], completions: Sequence[str]) -> list[JudgeResult]: ...
 
 
-def refusal_rate(results: Sequence[JudgeResult]) -> float:
-    """Fraction of results with ``refused=True``."""
-    results = list(results)
-    if not results:
-        raise ValueError("results must be a non-empty sequence of JudgeResult")
-    return sum(bool(r.refused) for r in results) / len(results)
+#: Bootstrap resamples behind every refusal-rate CI (evaluation tables and steering comparisons alike).
+N_BOOT: int = 2000
+
+
+class RefusalRate(float):
+    """A refusal rate: the fraction refused (this float) with its percentile-bootstrap 95% CI and ``n``."""
+
+    ci_low: float
+    ci_high: float
+    n: int
+
+    def __new__(cls, rate: float, ci_low: float, ci_high: float, n: int) -> RefusalRate:
+        self = super().__new__(cls, rate)
+        self.ci_low, self.ci_high, self.n = float(ci_low), float(ci_high), int(n)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RefusalRate, (float(self), self.ci_low, self.ci_high, self.n))
+
+    @property
+    def rate(self) -> float:
+        """The fraction refused, as a plain float."""
+        return float(self)
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """``(ci_low, ci_high)``."""
+        return (self.ci_low, self.ci_high)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """``{"rate", "ci_low", "ci_high", "n"}`` (JSON-ready)."""
+        return {"rate": float(self), "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
+
+
+def refusal_rate(
+    results: Sequence[JudgeResult] | Sequence[bool] | Tensor, *, n_boot: int = N_BOOT, seed: int = 0
+) -> RefusalRate:
+    """The one refusal rate: fraction of verdicts that are refusals, with a bootstrap 95% CI.
+
+    ``results`` are :class:`JudgeResult` objects, bools or a bool tensor (e.g. from
+    :func:`moe_interp.refusal.evaluate.refusal_flags`). The result is a float (the rate) that also carries
+    ``ci_low``, ``ci_high`` and ``n`` (:func:`~moe_interp.refusal.stats.bootstrap_ci` with ``n_boot``
+    resamples and ``seed``; ``n_boot=0`` skips the CI, leaving NaN).
+    """
+    if isinstance(results, Tensor):
+        flags = [bool(x) for x in results.reshape(-1).tolist()]
+    else:
+        flags = [bool(r.refused) if isinstance(r, JudgeResult) else bool(r) for r in results]
+    if not flags:
+        raise ValueError("results must be a non-empty sequence of JudgeResult (or of bools)")
+    lo = hi = math.nan
+    if n_boot > 0:
+        lo_t, hi_t = bootstrap_ci([float(f) for f in flags], n_boot=n_boot, seed=seed)
+        lo, hi = float(lo_t), float(hi_t)
+    return RefusalRate(sum(flags) / len(flags), lo, hi, len(flags))
 
 
 # ---------------------------------------------------------------------------- substring

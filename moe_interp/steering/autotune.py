@@ -2,7 +2,7 @@
 
 * :func:`layer_correlation` — per layer, the Pearson correlation between the projection of each prompt's
   activation on the layer's direction and the judge's refusal confidence (used by
-  :func:`moe_interp.steering.methods.fit_ridge` to pick layers).
+  :func:`moe_interp.steering.fit.fit_ridge` to pick layers).
 * :func:`coefficient_search` — grow the coefficient scale along a grid and keep the scale that removes the
   most refusal while the harmless KL (mean over prompts, or another ``kl_statistic``) stays within
   ``kl_budget`` (and, optionally, a ``keep`` prompt set
@@ -10,7 +10,11 @@
   grow with the scale), once the target refusal rate is reached, or after ``patience`` steps without gain.
 * :func:`search_candidates` — the same selection over any list of steering objects (e.g. SteerMoE with
   more and more deactivated experts).
-* :func:`autotune` — fit a registered method on training prompts and tune it on validation prompts.
+* :func:`autotune` — fit a registered method on training prompts and tune it on validation prompts, the way
+  its registry entry (:class:`~moe_interp.steering.registry.MethodSpec`) says.
+
+Refusal rates are :func:`~moe_interp.refusal.judges.refusal_rate` of
+:func:`~moe_interp.refusal.evaluate.refusal_flags`, like everywhere else in the library.
 """
 
 from __future__ import annotations
@@ -23,14 +27,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from moe_interp.steering.methods import (
-    _check_prompts,
-    _last_logits,
-    check_kl_statistic,
-    fit_method,
-    harmless_kl,
-    refusal_flags,
-)
+from moe_interp.refusal.evaluate import refusal_flags
+from moe_interp.refusal.judges import refusal_rate
+from moe_interp.steering.compare import check_kl_statistic, harmless_kl, last_logits
+from moe_interp.steering.fit import check_prompt_list
+from moe_interp.steering.registry import METHODS, fit_method
 from moe_interp.steering.vectors import SteeringVectors
 
 if TYPE_CHECKING:
@@ -131,14 +132,15 @@ def search_candidates(
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
     ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL.
 
-    ``kl_statistic`` (one of :data:`~moe_interp.steering.methods.KL_STATISTICS`) is what the budget applies to: the mean per-prompt KL
-    (default), its median or its trimmed mean (steadier under the heavy tail of per-prompt KLs)."""
+    ``kl_statistic`` (one of :data:`~moe_interp.steering.compare.KL_STATISTICS`) is what the budget applies
+    to: the mean per-prompt KL (default), its median or its trimmed mean (steadier under the heavy tail of
+    per-prompt KLs)."""
     if not kl_budget > 0:
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
     check_kl_statistic(kl_statistic, "kl_statistic")
-    harmful = _check_prompts(harmful, "harmful")
-    harmless = _check_prompts(harmless, "harmless")
-    base = _last_logits(model, harmless, [], batch_size)
+    harmful = check_prompt_list(harmful, "harmful")
+    harmless = check_prompt_list(harmless, "harmless")
+    base = last_logits(model, harmless, [], batch_size)
     sign = -1.0 if maximize_refusal else 1.0
     best: TuneResult | None = None
     history: list[dict[str, Any]] = []
@@ -151,13 +153,13 @@ def search_candidates(
             stopped = f"KL ({kl_statistic}) {kl:.3g} > budget {kl_budget} at {label}"
             break
         rate = float(
-            refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens).double().mean()
+            refusal_rate(refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens))
         )
         step["refusal_rate"] = rate
         keep_rate = None
         if keep is not None:
             keep_rate = float(
-                refusal_flags(model, keep, steer, judge=judge, max_new_tokens=max_new_tokens).double().mean()
+                refusal_rate(refusal_flags(model, keep, steer, judge=judge, max_new_tokens=max_new_tokens))
             )
             step["keep_rate"] = keep_rate
             if keep_rate < keep_min_rate:
@@ -233,11 +235,15 @@ def autotune(
     fit: Callable[..., Any] | None = None,
     **search_kw: Any,
 ) -> TuneResult:
-    """Fit method ``name`` on the training prompts and tune its strength on the validation prompts:
-    the coefficient scale for vector methods, the number of deactivated experts for ``steer_router``."""
+    """Fit method ``name`` on the training prompts and tune its strength on the validation prompts, as its
+    registry entry's ``tuning`` says: the coefficient scale (``"coefficient"``, and for names outside the
+    registry), or the fit keyword it names swept over ``router_grid`` (``steer_router``: ``n_deactivate``).
+    Topic methods take ``keep=`` in ``fit_kwargs`` and ``keep=`` / ``keep_min_rate=`` in ``search_kw``."""
     fit_kwargs = dict(fit_kwargs or {})
     fitter = fit or (lambda **k: fit_method(name, model, harmful_train, harmless_train, **k))
-    if name == "steer_router":
-        cands = ((n, fitter(**{**fit_kwargs, "n_deactivate": n})) for n in router_grid)
+    spec = METHODS.get(name)
+    tuning = "coefficient" if spec is None else spec.tuning
+    if tuning != "coefficient":
+        cands = ((n, fitter(**{**fit_kwargs, tuning: n})) for n in router_grid)
         return search_candidates(model, cands, harmful_val, harmless_val, **search_kw)
     return coefficient_search(model, fitter(**fit_kwargs), harmful_val, harmless_val, **search_kw)

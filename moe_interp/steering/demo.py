@@ -21,8 +21,11 @@ from typing import Any
 import torch
 
 from moe_interp.interventions import DirectionalAblation
+from moe_interp.refusal.evaluate import refusal_flags
+from moe_interp.refusal.judges import refusal_rate
 from moe_interp.steering.autotune import autotune, coefficient_search
-from moe_interp.steering.methods import KL_STATISTICS, compare_methods, fit_method, refusal_flags
+from moe_interp.steering.compare import KL_STATISTICS, compare_methods
+from moe_interp.steering.registry import fit_method
 
 #: method → fit keyword arguments used by the demo
 SPECS: dict[str, dict[str, Any]] = {
@@ -141,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         tuning[name] = {"fit_kwargs": kw, **res.to_dict(), "seconds": round(time.time() - t, 1)}
         print(f"[{time.time() - t0:6.0f}s] {name}: {res.label=} val refusal {res.refusal_rate:.3f} "
               f"KL {res.kl:.4f} ({res.stopped})", flush=True)  # fmt: skip
-        if hasattr(res.steer, "save"):
-            res.steer.save(args.out / "vectors" / name)
+        res.steer.save(args.out / "vectors" / name)
 
     if not args.no_ablation:
         dense = fit_method("dense", model, tr["harmful"], tr["harmless"], coeff=-1.0)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_topic:
         t = time.time()
-        base_keep = float(refusal_flags(model, val["harmful"], judge=args.tune_judge).double().mean())
+        base_keep = float(refusal_rate(refusal_flags(model, val["harmful"], judge=args.tune_judge)))
         keep_min = args.keep_frac * base_keep
         orth = fit_method("topic_remove", model, tr["political"], tr["harmless"], keep=tr["harmful"])
         steers["topic_remove_orth"] = orth.scaled(0.5)

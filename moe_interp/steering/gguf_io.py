@@ -26,7 +26,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from moe_interp.steering.vectors import SteeringVectors, encode_key, parse_hook_name
+from moe_interp.steering.keys import encode_key, parse_hook_name
+from moe_interp.steering.vectors import SteeringVectors
 
 ARCH = "controlvector"
 
@@ -43,11 +44,6 @@ def residual_key_to_gguf_layer(hook_name: str) -> int:
             "(control vectors start at direction.1 = output of block 1)"
         )
     return n
-
-
-def gguf_layer_to_resid_post(n: int) -> str:
-    """Hook name of llama.cpp ``direction.N``: ``blocks.N.hook_resid_post``."""
-    return f"blocks.{n}.hook_resid_post"
 
 
 def export_control_vector_gguf(

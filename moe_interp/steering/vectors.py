@@ -1,40 +1,28 @@
-"""Serializable, expert-aware steering vectors.
+"""Serializable, expert-aware steering vectors, and their router-conditioned form.
 
-A :class:`SteeringVectors` object maps steering keys ``(hook_name, expert)`` to ``d_model`` vectors plus
-per-key coefficients, a position scope and provenance metadata. It can be saved to / loaded from a
-``.safetensors`` + ``.json`` pair, checked against a model, turned into intervention objects following the
-``edits(model) -> dict[str, EditFn]`` protocol of ``docs/API_CONTRACT.md``, and applied as a context manager::
+A :class:`SteeringVectors` object maps steering keys ``(hook_name, expert)`` (:mod:`moe_interp.steering.keys`)
+to ``d_model`` vectors plus per-key coefficients, a position scope and provenance metadata. It can be saved to /
+loaded from a ``.safetensors`` + ``.json`` pair, checked against a model, turned into interventions
+(:class:`~moe_interp.steering.addition.AddSteering` per key, or :class:`ExpertConditionedAdd` per layer for
+router-conditioned sets) and applied as a context manager::
 
     sv = SteeringVectors({("blocks.2.hook_resid_pre", None): v}, metadata=SteeringMetadata.from_model(model))
     with sv.scaled(4.0).apply(model):
         model.generate(prompts)
 
-Supported hook names (``L`` = block index, ``e`` = expert id):
-
-* ``blocks.L.hook_resid_pre``, ``blocks.L.hook_resid_post``, ``blocks.L.hook_attn_out``,
-  ``blocks.L.hook_mlp_out`` - key expert must be ``None``; value ``[batch, pos, d_model]``.
-* ``blocks.L.mlp.hook_expert_out`` - key expert must be an expert id; value
-  ``[batch, pos, n_experts, d_model]``; only expert ``e``'s slice is edited.
-* ``blocks.L.mlp.experts.e.hook_out`` - key expert must be ``None`` (the id is in the name); value
-  ``[batch, pos, d_model]``.
-
-Expert edits only touch positions where the expert was routed (its output is not all zeros), so steering an
-expert never makes it fire where the router did not pick it. Padding positions (``attention_mask == 0``) are
-never edited.
+Both classes follow the :class:`~moe_interp.steering.protocol.Steering` protocol. Padding positions
+(``attention_mask == 0``) are never edited.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -43,9 +31,44 @@ from torch import Tensor
 
 from moe_interp.errors import InputError, MissingFileError
 from moe_interp.fileio import atomic_path, read_json_object, read_safetensors
+from moe_interp.interventions import check_coeff, check_positions, position_mask
+from moe_interp.steering.addition import AddSteering, check_steering_vector
+from moe_interp.steering.keys import (
+    EXPERT_SEP,
+    ParsedHook,
+    SteeringKey,
+    check_key,
+    decode_key,
+    encode_key,
+    hook_sort_key,
+    key_layer_expert,
+    key_sort_key,
+    parse_hook_name,
+)
+from moe_interp.steering.metadata import SteeringMetadata, model_mismatches, utc_now
+from moe_interp.tracing import EditFn, HookContext
 
-SteeringKey = tuple[str, int | None]
-"""``(hook_name, expert)``; ``expert`` is only set for ``blocks.L.mlp.hook_expert_out``."""
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+__all__ = [
+    "CONDITIONINGS",
+    "EXPERT_SEP",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "POSITION_SCOPES",
+    "AddSteering",
+    "Conditioning",
+    "ExpertConditionedAdd",
+    "ParsedHook",
+    "PositionScope",
+    "SteeringKey",
+    "SteeringMetadata",
+    "SteeringVectors",
+    "decode_key",
+    "encode_key",
+    "parse_hook_name",
+]
 
 PositionScope = Literal["prompt", "generated", "all"]
 Conditioning = Literal["none", "router_prob", "router_prob_topk"]
@@ -55,307 +78,14 @@ CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 
 FORMAT_NAME = "moe_interp.steering_vectors"
 FORMAT_VERSION = 1
-EXPERT_SEP = "@e"
-
-_RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
-_EXPERT_OUT_RE = re.compile(r"^blocks\.(\d+)\.mlp\.hook_expert_out$")
-_SINGLE_EXPERT_RE = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.hook_out$")
 
 
-class HookContextLike(Protocol):
-    """The fields of the core's ``HookContext`` that steering edits read."""
-
-    name: str
-    layer: int | None
-    attention_mask: Tensor | None
-    is_prompt: bool
-    step: int
-
-
-EditFn = Callable[[Tensor, HookContextLike], Tensor]
-
-
-# --------------------------------------------------------------------------------------------- keys
-
-
-@dataclass(frozen=True)
-class ParsedHook:
-    """A parsed steering hook name."""
-
-    layer: int
-    kind: Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "expert_out", "single_expert_out"]
-    expert_in_name: int | None = None
-
-    @property
-    def is_residual(self) -> bool:
-        """True for ``hook_resid_pre`` / ``hook_resid_post``."""
-        return self.kind in ("resid_pre", "resid_post")
-
-
-def parse_hook_name(hook_name: str) -> ParsedHook:
-    """Parse a supported TransformerLens-style hook name; raise ``ValueError`` for anything else."""
-    if not isinstance(hook_name, str):
-        raise ValueError(f"hook name must be a str, got {type(hook_name).__name__}: {hook_name!r}")
-    if m := _RESID_RE.match(hook_name):
-        return ParsedHook(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
-    if m := _EXPERT_OUT_RE.match(hook_name):
-        return ParsedHook(int(m.group(1)), "expert_out")
-    if m := _SINGLE_EXPERT_RE.match(hook_name):
-        return ParsedHook(int(m.group(1)), "single_expert_out", int(m.group(2)))
-    raise ValueError(
-        f"unsupported hook name {hook_name!r}; expected one of blocks.L.hook_resid_pre, "
-        "blocks.L.hook_resid_post, blocks.L.hook_attn_out, blocks.L.hook_mlp_out, "
-        "blocks.L.mlp.hook_expert_out (with an expert id), blocks.L.mlp.experts.E.hook_out"
-    )
-
-
-def encode_key(key: SteeringKey) -> str:
-    """Reversible string form of a key: ``blocks.3.hook_resid_pre`` or ``blocks.3.mlp.hook_expert_out@e5``."""
-    hook_name, expert = key
-    return hook_name if expert is None else f"{hook_name}{EXPERT_SEP}{expert}"
-
-
-def decode_key(s: str) -> SteeringKey:
-    """Inverse of :func:`encode_key`."""
-    if EXPERT_SEP in s:
-        name, _, e = s.rpartition(EXPERT_SEP)
-        if not e.isdigit():
-            raise ValueError(f"malformed steering key {s!r}: expected '<hook>{EXPERT_SEP}<int>'")
-        return (name, int(e))
-    return (s, None)
-
-
-def _key_layer_expert(key: SteeringKey) -> tuple[int, int | None]:
-    parsed = parse_hook_name(key[0])
-    return parsed.layer, key[1] if key[1] is not None else parsed.expert_in_name
-
-
-# ----------------------------------------------------------------------------------------- metadata
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _lib_version() -> str:
-    import moe_interp
-
-    return str(moe_interp.__version__)
-
-
-@dataclass(frozen=True)
-class SteeringMetadata:
-    """Provenance and shape information for a set of steering vectors.
-
-    ``n_experts`` is ``None`` for dense models. ``hook_names`` is filled in by :class:`SteeringVectors`
-    with the sorted hook names its vectors use.
-    """
-
-    family: str
-    d_model: int
-    n_layers: int
-    n_experts: int | None = None
-    hook_names: tuple[str, ...] = ()
-    method: str = "unknown"
-    data_hash: str | None = None
-    version: str = field(default_factory=_lib_version)
-    created: str = field(default_factory=_now)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"metadata.{name} must be a positive int, got {v!r}")
-        if self.n_experts is not None and (
-            isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts <= 0
-        ):
-            raise ValueError(f"metadata.n_experts must be a positive int or None, got {self.n_experts!r}")
-        if not isinstance(self.family, str) or not self.family:
-            raise ValueError(f"metadata.family must be a non-empty str, got {self.family!r}")
-        object.__setattr__(self, "hook_names", tuple(self.hook_names))
-
-    @classmethod
-    def from_model(cls, model: Any, **kwargs: Any) -> SteeringMetadata:
-        """Fill ``family``, ``d_model``, ``n_layers``, ``n_experts`` from ``model.spec``."""
-        spec = model.spec
-        return cls(
-            family=str(spec.family),
-            d_model=int(spec.d_model),
-            n_layers=int(spec.n_layers),
-            n_experts=_spec_n_experts(spec),
-            **kwargs,
-        )
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """JSON-serializable dict."""
-        d = asdict(self)
-        d["hook_names"] = list(self.hook_names)
-        return d
-
-    @classmethod
-    def from_json_dict(cls, d: Mapping[str, Any]) -> SteeringMetadata:
-        """Inverse of :meth:`to_json_dict`; ``ValueError`` naming the field for anything malformed."""
-        if not isinstance(d, Mapping):
-            raise InputError(f"'metadata' must be an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"'metadata' has unknown fields {unknown}; expected fields {sorted(known)}")
-        missing = [k for k in ("family", "d_model", "n_layers") if k not in d]
-        if missing:
-            raise InputError(f"'metadata' lacks {missing} (family, d_model and n_layers are required)")
-        d = dict(d)
-        names = d.get("hook_names", ())
-        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-            raise InputError(f"'metadata.hook_names' must be a list of hook names, got {names!r}")
-        if not isinstance(d.get("extra") or {}, Mapping):
-            raise InputError(f"'metadata.extra' must be an object, got {type(d['extra']).__name__}")
-        d["hook_names"] = tuple(names)
-        d["extra"] = dict(d.get("extra") or {})
-        return cls(**d)
-
-
-def _spec_n_experts(spec: Any) -> int | None:
-    n = getattr(spec, "n_experts", None)
-    if n is None or isinstance(n, bool):
-        return None
-    n = int(n)
-    return n if n > 0 else None
-
-
-# ---------------------------------------------------------------------------------------- the edit
-
-
-def _position_mask(x: Tensor, ctx: HookContextLike) -> Tensor:
-    """``[batch, pos]`` bool mask of non-padding positions of ``x``."""
-    batch, pos = x.shape[0], x.shape[1]
-    am = getattr(ctx, "attention_mask", None)
-    if am is None:
-        return torch.ones(batch, pos, dtype=torch.bool, device=x.device)
-    am = am.to(x.device)
-    if am.ndim != 2 or am.shape[0] != batch or am.shape[1] < pos:
-        raise ValueError(
-            f"attention_mask of shape {tuple(am.shape)} does not fit hook value of shape {tuple(x.shape)} "
-            f"at {getattr(ctx, 'name', '?')}"
-        )
-    # During cached generation the mask covers the whole sequence; the hook value only the new positions.
-    return am[:, am.shape[1] - pos :] != 0
-
-
-@dataclass(frozen=True, eq=False)
-class AddSteering:
-    """Intervention adding ``coeff * vector`` at one hook (optionally one expert's slice).
-
-    Follows the contract's intervention protocol: ``edits(model)`` returns ``{hook_name: self}`` and the
-    object itself is the ``EditFn``. Padding positions are never edited; expert keys only edit positions
-    where the expert's output is nonzero (i.e. where it was routed).
-    """
-
-    hook_name: str
-    vector: Float[Tensor, " d_model"]
-    coeff: float = 1.0
-    expert: int | None = None
-    positions: PositionScope = "all"
-
-    def __post_init__(self) -> None:
-        parsed = parse_hook_name(self.hook_name)
-        if parsed.kind == "expert_out" and self.expert is None:
-            raise ValueError(f"{self.hook_name} needs an expert id")
-        if parsed.kind != "expert_out" and self.expert is not None:
-            raise ValueError(f"expert id {self.expert} given for non-expert hook {self.hook_name}")
-        if self.positions not in POSITION_SCOPES:
-            raise ValueError(f"positions must be one of {POSITION_SCOPES}, got {self.positions!r}")
-        _check_vector(self.hook_name, self.vector, None)
-        _check_coeff(self.hook_name, self.coeff)
-
-    @property
-    def routed_only(self) -> bool:
-        """Whether the edit is limited to positions where an expert was routed."""
-        return parse_hook_name(self.hook_name).kind in ("expert_out", "single_expert_out")
-
-    def edits(self, model: Any = None) -> dict[str, EditFn]:
-        """``{hook_name: edit}`` per the intervention protocol."""
-        return {self.hook_name: self}
-
-    def __call__(self, x: Tensor, ctx: HookContextLike) -> Tensor:
-        """Return ``x`` with ``coeff * vector`` added at the selected positions."""
-        if self.positions == "prompt" and not ctx.is_prompt:
-            return x
-        if self.positions == "generated" and ctx.is_prompt:
-            return x
-        delta = (self.coeff * self.vector.to(device=x.device, dtype=torch.float32)).to(x.dtype)
-        mask = _position_mask(x, ctx)
-        if self.expert is not None:
-            if x.ndim != 4:
-                raise ValueError(
-                    f"{self.hook_name} expects [batch, pos, n_experts, d_model], got shape {tuple(x.shape)}"
-                )
-            if not 0 <= self.expert < x.shape[2]:
-                raise ValueError(f"expert {self.expert} out of range for {x.shape[2]} experts")
-            xe = x[:, :, self.expert, :]
-            sel = mask & (xe != 0).any(dim=-1)
-            out = x.clone()
-            out[:, :, self.expert, :] = torch.where(sel[..., None], xe + delta, xe)
-            return out
-        if x.shape[-1] != delta.shape[0]:
-            raise ValueError(f"{self.hook_name}: hook width {x.shape[-1]} != vector width {delta.shape[0]}")
-        if self.routed_only:
-            mask = mask & (x != 0).any(dim=-1)
-        return torch.where(mask[..., None], x + delta, x)
-
-
-# ------------------------------------------------------------------------------------ validation
-
-
-def _check_coeff(where: str, c: Any) -> float:
-    if isinstance(c, bool) or not isinstance(c, (int, float)):
-        raise ValueError(f"coefficient for {where} must be a float, got {type(c).__name__}: {c!r}")
-    c = float(c)
-    if not math.isfinite(c):
-        raise ValueError(f"coefficient for {where} must be finite, got {c!r}")
-    return c
-
-
-def _check_vector(where: str, v: Any, d_model: int | None) -> None:
-    if not isinstance(v, Tensor):
-        raise ValueError(f"vector for {where} must be a torch.Tensor, got {type(v).__name__}")
-    if v.ndim != 1:
-        raise ValueError(f"vector for {where} must be 1-D [d_model], got shape {tuple(v.shape)}")
-    if d_model is not None and v.shape[0] != d_model:
-        raise ValueError(f"vector for {where} has width {v.shape[0]}, expected d_model={d_model}")
-    if not v.is_floating_point():
-        raise ValueError(f"vector for {where} must be floating point, got {v.dtype}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"vector for {where} contains NaN or inf")
-
-
-def _check_key(key: Any, meta: SteeringMetadata) -> SteeringKey:
-    if not (isinstance(key, tuple) and len(key) == 2):
-        raise ValueError(f"steering key must be a (hook_name, expert) tuple, got {key!r}")
-    hook_name, expert = key
-    parsed = parse_hook_name(hook_name)
-    if expert is not None and (isinstance(expert, bool) or not isinstance(expert, int)):
-        raise ValueError(f"expert id in {key!r} must be an int or None")
-    if not 0 <= parsed.layer < meta.n_layers:
-        raise ValueError(f"{hook_name}: layer {parsed.layer} out of range for n_layers={meta.n_layers}")
-    if parsed.kind == "expert_out":
-        if expert is None:
-            raise ValueError(f"{hook_name} needs an expert id: use ({hook_name!r}, e)")
-    elif expert is not None:
-        raise ValueError(
-            f"expert id {expert} given for non-expert hook {hook_name}; expert ids go only with "
-            "blocks.L.mlp.hook_expert_out"
-        )
-    e = expert if expert is not None else parsed.expert_in_name
-    if e is not None:
-        if meta.n_experts is None:
-            raise ValueError(f"{key!r} names expert {e} but metadata.n_experts is None (dense model)")
-        if not 0 <= e < meta.n_experts:
-            raise ValueError(
-                f"{key!r}: expert {e} out of range, expected 0 <= e < n_experts={meta.n_experts}"
-            )
-    return (hook_name, expert)
+def _coeff(where: str, c: Any) -> float:
+    """:func:`~moe_interp.interventions.check_coeff`, naming the key in the error."""
+    try:
+        return check_coeff(c)
+    except ValueError as err:
+        raise ValueError(f"coefficient for {where}: {err}") from None
 
 
 # -------------------------------------------------------------------------------- SteeringVectors
@@ -366,8 +96,8 @@ class SteeringVectors:
     """A validated, serializable set of steering vectors keyed by ``(hook_name, expert)``.
 
     Treat as immutable: the constructor copies (detaches, moves to CPU) the vectors and normalizes
-    ``coeffs`` to hold one float per key (default 1.0). ``conditioning`` is metadata for router-conditioned
-    methods (``h <- h + c * p_e(x) * r_e``); :meth:`to_interventions` only implements ``"none"``.
+    ``coeffs`` to hold one float per key (default 1.0). ``conditioning`` selects router-conditioned
+    application (``h <- h + c * p_e(x) * r_e``, see :class:`ExpertConditionedAdd`).
     """
 
     vectors: dict[SteeringKey, Float[Tensor, " d_model"]]
@@ -388,16 +118,16 @@ class SteeringVectors:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
         vectors: dict[SteeringKey, Tensor] = {}
         for key, v in self.vectors.items():
-            k = _check_key(key, meta)
-            _check_vector(encode_key(k), v, meta.d_model)
+            k = check_key(key, meta.n_layers, meta.n_experts)
+            check_steering_vector(encode_key(k), v, meta.d_model)
             vectors[k] = v.detach().to("cpu").clone()
         if not isinstance(self.coeffs, Mapping):
             raise ValueError("coeffs must be a dict {(hook_name, expert): float}")
         unknown = [k for k in self.coeffs if k not in vectors]
         if unknown:
             raise ValueError(f"coeffs given for keys without a vector: {unknown}")
-        coeffs = {k: _check_coeff(encode_key(k), self.coeffs.get(k, 1.0)) for k in vectors}
-        hook_names = tuple(sorted({k[0] for k in vectors}, key=_hook_sort_key))
+        coeffs = {k: _coeff(encode_key(k), self.coeffs.get(k, 1.0)) for k in vectors}
+        hook_names = tuple(sorted({k[0] for k in vectors}, key=hook_sort_key))
         object.__setattr__(self, "vectors", vectors)
         object.__setattr__(self, "coeffs", coeffs)
         if meta.hook_names != hook_names:
@@ -417,17 +147,17 @@ class SteeringVectors:
     @property
     def keys(self) -> list[SteeringKey]:
         """Keys in sorted order (layer, hook, expert)."""
-        return sorted(self.vectors, key=_key_sort_key)
+        return sorted(self.vectors, key=key_sort_key)
 
     @property
     def layers(self) -> list[int]:
         """Sorted block indices touched."""
-        return sorted({_key_layer_expert(k)[0] for k in self.vectors})
+        return sorted({key_layer_expert(k)[0] for k in self.vectors})
 
     @property
     def experts(self) -> list[int]:
         """Sorted expert ids touched (by expert keys)."""
-        return sorted({e for k in self.vectors if (e := _key_layer_expert(k)[1]) is not None})
+        return sorted({e for k in self.vectors if (e := key_layer_expert(k)[1]) is not None})
 
     def effective(self, key: SteeringKey) -> Float[Tensor, " d_model"]:
         """``coeff * vector`` for one key."""
@@ -437,7 +167,7 @@ class SteeringVectors:
 
     def scaled(self, factor: float) -> SteeringVectors:
         """Copy with every coefficient multiplied by ``factor``."""
-        f = _check_coeff("scaled()", factor)
+        f = _coeff("scaled()", factor)
         return replace(self, coeffs={k: c * f for k, c in self.coeffs.items()})
 
     def with_positions(self, positions: PositionScope) -> SteeringVectors:
@@ -471,45 +201,51 @@ class SteeringVectors:
         method = a.method if a.method == b.method else f"{a.method}+{b.method}"
         extra = {**a.extra, **b.extra, "merged_from": [a.to_json_dict(), b.to_json_dict()]}
         data_hash = a.data_hash if a.data_hash == b.data_hash else None
-        meta = replace(a, method=method, data_hash=data_hash, created=_now(), extra=extra)
+        meta = replace(a, method=method, data_hash=data_hash, created=utc_now(), extra=extra)
         return SteeringVectors(vectors, meta, coeffs, self.positions, self.conditioning)
 
     # ---------------------------------------------------------------- model
 
     def check_compatible(self, model: Any) -> None:
         """Raise ``ValueError`` naming the first mismatch between these vectors and ``model``."""
-        spec = model.spec
-        meta = self.metadata
-        problems: list[str] = []
-        if str(spec.family).lower() != meta.family.lower():
-            problems.append(f"family: vectors are for {meta.family!r}, model is {spec.family!r}")
-        if int(spec.d_model) != meta.d_model:
-            problems.append(f"d_model: vectors have {meta.d_model}, model has {spec.d_model}")
-        if int(spec.n_layers) != meta.n_layers:
-            problems.append(f"n_layers: vectors have {meta.n_layers}, model has {spec.n_layers}")
-        if _spec_n_experts(spec) != meta.n_experts:
-            problems.append(f"n_experts: vectors have {meta.n_experts}, model has {_spec_n_experts(spec)}")
+        problems = model_mismatches(self.metadata, model, ("vectors are", "vectors have"))
         if hasattr(model, "hook_names"):
             known = set(model.hook_names())
-            missing = [h for h in meta.hook_names if h not in known]
+            missing = [h for h in self.metadata.hook_names if h not in known]
             if missing:
                 problems.append(f"unknown hook names for this model: {missing}")
         if problems:
             raise ValueError("steering vectors do not fit the model: " + "; ".join(problems))
 
-    def to_interventions(self, *, ignore_conditioning: bool = False) -> list[Any]:
-        """One :class:`AddSteering` per key (sorted by layer).
+    def to_interventions(self, model: Any = None, *, ignore_conditioning: bool = False) -> list[Any]:
+        """One :class:`AddSteering` per key (sorted by layer); checked against ``model`` first if given.
 
         Router-conditioned vectors (all keys ``(blocks.L.mlp.hook_expert_out, e)``) become one
-        :class:`moe_interp.steering.methods.ExpertConditionedAdd` per layer (``h += c * p_e(x) * r_e`` at the
-        MoE output); other keys raise ``NotImplementedError`` unless ``ignore_conditioning``, in which case
-        the plain (unconditioned) addition is used.
+        :class:`ExpertConditionedAdd` per layer (``h += c * p_e(x) * r_e`` at the MoE output); other keys
+        raise ``NotImplementedError`` unless ``ignore_conditioning``, in which case the plain
+        (unconditioned) addition is used.
         """
+        if model is not None:
+            self.check_compatible(model)
         if self.conditioning != "none" and not ignore_conditioning:
-            from moe_interp.steering.methods import conditioned_interventions
-
-            return conditioned_interventions(self)
+            return self._conditioned()
         return [AddSteering(k[0], self.vectors[k], self.coeffs[k], k[1], self.positions) for k in self.keys]
+
+    def _conditioned(self) -> list[ExpertConditionedAdd]:
+        by_layer: dict[int, dict[int, Tensor]] = {}
+        for key in self.keys:
+            parsed = parse_hook_name(key[0])
+            if parsed.kind != "expert_out" or key[1] is None:
+                raise NotImplementedError(
+                    f"conditioning={self.conditioning!r}: the router-conditioned edit applies to "
+                    f"(blocks.L.mlp.hook_expert_out, e) keys only, got {key!r}"
+                )
+            by_layer.setdefault(parsed.layer, {})[key[1]] = self.effective(key)
+        topk = self.conditioning == "router_prob_topk"
+        return [
+            ExpertConditionedAdd(L, vecs, 1.0, topk, self.positions, self.metadata)
+            for L, vecs in sorted(by_layer.items())
+        ]
 
     @contextmanager
     def apply(self, model: Any, *, check: bool = True) -> Iterator[Any]:
@@ -533,7 +269,7 @@ class SteeringVectors:
             "metadata": self.metadata.to_json_dict(),
         }
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
+    def save(self, path: str | Path) -> list[Path]:
         """Write ``<path>.safetensors`` and ``<path>.json`` (each atomically: on error neither is touched)."""
         st_path, js_path = _paths(path)
         st_path.parent.mkdir(parents=True, exist_ok=True)
@@ -542,7 +278,7 @@ class SteeringVectors:
         with atomic_path(st_path) as st_tmp, atomic_path(js_path) as js_tmp:
             save_file(tensors, str(st_tmp), metadata={"format": FORMAT_NAME})
             js_tmp.write_text(text)
-        return st_path, js_path
+        return [st_path, js_path]
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> SteeringVectors:
@@ -641,20 +377,134 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
-_KIND_ORDER = {
-    "resid_pre": 0,
-    "attn_out": 1,
-    "expert_out": 2,
-    "single_expert_out": 3,
-    "mlp_out": 4,
-    "resid_post": 5,
-}
+# --------------------------------------------------------------------------- ExpertConditionedAdd
 
 
-def _hook_sort_key(hook_name: str) -> tuple[int, int, int]:
-    p = parse_hook_name(hook_name)
-    return (p.layer, _KIND_ORDER[p.kind], -1 if p.expert_in_name is None else p.expert_in_name)
+@dataclass
+class ExpertConditionedAdd:
+    """Router-conditioned addition at one MoE layer: ``h ← h + coeff · Σ_e p_e(x) · r_e``.
 
+    ``p = softmax(router_logits)`` is read at ``blocks.L.mlp.hook_router_logits`` (returned unchanged) and
+    used at ``blocks.L.hook_mlp_out`` in the same forward pass. ``vectors`` maps expert id → ``r_e``
+    (experts not listed contribute nothing; one entry is the single-expert form ``h + c·p_e·r_e``).
+    ``topk=True`` zeroes ``p_e`` for experts outside the token's routed top-k (no renormalisation).
+    It is its own intervention and a :class:`~moe_interp.steering.protocol.Steering` object; saving it
+    needs ``metadata`` (it is stored as a router-conditioned :class:`SteeringVectors` pair).
+    """
 
-def _key_sort_key(key: SteeringKey) -> tuple[int, int, int, int]:
-    return (*_hook_sort_key(key[0]), -1 if key[1] is None else key[1])
+    layer: int
+    vectors: Mapping[int, Float[Tensor, " d_model"]]
+    coeff: float = 1.0
+    topk: bool = False
+    positions: Any = "all"
+    metadata: SteeringMetadata | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vectors, Mapping) or not self.vectors:
+            raise ValueError("ExpertConditionedAdd needs a non-empty {expert_id: vector} mapping.")
+        check_coeff(self.coeff)
+        self.positions = check_positions(self.positions)
+
+    def stacked(self, model: MoEModel) -> Float[Tensor, "n_experts d_model"]:
+        """The ``[n_experts, d_model]`` matrix ``R`` (zero rows for experts without a vector), validated."""
+        d, L = model.spec.d_model, self.layer
+        if not isinstance(L, int) or not 0 <= L < model.spec.n_layers:
+            raise ValueError(
+                f"Layer {L!r} is out of range: this model has layers 0..{model.spec.n_layers - 1}."
+            )
+        if not model.layers[L].is_moe:
+            raise ValueError(
+                f"Layer {L} is dense, but expert-conditioned steering needs an MoE layer; "
+                f"MoE layers: {list(model.spec.moe_layers)}."
+            )
+        R = torch.zeros(model.layers[L].n_experts, d)
+        for e, v in self.vectors.items():
+            model.check_expert(L, e)
+            t = torch.as_tensor(v)
+            check_steering_vector(f"expert {e} at layer {L}", t, d)
+            R[e] = t.float()
+        return R
+
+    def edits(self, model: MoEModel) -> dict[str, EditFn]:
+        R = self.stacked(model)
+        c, pos, top_k = float(self.coeff), self.positions, model.layers[self.layer].top_k
+        state: dict[str, Tensor] = {}
+
+        def read_router(z: Tensor, ctx: HookContext) -> Tensor:
+            p = torch.softmax(z.float(), dim=-1)
+            if self.topk:
+                keep = torch.zeros_like(p, dtype=torch.bool)
+                keep.scatter_(-1, z.topk(top_k, dim=-1).indices, True)
+                p = p * keep
+            state["p"] = p
+            return z
+
+        def add(h: Tensor, ctx: HookContext) -> Tensor:
+            p = state.pop("p", None)
+            if p is None:
+                raise RuntimeError(f"ExpertConditionedAdd: no router probabilities for layer {self.layer}.")
+            m = position_mask(ctx, pos, h.shape)
+            if m is None:
+                return h
+            delta = c * (p @ R.to(p.device))  # [batch, pos, d_model]
+            return torch.where(m[..., None], h + delta.to(h.dtype), h)
+
+        L = self.layer
+        return {f"blocks.{L}.mlp.hook_router_logits": read_router, f"blocks.{L}.hook_mlp_out": add}
+
+    # ------------------------------------------------------------ the Steering protocol
+
+    def to_interventions(self, model: MoEModel | None = None) -> list[ExpertConditionedAdd]:
+        """``[self]`` (checked against ``model`` first if given)."""
+        if model is not None:
+            self.check_compatible(model)
+        return [self]
+
+    def scaled(self, factor: float) -> ExpertConditionedAdd:
+        """Copy with ``coeff`` multiplied by ``factor``."""
+        return replace(self, coeff=self.coeff * _coeff("scaled()", factor))
+
+    def check_compatible(self, model: MoEModel) -> None:
+        """Raise ``ValueError`` unless the metadata (when set), the layer, the experts and the widths fit."""
+        problems = [] if self.metadata is None else model_mismatches(self.metadata, model)
+        if problems:
+            raise ValueError("expert-conditioned steering does not fit the model: " + "; ".join(problems))
+        self.stacked(model)
+
+    def as_vectors(self) -> SteeringVectors:
+        """The same edit as a router-conditioned :class:`SteeringVectors` (needs ``metadata``)."""
+        if self.metadata is None:
+            raise ValueError(
+                "ExpertConditionedAdd has no metadata to save with it; "
+                "pass metadata=SteeringMetadata.from_model(model)."
+            )
+        if not isinstance(self.positions, str):
+            raise ValueError(f"Only a position scope {POSITION_SCOPES} can be saved, not {self.positions!r}.")
+        hook = f"blocks.{self.layer}.mlp.hook_expert_out"
+        vectors = {(hook, int(e)): torch.as_tensor(v) for e, v in self.vectors.items()}
+        conditioning = "router_prob_topk" if self.topk else "router_prob"
+        return SteeringVectors(
+            vectors, self.metadata, dict.fromkeys(vectors, self.coeff), self.positions, conditioning
+        )  # type: ignore[arg-type]
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write :meth:`as_vectors` as a ``.safetensors`` + ``.json`` pair."""
+        return self.as_vectors().save(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertConditionedAdd:
+        """Read a router-conditioned, single-layer pair (as written by :meth:`save`)."""
+        sv = SteeringVectors.load(path)
+        if sv.conditioning == "none" or len(sv.layers) != 1:
+            raise InputError(
+                f"{path}: expected router-conditioned vectors at one layer, got conditioning="
+                f"{sv.conditioning!r} at layers {sv.layers}; load it with SteeringVectors.load"
+            )
+        try:
+            (edit,) = sv.to_interventions()
+        except NotImplementedError as err:
+            raise InputError(f"{path}: {err}") from err
+        coeffs = set(sv.coeffs.values())
+        if len(coeffs) == 1:  # one shared coefficient: keep vectors and coefficient apart
+            edit = replace(edit, vectors={k[1]: sv.vectors[k] for k in sv.keys}, coeff=coeffs.pop())
+        return edit

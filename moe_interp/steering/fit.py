@@ -1,0 +1,388 @@
+"""Fitting steering from prompts: shared helpers and the residual-stream methods.
+
+Every ``fit_*`` function takes ``(model, harmful, harmless, **kw)`` and returns a
+:class:`~moe_interp.steering.protocol.Steering` object; :mod:`moe_interp.steering.registry` lists them with
+the data each needs. This module holds the residual-stream methods:
+
+* ``dense`` / ``dense_multi`` — residual-stream difference of means (Arditi et al.), one layer or several;
+  a negative coefficient removes refusal.
+* ``ridge`` — ridge / confidence-weighted ridge directions, layers chosen by the correlation between
+  the projection and the refusal confidence ("Refusal Steering", García-Ferrero et al.).
+* ``topic_remove`` / ``topic_induce`` / ``topic_gated`` — fine-grained control: a topic direction
+  (topic − harmless) made orthogonal to the safety direction (``keep`` − harmless), removed or added, or a
+  ``dense_multi`` removal applied only where a topic detector fires.
+
+The expert and router methods are in :mod:`moe_interp.steering.fit_experts`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from moe_interp.interventions import check_coeff
+from moe_interp.refusal.evaluate import refusal_scores
+from moe_interp.steering.edits import TopicGatedSteering
+from moe_interp.steering.keys import SteeringKey
+from moe_interp.steering.metadata import SteeringMetadata
+from moe_interp.steering.vectors import SteeringVectors
+
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+__all__ = [
+    "check_prompt_list",
+    "data_hash",
+    "fit_dense",
+    "fit_dense_multi",
+    "fit_metadata",
+    "fit_ridge",
+    "fit_topic_gated",
+    "fit_topic_induce",
+    "fit_topic_remove",
+    "mean_activations",
+    "resid_acts",
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def check_prompt_list(prompts: Any, what: str) -> list[str]:
+    """A non-empty list of strings, or ``ValueError`` naming ``what``."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"{what} must be a non-empty list of strings.")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} must contain only strings.")
+    return list(prompts)
+
+
+def data_hash(*prompt_sets: Sequence[str]) -> str:
+    """Short sha256 of the training prompts (provenance for :class:`SteeringMetadata`)."""
+    return hashlib.sha256(json.dumps([list(p) for p in prompt_sets]).encode()).hexdigest()[:16]
+
+
+def subsample(prompts: list[str], n_max: int | None) -> list[str]:
+    """The first ``n_max`` prompts (all of them for ``None``)."""
+    return prompts if n_max is None or len(prompts) <= n_max else prompts[:n_max]
+
+
+def require_moe(model: MoEModel, method: str) -> None:
+    """``ValueError`` unless ``model`` has MoE layers."""
+    if not model.spec.is_moe:
+        raise ValueError(f"{method} is an expert method and needs an MoE model; {model.name} is dense.")
+
+
+def check_moe_layer(model: MoEModel, L: int, method: str) -> None:
+    """``ValueError`` unless layer ``L`` exists and is an MoE layer."""
+    model.check_layer(L)
+    if not model.layers[L].is_moe:
+        raise ValueError(
+            f"{method}: layer {L} is dense, but this expert method needs an MoE layer; "
+            f"MoE layers: {list(model.spec.moe_layers)}."
+        )
+
+
+def last_positions(n: int) -> list[int]:
+    """``[-n, ..., -1]`` for a positive int ``n``."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"last_n must be a positive int, got {n!r}.")
+    return list(range(-n, 0))
+
+
+@torch.no_grad()
+def mean_activations(
+    model: MoEModel,
+    prompts: Sequence[str],
+    names: Sequence[str],
+    positions: Sequence[int],
+    batch_size: int = 32,
+    per_prompt: bool = False,
+) -> dict[str, Tensor]:
+    """Mean over prompts (``[n_pos, ...]``, float64) of hook values at ``positions``, under active edits.
+
+    ``per_prompt=True`` returns the stacked values ``[n_prompts, n_pos, ...]`` (float32) instead.
+    """
+    prompts = check_prompt_list(prompts, "prompts")
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    for s in range(0, len(prompts), batch_size):
+        _, cache = model.run_with_cache(
+            prompts[s : s + batch_size], names=list(names), positions=list(positions)
+        )
+        for n in names:
+            out[n].append(cache[n].float().cpu())
+    stacked = {n: torch.cat(v) for n, v in out.items()}
+    if per_prompt:
+        return stacked
+    return {n: v.double().mean(0) for n, v in stacked.items()}
+
+
+def fit_metadata(
+    model: MoEModel, method: str, prompts: Sequence[Sequence[str]], **extra: Any
+) -> SteeringMetadata:
+    """Metadata of a fitted steering: the model's shapes, the method, a hash of the prompts, ``extra``."""
+    return SteeringMetadata.from_model(model, method=method, data_hash=data_hash(*prompts), extra=extra)
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+
+def _layer_separation(acts_h: Tensor, acts_l: Tensor) -> Tensor:
+    """d' of the projection on the mean difference, per layer (acts ``[n, n_layers, d]``)."""
+    diff = acts_h.mean(0) - acts_l.mean(0)
+    r = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ph, pl = (acts_h * r).sum(-1), (acts_l * r).sum(-1)
+    pooled = ((ph.var(0) + pl.var(0)) / 2).sqrt().clamp_min(1e-12)
+    return (ph.mean(0) - pl.mean(0)) / pooled
+
+
+def resid_acts(
+    model: MoEModel, prompts: list[str], position: int, batch_size: int
+) -> Float[Tensor, "n n_layers d_model"]:
+    """``hook_resid_pre`` of every layer at one prompt position, per prompt."""
+    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.spec.n_layers)]
+    acts = mean_activations(model, prompts, names, [position], batch_size, per_prompt=True)
+    return torch.stack([acts[n][:, 0] for n in names], dim=1)  # [n, n_layers, d]
+
+
+def fit_dense(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    layer: int | None = None,
+    position: int = -1,
+    coeff: float = -1.0,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+) -> SteeringVectors:
+    """Difference of means of ``hook_resid_pre`` at one layer (default: the best-separating layer),
+    added at every position with ``coeff`` (−1 moves the harmful mean onto the harmless mean)."""
+    return fit_dense_multi(
+        model, harmful, harmless, layers=None if layer is None else [layer], n_layers=1,
+        position=position, coeff=coeff, n_max=n_max, batch_size=batch_size, _method="dense",
+    )  # fmt: skip
+
+
+def fit_dense_multi(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    n_layers: int = 3,
+    position: int = -1,
+    coeff: float | None = None,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+    _method: str = "dense_multi",
+) -> SteeringVectors:
+    """Difference of means at several layers (default: the ``n_layers`` best-separating, d' of the
+    projection); each layer's vector gets ``coeff`` (default ``−1/len(layers)``)."""
+    harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
+    harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    ah = resid_acts(model, harmful, position, batch_size)
+    al = resid_acts(model, harmless, position, batch_size)
+    sep = _layer_separation(ah, al)
+    if layers is None:
+        order = [int(i) for i in sep.argsort(descending=True) if int(i) > 0] or [0]
+        layers = sorted(order[:n_layers])
+    layers = [model.check_layer(int(L)) for L in layers]
+    c = check_coeff(-1.0 / len(layers) if coeff is None else coeff)
+    diff = (ah.double().mean(0) - al.double().mean(0)).float()
+    vectors: dict[SteeringKey, Tensor] = {(f"blocks.{L}.hook_resid_pre", None): diff[L] for L in layers}
+    meta = fit_metadata(
+        model, _method, [harmful, harmless], separation=[float(x) for x in sep], position=position
+    )
+    return SteeringVectors(vectors, meta, dict.fromkeys(vectors, c))
+
+
+def fit_ridge(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    confidences: Sequence[float] | None = None,
+    weighted: bool = True,
+    lam: float = 1.0,
+    n_layers: int = 2,
+    layers: Sequence[int] | None = None,
+    position: int = -1,
+    coeff: float | None = None,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> SteeringVectors:
+    """ "Refusal Steering": (confidence-weighted) ridge directions at ``hook_resid_pre``, layers chosen by
+    the correlation between the projection and the refusal confidence (fit on one half of the prompts,
+    correlation on the other half).
+
+    ``confidences`` (one per harmful then harmless prompt, in [−1, 1]) come from an LLM judge
+    (:meth:`moe_interp.refusal.LLMJudge.confidences`); by default the cheap stand-in
+    ``tanh(refusal_score / 4)`` of the unsteered model's logit refusal score is used. With
+    ``weighted=False`` the labels (+1 harmful, −1 harmless) replace the confidences. Each vector is
+    ``r̂ · gap`` (gap: refusal minus compliant mean projection), so ``coeff = −1`` removes the gap.
+    """
+    from moe_interp.refusal.directions import ridge_direction, weighted_moments
+
+    harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
+    harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    prompts = harmful + harmless
+    if confidences is None:
+        if weighted:
+            scores = refusal_scores(model, prompts, batch_size=batch_size)
+            conf = torch.tanh(scores / 4.0)
+            source = "tanh(logit refusal score / 4) of the unsteered model"
+        else:
+            conf = torch.tensor([1.0] * len(harmful) + [-1.0] * len(harmless), dtype=torch.float64)
+            source = "labels"
+    else:
+        conf = torch.as_tensor(list(confidences), dtype=torch.float64)[: len(prompts)]
+        source = "given (LLM judge)"
+    if conf.shape[0] != len(prompts):
+        raise ValueError(f"confidences must have one value per prompt ({len(prompts)}), got {conf.shape[0]}.")
+    if confidences is None and not (bool((conf > 0).sum() >= 2) and bool((conf < 0).sum() >= 2)):
+        conf = torch.tensor([1.0] * len(harmful) + [-1.0] * len(harmless), dtype=torch.float64)
+        source = "labels (the logit refusal scores were one-sided)"
+    acts = torch.cat(
+        [
+            resid_acts(model, harmful, position, batch_size),
+            resid_acts(model, harmless, position, batch_size),
+        ]
+    )
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(prompts), generator=g)
+    fit_idx, val_idx = perm[: len(prompts) // 2], perm[len(prompts) // 2 :]
+
+    def directions(idx: Tensor) -> Tensor:
+        ref, comp = weighted_moments(acts[idx].double(), conf[idx], track_cov=True)
+        return ridge_direction(ref, comp, lam).float()  # [n_layers, d]
+
+    r_half = directions(fit_idx)
+    r_hat = r_half / r_half.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    proj = (acts[val_idx] * r_hat).sum(-1)  # [n_val, n_layers]
+    cv = conf[val_idx].float()
+    pc, cc = proj - proj.mean(0), cv - cv.mean()
+    corr = (pc * cc[:, None]).sum(0) / (pc.norm(dim=0) * cc.norm()).clamp_min(1e-12)
+    if layers is None:
+        layers = sorted(int(i) for i in corr.argsort(descending=True)[:n_layers])
+    layers = [model.check_layer(int(L)) for L in layers]
+    r_all = directions(torch.arange(len(prompts)))
+    r_all = r_all / r_all.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w_r, w_c = conf.clamp(min=0).float(), (-conf).clamp(min=0).float()
+    vectors: dict[SteeringKey, Tensor] = {}
+    for L in layers:
+        p = acts[:, L] @ r_all[L]
+        gap = (p * w_r).sum() / w_r.sum().clamp_min(1e-12) - (p * w_c).sum() / w_c.sum().clamp_min(1e-12)
+        vectors[(f"blocks.{L}.hook_resid_pre", None)] = r_all[L] * gap
+    c = check_coeff(-1.0 / len(layers) if coeff is None else coeff)
+    meta = fit_metadata(
+        model, "ridge" if weighted else "ridge_unweighted", [harmful, harmless],
+        layer_correlation=[round(float(x), 4) for x in corr], confidence_source=source, lam=lam,
+    )  # fmt: skip
+    return SteeringVectors(vectors, meta, dict.fromkeys(vectors, c))
+
+
+def _topic_direction(
+    model: MoEModel,
+    topic: list[str],
+    harmless: list[str],
+    keep: list[str],
+    position: int,
+    batch_size: int,
+) -> tuple[Tensor, Tensor]:
+    """(topic − harmless) ⟂ (keep − harmless) per layer ``[n_layers, d]``, and the topic/harmless d'."""
+    at = resid_acts(model, topic, position, batch_size)
+    al = resid_acts(model, harmless, position, batch_size)
+    ak = resid_acts(model, keep, position, batch_size)
+    t = at.double().mean(0) - al.double().mean(0)
+    s = ak.double().mean(0) - al.double().mean(0)
+    s_hat = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    t_perp = t - (t * s_hat).sum(-1, keepdim=True) * s_hat
+    r = (t_perp / t_perp.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
+    pt, pl = (at * r).sum(-1), (al * r).sum(-1)
+    sep = (pt.mean(0) - pl.mean(0)) / ((pt.var(0) + pl.var(0)) / 2).sqrt().clamp_min(1e-12)
+    return t_perp.float(), sep
+
+
+def fit_topic_remove(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    keep: Sequence[str],
+    layer: int | None = None,
+    position: int = -1,
+    coeff: float = -1.0,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+    _method: str = "topic_remove",
+) -> SteeringVectors:
+    """Fine-grained removal: ``harmful`` are the topic prompts (e.g. political), ``keep`` the refusals to
+    preserve (e.g. harmful). Direction: (topic − harmless) made orthogonal to (keep − harmless), at the
+    layer where it separates topic from harmless best; ``coeff = −1`` removes the topic shift."""
+    topic = subsample(check_prompt_list(harmful, "topic prompts"), n_max)
+    harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    keep = subsample(check_prompt_list(keep, "keep"), n_max)
+    t_perp, sep = _topic_direction(model, topic, harmless, keep, position, batch_size)
+    if layer is None:
+        layer = int(sep[1:].argmax()) + 1 if sep.shape[0] > 1 else 0
+    L = model.check_layer(int(layer))
+    key: SteeringKey = (f"blocks.{L}.hook_resid_pre", None)
+    meta = fit_metadata(model, _method, [topic, harmless, keep], separation=[round(float(x), 3) for x in sep])
+    return SteeringVectors({key: t_perp[L]}, meta, {key: check_coeff(coeff)})
+
+
+def fit_topic_induce(
+    model: MoEModel, harmful: Sequence[str], harmless: Sequence[str], *, coeff: float = 1.0, **kw: Any
+) -> SteeringVectors:
+    """The reverse of :func:`fit_topic_remove`: add the topic direction (``coeff > 0``) to induce the
+    topic refusal; pair with ``positions``/prompt selection to target it."""
+    return fit_topic_remove(model, harmful, harmless, coeff=coeff, _method="topic_induce", **kw)
+
+
+def fit_topic_gated(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    keep: Sequence[str],
+    gate_layer: int = 1,
+    n_layers: int = 3,
+    coeff: float | None = None,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+) -> TopicGatedSteering:
+    """Topic-gated refusal removal: ``dense_multi`` (topic prompts vs harmless, at layers ≥ ``gate_layer``)
+    applied only where a topic detector fires. The detector is the direction topic − mean(keep, harmless)
+    at ``blocks.G.hook_resid_pre`` (last prompt position), thresholded at the best training accuracy.
+    (``coeff > 0`` with the topic's refusal direction induces a targeted refusal instead.)"""
+    topic = subsample(check_prompt_list(harmful, "topic prompts"), n_max)
+    harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    keep = subsample(check_prompt_list(keep, "keep"), n_max)
+    model.check_layer(gate_layer)
+    names = [f"blocks.{gate_layer}.hook_resid_pre"]
+    acts = {
+        k: mean_activations(model, v, names, [-1], batch_size, per_prompt=True)[names[0]][:, 0]
+        for k, v in (("t", topic), ("l", harmless), ("k", keep))
+    }
+    w = acts["t"].mean(0) - (acts["l"].mean(0) + acts["k"].mean(0)) / 2
+    pos, neg = acts["t"] @ w, torch.cat([acts["l"], acts["k"]]) @ w
+    cands = torch.cat([pos, neg]).sort().values
+    acc = torch.stack([((pos > c).float().mean() + (neg <= c).float().mean()) / 2 for c in cands])
+    theta = float(cands[int(acc.argmax())])
+    layers = [L for L in range(gate_layer, model.spec.n_layers) if L > 0]
+    inner = fit_dense_multi(model, topic, harmless, n_layers=n_layers, coeff=coeff, n_max=n_max,
+                            batch_size=batch_size, layers=None if len(layers) > n_layers else layers)  # fmt: skip
+    if min(inner.layers) < gate_layer:
+        inner = fit_dense_multi(model, topic, harmless, layers=layers[:n_layers], coeff=coeff, n_max=n_max)
+    meta = fit_metadata(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=float(acc.max()),
+                 gate_layer=gate_layer)  # fmt: skip
+    return TopicGatedSteering(replace(inner, metadata=meta), gate_layer, w.float(), theta, meta)

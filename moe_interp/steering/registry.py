@@ -1,0 +1,93 @@
+"""The registry of steering methods: each entry names its fit function, the data it is fit on, and how its
+strength is tuned, so callers (the pipeline, autotuning, the demo) need no per-method branches.
+
+* ``data="harmful"`` — fit on harmful vs harmless prompts;
+* ``data="topic"`` — fit on one topic's prompts (e.g. political) vs harmless, with ``keep=`` prompts whose
+  refusals must survive (tuning then also keeps their refusal rate above a floor).
+* ``tuning="coefficient"`` — strength = a scale on the coefficients (:func:`~moe_interp.steering.autotune.coefficient_search`);
+  any other value names the fit keyword that autotuning sweeps instead (``steer_router``: ``n_deactivate``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from moe_interp.steering.fit import (
+    fit_dense,
+    fit_dense_multi,
+    fit_ridge,
+    fit_topic_gated,
+    fit_topic_induce,
+    fit_topic_remove,
+)
+from moe_interp.steering.fit_experts import (
+    fit_expert_conditioned,
+    fit_expert_conditioned_all,
+    fit_routing_experts,
+    fit_single_expert,
+    fit_steer_router,
+)
+from moe_interp.steering.protocol import Steering
+
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+__all__ = ["METHODS", "MethodSpec", "fit_method", "method_spec"]
+
+Data = Literal["harmful", "topic"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered steering method (module docstring). Calling it fits the method."""
+
+    name: str
+    fit: Callable[..., Steering]
+    data: Data = "harmful"
+    tuning: str = "coefficient"
+
+    @property
+    def needs_keep(self) -> bool:
+        """Whether the fit takes ``keep=`` prompts (topic methods)."""
+        return self.data == "topic"
+
+    def __call__(
+        self, model: MoEModel, harmful: Sequence[str], harmless: Sequence[str], **kw: Any
+    ) -> Steering:
+        return self.fit(model, harmful, harmless, **kw)
+
+
+#: name → :class:`MethodSpec`
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec("dense", fit_dense),
+        MethodSpec("dense_multi", fit_dense_multi),
+        MethodSpec("routing_experts", fit_routing_experts),
+        MethodSpec("expert_conditioned", fit_expert_conditioned),
+        MethodSpec("expert_conditioned_all", fit_expert_conditioned_all),
+        MethodSpec("single_expert", fit_single_expert),
+        MethodSpec("steer_router", fit_steer_router, tuning="n_deactivate"),
+        MethodSpec("ridge", fit_ridge),
+        MethodSpec("topic_remove", fit_topic_remove, data="topic"),
+        MethodSpec("topic_induce", fit_topic_induce, data="topic"),
+        MethodSpec("topic_gated", fit_topic_gated, data="topic"),
+    )
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registry entry ``name``; ``ValueError`` listing the methods for an unknown one."""
+    spec = METHODS.get(name)
+    if spec is None:
+        raise ValueError(f"Unknown steering method {name!r}; expected one of {sorted(METHODS)}.")
+    return spec
+
+
+def fit_method(
+    name: str, model: MoEModel, harmful: Sequence[str], harmless: Sequence[str], **kw: Any
+) -> Steering:
+    """Fit the registered method ``name`` (see :data:`METHODS`); topic methods take ``keep=``."""
+    return method_spec(name)(model, harmful, harmless, **kw)
