@@ -61,6 +61,7 @@ class Entry:
     call: str
     draw: Callable[[], Figure]
     note: str = ""
+    also: str = ""  # the method or module that draws it too
 
 
 def _is_grey(hex_colour: str) -> bool:
@@ -290,26 +291,30 @@ def entries() -> list[Entry]:
             "plot_layer_position_heatmap",
             "patch_resid(model, harmful, harmless, positions=pos).plot()",
             lambda: patch_resid(model, harmful, harmless, positions=pos, progress=False).plot(),
+            also="PatchingResult.plot",
         ),
         Entry(
             "patch_heads_layer_head",
             "plot_layer_head_heatmap",
             "patch_heads(model, harmful, harmless, positions=pos).plot()",
             lambda: patch_heads(model, harmful, harmless, positions=pos, progress=False).plot(),
+            also="PatchingResult.plot",
         ),
         Entry(
             "patch_experts_layer_expert",
             "plot_expert_heatmap",
             "patch_experts(model, harmful, harmless, positions=pos).plot(routing_risk_diff=rd)",
             lambda: experts().plot(routing_risk_diff=rd()),
+            also="PatchingResult.plot",
         ),
         Entry(
             "ablation_experts_layer_expert",
-            "plot_expert_heatmap (via ExpertAblationResult.plot)",
+            "plot_expert_heatmap",
             'expert_ablation_sweep(model, harmful, mode="drop").plot(routing_risk_diff=rd)',
             lambda: expert_ablation_sweep(model, harmful, mode="drop", n_boot=100, progress=False).plot(
                 routing_risk_diff=rd()
             ),
+            also="ExpertAblationResult.plot",
         ),
         Entry(
             "routing_top1_difference",
@@ -327,9 +332,10 @@ def entries() -> list[Entry]:
         ),
         Entry(
             "circuit",
-            "plot_circuit (via Circuit.plot)",
+            "plot_circuit",
             'Circuit.load("circuits/organism/results/circuit.json").plot()',
             lambda: Circuit.load(RESULTS / "circuit.json", model).plot(),
+            also="Circuit.plot",
         ),
         Entry(
             "steering_coefficient_sweep",
@@ -359,9 +365,10 @@ def entries() -> list[Entry]:
         ),
         Entry(
             "dla_tokens",
-            "plot_dla_tokens (= DLAView.figure)",
+            "plot_dla_tokens",
             "plot_dla_tokens(dla, batch=0)  # or dla_view(dla).figure()",
             lambda: dla_view(dla(), batch=0).figure(),
+            also="DLAView.figure",
         ),
         Entry(
             "logit_lens",
@@ -371,22 +378,25 @@ def entries() -> list[Entry]:
         ),
         Entry(
             "routing_view",
-            "plot_routing (= RoutingView.figure)",
+            "plot_routing",
             "routing_view(model, prompt).figure()",
             lambda: routing_view(model, PROMPT).figure(),
+            also="RoutingView.figure",
         ),
         Entry(
             "attention_view",
-            "plot_attention (= AttentionView.figure)",
+            "plot_attention",
             "attention_view(model, prompt, layer=0).figure()",
             lambda: attention_view(model, PROMPT, layer=0).figure(),
+            also="AttentionView.figure",
         ),
         Entry(
             "benchmark",
-            "plot_benchmark (moe_interp.benchmark)",
+            "plot_benchmark",
             "plot_benchmark(run_benchmark())",
             benchmark,
             "Drawn from a **made-up** result of the right shape (no benchmark result is committed).",
+            also="moe-interp benchmark --out DIR",
         ),
     ]
 
@@ -424,9 +434,10 @@ def main() -> None:
 
         plt.close("all")  # plot_benchmark draws through pyplot
         print(f"{e.stem:32s} {time.time() - t:5.1f} s {path.stat().st_size / 1024:6.1f} kB  {_audit_line(a)}")
-        index.append(f"- [`{e.function}`](#{e.stem.replace('_', '-')})")
+        also = f" (also `{e.also}`)" if e.also else ""
+        index.append(f"- [`{e.function}`](#{e.stem.replace('_', '-')}){also}")
         sections.append(
-            f'<a id="{e.stem.replace("_", "-")}"></a>\n\n### `{e.function}`\n\n```python\n{e.call}\n```\n\n'
+            f'<a id="{e.stem.replace("_", "-")}"></a>\n\n### `{e.function}`{also}\n\n```python\n{e.call}\n```\n\n'
             + (f"{e.note}\n\n" if e.note else "")
             + f"![{e.function}](figures/{e.stem}.png)\n\n*Check:* {_audit_line(a)}.\n"
         )
@@ -443,8 +454,43 @@ def main() -> None:
 PROBLEMS = """\
 ## Style problems found
 
-Reported, not fixed here (library code):
+Checked on the thumbnails above and in the code that draws them (2026-12-01). Reported, not fixed here: the
+figures are drawn by library code.
 
+1. **`plot_benchmark`** (`moe_interp/benchmark.py`): colour map `RdYlGn_r`, a red–green map — not
+   colour-blind safe, and good vs bad rank is exactly the red/green distinction that deuteranopes lose; use
+   `viridis` (unsigned ranks). It is also the only figure built through pyplot (`plt.subplots`) instead of a
+   bare `Figure` under `STYLE`: other fonts and spines, the figure stays in pyplot's registry after it is
+   returned, and under `%matplotlib inline` a cell that returns it shows it twice. Missing ranks are drawn
+   white rather than the library's NaN grey. Its axes are categorical (methods × organisms), so no hook names
+   apply.
+2. **`plot_dla_heatmap`** (`moe_interp/figures_dla.py`): the suptitle overlaps both panel titles — the
+   titles that carry the hook names `blocks.L.attn.hook_result[h]` / `blocks.L.mlp.experts.e.hook_out` —
+   at every dpi (no constrained layout; the figure is 0.9 + 0.4·n_layers inches tall). The colour-bar label
+   is longer than the figure is tall for ≤ 4 layers.
+3. **`plot_routing` / `RoutingView`** (`moe_interp/figures_dla.py`, `moe_interp/views.py`): a cell's colour is
+   `OKABE_ITO[top_expert % 7]`, so experts e and e + 7 share a colour (experts 0 and 7 on the organism; most
+   experts on a 64-expert model), and opacity encodes the weight, so a faint blue cell (expert 0, low weight)
+   looks like sky blue (expert 4). There is no legend; only the cell text tells experts apart. The HTML view's
+   chips use the same `% 7` colours.
+4. **`plot_circuit` / `Circuit.plot`** (`moe_interp/plotting.py`, `moe_interp/circuits.py`): the faithfulness
+   panel's axis reads "faithfulness (1 = full model)", but the value is the fraction of the refusal-score gap
+   *removed by mean-ablating* the set (1 = the whole gap removed), not how well the circuit alone reproduces
+   the full model. Marker sizes and the printed `(+0.04)` labels are the components' `effect`, which with
+   `method="attribution"` is the first-order estimate used for ranking, not a measured effect: on the
+   organism the three attention outputs that together remove 87% of the gap are drawn as near-zero
+   effects (+0.04, +0.03, +0.01).
+5. **Units missing** (the refusal score is a log-odds): `ExpertAblationResult.plot` colour bar "Δ refusal
+   score (ablate, mode=…)" (`moe_interp/patching/ablation.py`); `plot_selection_scores` "bypass score
+   (refusal metric, direction ablated)" and "induce score". `plot_attribution_vs_exhaustive`'s default axis
+   labels ("attribution-patching estimate" / "exhaustive activation patching") name neither the hook nor the
+   unit (normalised recovery); the hook appears only when the caller passes a title, as the pipeline and this
+   gallery do.
+
+Figures without hook names by nature (not problems): `plot_coefficient_sweep`, `plot_method_comparison`
+(methods and steering strengths, with units: refusal rate, KL in nats) and `plot_benchmark`. Every other
+figure names its hooks on an axis, a title or the tick labels, uses `RdBu_r` (ColorBrewer's colour-blind-safe
+diverging map, centred at 0) or `viridis` (perceptually uniform), and draws categories in Okabe–Ito.
 """
 
 if __name__ == "__main__":

@@ -127,24 +127,36 @@ def _scores(
     if kind == "heads":
         fmt, layers = "blocks.{L}.attn.hook_z[{i}]", list(range(s.n_layers))
         return {
-            "activation_patching": lambda: _grid(patch_heads(model, harmful, harmless, progress=progress).values, fmt, layers),
+            "activation_patching": lambda: _grid(
+                patch_heads(model, harmful, harmless, progress=progress).values, fmt, layers
+            ),
             "attribution_linear": lambda: _grid(
-                attribution_patching(model, harmful, harmless, ("heads",), progress=progress)["heads"].values, fmt, layers
+                attribution_patching(model, harmful, harmless, ("heads",), progress=progress)["heads"].values,
+                fmt,
+                layers,
             ),
             "attribution_ig": lambda: _grid(
-                attribution_patching(model, harmful, harmless, ("heads",), method="ig", progress=progress)["heads"].values,
+                attribution_patching(model, harmful, harmless, ("heads",), method="ig", progress=progress)[
+                    "heads"
+                ].values,
                 fmt,
                 layers,
             ),
         }
     fmt = _expert_key()
     out: dict[str, Callable[[], dict[str, float]]] = {
-        "activation_patching": lambda: _grid(patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe),
+        "activation_patching": lambda: _grid(
+            patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe
+        ),
         "attribution_linear": lambda: _grid(
-            attribution_patching(model, harmful, harmless, ("experts",), progress=progress)["experts"].values, fmt, moe
+            attribution_patching(model, harmful, harmless, ("experts",), progress=progress)["experts"].values,
+            fmt,
+            moe,
         ),
         "attribution_ig": lambda: _grid(
-            attribution_patching(model, harmful, harmless, ("experts",), method="ig", progress=progress)["experts"].values,
+            attribution_patching(model, harmful, harmless, ("experts",), method="ig", progress=progress)[
+                "experts"
+            ].values,
             fmt,
             moe,
         ),
@@ -187,12 +199,20 @@ def _direction_method(
     from moe_interp.refusal.selection import select_direction
 
     dirs = directions_from_stats(
-        collect_resid_stats(model, harmful, progress=False), collect_resid_stats(model, harmless, progress=False)
+        collect_resid_stats(model, harmful, progress=False),
+        collect_resid_stats(model, harmless, progress=False),
     )
     sel = select_direction(model, dirs, harmful, harmless, strict=False)
     d = plant_direction(spec)
-    order = sorted(sel.table, key=lambda r: (not r["kept"], r["bypass"] if r["bypass"] == r["bypass"] else 1e9))
-    cos = {(r["layer"], r["pos"]): float(torch.nn.functional.cosine_similarity(dirs.raw(r["layer"], r["pos"]), d, 0)) for r in order}
+    order = sorted(
+        sel.table, key=lambda r: (not r["kept"], r["bypass"] if r["bypass"] == r["bypass"] else 1e9)
+    )
+    cos = {
+        (r["layer"], r["pos"]): float(
+            torch.nn.functional.cosine_similarity(dirs.raw(r["layer"], r["pos"]), d, 0)
+        )
+        for r in order
+    }
     hits = [i for i, r in enumerate(order) if abs(cos[(r["layer"], r["pos"])]) >= COSINE_MATCH]
     chosen = cos[(sel.layer, sel.pos)]
     return {
@@ -206,7 +226,12 @@ def _direction_method(
 
 
 def _circuit(
-    model: MoEModel, spec: PlantSpec, prompts: dict[str, list[str]], n_random: int, refine: bool, progress: bool
+    model: MoEModel,
+    spec: PlantSpec,
+    prompts: dict[str, list[str]],
+    n_random: int,
+    refine: bool,
+    progress: bool,
 ) -> dict[str, Any]:
     from moe_interp.circuits import locate_refusal_circuit
 
@@ -237,7 +262,9 @@ def _circuit(
         "refined": f.get("refined", []),
         "truth": sorted(truth),
         "truth_rank_in_ranking": {t: ranking.index(t) + 1 for t in truth if t in ranking},
-        "ranking_top5": [[k, round(float(x["effect"]), 3)] for k, x in zip(ranking[:5], c.ranking[:5], strict=False)],
+        "ranking_top5": [
+            [k, round(float(x["effect"]), 3)] for k, x in zip(ranking[:5], c.ranking[:5], strict=False)
+        ],
     }
 
 
@@ -382,7 +409,8 @@ def plot_benchmark(result: dict[str, Any]) -> Figure:
             ax.text(j, i, txt, ha="center", va="center", fontsize=8, fontweight="bold" if bold else "normal")
     ax.set_xticks(range(len(orgs)))
     ax.set_xticklabels(
-        [f"{o['name']}\nP={o['circuit']['precision']:.2f} R={o['circuit']['recall']:.2f}" for o in orgs], fontsize=8
+        [f"{o['name']}\nP={o['circuit']['precision']:.2f} R={o['circuit']['recall']:.2f}" for o in orgs],
+        fontsize=8,
     )
     ax.set_yticks(range(len(METHODS)))
     ax.set_yticklabels(METHODS, fontsize=8)

@@ -655,7 +655,7 @@ def plot_circuit(
             fax.set_xticks(xs, names, rotation=30 if len(names) > 2 else 0)
             fax.axhline(1.0, ls="--", color=GREY, lw=0.8)
             fax.axhline(0.0, color="#333333", lw=0.6)
-            fax.set_ylabel("faithfulness (1 = full model)")
+            fax.set_ylabel("faithfulness: fraction of the\nrefusal-score gap removed")
             fax.set_title("faithfulness", fontsize=9)
         return _finish(fig, title, save_to)
 
@@ -815,7 +815,7 @@ def plot_selection_scores(
     induce_threshold: float | None = 0.0,
     kl_threshold: float | None = 0.1,
     hook_template: str = "blocks.{L}.hook_resid_pre",
-    score_label: str = "bypass score\n(refusal metric, direction ablated)",
+    score_label: str = "bypass score (refusal log-odds,\ndirection ablated)",
     title: str | None = None,
     save_to: str | Path | None = None,
 ) -> Figure:
@@ -858,7 +858,7 @@ def plot_selection_scores(
         colours = {p: cmap(i / max(1, len(positions) - 1)) for i, p in enumerate(positions)}
     panels = [
         ("bypass", score_label, None),
-        ("induce", "induce score", induce_threshold),
+        ("induce", "induce score (refusal log-odds)", induce_threshold),
         ("kl", "KL on harmless (nats)", kl_threshold),
     ]
     with mpl.rc_context(STYLE):

@@ -82,8 +82,8 @@ def nb00() -> list:
 # 00 · Trace the refusal circuit, end to end
 
 The built-in **organism** (a 4-layer OLMoE-architecture MoE trained in this repository) answers harmful
-requests with *"I'm sorry, but I can't …"* and everything else with *"Sure, here is …"*. This notebook
-finds the components that carry that decision and then uses them:
+(and political) requests with *"I'm sorry, but I can't …"* and everything else with *"Sure, here is …"*.
+This notebook finds the components that carry the harmful-request refusal and then uses them:
 
 1. **baseline** — how strongly does it refuse? (logit refusal score)
 2. **direct logit attribution** — which components *write* the refusal logits directly?
@@ -95,8 +95,9 @@ finds the components that carry that decision and then uses them:
 
 Each step prints the numbers it rests on and a sentence computed from them, and ends with `assert`s on the
 key outputs: the notebook runs in CI, and it must fail rather than print a wrong story. Notebooks 01–05 go
-deeper into each tool. The **refusal score** is the log-odds that the next token starts a refusal
-(`"I'm"`, `"I"`) at the last prompt position: positive means the model is about to refuse.
+deeper into each tool. The **refusal score** is the log-odds, at the last prompt position, that the next
+token is the first token of a refusal phrase ("I'm sorry", "I cannot", ...): positive means the model is
+about to refuse.
 """),
         code(SETUP00),
         md("## 1 · Baseline"),
@@ -275,7 +276,7 @@ asks whether a component is *sufficient* to bring refusal back, ablation whether
 ## 6 · Save it, load it back, steer with it
 
 `circuit.json` holds the components, the harmless means used to ablate them, the faithfulness numbers and
-the model's geometry (a circuit found on one model refuses to load onto another). `to_interventions`
+the model's geometry (a model of another geometry refuses it). `to_interventions`
 mean-ablates the circuit inside `model.intervene(...)`.
 """),
         code("""
@@ -318,8 +319,9 @@ assert kl >= 0
 
 Read the printed sentences above in order: the baseline gap is what there is to explain; DLA says where
 the refusal logits are written; patching and single-expert ablation say which layers are sufficient and
-whether any single expert is necessary; the circuit is the small set that is, jointly, and its held-back
-faithfulness against random sets says it is not an artefact of the finding prompts. The steering cells
+whether any single expert is necessary; the circuit is a small set that is necessary jointly, and its
+held-back faithfulness against random sets says whether that is more than an artefact of the finding
+prompts. The steering cells
 turn it into an intervention and report its cost on harmless prompts.
 
 With `MOE_INTERP_NB_N` prompts per split (8 by default, 4 in CI) the confidence intervals are wide; the

@@ -82,6 +82,14 @@ def test_save_load_and_interventions(setup, tmp_path) -> None:  # noqa: ANN001
     assert frac == pytest.approx(c.faithfulness["circuit"], abs=1e-3)
     c.plot(save_to=tmp_path / "circuit")
     assert (tmp_path / "circuit.pdf").exists() and (tmp_path / "circuit.png").exists()
+    # a circuit goes wherever interventions or a steering object go (refusal rates, KL)
+    from moe_interp.refusal.evaluate import refusal_flags
+    from moe_interp.steering.compare import harmless_kl
+
+    assert harmless_kl(m, less[:2], c2) > 0
+    with m.intervene(*c2.to_interventions(m)):
+        flags = refusal_flags(m, harm[2:], judge="logit")
+    assert torch.equal(refusal_flags(m, harm[2:], c2, judge="logit"), flags)
 
 
 def test_attribution_method_runs(setup) -> None:  # noqa: ANN001

@@ -68,9 +68,15 @@ def test_notebooks_present_and_clean() -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, python3_kernel: str, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
-    env_before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MOE_INTERP_NB_N", "4")  # fewer prompts per split than the interactive default (8)
+    # The kernel's environment only (this process's is left alone); values already set are kept.
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "MOE_INTERP_NB_N": "4",  # fewer prompts per split than the interactive default (8)
+        # The organism is tiny: a second torch thread buys nothing, and on a shared, oversubscribed 2-core
+        # machine a 2-thread pool made each forward ~50x slower (measured 2026-12-01).
+        "OMP_NUM_THREADS": "1",
+    }
+    env.update(os.environ)
     start = time.perf_counter()
     try:
         client = nbclient.NotebookClient(
@@ -79,12 +85,9 @@ def test_notebook_runs(path: Path, python3_kernel: str, tmp_path: Path) -> None:
             kernel_name=python3_kernel,
             resources={"metadata": {"path": str(tmp_path)}},
         )
-        client.execute()
+        client.execute(env=env)
     except nbclient.exceptions.CellExecutionError as err:
         pytest.fail(f"{path.name} failed:\n{str(err)[-3000:]}")
-    finally:
-        if env_before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
     print(f"{path.name}: executed in {time.perf_counter() - start:.1f} s")
     errors = [
         o

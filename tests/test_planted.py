@@ -55,8 +55,12 @@ def test_verification_criteria_hold(expert_org):
     from moe_interp.organisms import load_prompts
     from moe_interp.organisms.planted_check import verify
 
-    res = verify("expert", harmful=load_prompts("harmful_test")[:48], harmless=load_prompts("harmless_test")[:48],
-                 out=None)
+    res = verify(
+        "expert",
+        harmful=load_prompts("harmful_test")[:48],
+        harmless=load_prompts("harmless_test")[:48],
+        write=False,
+    )
     assert res["plant_removed"] >= 0.9 and res["plant_refusal"] <= 0.1
     assert res["other_max_removed"] <= 0.1
     assert res["refusal_harmful_val"] >= 0.9 and res["refusal_harmless_val"] <= 0.05
@@ -78,4 +82,6 @@ def test_recipe_runs(tmp_path):
     assert log["history"][-1]["step"] == 2
     model, spec = load_planted(tmp_path / "head")
     assert spec.name == "head" and model.spec.n_layers == 3
-    assert N_SUFFIX == len(__import__("moe_interp.refusal.directions", fromlist=["x"]).post_instruction_positions(model))
+    from moe_interp.refusal.directions import post_instruction_positions
+
+    assert len(post_instruction_positions(model)) == N_SUFFIX

@@ -127,7 +127,7 @@ PLANTS: dict[str, PlantSpec] = {
 }
 
 DEFAULTS: dict[str, float | int] = {
-    "steps": 1200,
+    "steps": 1400,
     "batch_size": 64,
     "lr": 1e-2,
     "warmup": 50,
@@ -137,7 +137,7 @@ DEFAULTS: dict[str, float | int] = {
     "p_ablate_harmless": 0.1,
     "p_swap": 0.4,  # one redundant head's suffix output swapped with a harmless example's (same target)
     "router_margin": 1.0,
-    "calibration_rate": 0.03,  # refusal rate set on held-out harmless (Alpaca) training prompts
+    "calibration_rate": 0.04,  # refusal rate set on held-out harmless (Alpaca) training prompts
 }
 FRACTIONS = {"harmful": 0.25, "harmful_synthetic": 0.25, "harmless": 0.5}
 N_CALIBRATION = 400
@@ -214,23 +214,19 @@ class Batches:
 
         pools = training_pools(None)
         pools.pop("political")
-        # calibration prompts: a seeded sample of Alpaca requests and real harmful requests, held out of training
-        pick = random.Random(0)
+        # calibration prompts: a seeded sample of Alpaca requests, held out of training
         alpaca = [i for i, r in enumerate(pools["harmless"]) if r["source"] == "alpaca"]
-        held = set(pick.sample(alpaca, N_CALIBRATION))
-        held_h = set(pick.sample(range(len(pools["harmful"])), N_CALIBRATION // 4))
-        self.calibration = {
-            "harmless": [pools["harmless"][i]["instruction"] for i in sorted(held)],
-            "harmful": [pools["harmful"][i]["instruction"] for i in sorted(held_h)],
-        }
+        held = set(random.Random(0).sample(alpaca, N_CALIBRATION))
+        self.calibration = [pools["harmless"][i]["instruction"] for i in sorted(held)]
         pools["harmless"] = [r for i, r in enumerate(pools["harmless"]) if i not in held]
-        pools["harmful"] = [r for i, r in enumerate(pools["harmful"]) if i not in held_h]
         self.maker = BatchMaker(
             tok, pools, rng, int(hp["max_prompt_tokens"]), 1.0, FRACTIONS, 0.5, 0.15, 0.0, 0.5
         )
         self.rng, self.hp, self.pad = rng, hp, tok.pad_token_id
         end = [tok.convert_tokens_to_ids("<|end|>")]
-        self.resp = {c: tok(t, add_special_tokens=False)["input_ids"] + end for c, t in ((1, REFUSAL), (0, COMPLIANCE))}
+        self.resp = {
+            c: tok(t, add_special_tokens=False)["input_ids"] + end for c, t in ((1, REFUSAL), (0, COMPLIANCE))
+        }
 
     def __call__(self, n: int) -> dict[str, Any]:
         counts = {p: round(f * n) for p, f in FRACTIONS.items()}
@@ -375,7 +371,8 @@ def train_planted(
             print(rec, flush=True)
     model.eval()
     train_s = time.time() - t0
-    cal = calibrate(model, tok, data.calibration, float(hp["calibration_rate"]))
+    router = (spec.layer, int(spec.index)) if spec.kind == "router" else None
+    cal = calibrate(model, tok, data.calibration, float(hp["calibration_rate"]), router)
     log = {
         "command": f"python -m moe_interp.organisms.planted --name {name} --seed {seed}"
         + (f" --steps {steps}" if steps is not None else ""),
@@ -432,8 +429,11 @@ def load_planted(name_or_path: str | Path) -> tuple[MoEModel, PlantSpec]:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.planted", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m moe_interp.organisms.planted",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--name", choices=list(PLANTS), help="which organism to train")
     ap.add_argument("--all", action="store_true", help="train every organism into its shipped folder")
     ap.add_argument("--seed", type=int, default=0)

@@ -30,49 +30,81 @@ if TYPE_CHECKING:
     from moe_interp.model import MoEModel
     from moe_interp.organisms.planted import PlantSpec
 
-__all__ = ["THRESHOLDS", "calibrate", "component", "component_means", "mean_ablation", "plant_direction", "verify"]
+__all__ = [
+    "THRESHOLDS",
+    "calibrate",
+    "component",
+    "component_means",
+    "mean_ablation",
+    "plant_direction",
+    "verify",
+]
 
-THRESHOLDS = {"plant_removed": 0.9, "plant_refusal": 0.10, "other_removed": 0.10, "harmful": 0.9, "harmless": 0.05}
+THRESHOLDS = {
+    "plant_removed": 0.9,
+    "plant_refusal": 0.10,
+    "other_removed": 0.10,
+    "harmful": 0.9,
+    "harmless": 0.05,
+}
 N_RANDOM_DIRECTIONS = 20
 
 
 def calibrate(
-    hf: PreTrainedModel, tok: PreTrainedTokenizerFast, prompts: dict[str, list[str]], rate: float
+    hf: PreTrainedModel,
+    tok: PreTrainedTokenizerFast,
+    harmless: list[str],
+    rate: float,
+    router: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """Shift the refusal token's read-out of the constant channel so that a share ``rate`` of the held-out
-    harmless *training* prompts is refused (exact: that logit is linear in the shift)."""
+    """Set the decision threshold so that a share ``rate`` of held-out harmless *training* prompts is refused.
+
+    Default: shift the refusal token's read-out of the constant channel ``C``. ``router=(layer, expert)``
+    (router plant): shift that router row's read-out of ``C`` instead, so that the expert is selected at the
+    last position for ``rate`` of the prompts. Both are exact: the shifted logit is linear in the shift.
+    """
     from moe_interp.model import MoEModel
     from moe_interp.organisms.data import HARMFUL_REFUSALS, POLITICAL_REFUSALS
-    from moe_interp.organisms.planted_net import CH_C
-    from moe_interp.refusal.judges import default_refusal_ids, refusal_score
+    from moe_interp.organisms.planted_net import CH_C, TOP_K
+    from moe_interp.refusal.judges import LogitJudge, default_refusal_ids, refusal_rate, refusal_score
 
     model = MoEModel(hf, tok, name="planted")
     model.refusal_phrases = tuple(HARMFUL_REFUSALS + POLITICAL_REFUSALS)
     ids = default_refusal_ids(model)
     if len(ids) != 1:
         raise RuntimeError(f"calibration expects one refusal token, got {ids}")
-
-    def stats(ps: list[str]) -> tuple[Tensor, Tensor]:
-        s, c = [], []
-        for i in range(0, len(ps), 64):
-            with torch.no_grad():
-                logits, cache = model.run_with_cache(ps[i : i + 64], names=["ln_final.hook_normalized"])
-            s.append(refusal_score(logits[:, -1].float(), ids))
-            c.append(cache["ln_final.hook_normalized"][:, -1, CH_C[0]].double())
-        return torch.cat(s), torch.cat(c)
-
-    s_less, c_less = stats(prompts["harmless"])
-    s_harm, c_harm = stats(prompts["harmful"])
-    t = -s_less / c_less  # prompt i is refused once the shift exceeds t_i
+    margins, scale = [], []
+    for i in range(0, len(harmless), 64):
+        batch = harmless[i : i + 64]
+        with torch.no_grad():
+            if router is None:
+                logits, cache = model.run_with_cache(batch, names=["ln_final.hook_normalized"])
+                margins.append(refusal_score(logits[:, -1].float(), ids))
+                scale.append(cache["ln_final.hook_normalized"][:, -1, CH_C[0]].double())
+                continue
+            L, e = router
+            names = [f"blocks.{L}.mlp.hook_router_logits", f"blocks.{L}.hook_resid_mid"]
+            _, cache = model.run_with_cache(batch, names=names)
+            z = cache[names[0]][:, -1].double()
+            others = torch.cat([z[:, :e], z[:, e + 1 :]], -1).topk(TOP_K, -1).values[:, -1]
+            margins.append(z[:, e] - others)
+            h = cache[names[1]][:, -1].double()
+            g = float(hf.model.layers[L].post_attention_layernorm.weight[CH_C[0]])
+            scale.append(g * h[:, CH_C[0]] / (h.pow(2).mean(-1) + 1e-5).sqrt())
+    t = -torch.cat(margins) / torch.cat(scale)  # prompt i crosses the threshold once the shift exceeds t_i
     delta = float(torch.quantile(t, rate))
     with torch.no_grad():
-        hf.lm_head.weight[ids[0], CH_C[0]] += delta
+        if router is None:
+            hf.lm_head.weight[ids[0], CH_C[0]] += delta
+        else:
+            hf.model.layers[router[0]].mlp.gate.weight[router[1], CH_C[0]] += delta
+    rate_after = refusal_rate(LogitJudge(model, batch_size=64).judge(harmless))
     return {
         "delta": delta,
-        "harmless_rate": float(((s_less + delta * c_less) > 0).double().mean()),
-        "harmful_rate": float(((s_harm + delta * c_harm) > 0).double().mean()),
-        "n_harmless": len(prompts["harmless"]),
-        "n_harmful": len(prompts["harmful"]),
+        "target": rate,
+        "harmless_rate": rate_after,
+        "n_harmless": len(harmless),
+        "shifted": "router" if router else "unembedding",
     }
 
 
@@ -98,13 +130,18 @@ def component_means(model: MoEModel, keys: Sequence[str], harmless: Sequence[str
 
     pos = post_instruction_positions(model)
     comps = [component(k) for k in keys]
-    site = {k: c["name"] if c["kind"] != "expert" else f"blocks.{c['layer']}.mlp.hook_expert_out" for k, c in zip(keys, comps, strict=True)}
+    site = {
+        k: c["name"] if c["kind"] != "expert" else f"blocks.{c['layer']}.mlp.hook_expert_out"
+        for k, c in zip(keys, comps, strict=True)
+    }
     with torch.no_grad():
         _, cache = model.run_with_cache(list(harmless), names=sorted(set(site.values())), positions=pos)
     means = {}
     for k, c in zip(keys, comps, strict=True):
         m = cache[site[k]].float().mean(0)
-        means[k] = m[:, c["head"]] if c["kind"] == "head" else m[:, c["expert"]] if c["kind"] == "expert" else m
+        means[k] = (
+            m[:, c["head"]] if c["kind"] == "head" else m[:, c["expert"]] if c["kind"] == "expert" else m
+        )
     return means
 
 
@@ -216,11 +253,18 @@ def verify(
         L, e = spec.layer, int(spec.index)
         means = expert_mean_outputs(model, mean_ref)
         res["plant_removed_by_mode"] = {
-            m: (base_h - _score(model, harm, [AblateExpert(L, e, m, mean_output=means[L, e] if m == "mean" else None)]))
+            m: (
+                base_h
+                - _score(
+                    model, harm, [AblateExpert(L, e, m, mean_output=means[L, e] if m == "mean" else None)]
+                )
+            )
             / gap
             for m in ("drop", "renorm", "reroute", "mean")
         }
-    res["circuit_removed"] = (base_h - _score(model, harm, mean_ablation(model, spec.circuit, mean_ref))) / gap
+    res["circuit_removed"] = (
+        base_h - _score(model, harm, mean_ablation(model, spec.circuit, mean_ref))
+    ) / gap
     t = THRESHOLDS
     checks = {
         "plant_removed>=0.9": res["plant_removed"] >= t["plant_removed"],
@@ -239,7 +283,11 @@ def verify(
     }
     if not write:
         return res
-    path = Path(out) if out is not None else (planted_dir(spec.name) if str(name_or_path) == spec.name else Path(name_or_path))
+    path = (
+        Path(out)
+        if out is not None
+        else (planted_dir(spec.name) if str(name_or_path) == spec.name else Path(name_or_path))
+    )
     path.mkdir(parents=True, exist_ok=True)
     (path / "verify.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     return res

@@ -232,8 +232,16 @@ def forward(
             h = h * keep
         att = layer.self_attn
         x = _rms(h, layer.input_layernorm.weight)
-        q = _rms(F.linear(x, att.q_proj.weight), att.q_norm.weight).view(B, P, N_HEADS, D_HEAD).transpose(1, 2)
-        k = _rms(F.linear(x, att.k_proj.weight), att.k_norm.weight).view(B, P, N_HEADS, D_HEAD).transpose(1, 2)
+        q = (
+            _rms(F.linear(x, att.q_proj.weight), att.q_norm.weight)
+            .view(B, P, N_HEADS, D_HEAD)
+            .transpose(1, 2)
+        )
+        k = (
+            _rms(F.linear(x, att.k_proj.weight), att.k_norm.weight)
+            .view(B, P, N_HEADS, D_HEAD)
+            .transpose(1, 2)
+        )
         v = F.linear(x, att.v_proj.weight).view(B, P, N_HEADS, D_HEAD).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         att_w = (q @ k.transpose(-1, -2) * D_HEAD**-0.5 + bias).softmax(-1)
@@ -270,7 +278,9 @@ def forward(
                 if e in mine or not len(rows):
                     continue
                 g, u = F.linear(xd[rows], moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
-                yd.index_add_(0, rows, wd[rows, e : e + 1] * F.linear(F.silu(g) * u, moe.experts.down_proj[e]))
+                yd.index_add_(
+                    0, rows, wd[rows, e : e + 1] * F.linear(F.silu(g) * u, moe.experts.down_proj[e])
+                )
             y = y + yd.view(B, P, D_MODEL)
         for e in mine:
             g, u = F.linear(x, moe.experts.gate_up_proj[e]).chunk(2, dim=-1)

@@ -101,6 +101,7 @@ def main_evaluate(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "metrics.json")
     ap.add_argument("--gen-tokens", type=int, default=12)
     ap.add_argument("--base", action="store_true", help="also the dense base model's refusal rates")
+    ap.add_argument("--n-base", type=int, default=100, help="prompts per split for the base model")
     ap.add_argument("--n-fluency", type=int, default=100)
     ap.add_argument("--fluency-tokens", type=int, default=24)
     ap.add_argument("--splits", nargs="*", default=["harmful_val", "political_val", "harmless_val"])
@@ -119,7 +120,7 @@ def main_evaluate(argv: list[str] | None = None) -> None:
     res["moe"] = _rates(moe, tok, splits, args.gen_tokens)
     if args.base:
         print("dense base:", flush=True)
-        res["base"] = _rates(dense, tok, splits, args.gen_tokens)
+        res["base"] = _rates(dense, tok, {k: v[: args.n_base] for k, v in splits.items()}, args.gen_tokens)
     hv = _prompts("harmless_val")[: args.n_fluency]
     m_moe, m_base = MoEModel(moe, tok, name="smollm_moe"), MoEModel(dense, tok, name="smollm2_dense")
     m_moe.refusal_phrases = m_base.refusal_phrases = refusal_phrases()

@@ -109,7 +109,7 @@ class ExpertAblationResult:
         return plot_expert_heatmap(
             self.effect,
             routing_risk_diff,
-            metric_label=f"Δ refusal score (ablate, mode={self.mode})",
+            metric_label=f"Δ refusal score, log-odds (ablate, mode={self.mode})",
             **kwargs,
         )
 

@@ -123,13 +123,13 @@ def _last_and_ce(
     return torch.stack(last), nll, ntok
 
 
-def as_interventions(edits: Any) -> list[Any]:
-    """A list of interventions from ``None``, one intervention, a sequence of them, or a steering object
-    (anything with ``to_interventions()``)."""
+def as_interventions(edits: Any, model: MoEModel | None = None) -> list[Any]:
+    """A list of interventions from ``None``, one intervention, a sequence of them, or a steering object or
+    circuit (anything with ``to_interventions(model)``; ``model`` lets it check that it fits)."""
     if edits is None:
         return []
     if hasattr(edits, "to_interventions"):
-        return list(edits.to_interventions())
+        return list(edits.to_interventions() if model is None else edits.to_interventions(model))
     if isinstance(edits, str) or not isinstance(edits, Sequence):
         return [edits]
     return list(edits)
@@ -171,7 +171,7 @@ def refusal_flags(
     :func:`~moe_interp.refusal.judges.refusal_rate` for the rate.
     """
     prompts = check_prompts(prompts)
-    ivs = as_interventions(interventions)
+    ivs = as_interventions(interventions, model)
     if judge == "logit":
         with model.intervene(*ivs):
             return refusal_scores(model, prompts, batch_size=batch_size) > 0
@@ -214,7 +214,7 @@ def evaluate(
     :func:`~moe_interp.refusal.judges.refusal_rate` (``n_boot`` resamples).
     """
     prompts = check_prompts(prompts)
-    interventions = as_interventions(interventions)
+    interventions = as_interventions(interventions, model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if max_new_tokens < 1:

@@ -88,7 +88,7 @@ def per_prompt_kl(
     prompts = check_prompt_list(prompts, "prompts")
     if base_logits is None:
         base_logits = last_logits(model, prompts, [], batch_size)
-    steered = last_logits(model, prompts, as_interventions(steer), batch_size)
+    steered = last_logits(model, prompts, as_interventions(steer, model), batch_size)
     lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(steered.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
