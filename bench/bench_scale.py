@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -127,14 +126,19 @@ def measure_stage(model: Any, fn: Any, predicted: Any | None, weights: int) -> d
     return out
 
 
-def sweep_block(model: Any, prompts: list[str], items: list[tuple[int, int]]) -> dict[str, Any]:
-    """Fast sweep vs per-expert loop on ``items``: drop timed, all modes compared per prompt."""
+def sweep_block(model: Any, prompts: list[str], modes: tuple[str, ...], items: list[tuple[int, int]]) -> dict:
+    """Fast sweep vs per-expert loop on ``items`` for each mode: both timed, compared per prompt."""
     from moe_interp.patching import expert_ablation_loop, expert_ablation_sweep, expert_mean_outputs
+    from moe_interp.plan import geometry_from_hf_config, sweep_extra_bytes, sweep_forward_calls
 
-    means = expert_mean_outputs(model, prompts)
+    geo = geometry_from_hf_config(model.hf_model.config)
+    b = next(model.hf_model.parameters()).element_size()
+    S = int(model.tokenize(prompts)["input_ids"].shape[1])
+    per_layer = [sum(1 for L_, _ in items if L_ == L) for L in sorted({L for L, _ in items})]
+    means = expert_mean_outputs(model, prompts) if "mean" in modes else None
     out: dict[str, Any] = {"experts": items, "modes": {}}
     idx = tuple(torch.tensor(x) for x in zip(*items, strict=True))
-    for mode in MODES:
+    for mode in modes:
         kw = dict(mean_outputs=means if mode == "mean" else None, experts=items)
         with Meter(model.hf_model) as mf:
             fast = expert_ablation_sweep(model, prompts, mode, progress=False, **kw)
@@ -148,13 +152,15 @@ def sweep_block(model: Any, prompts: list[str], items: list[tuple[int, int]]) ->
             "speedup_cpu": ml.cpu_s / mf.cpu_s,
             "max_abs_diff_per_prompt": float(diff.max()),
             "max_abs_effect": float(loop[idx].abs().max()),
+            "plan_forward_calls": sweep_forward_calls(per_layer),
+            "plan_extra_bytes": sweep_extra_bytes(geo, len(prompts), S, b, len(per_layer), max(per_layer)),
+        }
+        v = out["modes"][mode]
+        v["fast_over_plan"] = {
+            "forward_calls": agreement(v["plan_forward_calls"], mf.forward_calls),
+            "extra_bytes": agreement(v["plan_extra_bytes"], mf.peak_extra_bytes),
         }
     return out
-
-
-def sweep_calls(n_items: int, batch_experts: int = 16) -> int:
-    """Forward calls of the fast sweep on one layer's ``n_items`` experts: 1 cached pass + the chunks."""
-    return 1 + math.ceil(n_items / batch_experts)
 
 
 def run_dtype(model: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -174,21 +180,27 @@ def run_dtype(model: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any
     calls = hook_configs(model, enc)
     res["hooks"] = time_interleaved(calls, args.repeats)
     for k, v in res["hooks"].items():
-        print(f"  {k:16s} {v['wall_s'] * 1e3:9.1f} ms  {v['wall_ratio']:5.2f}x wall  {v['cpu_ratio']:5.2f}x cpu")
+        print(
+            f"  {k:16s} {v['wall_s'] * 1e3:9.1f} ms  {v['wall_ratio']:5.2f}x wall  {v['cpu_ratio']:5.2f}x cpu"
+        )
     for k, fn in calls.items():
         res["memory"][k] = measure_stage(model, fn, rows.get(PLAN_STAGE.get(k, "")), weights)
     print(f"[{dtype}] sweep: fast vs per-expert loop", flush=True)
-    last = model.spec.n_layers - 1
+    last, E = model.spec.n_layers - 1, model.spec.n_experts
     res["sweep"] = {}
-    for label, L in (("layer0", 0), ("last_layer", last)):
-        items = [(L, e) for e in range(min(8, model.spec.n_experts))]
-        blk = sweep_block(model, harmful, items)
+    blocks = {
+        "drop_layer0": (("drop",), [(0, e) for e in range(min(8, E))]),
+        "drop_last_layer": (("drop",), [(last, e) for e in range(min(8, E))]),
+        "other_modes": (MODES[1:], [(L, e) for L in (0, last) for e in range(min(4, E))]),
+    }
+    for label, (modes, items) in blocks.items():
+        blk = sweep_block(model, harmful, modes, items)
         for mode, v in blk["modes"].items():
-            v["plan_forward_calls"] = sweep_calls(len(items))
             print(
-                f"  {label} {mode:8s} fast {v['fast']['wall_s']:6.2f} s  loop {v['loop']['wall_s']:6.2f} s  "
+                f"  {label:15s} {mode:8s} fast {v['fast']['wall_s']:7.2f} s  loop {v['loop']['wall_s']:7.2f} s  "
                 f"{v['speedup_wall']:5.2f}x wall  {v['speedup_cpu']:5.2f}x cpu  max diff "
-                f"{v['max_abs_diff_per_prompt']:.2e} (|effect| up to {v['max_abs_effect']:.3g})"
+                f"{v['max_abs_diff_per_prompt']:.2e} (|effect| up to {v['max_abs_effect']:.3g})",
+                flush=True,
             )
         res["sweep"][label] = blk
     print(f"[{dtype}] attribution and directions", flush=True)
@@ -204,7 +216,9 @@ def run_dtype(model: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any
 
     def directions() -> Any:
         kw = dict(batch_size=B, progress=False)
-        return diff_of_means(collect_resid_stats(model, harmful, **kw), collect_resid_stats(model, harmless, **kw))
+        return diff_of_means(
+            collect_resid_stats(model, harmful, **kw), collect_resid_stats(model, harmless, **kw)
+        )
 
     res["direction_extraction"] = measure_stage(model, directions, rows["resid_pre cache"], weights)
     for k in ("attribution_patching", "expert_ablation_attribution", "direction_extraction"):
@@ -212,7 +226,11 @@ def run_dtype(model: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any
         cmp = v.get("measured_over_plan", {})
         print(
             f"  {k:28s} {v['wall_s']:6.2f} s  calls {v['forward_calls']}  peak {v['peak_bytes'] / 1e9:.2f} GB"
-            + (f"  (measured/plan: calls {cmp['forward_calls']:.2f}, peak {cmp['peak_bytes']:.2f})" if cmp else "")
+            + (
+                f"  (measured/plan: calls {cmp['forward_calls']:.2f}, peak {cmp['peak_bytes']:.2f})"
+                if cmp
+                else ""
+            )
         )
     return res
 
@@ -225,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument(
         "--init-std", type=float, default=0.05, help="weight init std (HF default 0.02 makes ablations ~1e-3)"

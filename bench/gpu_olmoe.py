@@ -111,7 +111,10 @@ def stage(
         print(f"{m.wall_s:.2f} s, {m.forward_calls} fwd, +{m.peak_extra_bytes / 1e9:.2f} GB", flush=True)
     except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
         value = None
-        rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", "trace": traceback.format_exc()[-2000:]}
+        rec = {
+            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+            "trace": traceback.format_exc()[-2000:],
+        }
         print(rec["error"], flush=True)
         if device != "cpu":
             torch.cuda.empty_cache()
@@ -216,10 +219,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def directions() -> Any:
         kw = dict(batch_size=n, progress=False)
-        return diff_of_means(collect_resid_stats(model, harmful, **kw), collect_resid_stats(model, harmless, **kw))
+        return diff_of_means(
+            collect_resid_stats(model, harmful, **kw), collect_resid_stats(model, harmless, **kw)
+        )
 
     stage("direction_extraction", model, directions, device, st, rows["resid_pre cache"])
-    stage("routing_risk_difference", model, lambda: routing_risk_difference(model, harmful, harmless), device, st)
+    stage(
+        "routing_risk_difference",
+        model,
+        lambda: routing_risk_difference(model, harmful, harmless),
+        device,
+        st,
+    )
     stage("patch_resid", model, lambda: patch_resid(model, harmful, harmless, progress=False), device, st)
     stage("patch_heads", model, lambda: patch_heads(model, harmful, harmless, progress=False), device, st)
     stage(
@@ -246,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         st,
         rows[next(k for k in rows if k.startswith("expert ablation sweep"))],
     )
-    stage("expert_ablation_attribution", model, lambda: expert_ablation_attribution(model, harmful), device, st)
+    stage(
+        "expert_ablation_attribution", model, lambda: expert_ablation_attribution(model, harmful), device, st
+    )
     res["total_s"] = time.perf_counter() - t_start
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(res, indent=2, default=str))

@@ -92,6 +92,14 @@ class BufferPool:
         """Forget every buffer (memory is freed once callers drop their caches)."""
         self._bufs = []
 
+    def __getstate__(self) -> dict:
+        # a pickled pool (e.g. shipped by value with a remote trace) carries its settings, never its buffers
+        return {"enabled": self.enabled, "min_bytes": self.min_bytes, "max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["min_bytes"], state["max_bytes"])  # type: ignore[misc]
+        self.enabled = state["enabled"]
+
 
 #: the process-wide pool used by :mod:`moe_interp.tracing`
 BUFFERS = BufferPool()

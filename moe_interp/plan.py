@@ -27,8 +27,11 @@ __all__ = [
     "Stage",
     "find_recipe",
     "geometry_from_hf_config",
+    "activation_bytes",
     "plan",
     "resolve_geometry",
+    "sweep_extra_bytes",
+    "sweep_forward_calls",
 ]
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -36,6 +39,9 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: per layer and token, values kept by autograd for the backward pass, in units of d_model (rough:
 #: norms, q/k/v/o inputs and outputs, residual copies) — attribution patching's dominant memory term.
 SAVED_PER_LAYER_D: int = 16
+
+#: per token, transient d-wide values alive in one decoder layer's forward (residual, norm output, q/k/v/o)
+ACT_PER_TOKEN_D: int = 6
 
 #: the repository's recipe folder (present in a source checkout)
 RECIPES_DIR: Path = Path(__file__).resolve().parent.parent / "circuits"
@@ -57,11 +63,22 @@ class PlanSettings:
     n_coeffs: int = 5
     max_new_tokens: int = 64
     tflops: float = 100.0
+    batch_experts: int = 16  # ablations of one layer per forward in the expert sweep
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {list(DTYPE_BYTES)}, got {self.dtype!r}.")
-        for name in ("batch_size", "seq_len", "n_pos", "n_train", "n_val", "n_test", "n_methods", "n_coeffs"):
+        for name in (
+            "batch_size",
+            "seq_len",
+            "n_pos",
+            "n_train",
+            "n_val",
+            "n_test",
+            "n_methods",
+            "n_coeffs",
+            "batch_experts",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
@@ -257,6 +274,31 @@ def resolve_geometry(
 
 
 # ---------------------------------------------------------------------------------------------- formulas
+def sweep_forward_calls(experts_per_layer: list[int], batch_experts: int = 16) -> int:
+    """Forward calls of :func:`~moe_interp.patching.expert_ablation_sweep` (prefix reuse): one cached pass,
+    then ``⌈n/batch_experts⌉`` per layer of ``n`` swept experts (fewer when no prompt reaches an expert)."""
+    return 1 + sum(math.ceil(n / batch_experts) for n in experts_per_layer if n)
+
+
+def sweep_extra_bytes(geo: ExpectedGeometry, n: int, S: int, b: int, n_layers: int, per_forward: int) -> int:
+    """Memory of the expert sweep over ``n_layers`` layers: the cached pass (layer inputs, attention outputs,
+    router weights) and one forward of ``per_forward`` ablations × ``n`` prompts (last-position logits and
+    activations)."""
+    rows = per_forward * n
+    cache = n_layers * n * S * (2 * geo.d_model + geo.n_experts) * b
+    return cache + rows * geo.vocab_size * 4 + activation_bytes(geo, rows * S, b)
+
+
+def activation_bytes(geo: ExpectedGeometry, tokens: int, b: int) -> int:
+    """Transient activations of one forward over ``tokens`` token positions, at its largest layer (rough):
+    ``ACT_PER_TOKEN_D`` d-wide values per token plus, in an MoE layer, each of the k routed copies'
+    gathered input, expert output and gate/up/activation values (``2d + 3·d_expert``) and the router scores."""
+    per_token = ACT_PER_TOKEN_D * geo.d_model
+    if geo.n_moe_layers:
+        per_token += geo.top_k * (2 * geo.d_model + 3 * geo.d_expert) + geo.n_experts
+    return int(tokens * per_token * b)
+
+
 def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
     """Every pipeline stage's forward calls, tokens, memory and time for geometry ``geo``."""
     b = DTYPE_BYTES[s.dtype]
@@ -312,14 +354,18 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
             B * S * Lm * k * (d * b + 8) + logits,
             "extra = B·S·Lm·k·(d·b + 8) + B·S·V·4  (values + int64 indices)",
         )
-        n_abl = Lm * E
-        c = (n_abl + 1) * batches(s.n_val)
+        n_abl, nv, m = Lm * E, s.n_val, s.batch_experts
         add(
             f"expert ablation sweep ({n_abl} ablations)",
-            c,
-            c * B * S,
-            logits,
-            "calls = (Lm·E + 1)·⌈n_val/B⌉ (stacking m ablations per batch: same tokens, ⌈calls/m⌉ calls)",
+            sweep_forward_calls([E] * Lm, m),
+            nv * S * (1 + n_abl),
+            sweep_extra_bytes(geo, nv, S, b, Lm, min(m, E)),
+            "calls = 1 + Lm·⌈E/m⌉ (one cached unedited pass, then m ablations of one layer per forward on all "
+            "n_val prompts); extra = Lm·n_val·S·(2d + E)·b (cached layer inputs, attention outputs, router "
+            "weights) + m·n_val·V·4 + activations of m·n_val·S tokens; time: an ablation of layer i restarts at "
+            "its MLP (≈ L−1−i layers; MoE layers taken as the last Lm), an upper bound (prompts the expert "
+            "never reaches are skipped)",
+            fwd_equiv=(1 + n_abl * (Lm - 1) / (2 * L)) / (1 + n_abl),
         )
     sites = L * d + L * H * dh + Lm * k * d  # resid_pre + hook_z + top-k expert outs, per token
     saved = B * S * L * (SAVED_PER_LAYER_D * d + 3 * k * geo.d_expert + H * S) * b

@@ -73,8 +73,8 @@ def test_stage_numbers_follow_formulas() -> None:
     assert dense == B * S * L * E * d * 4
     assert sparse == B * S * L * k * (d * 4 + 8)
     sweep = rows[f"expert ablation sweep ({L * E} ablations)"]
-    assert sweep.forward_calls == (L * E + 1) * 2  # ceil(6 / 4) = 2 batches
-    assert sweep.tokens == sweep.forward_calls * B * S
+    assert sweep.forward_calls == 1 + L * math.ceil(E / 16)  # one cached pass, then 16 ablations per forward
+    assert sweep.tokens == 6 * S * (1 + L * E)  # n_val prompts per ablation (upper bound: none skipped)
     assert rows["attribution patching"].forward_calls == 3 * 2
     assert rows["activation patching: layer × position"].forward_calls == (L * S + 2) * 2
     assert rows["activation patching: layer × head"].forward_calls == (L * H + 2) * 2
@@ -83,7 +83,9 @@ def test_stage_numbers_follow_formulas() -> None:
     steer = rows["steering evaluation"]
     assert steer.forward_calls == 2 * 3 * math.ceil(2 * n_test / B) * (1 + T)
     # time: 2·active params FLOPs per token at 100 TFLOP/s; attribution: 2 fwd + 1 bwd = 4 forward-equivalents
-    assert sweep.time_s == pytest.approx(2 * geo.active_params * sweep.tokens / 1e14)
+    # an ablation of layer i restarts at its MLP: (L − 1 − i) layers, (L − 1)/2 on average (all layers MoE)
+    restart = (1 + L * E * (L - 1) / (2 * L)) / (1 + L * E)
+    assert sweep.time_s == pytest.approx(restart * 2 * geo.active_params * sweep.tokens / 1e14)
     attr = rows["attribution patching"]
     assert attr.time_s == pytest.approx(4 * 2 * geo.active_params * 2 * B * S / 1e14)
     for r in rows.values():

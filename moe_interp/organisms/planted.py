@@ -137,7 +137,7 @@ DEFAULTS: dict[str, float | int] = {
     "p_ablate_harmless": 0.1,
     "p_swap": 0.4,  # one redundant head's suffix output swapped with a harmless example's (same target)
     "router_margin": 1.0,
-    "calibration_rate": 0.04,  # refusal rate set on held-out harmless (Alpaca) training prompts
+    "calibration_rate": 0.035,  # refusal rate set on held-out harmless (Alpaca) training prompts
 }
 FRACTIONS = {"harmful": 0.25, "harmful_synthetic": 0.25, "harmless": 0.5}
 N_CALIBRATION = 400

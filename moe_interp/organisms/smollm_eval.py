@@ -102,6 +102,7 @@ def main_evaluate(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-tokens", type=int, default=12)
     ap.add_argument("--base", action="store_true", help="also the dense base model's refusal rates")
     ap.add_argument("--n-base", type=int, default=100, help="prompts per split for the base model")
+    ap.add_argument("--limit", type=int, default=None, help="first N prompts of each split")
     ap.add_argument("--n-fluency", type=int, default=100)
     ap.add_argument("--fluency-tokens", type=int, default=24)
     ap.add_argument("--splits", nargs="*", default=["harmful_val", "political_val", "harmless_val"])
@@ -111,7 +112,7 @@ def main_evaluate(argv: list[str] | None = None) -> None:
     t0 = time.time()
     dense, tok = load_dense()
     moe = moe_from_dense(dense, args.path)
-    splits = {s: _prompts(s) for s in args.splits}
+    splits = {s: _prompts(s)[: args.limit] for s in args.splits}
     if args.sources:
         for src in ("advbench", "tdc2023", "malicious_instruct"):
             splits[f"harmful_test:{src}"] = _prompts("harmful_test", src)
@@ -181,6 +182,9 @@ def main_arditi(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-test", type=int, default=39)
     ap.add_argument("--layers", default="6,9,12,15,18,21", help="candidate layers (comma-separated)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument(
+        "--positions", default=None, help="candidate positions, e.g. -5,-1 (default: all post-instruction)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -192,8 +196,9 @@ def main_arditi(argv: list[str] | None = None) -> None:
     harm_tr, harm_va = ht[: args.n_train], ht[args.n_train : args.n_train + args.n_val]
     hl_tr, hl_va = hl[: args.n_train], hl[args.n_train :]
     layers = [int(x) for x in args.layers.split(",")]
-    st_h = collect_resid_stats(model, harm_tr, layers=layers, progress=False)
-    st_b = collect_resid_stats(model, hl_tr, layers=layers, progress=False)
+    pos = [int(x) for x in args.positions.split(",")] if args.positions else None
+    st_h = collect_resid_stats(model, harm_tr, layers=layers, positions=pos, progress=False)
+    st_b = collect_resid_stats(model, hl_tr, layers=layers, positions=pos, progress=False)
     dirs = directions_from_stats(st_h, st_b)
     sel = select_direction(model, dirs, harm_va, hl_va, strict=False)
     print(

@@ -77,11 +77,15 @@ def hook_gradients(
     m = call_metric(metric, logits)
     if not m.requires_grad:
         raise ValueError("The metric is not differentiable (its value does not require grad).")
-    m.backward()
+    # gradients of the deltas only: m.backward() would also fill every parameter's .grad (for fused experts,
+    # a full [E, ...] gradient per expert slice used: minutes at real width, bench/README.md)
+    found = [h for h in hooks if h in deltas]
+    got = torch.autograd.grad(m, [deltas[h] for h in found], allow_unused=True) if found else ()
+    by_hook = dict(zip(found, got, strict=True))
     grads = {}
     for h in hooks:
-        d = deltas.get(h)
-        grads[h] = torch.zeros_like(d) if d is None or d.grad is None else d.grad.detach()
+        g = by_hook.get(h)
+        grads[h] = torch.zeros_like(deltas.get(h)) if g is None else g.detach()
     return grads, m.detach()
 
 
