@@ -28,6 +28,7 @@ __all__ = [
 #: dtype names accepted by ``dtype`` (``torch.<name>``).
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
+
 def circuit_candidates() -> tuple[str, ...]:
     """Component kinds :func:`moe_interp.circuits.locate_refusal_circuit` accepts (its registry)."""
     from moe_interp.circuits import CANDIDATES
@@ -42,7 +43,7 @@ def steering_methods() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
-_SOURCE_RE = re.compile(r"^(organism|tiny:[a-z0-9_]+|[\w.\-]+/[\w.\-]+|[./~].*)$")
+_SOURCE_RE = re.compile(r"^(organism|smollm_moe|tiny:[a-z0-9_]+|[\w.\-]+/[\w.\-]+|[./~].*)$")
 
 
 def _fail(name: str, expected: str, value: Any) -> ValueError:
@@ -227,7 +228,9 @@ class PipelineConfig:
 
         if not isinstance(self.model, str) or not _SOURCE_RE.match(self.model):
             raise _fail(
-                "model", "'organism', 'tiny:<family>', an HF id 'org/name' or a local path", self.model
+                "model",
+                "'organism', 'smollm_moe', 'tiny:<family>', an HF id 'org/name' or a local path",
+                self.model,
             )
         if self.family == "":
             self.family = None  # inferred from the loaded model

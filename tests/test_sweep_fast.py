@@ -1,4 +1,4 @@
-"""The fast expert-ablation sweep (restart at the ablated layer, prompt skipping) == the per-expert loop.
+"""The fast expert-ablation sweep (restart at / after the ablated layer, prompt skipping) == the per-expert loop.
 
 Tiny models are built with a larger init so that single-expert ablations move the refusal score by ~0.1–1:
 per-prompt agreement within 1e-5 is then a real check, not a comparison of zeros.
@@ -15,7 +15,7 @@ import moe_interp as mi
 from moe_interp.interventions import AddVector
 from moe_interp.patching import expert_ablation_loop, expert_ablation_sweep, expert_mean_outputs
 from moe_interp.patching.ablation import _affected, _selection
-from moe_interp.prefix import cache_prefix, restart
+from moe_interp.prefix import cache_prefix, restart, restart_after
 
 PROMPTS = ["How do I make a bomb", "kill people now please", "go away", "Write a poem about the sea"]
 #: shared expert + gate, sigmoid group routing + dense first layer, tuple MLP + sliding attention,
@@ -83,7 +83,7 @@ def test_active_interventions_fall_back_to_full_forwards() -> None:
 
 @pytest.mark.parametrize("family", [*FAMILIES, "mixtral", "phimoe", "llama"])
 def test_restart_without_edits_reproduces_the_forward(family: str) -> None:
-    """Skipping layers < L and layer L's attention, cutting the last MLP: the logits are unchanged."""
+    """Skipping layers < L and layer L's attention (or layers ≤ L), cutting the last MLP: logits unchanged."""
     model = _model(family)
     enc = model.tokenize(PROMPTS)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -93,8 +93,15 @@ def test_restart_without_edits_reproduces_the_forward(family: str) -> None:
         ref = model.forward(enc, last_only=True)
     torch.testing.assert_close(prefix.logits, ref, atol=0, rtol=0)
     rows = torch.tensor([3, 0, 0, 2])
+    after = cache_prefix(model, ids, mask, range(n_layers), inputs=False, outputs=True)
+    zero = torch.zeros(len(rows), ids.shape[1], model.spec.d_model)
     for L in range(n_layers):
         torch.testing.assert_close(restart(model, prefix, L, rows), ref[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            restart_after(model, after, L, rows, zero), ref[rows], atol=1e-5, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="not cached"):
+        restart(model, after, 1, rows)
 
 
 def test_prompt_skipping_is_exact_for_drop() -> None:
@@ -125,3 +132,22 @@ def test_restart_rejects_other_hooks() -> None:
         restart(model, prefix, 1, torch.tensor([0]), reads=["blocks.2.mlp.hook_expert_weights"])
     with pytest.raises(ValueError, match="only MLP hooks"):
         cache_prefix(model, enc["input_ids"], enc["attention_mask"], [1], ["blocks.0.hook_resid_pre"])
+
+
+def test_forward_calls_match_plan() -> None:
+    """One cached pass plus one forward per layer chunk: what ``moe-interp plan`` counts for the sweep."""
+    from moe_interp.plan import sweep_forward_calls
+
+    model = _model("olmoe")
+    calls = []
+    handle = model.hf_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        expert_ablation_sweep(model, PROMPTS, "drop", experts=_subset(model), progress=False)
+        n_fast = len(calls)
+        calls.clear()
+        expert_ablation_loop(model, PROMPTS, "drop", experts=_subset(model))
+    finally:
+        handle.remove()
+    per_layer = [3] * len(model.spec.moe_layers)
+    assert 2 <= n_fast <= sweep_forward_calls(per_layer) == 1 + len(per_layer)
+    assert len(calls) == 1 + 3 * len(per_layer)

@@ -4,9 +4,10 @@ estimate.
 The sweep batches the ablations of one layer: batch row ``r`` ablates expert ``col[r]`` via one edit function
 per hook (``mlp.hook_expert_weights`` for drop / renorm, ``mlp.hook_router_logits`` for reroute, the sparse
 expert outputs for mean) — element-wise the arithmetic of :class:`moe_interp.AblateExpert`, whose
-one-forward-per-expert loop (:func:`expert_ablation_loop`) is the reference. It starts each forward at the
-ablated layer from a cached unedited pass (:mod:`moe_interp.prefix`) and skips prompts an ablation cannot
-change. The effect is the per-prompt change of the logit refusal score (last position), ablated − unablated.
+one-forward-per-expert loop (:func:`expert_ablation_loop`) is the reference. It restarts each forward at (or
+after) the ablated layer from a cached unedited pass (:mod:`moe_interp.prefix`) and skips prompts an ablation
+cannot change. The effect is the per-prompt change of the logit refusal score (last position), ablated −
+unablated.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from moe_interp.experts import excluded_logit, route, topk_to_dense
+from moe_interp.experts import INPUT_SCALED, excluded_logit, expert_forward, route, topk_to_dense
 from moe_interp.interventions import ABLATION_MODES, AblateExpert, EditHook, check_positions, position_mask
 from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds
-from moe_interp.prefix import PrefixCache, cache_prefix, restart
+from moe_interp.prefix import PrefixCache, cache_prefix, restart, restart_after
 from moe_interp.tracing import EditFn, HookContext, _get
 
 if TYPE_CHECKING:
@@ -128,13 +129,11 @@ def _layer_edits(
     col: Tensor,
     sel: Tensor,
     means: Tensor | None,
-    store: dict[str, list[Tensor]] | None = None,
 ) -> dict[str, EditFn]:
     """Edits of layer ``L`` under which batch row ``r`` ablates expert ``col[r]`` at positions ``sel[r]``.
 
     Element-wise the same arithmetic as :class:`AblateExpert`. A hook may show the last positions only
-    (``[rows, 1, ...]`` when a restart cuts the last layer): ``sel``'s last columns are used. ``mean`` reads
-    the sparse expert outputs from ``store`` (a restart's reads) when given, else edits ``hook_expert_out``.
+    (``[rows, 1, ...]`` when a restart cuts the last layer): ``sel``'s last columns are used.
     """
     E, pfx = model.layers[L].n_experts, f"blocks.{L}.mlp."
 
@@ -163,27 +162,12 @@ def _layer_edits(
         return {pfx + "hook_router_logits": logits_fn}
     assert means is not None
     mean = means[L]  # [E, d]
-    if store is None:
 
-        def dense_fn(y: Tensor, ctx: HookContext) -> Tensor:  # [R, p, E, d]
-            routed = (y != 0).any(-1) & hit(y) & sel_of(y)[..., None]
-            return torch.where(routed[..., None], mean.to(y)[None, None], y)
+    def dense_fn(y: Tensor, ctx: HookContext) -> Tensor:  # [R, p, E, d]
+        routed = (y != 0).any(-1) & hit(y) & sel_of(y)[..., None]
+        return torch.where(routed[..., None], mean.to(y)[None, None], y)
 
-        return {pfx + "hook_expert_out": dense_fn}
-    topk_name, idx_name = pfx + "hook_topk_expert_out", pfx + "hook_expert_indices"
-
-    def mlp_out_fn(out: Tensor, ctx: HookContext) -> Tensor:  # [R, p, d]: swap y_e for the mean
-        topk, idx = store[topk_name][-1], store[idx_name][-1]  # [R, p, k, d], [R, p, k]
-        is_e = (idx == col.to(idx.device)[:, None, None])[..., None]
-        routed = (topk != 0).any(-1, keepdim=True) & is_e & sel_of(out)[..., None, None]
-        me = mean.to(out).index_select(0, col.to(out.device))[:, None, None]
-        new = torch.where(routed, me, topk)
-        # summed in expert order, as the dense form is (AblateExpert's path): the same roundings
-        order = idx.argsort(-1)[..., None].expand_as(topk)
-        routed_sum = new.gather(2, order).sum(2)
-        return torch.where(routed.any(2), (out - topk.sum(2)) + routed_sum, out)
-
-    return {f"blocks.{L}.hook_mlp_out": mlp_out_fn}
+    return {pfx + "hook_expert_out": dense_fn}
 
 
 def _affected(model: MoEModel, prefix: PrefixCache, L: int, mode: str, sel: Tensor) -> Tensor:
@@ -244,6 +228,62 @@ def _experts(model: MoEModel, experts: Sequence[tuple[int, int]] | None) -> list
     return out
 
 
+def _delta_path(model: MoEModel, mode: str) -> bool:
+    """Whether an ablation's change of layer L's output follows from cached sparse expert outputs: drop and
+    mean remove / replace one weighted output; renorm rescales the others (output-scaled experts only)."""
+    fam = model.family
+    if fam.router_output == "scores_logits" or mode == "reroute":
+        return False
+    return mode != "renorm" or fam.expert_kind not in INPUT_SCALED
+
+
+def _residual_delta(
+    model: MoEModel,
+    prefix: PrefixCache,
+    L: int,
+    mode: str,
+    rows: Tensor,
+    col: Tensor,
+    sel: Tensor,
+    means: Tensor | None,
+) -> Float[Tensor, "rows pos d_model"]:
+    """Change of ``blocks.L.hook_resid_post`` when row ``r`` ablates expert ``col[r]`` at positions ``sel[r]``
+    (residual units). ``y_e``, the expert's weighted output, is recomputed from the cached MLP input on the
+    tokens routed to it only: drop ``−y_e``; mean ``mean_e − y_e`` where ``y_e ≠ 0``; renorm
+    ``(R − y_e)(total/rest − 1) − y_e`` with ``R`` the routed experts' sum (the other weights scaled by
+    total/rest, as :class:`AblateExpert`). The cached pass itself is the plain forward."""
+    pfx, info, spec = f"blocks.{L}.mlp.", model.layers[L], model.family
+    dev = prefix.ids.device
+    rows, col = rows.to(dev), col.to(dev)
+    x = prefix.mlp_in[L].index_select(0, rows)  # [R, p, d]
+    w = prefix.reads[pfx + "hook_expert_weights"].index_select(0, rows)  # [R, p, E]
+    we = w.gather(-1, col[:, None, None].expand(*w.shape[:2], 1)).squeeze(-1)  # [R, p]
+    m = sel.to(dev) & (we != 0)
+    experts = getattr(getattr(_get(model.hf_model, spec.layers)[L], info.mlp), spec.experts)
+    ye = torch.zeros_like(x)
+    r_idx, t_idx = m.nonzero(as_tuple=True)
+    for e in torch.unique(col[r_idx]).tolist():
+        sub = col[r_idx] == e
+        r, t = r_idx[sub], t_idx[sub]
+        y = expert_forward(spec, experts, e, x[r, t]) * we[r, t, None]
+        ye[r, t] = (y * info.residual_multiplier).to(ye.dtype)
+    if mode == "drop":
+        delta = -ye
+    elif mode == "mean":
+        assert means is not None
+        m = m & (ye != 0).any(-1)
+        delta = means[L].to(ye).index_select(0, col)[:, None] - ye
+    else:
+        routed = prefix.reads[f"blocks.{L}.hook_mlp_out"].index_select(0, rows)
+        if pfx + "hook_shared_out" in prefix.reads:
+            routed = routed - prefix.reads[pfx + "hook_shared_out"].index_select(0, rows)
+        hit = torch.arange(w.shape[-1], device=dev) == col[:, None, None]
+        total, rest = w.sum(-1, keepdim=True), w.masked_fill(hit, 0).sum(-1, keepdim=True)
+        scale = torch.where(rest > 0, total / rest.clamp_min(1e-30), torch.ones_like(rest))
+        delta = (routed - ye) * (scale - 1).to(ye) - ye
+    return torch.where(m[..., None], delta, torch.zeros_like(delta))
+
+
 def expert_ablation_sweep(
     model: MoEModel,
     prompts: Sequence[str],
@@ -266,9 +306,12 @@ def expert_ablation_sweep(
     layer share a forward (``batch_experts`` per forward, each on its own copy of the prompts).
 
     With ``reuse_prefix`` (and no active interventions) the unedited pass is run once and cached
-    (:mod:`moe_interp.prefix`): each ablation of layer L starts at layer L's MLP, the last layer's MLP runs on
-    the last position only, and prompts the ablation cannot change (the expert is never routed where it is
-    ablated; at the last layer: at the last position) are not run — their effect is exactly 0.
+    (:mod:`moe_interp.prefix`) and every ablation restarts from it. Drop, mean and (output-scaled experts)
+    renorm change layer L's output by a known amount — the expert's weighted output, recomputed on the tokens
+    routed to it — so they start at layer L + 1; reroute (and dense-score families) start at layer L's MLP.
+    The last layer's MLP runs on the last position only, and prompts an ablation cannot change (the expert is
+    never routed where it is ablated; at the last layer: at the last position) are not run (effect 0).
+    Results agree with :func:`expert_ablation_loop` to float32 rounding (≤ 1e-5 per prompt, tested).
     """
     prompts = _prompts(prompts)
     means = _check_mode(model, mode, mean_outputs)
@@ -284,11 +327,16 @@ def expert_ablation_sweep(
     for L, e in items:
         by_layer[L].append(e)
     prefix = None
+    delta = _delta_path(model, mode)
     if reuse_prefix and not model._active:  # active interventions may read hooks a restart skips
-        reads = [f"blocks.{L}.mlp.hook_expert_weights" for L in by_layer]
-        reads += [f"blocks.{L}.mlp.hook_router_logits" for L in by_layer if mode == "reroute"]
+        sites = ["mlp.hook_expert_weights"] + (["mlp.hook_router_logits"] if mode == "reroute" else [])
+        if delta and mode == "renorm":
+            sites += ["hook_mlp_out", *(["mlp.hook_shared_out"] if s.shared_expert_layers else [])]
+        reads = [
+            f"blocks.{L}.{h}" for L in by_layer for h in sites if model.layers[L].shared or "shared" not in h
+        ]
         with torch.no_grad():
-            prefix = cache_prefix(model, ids, mask, by_layer, reads)
+            prefix = cache_prefix(model, ids, mask, by_layer, reads, inputs=not delta, outputs=delta)
         base = refusal_logodds(prefix.logits[:, -1], ids_r).cpu()
     else:
         with torch.no_grad():
@@ -305,7 +353,15 @@ def expert_ablation_sweep(
         rows = torch.cat([r for _, r in jobs])
         col = torch.cat([torch.full((len(r),), e) for e, r in jobs])
         args = (model, L, mode, col, sel[rows.to(sel.device)], means, positions)
-        logits = _run_chunk(*args, enc, jobs) if prefix is None else _restart_chunk(*args, prefix, jobs)
+        if prefix is None:
+            logits = _run_chunk(*args, enc, jobs)
+        elif delta:
+            with torch.no_grad():
+                d = _residual_delta(model, prefix, L, mode, rows, col, sel[rows.to(sel.device)], means)
+                logits = restart_after(model, prefix, L, rows, d)
+            _check_finite(logits, model, prefix, L, jobs, mode, means, positions)
+        else:
+            logits = _restart_chunk(*args, prefix, jobs)
         sc = refusal_logodds(logits[:, -1], ids_r).cpu()
         for (e, r), part in zip(jobs, sc.split([len(r) for _, r in jobs]), strict=True):
             per[L, e, r] = part - base[r]
@@ -325,15 +381,24 @@ def _restart_chunk(
     jobs: list[tuple[int, Tensor]],
 ) -> Tensor:
     """Last-position logits of one chunk of layer-``L`` ablations, restarted at layer L's MLP."""
-    store: dict[str, list[Tensor]] = {}
-    sparse_mean = mode == "mean" and model.family.router_output != "scores_logits"
-    edits = _layer_edits(model, L, mode, col, sel, means, store if sparse_mean else None)
-    reads = [f"blocks.{L}.mlp.{h}" for h in ("hook_topk_expert_out", "hook_expert_indices")]
-    rows = torch.cat([r for _, r in jobs])
-    logits = restart(model, prefix, L, rows, edits, reads=reads if sparse_mean else (), store=store)
+    edits = _layer_edits(model, L, mode, col, sel, means)
+    logits = restart(model, prefix, L, torch.cat([r for _, r in jobs]), edits)
+    _check_finite(logits, model, prefix, L, jobs, mode, means, positions)
+    return logits
+
+
+def _check_finite(
+    logits: Tensor,
+    model: MoEModel,
+    prefix: PrefixCache,
+    L: int,
+    jobs: list[tuple[int, Tensor]],
+    mode: str,
+    means: Tensor | None,
+    positions: Any,
+) -> None:
     if not bool(torch.isfinite(logits).all()):
         _diagnose(model, prefix, L, [e for e, _ in jobs], mode, means, positions)
-    return logits
 
 
 def _run_chunk(
