@@ -163,6 +163,18 @@ def sweep_block(model: Any, prompts: list[str], modes: tuple[str, ...], items: l
     return out
 
 
+def score_noise_floor(model: Any, prompts: list[str]) -> float:
+    """Largest change of a prompt's refusal score between running it in the batch and alone: the rounding
+    noise of this dtype, against which sweep-vs-loop differences are read."""
+    from moe_interp.patching.metrics import _refusal_ids, refusal_logodds
+
+    ids = _refusal_ids(model, None)
+    with torch.no_grad():
+        batch = refusal_logodds(model.forward(prompts, last_only=True)[:, -1], ids)
+        alone = torch.cat([refusal_logodds(model.forward([p], last_only=True)[:, -1], ids) for p in prompts])
+    return float((batch - alone).abs().max())
+
+
 def run_dtype(model: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement for one dtype."""
     from moe_interp.patching import attribution_patching, expert_ablation_attribution
@@ -185,6 +197,10 @@ def run_dtype(model: Any, dtype: str, args: argparse.Namespace) -> dict[str, Any
         )
     for k, fn in calls.items():
         res["memory"][k] = measure_stage(model, fn, rows.get(PLAN_STAGE.get(k, "")), weights)
+    res["score_noise_floor"] = score_noise_floor(model, harmful)
+    print(
+        f"[{dtype}] refusal score, batch of {B} vs one prompt at a time: max diff {res['score_noise_floor']:.2e}"
+    )
     print(f"[{dtype}] sweep: fast vs per-expert loop", flush=True)
     last, E = model.spec.n_layers - 1, model.spec.n_experts
     res["sweep"] = {}

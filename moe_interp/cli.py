@@ -47,6 +47,7 @@ HANDLERS: dict[str, str] = {
     "evaluate": "moe_interp.refusal.cli:_evaluate",
     "inspect": "moe_interp.cli:_inspect",
     "plan": "moe_interp.plan:_run",
+    "benchmark": "moe_interp.benchmark:_benchmark",
 }
 
 #: errors that mean "bad input" and get one line; anything else is a bug and keeps its traceback
@@ -159,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, default=100.0, help="assumed sustained TFLOP/s (default 100)")
     p.add_argument("--from-hub", action="store_true", help="read the hub config even if a recipe matches")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "benchmark",
+        parents=[common],
+        help="rank of the planted component per discovery method, blind, on the planted-mechanism organisms",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="folder for benchmark.json, benchmark.md and benchmark.pdf/png")
+    p.add_argument("--organisms", nargs="*", help="planted organisms (default: expert router head direction)")
+    p.add_argument("--n-pairs", type=int, default=32, help="harmful/harmless finding pairs (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     return parser
 
 

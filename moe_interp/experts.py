@@ -7,7 +7,8 @@ data (:attr:`FamilySpec.expert_kind`, :attr:`FamilySpec.router_kind`), never a b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,23 @@ ROUTERS: dict[RouterKind, Callable[[nn.Module, Tensor, int, FamilySpec, Exclude]
 }
 
 
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[None]:
+    """Inside the block, weights that accelerate offloads (``device_map`` with cpu/disk offload keeps them on
+    the meta device outside the module's own forward) are loaded on the execution device, as for a forward.
+    The adapter reads fused weights outside that forward (per-expert outputs, per-head results, re-routing)."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # no accelerate: nothing can be offloaded
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if has_offloaded_params(m):
+                stack.enter_context(align_module_device(m))
+        yield
+
+
 def route(
     spec: FamilySpec, router: nn.Module, logits: Float[Tensor, "n_tok n_experts"], top_k: int
 ) -> tuple[Tensor, Int[Tensor, "n_tok k"]]:
@@ -132,7 +150,10 @@ def route(
     floor = excluded_logit(logits.dtype)
     exclude = logits <= floor
     # finite logits: −inf would make the softmax/sigmoid arithmetic produce NaN in some routing functions
-    weights, idx = ROUTERS[spec.router_kind](router, logits.masked_fill(exclude, floor), top_k, spec, exclude)
+    with materialized(router):  # correction biases of an offloaded router
+        weights, idx = ROUTERS[spec.router_kind](
+            router, logits.masked_fill(exclude, floor), top_k, spec, exclude
+        )
     if bool(exclude.gather(1, idx.long()).any()):  # one check per edited router, no per-token work
         n_left = int((~exclude).sum(-1).min())
         raise ValueError(
@@ -213,6 +234,13 @@ def topk_expert_outputs(
     in one ``index_select``, each expert runs on its contiguous slice, and one ``index_copy_`` puts the
     results back in slot order — per expert the same rows and ops as a per-expert ``nonzero`` loop.
     """
+    with materialized(experts):
+        return _topk_expert_outputs(spec, experts, x, weights, indices)
+
+
+def _topk_expert_outputs(
+    spec: FamilySpec, experts: nn.Module, x: Tensor, weights: Tensor, indices: Tensor
+) -> Tensor:
     n_tok, k = indices.shape
     d = x.shape[-1]
     flat = indices.reshape(-1).long()

@@ -63,7 +63,8 @@ class PlanSettings:
     n_coeffs: int = 5
     max_new_tokens: int = 64
     tflops: float = 100.0
-    batch_experts: int = 16  # ablations of one layer per forward in the expert sweep
+    #: ablations of one layer per forward in the expert sweep (None: the sweep's accelerator default, 512 rows)
+    batch_experts: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -77,11 +78,13 @@ class PlanSettings:
             "n_test",
             "n_methods",
             "n_coeffs",
-            "batch_experts",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        m = self.batch_experts
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"batch_experts must be a positive integer or None, got {m!r}.")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.")
         if not isinstance(self.tflops, int | float) or not self.tflops > 0:
@@ -354,7 +357,8 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
             B * S * Lm * k * (d * b + 8) + logits,
             "extra = B·S·Lm·k·(d·b + 8) + B·S·V·4  (values + int64 indices)",
         )
-        n_abl, nv, m = Lm * E, s.n_val, s.batch_experts
+        n_abl, nv = Lm * E, s.n_val
+        m = s.batch_experts or max(1, 512 // nv)
         add(
             f"expert ablation sweep ({n_abl} ablations)",
             sweep_forward_calls([E] * Lm, m),

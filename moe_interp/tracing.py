@@ -19,6 +19,7 @@ from torch import Tensor
 from moe_interp.buffers import BUFFERS
 from moe_interp.experts import (
     dense_to_topk,
+    materialized,
     route,
     topk_expert_outputs,
     topk_to_dense,
@@ -269,11 +270,13 @@ class LayerTracer:
                     z = new
                     o.input = new.reshape(z_flat.shape)
                 if self.req.wants(r_name):
-                    w_o = einops.rearrange(o._module.weight, "d (h dv) -> h dv d", h=info.n_heads)
-                    result = (
-                        einops.einsum(z, w_o.to(z.dtype), "b p h dv, h dv d -> b p h d")
-                        * info.residual_multiplier
-                    )
+                    with materialized(o._module):  # offloaded weights (accelerate): load them first
+                        w_o = einops.rearrange(o._module.weight, "d (h dv) -> h dv d", h=info.n_heads)
+                        result = (
+                            einops.einsum(z, w_o.to(z.dtype), "b p h dv, h dv d -> b p h d")
+                            * info.residual_multiplier
+                        )
+                        bias = o._module.bias  # a reference stays valid after offloading
                     new = self._site(r_name, result, L)
                     # The output projection is the sum of the per-head results (+ bias). When the module is a
                     # plain Linear, that sum replaces it (nnsight skip) so o_proj's matmul is not done twice
@@ -286,8 +289,8 @@ class LayerTracer:
                         out = (result if new is None else new).sum(dim=2)
                         if info.residual_multiplier != 1.0:
                             out = out / info.residual_multiplier
-                        if o._module.bias is not None:
-                            out = out + o._module.bias
+                        if bias is not None:
+                            out = out + bias
                         if plain:
                             o.skip(out.to(z.dtype))
                         else:

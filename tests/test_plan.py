@@ -73,7 +73,8 @@ def test_stage_numbers_follow_formulas() -> None:
     assert dense == B * S * L * E * d * 4
     assert sparse == B * S * L * k * (d * 4 + 8)
     sweep = rows[f"expert ablation sweep ({L * E} ablations)"]
-    assert sweep.forward_calls == 1 + L * math.ceil(E / 16)  # one cached pass, then 16 ablations per forward
+    # one cached pass, then 512 rows (ablations × n_val prompts) per forward
+    assert sweep.forward_calls == 1 + L * math.ceil(E / (512 // 6))
     assert sweep.tokens == 6 * S * (1 + L * E)  # n_val prompts per ablation (upper bound: none skipped)
     assert rows["attribution patching"].forward_calls == 3 * 2
     assert rows["activation patching: layer × position"].forward_calls == (L * S + 2) * 2

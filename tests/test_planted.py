@@ -67,13 +67,19 @@ def test_verification_criteria_hold(expert_org):
     assert res["refusal_harmful_val"] >= 0.9 and res["refusal_harmless_val"] <= 0.05
 
 
-def test_expert_plant_recovered_blind(expert_org):
+@pytest.mark.parametrize(
+    ("name", "methods"),
+    [
+        ("expert", ("activation_patching", "ablation_drop")),
+        ("head", ("activation_patching", "attribution_linear")),
+    ],
+)
+def test_plant_recovered_blind(name, methods):
     from moe_interp.benchmark import benchmark_organism
 
-    res = benchmark_organism(
-        "expert", n_pairs=16, n_heldout=24, methods=("activation_patching", "ablation_drop"), n_random=4
-    )
-    for m in ("activation_patching", "ablation_drop"):
+    torch.set_num_threads(1)
+    res = benchmark_organism(name, n_pairs=16, n_heldout=24, methods=methods, n_random=2)
+    for m in methods:
         assert res["methods"][m]["top1"], (m, res["methods"][m])
     assert res["circuit"]["recall"] == 1.0 and res["circuit"]["precision"] >= 0.5, res["circuit"]
 

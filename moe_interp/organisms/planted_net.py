@@ -3,8 +3,8 @@ forward pass of ``OlmoeForCausalLM`` with the interventions used in training.
 
 The residual stream (``d_model = 64``) is split into channels by construction::
 
-    T  0..35   token content: a frozen 36-d PCA of the shipped organism's embeddings (written by the embedding)
-    F  36..39  trained token features (the embedding's only trained columns; read only by plant components)
+    T  0..35   token content: initialised with a 36-d PCA of the shipped organism's embeddings (trained)
+    F  36..39  token features learnt from zero (read only by plant components)
     C  40      a constant (written by the embedding; a bias for routers and the decision read-out)
     SA 41..44  harm summary moved by mover A          SB 45..48  harm summary moved by mover B
     D  49      the refusal decision (the only channel the unembedding reads besides T and C)
@@ -75,7 +75,7 @@ def build_masks(w: Wiring, vocab: int, out_rows: list[int]) -> tuple[dict[str, T
     """``(allowed, trainable)`` masks per parameter name of the HF model (1 = may be non-zero / is trained).
 
     Junk components are allowed their entries but frozen (they keep their random initialisation); norms and
-    the T / C embedding columns are frozen; plant components, the F embedding columns and the unembedding
+    the C embedding column are frozen; plant components, the T and F embedding columns and the unembedding
     rows ``out_rows`` (reading T, C and D) are trained.
     """
     allowed: dict[str, Tensor] = {}

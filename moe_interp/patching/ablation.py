@@ -22,7 +22,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from moe_interp.experts import INPUT_SCALED, excluded_logit, expert_forward, route, topk_to_dense
+from moe_interp.experts import (
+    INPUT_SCALED,
+    excluded_logit,
+    expert_forward,
+    materialized,
+    route,
+    topk_to_dense,
+)
 from moe_interp.interventions import ABLATION_MODES, AblateExpert, EditHook, check_positions, position_mask
 from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds
 from moe_interp.prefix import PrefixCache, cache_prefix, restart, restart_after
@@ -32,6 +39,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from moe_interp.model import MoEModel
+
+#: default rows (ablations × prompts) per forward of the sweep: on the CPU larger batches only add cache misses
+ROWS_CPU: int = 64
+ROWS_ACCELERATOR: int = 512
 
 __all__ = [
     "ExpertAblationResult",
@@ -229,12 +240,13 @@ def _experts(model: MoEModel, experts: Sequence[tuple[int, int]] | None) -> list
 
 
 def _delta_path(model: MoEModel, mode: str) -> bool:
-    """Whether an ablation's change of layer L's output follows from cached sparse expert outputs: drop and
-    mean remove / replace one weighted output; renorm rescales the others (output-scaled experts only)."""
+    """Whether an ablation's change of layer L's output follows without running layer L: drop and mean
+    remove / replace one weighted output; renorm and reroute rescale the others' (output-scaled experts only;
+    reroute adds the experts that take the freed slot, computed on those tokens only)."""
     fam = model.family
-    if fam.router_output == "scores_logits" or mode == "reroute":
+    if fam.router_output == "scores_logits":
         return False
-    return mode != "renorm" or fam.expert_kind not in INPUT_SCALED
+    return mode in ("drop", "mean") or fam.expert_kind not in INPUT_SCALED
 
 
 def _residual_delta(
@@ -251,22 +263,26 @@ def _residual_delta(
     (residual units). ``y_e``, the expert's weighted output, is recomputed from the cached MLP input on the
     tokens routed to it only: drop ``−y_e``; mean ``mean_e − y_e`` where ``y_e ≠ 0``; renorm
     ``(R − y_e)(total/rest − 1) − y_e`` with ``R`` the routed experts' sum (the other weights scaled by
-    total/rest, as :class:`AblateExpert`). The cached pass itself is the plain forward."""
+    total/rest, as :class:`AblateExpert`); reroute :func:`_reroute_delta`. The cached pass is the plain
+    forward (for reroute it reads the sparse expert outputs, computed by the adapter)."""
     pfx, info, spec = f"blocks.{L}.mlp.", model.layers[L], model.family
     dev = prefix.ids.device
     rows, col = rows.to(dev), col.to(dev)
     x = prefix.mlp_in[L].index_select(0, rows)  # [R, p, d]
     w = prefix.reads[pfx + "hook_expert_weights"].index_select(0, rows)  # [R, p, E]
+    if mode == "reroute":
+        return _reroute_delta(model, prefix, L, rows, col, sel.to(dev), x, w)
     we = w.gather(-1, col[:, None, None].expand(*w.shape[:2], 1)).squeeze(-1)  # [R, p]
     m = sel.to(dev) & (we != 0)
     experts = getattr(getattr(_get(model.hf_model, spec.layers)[L], info.mlp), spec.experts)
     ye = torch.zeros_like(x)
     r_idx, t_idx = m.nonzero(as_tuple=True)
-    for e in torch.unique(col[r_idx]).tolist():
-        sub = col[r_idx] == e
-        r, t = r_idx[sub], t_idx[sub]
-        y = expert_forward(spec, experts, e, x[r, t]) * we[r, t, None]
-        ye[r, t] = (y * info.residual_multiplier).to(ye.dtype)
+    with materialized(experts):
+        for e in torch.unique(col[r_idx]).tolist():
+            sub = col[r_idx] == e
+            r, t = r_idx[sub], t_idx[sub]
+            y = expert_forward(spec, experts, e, x[r, t]) * we[r, t, None]
+            ye[r, t] = (y * info.residual_multiplier).to(ye.dtype)
     if mode == "drop":
         delta = -ye
     elif mode == "mean":
@@ -284,6 +300,44 @@ def _residual_delta(
     return torch.where(m[..., None], delta, torch.zeros_like(delta))
 
 
+def _reroute_delta(
+    model: MoEModel, prefix: PrefixCache, L: int, rows: Tensor, col: Tensor, sel: Tensor, x: Tensor, w: Tensor
+) -> Tensor:
+    """Residual change of rerouting (expert ``col[r]`` excluded at ``sel[r]``): the family's routing re-run on
+    the cached router logits (:func:`~moe_interp.experts.route`, as :class:`AblateExpert`'s edit does), each
+    previously routed expert's cached output scaled by its new / old weight, and the experts a token gains
+    computed on that token only."""
+    pfx, info, spec = f"blocks.{L}.mlp.", model.layers[L], model.family
+    z = prefix.reads[pfx + "hook_router_logits"].index_select(0, rows)  # [R, p, E]
+    hit = (torch.arange(z.shape[-1], device=z.device) == col[:, None, None]) & sel[..., None]
+    router_experts = getattr(_get(model.hf_model, spec.layers)[L], info.mlp)
+    new_w, new_i = route(
+        spec,
+        getattr(router_experts, spec.router),
+        z.masked_fill(hit, excluded_logit(z.dtype)).flatten(0, 1),
+        info.top_k,
+    )
+    w_new = topk_to_dense(new_w, new_i, z.shape[-1]).view_as(w).to(w.dtype)
+    topk = prefix.reads[pfx + "hook_topk_expert_out"].index_select(0, rows)  # [R, p, k, d]
+    idx = prefix.reads[pfx + "hook_expert_indices"].index_select(0, rows).long()  # [R, p, k]
+    old, new = w.gather(-1, idx), w_new.gather(-1, idx)
+    ratio = torch.where(
+        old != 0, new / torch.where(old != 0, old, torch.ones_like(old)), torch.zeros_like(old)
+    )
+    delta = (topk * (ratio - 1).to(topk)[..., None]).sum(2)
+    had = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, idx, old != 0)
+    gained = (w_new != 0) & ~had  # experts a token now uses (or that had weight 0): computed here
+    experts = getattr(router_experts, spec.experts)
+    r_idx, t_idx, j_idx = gained.nonzero(as_tuple=True)
+    with materialized(experts):
+        for j in torch.unique(j_idx).tolist():
+            sub = j_idx == j
+            r, t = r_idx[sub], t_idx[sub]
+            y = expert_forward(spec, experts, j, x[r, t]) * w_new[r, t, j, None]
+            delta.index_put_((r, t), (y * info.residual_multiplier).to(delta.dtype), accumulate=True)
+    return delta
+
+
 def expert_ablation_sweep(
     model: MoEModel,
     prompts: Sequence[str],
@@ -292,7 +346,7 @@ def expert_ablation_sweep(
     mean_outputs: Tensor | None = None,
     experts: Sequence[tuple[int, int]] | None = None,
     positions: Any = "all",
-    batch_experts: int = 16,
+    batch_experts: int | None = None,
     refusal_ids: Sequence[int] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -303,7 +357,8 @@ def expert_ablation_sweep(
 
     ``experts`` restricts the sweep (default: all MoE layers × experts; others stay NaN). Effects are
     ``score(ablated) − score(base)`` per prompt; CIs are percentile bootstraps over prompts. Ablations of one
-    layer share a forward (``batch_experts`` per forward, each on its own copy of the prompts).
+    layer share a forward (``batch_experts`` per forward, each on its own copy of the prompts; default: about
+    64 rows per forward on the CPU, where big batches only cost cache misses, 512 on an accelerator).
 
     With ``reuse_prefix`` (and no active interventions) the unedited pass is run once and cached
     (:mod:`moe_interp.prefix`) and every ablation restarts from it. Drop, mean and (output-scaled experts)
@@ -316,12 +371,14 @@ def expert_ablation_sweep(
     prompts = _prompts(prompts)
     means = _check_mode(model, mode, mean_outputs)
     items = _experts(model, experts)
-    if batch_experts < 1:
+    if batch_experts is not None and batch_experts < 1:
         raise ValueError(f"batch_experts must be >= 1, got {batch_experts}.")
     ids_r = _refusal_ids(model, refusal_ids)
     enc = model.tokenize(prompts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     n, s = len(prompts), model.spec
+    if batch_experts is None:
+        batch_experts = max(1, (ROWS_CPU if ids.device.type == "cpu" else ROWS_ACCELERATOR) // n)
     sel = _selection(mask, positions)
     by_layer: dict[int, list[int]] = defaultdict(list)
     for L, e in items:
@@ -330,6 +387,8 @@ def expert_ablation_sweep(
     delta = _delta_path(model, mode)
     if reuse_prefix and not model._active:  # active interventions may read hooks a restart skips
         sites = ["mlp.hook_expert_weights"] + (["mlp.hook_router_logits"] if mode == "reroute" else [])
+        if delta and mode == "reroute":
+            sites += ["mlp.hook_topk_expert_out", "mlp.hook_expert_indices"]
         if delta and mode == "renorm":
             sites += ["hook_mlp_out", *(["mlp.hook_shared_out"] if s.shared_expert_layers else [])]
         reads = [
