@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scale_lib import (  # noqa: E402
     GEOMETRIES,
     Meter,
-    agreement,
     build,
     fit_prompts,
     harmful_harmless,
+    plan_record,
+    plan_record_of,
     plan_rows,
     weight_bytes,
 )
@@ -112,29 +113,26 @@ def measure_stage(model: Any, fn: Any, predicted: Any | None, weights: int) -> d
     out = m.to_dict()
     out["peak_bytes"] = weights + m.peak_extra_bytes
     if predicted is not None:
-        out["plan"] = {
-            "stage": predicted.stage,
-            "forward_calls": predicted.forward_calls,
-            "extra_bytes": predicted.extra_bytes,
-            "peak_bytes": predicted.peak_bytes,
-        }
-        out["measured_over_plan"] = {
-            "forward_calls": agreement(predicted.forward_calls, m.forward_calls),
-            "extra_bytes": agreement(predicted.extra_bytes, m.peak_extra_bytes),
-            "peak_bytes": agreement(predicted.peak_bytes, out["peak_bytes"]),
-        }
+        out.update(plan_record_of(predicted, weights, m))
     return out
 
 
 def sweep_block(model: Any, prompts: list[str], modes: tuple[str, ...], items: list[tuple[int, int]]) -> dict:
     """Fast sweep vs per-expert loop on ``items`` for each mode: both timed, compared per prompt."""
     from moe_interp.patching import expert_ablation_loop, expert_ablation_sweep, expert_mean_outputs
-    from moe_interp.plan import geometry_from_hf_config, sweep_extra_bytes, sweep_forward_calls
+    from moe_interp.patching.ablation import ROWS_CPU
+    from moe_interp.plan import (
+        activation_bytes,
+        geometry_from_hf_config,
+        sweep_extra_bytes,
+        sweep_forward_calls,
+    )
 
     geo = geometry_from_hf_config(model.hf_model.config)
     b = next(model.hf_model.parameters()).element_size()
     S = int(model.tokenize(prompts)["input_ids"].shape[1])
     per_layer = [sum(1 for L_, _ in items if L_ == L) for L in sorted({L for L, _ in items})]
+    batch = max(1, ROWS_CPU // len(prompts))  # the sweep's default ablations per forward on the CPU
     means = expert_mean_outputs(model, prompts) if "mean" in modes else None
     out: dict[str, Any] = {"experts": items, "modes": {}}
     idx = tuple(torch.tensor(x) for x in zip(*items, strict=True))
@@ -152,14 +150,18 @@ def sweep_block(model: Any, prompts: list[str], modes: tuple[str, ...], items: l
             "speedup_cpu": ml.cpu_s / mf.cpu_s,
             "max_abs_diff_per_prompt": float(diff.max()),
             "max_abs_effect": float(loop[idx].abs().max()),
-            "plan_forward_calls": sweep_forward_calls(per_layer),
-            "plan_extra_bytes": sweep_extra_bytes(geo, len(prompts), S, b, len(per_layer), max(per_layer)),
         }
-        v = out["modes"][mode]
-        v["fast_over_plan"] = {
-            "forward_calls": agreement(v["plan_forward_calls"], mf.forward_calls),
-            "extra_bytes": agreement(v["plan_extra_bytes"], mf.peak_extra_bytes),
-        }
+        rows = min(max(per_layer), batch) * len(prompts)
+        out["modes"][mode]["fast"].update(
+            plan_record(
+                sweep_forward_calls(per_layer, batch),
+                sweep_extra_bytes(geo, len(prompts), S, b, len(per_layer), min(max(per_layer), batch)),
+                activation_bytes(geo, rows * S, b),
+                weight_bytes(model),
+                mf,
+                "expert ablation sweep (subset)",
+            )
+        )
     return out
 
 

@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from scale_lib import (  # noqa: E402
     Meter,
-    agreement,
     build,
     fit_prompts,
     harmful_harmless,
+    plan_record_of,
     plan_rows,
     weight_bytes,
 )
@@ -98,16 +98,7 @@ def stage(
             value = fn()
         rec = {**m.to_dict(), "peak_bytes": weights + m.peak_extra_bytes, **extra}
         if predicted is not None:
-            rec["plan"] = {
-                "stage": predicted.stage,
-                "forward_calls": predicted.forward_calls,
-                "extra_bytes": predicted.extra_bytes,
-                "peak_bytes": predicted.peak_bytes,
-            }
-            rec["measured_over_plan"] = {
-                "forward_calls": agreement(predicted.forward_calls, m.forward_calls),
-                "peak_bytes": agreement(predicted.peak_bytes, rec["peak_bytes"]),
-            }
+            rec.update(plan_record_of(predicted, weights, m))
         print(f"{m.wall_s:.2f} s, {m.forward_calls} fwd, +{m.peak_extra_bytes / 1e9:.2f} GB", flush=True)
     except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
         value = None
@@ -182,11 +173,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in res["hooks"].items():
         print(f"  {k:16s} {v['s'] * 1e3:8.1f} ms  {v['ratio']:5.2f}x", flush=True)
     hook_rows = plan_rows(model, dt, hb, hs, hb, n_pos)
-    res["hooks_plan_extra_bytes"] = {
-        "resid": hook_rows["resid cache, all positions"].extra_bytes,
-        "topk_expert_out": hook_rows["expert outputs: sparse top-k form"].extra_bytes,
-        "expert_out": hook_rows["expert outputs: dense hook_expert_out"].extra_bytes,
-    }
+    enc_h = model.tokenize(hook_prompts)
+    names = model.hook_names()
+    for key, stage_name, suffix in (
+        ("resid", "resid cache, all positions", "hook_resid_"),
+        ("topk_expert_out", "expert outputs: sparse top-k form", "hook_topk_expert_out"),
+        ("expert_out", "expert outputs: dense hook_expert_out", "mlp.hook_expert_out"),
+    ):
+        sel = [nm for nm in names if suffix in nm]
+        stage(
+            f"hooks_{key}_memory",
+            model,
+            lambda sel=sel: model.run_with_cache(enc_h, names=sel),
+            device,
+            res.setdefault("hook_memory", {}),
+            hook_rows[stage_name],
+        )
 
     print("sweep: fast vs per-expert loop", flush=True)
     st = res["stages"]
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stage(
         "patch_experts",
         model,
-        lambda: patch_experts(model, harmful, harmless, layers=patch_layers, progress=False),
+        lambda: patch_experts(model, harmful, harmless, layers=patch_layers, batch_patches=4, progress=False),
         device,
         st,
         layers=patch_layers,

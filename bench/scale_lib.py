@@ -225,3 +225,32 @@ def plan_rows(model: Any, dtype: str, batch: int, seq: int, n: int, n_pos: int) 
 def agreement(predicted: float, measured: float) -> float | None:
     """measured / predicted (None when nothing was predicted)."""
     return measured / predicted if predicted else None
+
+
+def plan_record(
+    calls: int, extra: int, activation: int, weights: int, meter: Meter, stage: str = ""
+) -> dict[str, Any]:
+    """Plan's prediction next to a :class:`Meter`'s measurement: forward calls, memory above the weights
+    (what the stage keeps + transient activations) and peak (weights + both)."""
+    predicted_extra = extra + activation
+    return {
+        "plan": {
+            "stage": stage,
+            "forward_calls": calls,
+            "extra_bytes": extra,
+            "activation_bytes": activation,
+            "peak_bytes": weights + predicted_extra,
+        },
+        "measured_over_plan": {
+            "forward_calls": agreement(calls, meter.forward_calls),
+            "extra_bytes": agreement(predicted_extra, meter.peak_extra_bytes),
+            "peak_bytes": agreement(weights + predicted_extra, weights + meter.peak_extra_bytes),
+        },
+    }
+
+
+def plan_record_of(stage: Any, weights: int, meter: Meter) -> dict[str, Any]:
+    """:func:`plan_record` of one ``plan()`` row (its weights are ``weights``: the model as built)."""
+    return plan_record(
+        stage.forward_calls, stage.extra_bytes, stage.activation_bytes, weights, meter, stage.stage
+    )

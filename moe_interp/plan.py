@@ -40,8 +40,9 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: norms, q/k/v/o inputs and outputs, residual copies) — attribution patching's dominant memory term.
 SAVED_PER_LAYER_D: int = 16
 
-#: per token, transient d-wide values alive in one decoder layer's forward (residual, norm output, q/k/v/o)
-ACT_PER_TOKEN_D: int = 6
+#: per token, transient d-wide values alive in one decoder layer's forward (residual, norm output, q/k/v/o,
+#: rotary copies, attention output)
+ACT_PER_TOKEN_D: int = 10
 
 #: the repository's recipe folder (present in a source checkout)
 RECIPES_DIR: Path = Path(__file__).resolve().parent.parent / "circuits"
@@ -118,10 +119,11 @@ class Stage:
     stage: str
     forward_calls: int  # batched forward calls (backward calls counted in forward_equiv)
     tokens: int  # token positions processed (padded: calls × B × S)
-    extra_bytes: int  # memory on top of the weights
-    peak_bytes: int  # weights + extra
+    extra_bytes: int  # memory on top of the weights: what the stage keeps (caches, logits, gradients)
+    peak_bytes: int  # weights + extra + activations
     time_s: float
     formula: str
+    activation_bytes: int = 0  # transient activations of the stage's largest forward (activation_bytes())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,21 +286,21 @@ def sweep_forward_calls(experts_per_layer: list[int], batch_experts: int = 16) -
 
 
 def sweep_extra_bytes(geo: ExpectedGeometry, n: int, S: int, b: int, n_layers: int, per_forward: int) -> int:
-    """Memory of the expert sweep over ``n_layers`` layers: the cached pass (layer inputs, attention outputs,
-    router weights) and one forward of ``per_forward`` ablations × ``n`` prompts (last-position logits and
-    activations)."""
-    rows = per_forward * n
+    """Memory the expert sweep over ``n_layers`` layers keeps: the cached pass (layer outputs, MLP inputs,
+    router weights) and the last-position logits of one forward of ``per_forward`` ablations × ``n`` prompts
+    (its activations: :func:`activation_bytes` of ``per_forward·n·S`` tokens)."""
     cache = n_layers * n * S * (2 * geo.d_model + geo.n_experts) * b
-    return cache + rows * geo.vocab_size * 4 + activation_bytes(geo, rows * S, b)
+    return cache + per_forward * n * geo.vocab_size * 4
 
 
 def activation_bytes(geo: ExpectedGeometry, tokens: int, b: int) -> int:
-    """Transient activations of one forward over ``tokens`` token positions, at its largest layer (rough):
-    ``ACT_PER_TOKEN_D`` d-wide values per token plus, in an MoE layer, each of the k routed copies'
-    gathered input, expert output and gate/up/activation values (``2d + 3·d_expert``) and the router scores."""
+    """Transient activations of one forward over ``tokens`` token positions, at its largest layer (rough,
+    calibrated on the CPU benchmarks): ``ACT_PER_TOKEN_D`` d-wide values per token plus, in an MoE layer,
+    each of the k routed copies' gathered and sorted inputs, weighted and unweighted outputs (``4d``), its
+    gate/up/activation values (``3·d_expert``) and the router scores."""
     per_token = ACT_PER_TOKEN_D * geo.d_model
     if geo.n_moe_layers:
-        per_token += geo.top_k * (2 * geo.d_model + 3 * geo.d_expert) + geo.n_experts
+        per_token += geo.top_k * (4 * geo.d_model + 3 * geo.d_expert) + geo.n_experts
     return int(tokens * per_token * b)
 
 
@@ -315,9 +317,19 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
     rate = s.tflops * 1e12
     rows: list[Stage] = []
 
-    def add(name: str, calls: int, tokens: int, extra: int, formula: str, fwd_equiv: float = 1.0) -> None:
+    def add(
+        name: str,
+        calls: int,
+        tokens: int,
+        extra: int,
+        formula: str,
+        fwd_equiv: float = 1.0,
+        act_tokens: int = B * S,
+    ) -> None:
         t = fwd_equiv * fwd_flops_per_token * tokens / rate
-        rows.append(Stage(name, int(calls), int(tokens), int(extra), int(weights + extra), float(t), formula))
+        act = activation_bytes(geo, act_tokens, b)
+        peak = int(weights + extra + act)
+        rows.append(Stage(name, int(calls), int(tokens), int(extra), peak, float(t), formula, act))
 
     def batches(n_prompts: int) -> int:
         return math.ceil(n_prompts / B)
@@ -365,22 +377,25 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
             nv * S * (1 + n_abl),
             sweep_extra_bytes(geo, nv, S, b, Lm, min(m, E)),
             "calls = 1 + Lm·⌈E/m⌉ (one cached unedited pass, then m ablations of one layer per forward on all "
-            "n_val prompts); extra = Lm·n_val·S·(2d + E)·b (cached layer inputs, attention outputs, router "
-            "weights) + m·n_val·V·4 + activations of m·n_val·S tokens; time: an ablation of layer i restarts at "
-            "its MLP (≈ L−1−i layers; MoE layers taken as the last Lm), an upper bound (prompts the expert "
-            "never reaches are skipped)",
+            "n_val prompts); extra = Lm·n_val·S·(2d + E)·b (cached layer outputs, MLP inputs, router weights) "
+            "+ m·n_val·V·4; activations of m·n_val·S tokens; time: an ablation of layer i restarts after it "
+            "(≈ L−1−i layers; MoE layers taken as the last Lm), an upper bound (prompts the expert never reaches "
+            "are skipped)",
             fwd_equiv=(1 + n_abl * (Lm - 1) / (2 * L)) / (1 + n_abl),
+            act_tokens=min(m, E) * nv * S,
         )
-    sites = L * d + L * H * dh + Lm * k * d  # resid_pre + hook_z + top-k expert outs, per token
+    # resid_pre + hook_z + the dense per-expert outputs (attribution reads hook_expert_out), per token
+    sites = L * d + L * H * dh + Lm * E * d
     saved = B * S * L * (SAVED_PER_LAYER_D * d + 3 * k * geo.d_expert + H * S) * b
     c = 3 * batches(s.n_val)
     add(
         "attribution patching (2 fwd + 1 bwd)",
         c,
         2 * batches(s.n_val) * B * S,
-        3 * B * S * sites * b + saved + logits,
-        "calls = 3·⌈n_val/B⌉; extra = 3·B·S·(L·d + L·H·dh + Lm·k·d)·b + autograd B·S·L·(16d + 3k·d_expert + H·S)·b"
-        " + B·S·V·4; time counts the backward as 2 forwards",
+        4 * B * S * sites * b + saved + logits,
+        "calls = 3·⌈n_val/B⌉; extra = 4·B·S·(L·d + L·H·dh + Lm·E·d)·b (clean and corrupt caches, the zero "
+        "deltas and their gradients) + autograd B·S·L·(16d + 3k·d_expert + H·S)·b + B·S·V·4; time counts the "
+        "backward as 2 forwards",
         fwd_equiv=2.0,  # 2 forwards + 1 backward (≈ 2 forwards) over the tokens of 2 forwards
     )
     c = (L * S + 2) * batches(s.n_val)
@@ -439,13 +454,14 @@ def _dur(t: float) -> str:
 
 def format_table(rows: list[Stage]) -> str:
     """Plain-text table of the plan."""
-    head = ("stage", "fwd calls", "tokens", "extra mem", "peak mem", "est. time")
+    head = ("stage", "fwd calls", "tokens", "extra mem", "activations", "peak mem", "est. time")
     body = [
         (
             r.stage,
             f"{r.forward_calls:,}",
             f"{r.tokens:,}",
             _gb(r.extra_bytes) if r.extra_bytes else "-",
+            _gb(r.activation_bytes) if r.activation_bytes else "-",
             _gb(r.peak_bytes),
             _dur(r.time_s) if r.forward_calls else "-",
         )

@@ -1,4 +1,4 @@
-"""Restart a forward pass at layer L from cached values of the unedited pass (family-agnostic).
+"""Restart a forward pass at (or after) layer L from cached values of the unedited pass (family-agnostic).
 
 An edit of layer L's MLP (router, experts, their outputs) leaves everything before it unchanged: the
 embedding, layers < L and layer L's attention. :func:`cache_prefix` runs the prompts once and keeps, per layer
@@ -6,8 +6,9 @@ L asked for, the output of decoder layer L−1 (the input of layer L, exactly as
 output of layer L's attention module. :func:`restart` runs the model on any rows of those prompts with
 nnsight ``skip``: layers < L and layer L's attention return the cached values instead of computing, so the
 forward really starts at layer L's MLP. :func:`restart_after` starts at layer L + 1 from layer L's cached
-output plus a given change of the residual stream (an edit whose effect is known without running layer L). Masks, position ids and rotary embeddings are still made by the HF
-model itself (cheap), so nothing here depends on the family beyond :class:`FamilySpec` paths.
+output plus a given change of the residual stream (an edit whose effect is known without running layer L).
+Masks, position ids and rotary embeddings are still made by the HF model itself (cheap), so nothing here
+depends on the family beyond :class:`FamilySpec` paths.
 
 Only the last position's logits are computed. With ``cut_last`` the last layer's MLP also runs on the last
 position only: the decoder layer's residual add broadcasts its ``[rows, 1, d]`` output, and the other positions
@@ -35,7 +36,7 @@ __all__ = ["PrefixCache", "cache_prefix", "restart", "restart_after"]
 
 @dataclass
 class PrefixCache:
-    """What :func:`restart` needs to start at any of ``layers``: cached module outputs of one unedited pass."""
+    """What :func:`restart` / :func:`restart_after` need at any of ``layers``: module outputs of one pass."""
 
     ids: Int[Tensor, "n pos"]
     mask: Int[Tensor, "n pos"]

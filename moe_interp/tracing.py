@@ -117,6 +117,11 @@ def _replace_first(old: Any, new: Tensor) -> Any:
     return (new, *old[1:]) if isinstance(old, tuple) else new
 
 
+def _scaled(x: Tensor, factor: float) -> Tensor:
+    """``x * factor``, without a full copy when the factor is 1 (every family but Granite)."""
+    return x if factor == 1.0 else x * factor
+
+
 class LayerTracer:
     """Runs inside a trace: visits hook points of one forward pass in order, saving and editing them."""
 
@@ -272,9 +277,9 @@ class LayerTracer:
                 if self.req.wants(r_name):
                     with materialized(o._module):  # offloaded weights (accelerate): load them first
                         w_o = einops.rearrange(o._module.weight, "d (h dv) -> h dv d", h=info.n_heads)
-                        result = (
-                            einops.einsum(z, w_o.to(z.dtype), "b p h dv, h dv d -> b p h d")
-                            * info.residual_multiplier
+                        result = _scaled(
+                            einops.einsum(z, w_o.to(z.dtype), "b p h dv, h dv d -> b p h d"),
+                            info.residual_multiplier,
                         )
                         bias = o._module.bias  # a reference stays valid after offloading
                     new = self._site(r_name, result, L)
@@ -455,10 +460,11 @@ class LayerTracer:
                 # One pass over the routed experts (the sparse form), with the same per-expert ops as the HF
                 # module; the dense form is its scatter. The HF module then runs on zero tokens and its
                 # output is set to the sum of these contributions, so experts are computed once, not twice.
-                topk = topk_expert_outputs(spec, module, x, weights, indices) * info.residual_multiplier
+                mult = info.residual_multiplier
+                topk = _scaled(topk_expert_outputs(spec, module, x, weights, indices), mult)
                 if len(args) == 3:
                     experts.inputs = ((x[:0], indices[:0], weights[:0]), kwargs)
-                    computed = topk.sum(dim=1) / info.residual_multiplier
+                    computed = topk.sum(dim=1) if mult == 1.0 else topk.sum(dim=1) / mult
                 if want_dense:
                     # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~2x cheaper on CPU than an
                     # element-wise scatter_add over d, zero-fill included (bench/README.md); duplicates

@@ -38,11 +38,12 @@ def test_payload_is_small_and_never_carries_pooled_buffers(tiny_model) -> None: 
     model = tiny_model("olmoe")
     model.run_with_cache(PROMPTS, names=["blocks.1.mlp.hook_expert_out"])  # may fill the buffer pool
     big = torch.zeros(4 << 20)  # 16 MB in the pool: must not travel with the request
-    BUFFERS._bufs.append((big, 0))
+    entry = (big, 0)
+    BUFFERS._bufs.append(entry)
     try:
         size = remote.payload_bytes(model, PROMPTS, NAMES)
-    finally:
-        BUFFERS._bufs.remove((big, 0))
+    finally:  # by identity: tuple equality would compare the tensors element-wise
+        BUFFERS._bufs[:] = [e for e in BUFFERS._bufs if e is not entry]
     assert 0 < size < 1 << 20
 
 
