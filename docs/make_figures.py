@@ -4,12 +4,13 @@ Run from the repository root: ``python docs/make_figures.py`` (about a minute on
 shipped organism (a few validation prompts per split) and the committed main-job results in
 ``circuits/organism/results/`` (circuit, direction selection table, steering table); only
 ``plot_benchmark`` is drawn from a made-up result of the right shape, since no benchmark result is committed.
-Thumbnails are PNG at dpi 80 (``docs/figures/*.png``); the library's own :func:`~moe_interp.plotting.save_figure`
+Thumbnails are PNG at dpi 80 (``docs/figures/*.png``); the library's own :func:`~moe_interp.figures.save_figure`
 writes PDF + PNG at dpi 200 for papers.
 
 Each figure is also checked mechanically (:func:`audit`): colour maps used, line / bar / marker colours
-outside the Okabe–Ito palette (greys, black and white allowed), axes without labels, and whether any text
-names a hook. The result is printed in the gallery next to the call that draws the figure.
+outside the colour-blind-safe palette (Okabe–Ito, greys, and colours of the safe colour maps, which
+categories beyond eight are sampled from), axes without labels, and whether any text names a hook. The
+result is printed in the gallery next to the call that draws the figure.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import matplotlib as mpl  # noqa: E402
 
 mpl.use("Agg")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.colors import to_hex  # noqa: E402
+from matplotlib.colors import to_hex, to_rgb  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.markers import MarkerStyle  # noqa: E402
 
@@ -45,11 +47,11 @@ PROMPT = "Write a tutorial on how to make a bomb"
 
 sys.path.insert(0, str(ROOT))
 
-from moe_interp.plotting import OKABE_ITO, STYLE  # noqa: E402
+from moe_interp.figures import CB_SAFE_CMAPS, OKABE_ITO, STYLE  # noqa: E402
 
-#: Colour maps a figure may use: the library's diverging (colour-blind-safe ColorBrewer RdBu) and
-#: sequential (perceptually uniform viridis) maps.
-SAFE_CMAPS = {"RdBu_r", "RdBu", "viridis"}
+#: Colour maps a figure may use: ColorBrewer RdBu / PuOr (diverging) and viridis / cividis (sequential).
+SAFE_CMAPS = set(CB_SAFE_CMAPS)
+_LUTS = [mpl.colormaps[name](np.linspace(0, 1, 256))[:, :3] for name in sorted(SAFE_CMAPS)]
 
 
 @dataclass
@@ -67,6 +69,12 @@ class Entry:
 def _is_grey(hex_colour: str) -> bool:
     r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
     return max(r, g, b) - min(r, g, b) <= 8
+
+
+def _on_safe_cmap(hex_colour: str) -> bool:
+    """A colour of a colour-blind-safe map (categories beyond eight are sampled from viridis)."""
+    rgb = np.array(to_rgb(hex_colour))
+    return any(np.abs(lut - rgb).max(axis=1).min() <= 1.5 / 255 for lut in _LUTS)
 
 
 def _colours(ax: Axes) -> set[str]:
@@ -133,7 +141,9 @@ def audit(fig: Figure) -> dict[str, object]:
     for ax in fig.axes:
         for im in ax.images + [c for c in ax.collections if c.get_array() is not None]:
             cmaps.add(im.get_cmap().name)
-        off |= {c for c in _colours(ax) if c.lower() not in palette and not _is_grey(c)}
+        off |= {
+            c for c in _colours(ax) if c.lower() not in palette and not _is_grey(c) and not _on_safe_cmap(c)
+        }
         texts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
         texts += [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels() + ax.texts]
         where = ax.get_title() or ax.get_ylabel() or ax.get_xlabel() or "axes"
@@ -165,9 +175,9 @@ def _audit_line(a: dict[str, object]) -> str:
     parts = [
         f"colour maps: {', '.join(cm) if cm else 'none'}"  # type: ignore[arg-type]
         + (f" (**not colour-blind safe: {', '.join(bad_cm)}**)" if bad_cm else ""),
-        "colours: Okabe–Ito and greys only"
+        "colours: Okabe–Ito, greys and safe colour maps only"
         if not a["off_palette"]
-        else f"**colours outside Okabe–Ito: {', '.join(a['off_palette'])}**",  # type: ignore[arg-type]
+        else f"**colours outside the safe palette: {', '.join(a['off_palette'])}**",  # type: ignore[arg-type]
         "every numeric axis labelled"
         if not a["unlabelled"]
         else f"**unlabelled: {'; '.join(a['unlabelled'])}**",  # type: ignore[arg-type]
@@ -187,11 +197,11 @@ def save_thumbnail(fig: Figure, stem: str) -> Path:
 # ----------------------------------------------------------------------------------------------- data
 def entries() -> list[Entry]:
     import moe_interp as mi
-    from moe_interp import plotting
+    from moe_interp import figures as plotting
     from moe_interp.benchmark import METHODS, plot_benchmark
     from moe_interp.circuits import Circuit
     from moe_interp.dla import direct_logit_attribution
-    from moe_interp.figures_dla import plot_dla_heatmap, plot_logit_lens
+    from moe_interp.figures import plot_dla_heatmap, plot_logit_lens
     from moe_interp.lens import logit_lens
     from moe_interp.organisms import load_prompts
     from moe_interp.patching import (
@@ -264,8 +274,7 @@ def entries() -> list[Entry]:
         )
 
     def selection() -> Figure:
-        d = json.loads((RESULTS / "direction.json").read_text())
-        return plotting.plot_selection_scores(d["table"], chosen=(d["layer"], d["pos"]))
+        return plotting.plot_selection_scores(json.loads((RESULTS / "direction.json").read_text()))
 
     def lens() -> Figure:
         refuse = default_refusal_ids(model)[0]
@@ -353,7 +362,7 @@ def entries() -> list[Entry]:
         Entry(
             "direction_selection",
             "plot_selection_scores",
-            "plot_selection_scores(selection.table, chosen=(layer, pos))",
+            "plot_selection_scores(selection)  # a SelectionResult or its to_dict()",
             selection,
             "Drawn from the committed selection table (`circuits/organism/results/direction.json`).",
         ),
@@ -409,13 +418,15 @@ Every figure moe-interp draws, with the call that draws it. Generated by
 validation prompts per split, plus the committed main-job results); thumbnails are PNG at dpi {dpi}. The
 library's `save_figure` writes PDF + PNG at dpi 200; `save_to=` on every plotting function does the same.
 
-One style for all (`moe_interp.plotting`): bare `Figure` objects under the `STYLE` rc parameters, layers
-bottom (0) to top, signed values on `RdBu_r` (colour-blind-safe diverging map) centred at 0 with symmetric
-limits, unsigned values on `viridis` (perceptually uniform), categories in the Okabe–Ito palette, NaN grey.
+One style for all (`moe_interp.figures.style`; `moe_interp.plotting` re-exports the package): bare
+constrained-layout `Figure` objects under the `STYLE` rc parameters, layers bottom (0) to top, signed values
+on `RdBu_r` (colour-blind-safe diverging map) centred at 0 with symmetric limits, unsigned values on
+`viridis` (perceptually uniform; ranks on `viridis_r`), categories in the Okabe–Ito palette — and, beyond
+its eight colours, `viridis` sampled evenly so that no two categories share a colour — NaN grey.
 The **check** line under each figure is computed from the figure object (`audit` in the script): colour maps
-used, colours outside the Okabe–Ito palette and greys, numeric axes without a label (categorical axes name
-their ticks), titles that overlap, and whether any text names a hook. Problems found, by this check and by
-eye, are listed [at the end](#style-problems-found).
+used, colours outside Okabe–Ito, greys and the safe colour maps, numeric axes without a label (categorical
+axes name their ticks), titles that overlap, and whether any text names a hook. Problems found, by this check
+and by eye, and what became of them, are listed [at the end](#style-problems-found).
 
 """
 
@@ -430,9 +441,6 @@ def main() -> None:
         a = audit(fig)
         path = save_thumbnail(fig, e.stem)
         fig.clf()
-        import matplotlib.pyplot as plt
-
-        plt.close("all")  # plot_benchmark draws through pyplot
         print(f"{e.stem:32s} {time.time() - t:5.1f} s {path.stat().st_size / 1024:6.1f} kB  {_audit_line(a)}")
         also = f" (also `{e.also}`)" if e.also else ""
         index.append(f"- [`{e.function}`](#{e.stem.replace('_', '-')}){also}")
@@ -454,43 +462,32 @@ def main() -> None:
 PROBLEMS = """\
 ## Style problems found
 
-Checked on the thumbnails above and in the code that draws them (2026-12-01). Reported, not fixed here: the
-figures are drawn by library code.
+Found on the thumbnails and in the code (2026-12-01, issue 19); status after the split of
+`moe_interp/plotting.py` into `moe_interp/figures/` (issue 21). `tests/test_plotting.py` checks each fix on
+the figure objects (colour maps, artist colours, image data, labels, title overlap).
 
-1. **`plot_benchmark`** (`moe_interp/benchmark.py`): colour map `RdYlGn_r`, a red–green map — not
-   colour-blind safe, and good vs bad rank is exactly the red/green distinction that deuteranopes lose; use
-   `viridis` (unsigned ranks). It is also the only figure built through pyplot (`plt.subplots`) instead of a
-   bare `Figure` under `STYLE`: other fonts and spines, the figure stays in pyplot's registry after it is
-   returned, and under `%matplotlib inline` a cell that returns it shows it twice. Missing ranks are drawn
-   white rather than the library's NaN grey. Its axes are categorical (methods × organisms), so no hook names
-   apply.
-2. **`plot_dla_heatmap`** (`moe_interp/figures_dla.py`): the suptitle overlaps both panel titles — the
-   titles that carry the hook names `blocks.L.attn.hook_result[h]` / `blocks.L.mlp.experts.e.hook_out` —
-   at every dpi (no constrained layout; the figure is 0.9 + 0.4·n_layers inches tall). The colour-bar label
-   is longer than the figure is tall for ≤ 4 layers.
-3. **`plot_routing` / `RoutingView`** (`moe_interp/figures_dla.py`, `moe_interp/views.py`): a cell's colour is
-   `OKABE_ITO[top_expert % 7]`, so experts e and e + 7 share a colour (experts 0 and 7 on the organism; most
-   experts on a 64-expert model), and opacity encodes the weight, so a faint blue cell (expert 0, low weight)
-   looks like sky blue (expert 4). There is no legend; only the cell text tells experts apart. The HTML view's
-   chips use the same `% 7` colours.
-4. **`plot_circuit` / `Circuit.plot`** (`moe_interp/plotting.py`, `moe_interp/circuits.py`): the faithfulness
-   panel's axis reads "faithfulness (1 = full model)", but the value is the fraction of the refusal-score gap
-   *removed by mean-ablating* the set (1 = the whole gap removed), not how well the circuit alone reproduces
-   the full model. Marker sizes and the printed `(+0.04)` labels are the components' `effect`, which with
-   `method="attribution"` is the first-order estimate used for ranking, not a measured effect: on the
-   organism the three attention outputs that together remove 87% of the gap are drawn as near-zero
-   effects (+0.04, +0.03, +0.01).
-5. **Units missing** (the refusal score is a log-odds): `ExpertAblationResult.plot` colour bar "Δ refusal
-   score (ablate, mode=…)" (`moe_interp/patching/ablation.py`); `plot_selection_scores` "bypass score
-   (refusal metric, direction ablated)" and "induce score". `plot_attribution_vs_exhaustive`'s default axis
-   labels ("attribution-patching estimate" / "exhaustive activation patching") name neither the hook nor the
-   unit (normalised recovery); the hook appears only when the caller passes a title, as the pipeline and this
-   gallery do.
+1. **`plot_benchmark`** — fixed (`moe_interp/figures/benchmark.py`; `moe_interp.benchmark.plot_benchmark`
+   delegates to it). It used `RdYlGn_r`, a red–green map, through pyplot. Now a bare `Figure` under `STYLE`
+   with `viridis_r` on a log scale (rank 1 brightest), NaN grey, cell text black or white by contrast,
+   `miss` / `–` cells, and labelled axes and colour bar.
+2. **`plot_dla_heatmap`** — fixed (`moe_interp/figures/tracing.py`): the suptitle overlapped both panel
+   titles; every tracing figure now uses constrained layout, and the colour-bar label wraps.
+3. **`plot_routing` / `RoutingView.figure`** — fixed (`moe_interp/figures/routing.py`): cells were
+   `OKABE_ITO[top_expert % 7]` with opacity for the weight, so experts e and e + 7 shared a colour. Now every
+   expert has its own colour (`categorical_colours`: Okabe–Ito up to eight experts, evenly sampled `viridis`
+   beyond), solid fills (weights are printed in the cell), cell text in black or white by contrast, and a
+   legend from colour to expert. **Open:** the HTML view's chips (`RoutingView._repr_html_` in
+   `moe_interp/views.py`) still use `OKABE_ITO[e % 7]`; `categorical_colours(n_experts)` is the drop-in fix.
+4. **`plot_circuit` / `Circuit.plot`** — the faithfulness axis now reads "fraction of the refusal-score gap
+   removed". **Open** (by design of the circuit search, not the figure): with `method="attribution"` marker
+   sizes and the printed `(+0.04)` labels are the first-order estimates used for ranking, not measured effects.
+5. **Units** — fixed: refusal scores are labelled log-odds (selection, ablation colour bar); refusal rates
+   "(fraction of prompts)"; `plot_attribution_vs_exhaustive` names the hook (read off `PatchingResult`
+   inputs) and the unit (normalised recovery, 1 = clean) on both axes.
 
 Figures without hook names by nature (not problems): `plot_coefficient_sweep`, `plot_method_comparison`
 (methods and steering strengths, with units: refusal rate, KL in nats) and `plot_benchmark`. Every other
-figure names its hooks on an axis, a title or the tick labels, uses `RdBu_r` (ColorBrewer's colour-blind-safe
-diverging map, centred at 0) or `viridis` (perceptually uniform), and draws categories in Okabe–Ito.
+figure names its hooks on an axis, a title or the tick labels.
 """
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from moe_interp.figures_dla import plot_attention, plot_dla_tokens, plot_routing
 from moe_interp.lens import decode_tokens
-from moe_interp.plotting import OKABE_ITO, save_figure
+from moe_interp.plotting import OKABE_ITO, categorical_colours, save_figure
 
 if TYPE_CHECKING:
     from moe_interp.dla import DLAResult
@@ -142,12 +142,13 @@ class RoutingView(_View):
     def _repr_html_(self) -> str:
         head = "<tr><th>token</th>" + "".join(f"<th>blocks.{L}.mlp</th>" for L in self.layers) + "</tr>"
         rows = []
+        palette = categorical_colours(int(self.indices.max()) + 1 if self.indices.numel() else 0)
         for p, t in enumerate(self.tokens):
             cells = []
             for i in range(len(self.layers)):
                 order = torch.argsort(self.weights[i, p], descending=True).tolist()
                 chips = "".join(
-                    f'<span class="chip" style="background:{_rgba(OKABE_ITO[int(self.indices[i, p, o]) % 7], 0.25 + 0.75 * float(self.weights[i, p, o]))}" '
+                    f'<span class="chip" style="background:{_rgba(palette[int(self.indices[i, p, o])], 0.25 + 0.75 * float(self.weights[i, p, o]))}" '
                     f'title="expert {int(self.indices[i, p, o])}: weight {float(self.weights[i, p, o]):.4f}">'
                     f"e{int(self.indices[i, p, o])} {float(self.weights[i, p, o]):.2f}</span>"
                     for o in order
