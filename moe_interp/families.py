@@ -7,8 +7,12 @@ adding one entry to :data:`FAMILIES` (and, for tests, one tiny config in :mod:`m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from moe_interp.adapters import DENSE_SCORE_ROUTER, TOPK_ROUTER, RouterAdapter
+from moe_interp.hooks import READ_ONLY_SITES
 
 RouterKind = Literal[
     "softmax_topk",
@@ -48,20 +52,35 @@ class FamilySpec:
     #: execution order of the MoE block's sub-modules (nnsight reads modules in execution order)
     moe_order: tuple[str, ...] = ("router", "experts")
     router_kind: RouterKind = "softmax_topk"
-    #: router returns (logits, top_k_weights, top_k_index) or (dense_scores, logits)
-    router_output: Literal["logits_weights_indices", "scores_logits"] = "logits_weights_indices"
+    #: how the router hands its decision to the experts module (:mod:`moe_interp.adapters`)
+    router_adapter: RouterAdapter = TOPK_ROUTER
     expert_kind: ExpertKind = "glu_chunk"
     #: MoE block returns a tuple whose first element is the hidden states
     mlp_returns_tuple: bool = False
     norm_topk_default: bool = True
     #: attribute of the decoder layer scaling attn/mlp outputs before the residual add (Granite)
     residual_multiplier: str | None = None
+    #: attribute of the model config scaling the embeddings after the embedding module (Granite)
+    embedding_multiplier: str | None = None
     dense: bool = False
     #: the decoder layer adds the MLP output to the residual by broadcasting (False where it reshapes the
     #: output to the residual's shape): then the last layer's MLP may run on the last position alone
     mlp_broadcasts: bool = True
     notes: str = ""
+    #: other ``model_type`` values naming this family
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    #: ``model_type`` of multimodal configs whose ``text_config`` is this family's (Llama 4)
+    wrapper_types: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def router_output(self) -> str:
+        """The router adapter's layout name (kept for callers that compare it; prefer :attr:`router_adapter`)."""
+        return self.router_adapter.layout
+
+    @property
+    def read_only_sites(self) -> Mapping[str, str]:
+        """Hook sites that cannot be written in this family -> what to edit instead."""
+        return {**READ_ONLY_SITES, **self.router_adapter.read_only_sites}
 
 
 _Q_MLA = ("q_proj", "q_b_proj")
@@ -113,6 +132,7 @@ FAMILIES: dict[str, FamilySpec] = {
             router="router",
             router_kind="topk_softmax",
             residual_multiplier="residual_multiplier",
+            embedding_multiplier="embedding_multiplier",
             notes="Component outputs are reported in residual units (times residual_multiplier).",
         ),
         FamilySpec("phimoe", router="router", router_kind="sparsemixer"),
@@ -132,11 +152,11 @@ FAMILIES: dict[str, FamilySpec] = {
             shared="shared_expert",
             moe_order=("router", "experts", "shared"),
             router_kind="topk_sigmoid_dense",
-            router_output="scores_logits",
+            router_adapter=DENSE_SCORE_ROUTER,
             expert_kind="input_scaled_glu",
             mlp_returns_tuple=True,
             mlp_broadcasts=False,
-            aliases=("llama4",),
+            wrapper_types=("llama4",),
             notes="Experts see the token scaled by its sigmoid router score (input scaling).",
         ),
         FamilySpec("llama", dense=True),
@@ -157,8 +177,15 @@ def get_family(model_type: str) -> FamilySpec:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     for spec in FAMILIES.values():
-        if model_type in spec.aliases:
+        if model_type in spec.aliases or model_type in spec.wrapper_types:
             return spec
     raise ValueError(
         f"Unsupported model family {model_type!r}. Supported families: {', '.join(supported_families())}."
     )
+
+
+def text_config(cfg: Any) -> Any:
+    """The text model's config: ``cfg.text_config`` for a multimodal wrapper (:attr:`FamilySpec.wrapper_types`),
+    else ``cfg`` itself."""
+    wrapped = any(cfg.model_type in spec.wrapper_types for spec in FAMILIES.values())
+    return getattr(cfg, "text_config", None) if wrapped else cfg

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+
+from moe_interp.errors import InputError
 
 #: Per-block sites and the layout of their tensors (documentation and `inspect` output).
 BLOCK_SITES: dict[str, str] = {
@@ -24,10 +28,10 @@ BLOCK_SITES: dict[str, str] = {
     "attn.hook_result": "[batch, pos, n_heads, d_model] each head's contribution to attn_out (no bias)",
     "attn.hook_pattern": "[batch, n_heads, query_pos, key_pos] attention probabilities (read-only)",
     "mlp.hook_router_logits": "[batch, pos, n_experts] router logits; edits re-run the routing function",
-    "mlp.hook_expert_indices": "[batch, pos, top_k] selected experts",
+    "mlp.hook_expert_indices": "[batch, pos, top_k] selected experts (read-only in Llama 4)",
     "mlp.hook_expert_weights": "[batch, pos, n_experts] routing weights, zero where not selected",
     "mlp.hook_expert_out": "[batch, pos, n_experts, d_model] each expert's weighted contribution",
-    "mlp.hook_topk_expert_out": "[batch, pos, top_k, d_model] sparse form of hook_expert_out",
+    "mlp.hook_topk_expert_out": "[batch, pos, top_k, d_model] sparse form of hook_expert_out (read-only)",
     "mlp.hook_shared_out": "[batch, pos, d_model] shared-expert contribution (after its gate)",
     "mlp.experts.{e}.hook_out": "[batch, pos, d_model] expert e's weighted contribution",
 }
@@ -37,7 +41,14 @@ GLOBAL_SITES: dict[str, str] = {
     "ln_final.hook_normalized": "[batch, pos, d_model] final norm output",
 }
 
-READ_ONLY_SITES: frozenset[str] = frozenset({"attn.hook_pattern"})
+#: Sites that are exposed for reading only in every family (writing them could not change the forward), with
+#: what to edit instead. Families add their own (:attr:`moe_interp.families.FamilySpec.read_only_sites`).
+READ_ONLY_SITES: Mapping[str, str] = MappingProxyType(
+    {
+        "attn.hook_pattern": "attention output is computed before its pattern is exposed: edit attn.hook_z",
+        "mlp.hook_topk_expert_out": "a sparse view of hook_expert_out: edit mlp.hook_expert_out",
+    }
+)
 
 _BLOCK_RE = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(.+)", re.ASCII)
 _EXPERT_RE = re.compile(r"mlp\.experts\.(0|[1-9][0-9]*)\.hook_out", re.ASCII)
@@ -105,3 +116,14 @@ def validate_names(names: list[str] | tuple[str, ...], valid: set[str], valid_so
             raise ValueError(f"Unknown hook name {name!r} for this model.{hint}")
         out.append(name)
     return out
+
+
+def check_writable(names: Iterable[str], read_only: Mapping[str, str] = READ_ONLY_SITES) -> None:
+    """Raise :class:`~moe_interp.errors.InputError` if an edit targets a read-only site (before anything runs)."""
+    for name in names:
+        for site, instead in read_only.items():
+            if name.endswith("." + site):
+                ro = ", ".join(f"*.{s}" for s in read_only)
+                raise InputError(
+                    f"{name} is read-only ({instead}); every other hook is writable (read-only: {ro})."
+                )

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.errors import InputError
 from moe_interp.experts import excluded_logit
 from moe_interp.tracing import EditFn, HookContext
 
@@ -66,7 +67,7 @@ def check_positions(positions: Any) -> Positions:
             raise ValueError(
                 f"Unknown position scope {positions!r}: expected 'all', 'prompt', 'generated' or a list of ints."
             )
-        return positions
+        return cast(Scope, positions)
     if isinstance(positions, int):
         return [positions]
     if not isinstance(positions, Sequence) or not all(isinstance(i, int) for i in positions) or not positions:
@@ -195,6 +196,8 @@ class Patch:
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         pos = None if self.positions is None else check_positions(self.positions)
+        if isinstance(pos, str):  # Patch applies to the prompt pass only: positions are indices
+            raise InputError(f"Patch.positions must be None (all) or a list of ints, got {pos!r}.")
 
         def fn(x: Tensor, ctx: HookContext) -> Tensor:
             if not ctx.is_prompt:

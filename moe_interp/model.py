@@ -10,7 +10,7 @@ import contextlib
 import html
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,44 +23,23 @@ from transformers import BatchEncoding, PreTrainedModel
 from moe_interp import guards
 from moe_interp.families import FamilySpec, get_family
 from moe_interp.guards import check_prompts as _check_prompts
-from moe_interp.hooks import BLOCK_SITES, validate_names
+from moe_interp.hooks import BLOCK_SITES, check_writable, validate_names
+from moe_interp.model_structure import ModelSpec, enumerate_hooks, make_spec, resolve_layers
 from moe_interp.tl_compat import MoEConfig, TLCacheMixin
-from moe_interp.tracing import EditFn, LayerInfo, LayerTracer, TraceRequest, _get
+from moe_interp.tracing import EditFn, LayerTracer, TraceRequest
 
-warnings.filterwarnings("ignore", message=".*was never reached.*")  # nnsight's open generation loop
-warnings.filterwarnings("ignore", message=".*is falling back to its reference PyTorch implementation.*")
+__all__ = ["Generation", "ModelSpec", "MoECache", "MoEModel", "load"]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Geometry of a loaded model, in one place for analysis code, CLI output and steering metadata."""
-
-    family: str
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    vocab_size: int
-    moe_layers: tuple[int, ...]
-    n_experts: int
-    top_k: int
-    shared_expert_layers: tuple[int, ...]
-    attention: tuple[str, ...]  # per layer: "softmax" or "linear"
-    notes: str = ""
-
-    @property
-    def is_moe(self) -> bool:
-        return bool(self.moe_layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>" for k, v in self.to_dict().items()
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence two expected warnings inside our own traces only (the user's filters are left alone)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was never reached.*")  # nnsight's open generation loop
+        warnings.filterwarnings(
+            "ignore", message=".*is falling back to its reference PyTorch implementation.*"
         )
-        return f"<table><tr><th>ModelSpec</th><th></th></tr>{rows}</table>"
+        yield
 
 
 @dataclass
@@ -76,7 +55,8 @@ class Generation:
         return sum(self.token_logprobs) / max(len(self.token_logprobs), 1)
 
 
-class MoECache(TLCacheMixin, ActivationCache):
+# TLCacheMixin replaces some TL methods on purpose (logit_lens returns a LogitLensResult): mypy flags the clash
+class MoECache(TLCacheMixin, ActivationCache):  # type: ignore[misc]
     """TransformerLens ``ActivationCache`` of moe-interp hook values (all ``[batch, pos, ...]``).
 
     Methods that need TL model weights are re-built on the hooks (:class:`~moe_interp.tl_compat.TLCacheMixin`).
@@ -116,123 +96,13 @@ class MoEModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or hf_model.config.model_type
         self.nnsight = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
-        self.layers = self._resolve_layers()
-        self.spec = self._make_spec()
-        self._hook_names = self._enumerate_hooks()
+        self.layers = resolve_layers(hf_model, self.family)
+        self.spec = make_spec(hf_model, self.family, self.layers)
+        self._hook_names = enumerate_hooks(self.family, self.layers)
         self._hook_set = set(self._hook_names)
         self._active: list[Any] = []
         #: phrases whose first tokens define the logit refusal score (None: the library default list)
         self.refusal_phrases: tuple[str, ...] | None = None
-
-    # ------------------------------------------------------------------------------- structure
-    def _resolve_layers(self) -> list[LayerInfo]:
-        cfg = self.hf_model.config
-        fam = self.family
-        infos = []
-        for i, layer in enumerate(_get(self.hf_model, fam.layers)):
-            attn_path = next((p for p in fam.attn if hasattr(layer, p)), None)
-            lin_path = next((p for p in fam.linear_attn if hasattr(layer, p)), None)
-            attn = getattr(layer, attn_path) if attn_path else None
-            q = next((p for p in fam.q if _has(attn, p)), None)
-            k = next((p for p in fam.k if _has(attn, p)), None)
-            v = next((p for p in fam.v if _has(attn, p)), None)
-            o = fam.o if _has(attn, fam.o) else None
-            n_heads = int(cfg.num_attention_heads)
-            # k/v head size from the key heads: q_proj may also carry an output gate (Qwen3-Next)
-            n_kv_cfg = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-            if k:
-                d_head, n_kv = getattr(attn, k).out_features // n_kv_cfg, n_kv_cfg
-            else:  # MLA: no per-head keys
-                d_head, n_kv = (getattr(attn, q).out_features // n_heads if q else 0), n_heads
-            d_head_v = getattr(attn, o).in_features // n_heads if o else 0
-            mlp = getattr(layer, fam.mlp)
-            is_moe = hasattr(mlp, fam.router) and hasattr(mlp, fam.experts)
-            n_exp = top_k = 0
-            if is_moe:
-                ex, router = getattr(mlp, fam.experts), getattr(mlp, fam.router)
-                n_exp = int(getattr(ex, "num_experts", 0) or ex.gate_up_proj.shape[0])
-                top_k = int(getattr(router, "top_k", 0) or cfg.num_experts_per_tok)
-            mult = float(getattr(layer, fam.residual_multiplier, 1.0)) if fam.residual_multiplier else 1.0
-            infos.append(
-                LayerInfo(
-                    index=i,
-                    attn=attn_path,
-                    linear_attn=lin_path if attn_path is None else None,
-                    q=q,
-                    k=k,
-                    v=v,
-                    o=o,
-                    n_heads=n_heads,
-                    n_kv_heads=n_kv,
-                    d_head=d_head,
-                    d_head_v=d_head_v,
-                    mlp=fam.mlp,
-                    is_moe=is_moe,
-                    n_experts=n_exp,
-                    top_k=top_k,
-                    shared=fam.shared if is_moe and fam.shared and hasattr(mlp, fam.shared) else None,
-                    shared_gate=fam.shared_gate
-                    if is_moe and fam.shared_gate and hasattr(mlp, fam.shared_gate)
-                    else None,
-                    residual_multiplier=mult,
-                )
-            )
-        return infos
-
-    def _make_spec(self) -> ModelSpec:
-        cfg = self.hf_model.config
-        moe = [i for i in self.layers if i.is_moe]
-        first_attn = next((i for i in self.layers if i.attn), self.layers[0])
-        return ModelSpec(
-            family=self.family.model_type,
-            n_layers=len(self.layers),
-            d_model=int(cfg.hidden_size),
-            n_heads=first_attn.n_heads,
-            n_kv_heads=first_attn.n_kv_heads,
-            d_head=first_attn.d_head,
-            vocab_size=int(cfg.vocab_size),
-            moe_layers=tuple(i.index for i in moe),
-            n_experts=moe[0].n_experts if moe else 0,
-            top_k=moe[0].top_k if moe else 0,
-            shared_expert_layers=tuple(i.index for i in moe if i.shared),
-            attention=tuple("softmax" if i.attn else "linear" for i in self.layers),
-            notes=self.family.notes,
-        )
-
-    def _enumerate_hooks(self) -> list[str]:
-        names = ["hook_embed"]
-        for info in self.layers:
-            L = info.index
-            for site in (
-                "hook_resid_pre",
-                "hook_resid_mid",
-                "hook_resid_post",
-                "hook_attn_out",
-                "hook_mlp_out",
-            ):
-                names.append(f"blocks.{L}.{site}")
-            if info.attn:
-                for key, path in (("hook_q", info.q), ("hook_k", info.k), ("hook_v", info.v)):
-                    if path:
-                        names.append(f"blocks.{L}.attn.{key}")
-                if info.o:
-                    names += [f"blocks.{L}.attn.hook_z", f"blocks.{L}.attn.hook_result"]
-                names.append(f"blocks.{L}.attn.hook_pattern")
-            if info.is_moe:
-                for s in (
-                    "hook_router_logits",
-                    "hook_expert_indices",
-                    "hook_expert_weights",
-                    "hook_expert_out",
-                ):
-                    names.append(f"blocks.{L}.mlp.{s}")
-                if self.family.router_output != "scores_logits":
-                    names.append(f"blocks.{L}.mlp.hook_topk_expert_out")
-                if info.shared:
-                    names.append(f"blocks.{L}.mlp.hook_shared_out")
-                names += [f"blocks.{L}.mlp.experts.{e}.hook_out" for e in range(info.n_experts)]
-        names.append("ln_final.hook_normalized")
-        return names
 
     @property
     def cfg(self) -> MoEConfig:
@@ -352,7 +222,7 @@ class MoEModel:
         out: dict[str, Tensor] = {}
         pos_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         need_eager = any(n.endswith("attn.hook_pattern") for n in request.reads)
-        with self._eager_attention(need_eager), torch.set_grad_enabled(grad):
+        with self._eager_attention(need_eager), torch.set_grad_enabled(grad), _quiet():
             kw = {"logits_to_keep": 1} if last_only else {}
             with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids, **kw):
                 _trace_body(self, request, store, out, ids.shape[0], ids.shape[1], mask)
@@ -478,6 +348,7 @@ class MoEModel:
         """
         guards.check_count("max_new_tokens", max_new_tokens)
         n_ret = guards.check_count("num_return_sequences", num_return_sequences)
+        assert n_ret is not None  # check_count returns None only with allow_none
         ids, mask = self._encode(prompts, chat, new_tokens=max_new_tokens)
         active = self._collect_edits()
         b, p = ids.shape
@@ -496,7 +367,7 @@ class MoEModel:
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-        with rng:
+        with rng, _quiet():
             if seed is not None:
                 torch.manual_seed(seed)
             res: dict[str, Any] = {}
@@ -531,10 +402,6 @@ class MoEModel:
         return [results[i * n_ret : (i + 1) * n_ret] for i in range(b)]
 
 
-def _has(module: Any, path: str) -> bool:
-    return module is not None and getattr(module, path, None) is not None
-
-
 def _edits_of(iv: Any, model: MoEModel) -> dict[str, EditFn]:
     if not hasattr(iv, "edits"):
         raise TypeError(
@@ -542,11 +409,7 @@ def _edits_of(iv: Any, model: MoEModel) -> dict[str, EditFn]:
         )
     edits = iv.edits(model)
     validate_names(list(edits), model._hook_set, model._hook_names)
-    for name in edits:
-        if name.endswith("attn.hook_pattern"):
-            raise ValueError(
-                f"{name} is read-only (attention output is computed before its pattern is exposed)."
-            )
+    check_writable(edits, model.family.read_only_sites)
     return edits
 
 
@@ -596,12 +459,11 @@ def load(
     ``tokenizer=``), ``"tiny:<family>"`` (seeded random-init tiny model; ``seed=`` and config overrides via
     ``config=dict(...)``), or ``"organism"`` (the bundled refusing MoE).
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    torch_dtype: torch.dtype | None = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if isinstance(source, PreTrainedModel):
         model = MoEModel(source, tokenizer, name=kwargs.pop("name", None))
     elif isinstance(source, str) and source.startswith("tiny:"):
-        model = _load_tiny(source.split(":", 1)[1], dtype=dtype, **kwargs)
+        model = _load_tiny(source.split(":", 1)[1], dtype=torch_dtype, **kwargs)
     elif isinstance(source, str) and source == "organism":
         from moe_interp.organisms import load_organism
         from moe_interp.organisms.data import HARMFUL_REFUSALS, POLITICAL_REFUSALS
@@ -614,14 +476,14 @@ def load(
 
         model = load_model(**kwargs)
     elif isinstance(source, str | Path):
-        model = _load_pretrained(str(source), tokenizer=tokenizer, dtype=dtype, **kwargs)
+        model = _load_pretrained(str(source), tokenizer=tokenizer, dtype=torch_dtype, **kwargs)
     else:
         raise TypeError(
             "load() takes an HF id or directory, 'tiny:<family>', 'organism', or a transformers PreTrainedModel; "
             f"got {type(source).__name__}."
         )
-    if dtype is not None and not isinstance(source, PreTrainedModel):
-        model.hf_model.to(dtype)
+    if torch_dtype is not None and not isinstance(source, PreTrainedModel):
+        model.hf_model.to(torch_dtype)
     if device is not None:
         model.hf_model.to(device)
     return model

@@ -97,7 +97,7 @@ class PlanSettings:
         layers = cfg.layer_range(n_layers)
         keep_below = math.ceil(n_layers * (1 - cfg.prune_last_frac))
         n_cand = max(1, len([L for L in layers if L < keep_below]))
-        base = dict(
+        base: dict[str, Any] = dict(
             dtype=cfg.dtype,
             batch_size=cfg.batch_size,
             n_pos=len(cfg.positions),
@@ -130,19 +130,15 @@ class Stage:
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-def _text_config(cfg: Any) -> Any:
-    return getattr(cfg, "text_config", None) if cfg.model_type == "llama4" else cfg
-
-
 def geometry_from_hf_config(cfg: Any) -> ExpectedGeometry:
     """Geometry of a transformers config: the model is built on the ``meta`` device and counted."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moe_interp.families import get_family
+    from moe_interp.families import get_family, text_config
     from moe_interp.tracing import _get
 
-    tcfg = _text_config(cfg)
+    tcfg = text_config(cfg)  # multimodal wrappers (FamilySpec.wrapper_types): the text model's config
     fam = get_family(tcfg.model_type)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -237,8 +233,8 @@ def resolve_geometry(
     if source == "organism":
         from moe_interp.organisms import checkpoint_dir
 
-        recipe = RECIPES_DIR / "organism" / "config.json"
-        cfg = load_config(recipe) if recipe.is_file() else None
+        organism_recipe = RECIPES_DIR / "organism" / "config.json"
+        cfg = load_config(organism_recipe) if organism_recipe.is_file() else None
         if (checkpoint_dir() / "config.json").is_file():
             geo = geometry_from_hf_config(AutoConfig.from_pretrained(checkpoint_dir()))
             return geo, cfg, "organism checkpoint config"

@@ -17,14 +17,9 @@ import torch
 from torch import Tensor
 
 from moe_interp.buffers import BUFFERS
-from moe_interp.experts import (
-    dense_to_topk,
-    materialized,
-    route,
-    topk_expert_outputs,
-    topk_to_dense,
-)
+from moe_interp.experts import materialized, route, topk_expert_outputs
 from moe_interp.families import FamilySpec
+from moe_interp.hooks import check_writable
 
 
 @dataclass
@@ -131,7 +126,7 @@ class LayerTracer:
         spec: FamilySpec,
         layers: list[LayerInfo],
         request: TraceRequest,
-        store: dict[str, Tensor],
+        store: dict[str, list[Tensor]],
         batch: int,
         seq: int,
         attention_mask: Tensor,
@@ -145,6 +140,8 @@ class LayerTracer:
         self.b, self.p = batch, seq
         self.mask = attention_mask
         self.step = step
+        if step == 0 and request.edits:  # MoEModel checks interventions earlier; this covers direct requests
+            check_writable(request.edits, spec.read_only_sites)
 
     # ----------------------------------------------------------------------------- helpers
     def _ctx(self, name: str, layer: int | None) -> HookContext:
@@ -177,7 +174,7 @@ class LayerTracer:
             return
         pos = self.req.positions
         if pos is not None:
-            index = [slice(None)] * value.ndim
+            index: list[slice | Tensor] = [slice(None)] * value.ndim
             index[pos_dim] = pos if isinstance(pos, slice) else torch.as_tensor(pos, dtype=torch.long)
             value = value[tuple(index)]
         self.store.setdefault(name, [])
@@ -200,7 +197,8 @@ class LayerTracer:
         if self.req.wants("hook_embed"):
             emb = _get(self.nn, self.spec.embed)
             # in residual units, like blocks.0.hook_resid_pre (Granite scales embeddings after the module)
-            mult = float(getattr(self.nn.config, "embedding_multiplier", None) or 1.0)
+            attr = self.spec.embedding_multiplier
+            mult = float(getattr(self.nn.config, attr, None) or 1.0) if attr else 1.0
             new = self._site("hook_embed", emb.output * mult if mult != 1.0 else emb.output, None)
             if new is not None:
                 emb.output = new / mult if mult != 1.0 else new
@@ -326,6 +324,7 @@ class LayerTracer:
         if new_attn is not None:
             attn_out = new_attn
         if self.req.wants(m_name):
+            assert resid_pre is not None  # read by _layer whenever resid_mid is wanted
             mid = resid_pre + attn_out
             new_mid = self._site(m_name, mid, L)
             if new_mid is not None:
@@ -353,14 +352,15 @@ class LayerTracer:
             )
             want_shared = info.shared is not None and self.req.wants(pfx + "hook_shared_out")
             for part in spec.moe_order:
-                if part == "shared" and want_shared:
+                if part == "shared" and want_shared and info.shared is not None:
                     shared_raw = getattr(mlp, info.shared).output
                     if info.shared_gate is None:
                         shared_out = shared_raw * mult
                         new = self._site(pfx + "hook_shared_out", self._bp(self._flat_any(shared_out)), L)
                         if new is not None:
                             shared_delta = new - self._bp(self._flat_any(shared_out))
-                elif part == "shared_gate" and want_shared:
+                elif part == "shared_gate" and want_shared and info.shared_gate is not None:
+                    assert shared_raw is not None  # "shared" precedes "shared_gate" in moe_order
                     gate = getattr(mlp, info.shared_gate).output
                     shared_out = self._bp(torch.sigmoid(gate) * self._flat_any(shared_raw)) * mult
                     new = self._site(pfx + "hook_shared_out", shared_out, L)
@@ -387,32 +387,18 @@ class LayerTracer:
 
     def _router(self, info: LayerInfo, router: Any) -> None:
         L, pfx, spec = info.index, f"blocks.{info.index}.mlp.", self.spec
-        out = router.output
-        dense_scores = spec.router_output == "scores_logits"
-        if dense_scores:
-            scores, logits = out[0], out[1]
-        else:
-            logits, weights, indices = out[0], out[1], out[2]
+        io = spec.router_adapter
+        routing = io.read(router.output)
         changed = False
-        new_logits = self._site(pfx + "hook_router_logits", self._bp(logits), L)
+        new_logits = self._site(pfx + "hook_router_logits", self._bp(routing.logits), L)
         if new_logits is not None:
             logits = self._flat(new_logits)
-            w, idx = route(spec, router._module, logits, info.top_k)
-            if dense_scores:
-                scores = w
-            else:
-                weights, indices = w, idx
+            routing = io.rerouted(logits, *route(spec, router._module, logits, info.top_k))
             changed = True
-        if dense_scores:
-            indices = torch.topk(logits, info.top_k, dim=-1).indices
-            dense = scores
-        else:
-            dense = None
         idx_name, w_name = pfx + "hook_expert_indices", pfx + "hook_expert_weights"
+        indices = io.selected(routing, info.top_k)
         new_idx = self._site(idx_name, self._bp(indices), L)
         if new_idx is not None:
-            if dense_scores:
-                raise ValueError(f"{idx_name} is read-only for this family; edit {w_name} instead.")
             indices = self._flat(new_idx).to(indices.dtype)
             lo, hi = (int(indices.min()), int(indices.max())) if indices.numel() else (0, 0)
             if lo < 0 or hi >= info.n_experts:
@@ -420,19 +406,15 @@ class LayerTracer:
                     f"An edit of {idx_name} must give expert indices in [0, {info.n_experts}), got values in "
                     f"[{lo}, {hi}]."
                 )
+            routing = io.with_indices(routing, indices)
             changed = True
         if self.req.wants(w_name):
-            if dense is None:
-                dense = topk_to_dense(weights, indices, info.n_experts)
-            new_dense = self._site(w_name, self._bp(dense), L)
+            new_dense = self._site(w_name, self._bp(io.dense(routing, info.n_experts)), L)
             if new_dense is not None:
-                if dense_scores:
-                    scores = self._flat(new_dense)
-                else:
-                    weights, indices = dense_to_topk(self._flat(new_dense).to(weights.dtype))
+                routing = io.with_dense(routing, self._flat(new_dense))
                 changed = True
         if changed:
-            router.output = (scores, logits) if dense_scores else (logits, weights, indices)
+            router.output = io.write(routing)
 
     def _experts(self, info: LayerInfo, experts: Any) -> None:
         L, pfx, spec = info.index, f"blocks.{info.index}.mlp.", self.spec
@@ -442,10 +424,10 @@ class LayerTracer:
             self.req.wants(n) for n in per_expert_names
         )
         computed: Tensor | None = None
-        if spec.router_output == "scores_logits":
-            out = experts.output  # [E * n_tok, d]: every expert already computed on scaled inputs
-            dense = einops.rearrange(out, "(e n) d -> n e d", e=E) * info.residual_multiplier
-            topk = None
+        io = spec.router_adapter
+        dense = io.expert_outputs(experts, E)  # None: the module returns only the sum of the routed experts
+        if dense is not None:
+            dense = dense * info.residual_multiplier
             if self.req.wants(pfx + "hook_topk_expert_out"):
                 raise ValueError(
                     f"{pfx}hook_topk_expert_out is not available for this family; use hook_expert_out."
@@ -454,7 +436,6 @@ class LayerTracer:
             args, kwargs = experts.inputs
             x, indices, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
             module = experts._module
-            dense = None
             want_topk = self.req.wants(pfx + "hook_topk_expert_out")
             if want_dense or want_topk:
                 # One pass over the routed experts (the sparse form), with the same per-expert ops as the HF
@@ -475,12 +456,8 @@ class LayerTracer:
                     dense = BUFFERS.zeros((n_tok * E, d), topk.dtype, topk.device)
                     dense.index_add_(0, rows, topk.reshape(-1, d))
                     dense = dense.view(n_tok, E, d)
-            if want_topk:
-                new = self._site(pfx + "hook_topk_expert_out", self._bp(topk), L)
-                if new is not None:
-                    raise ValueError(
-                        f"{pfx}hook_topk_expert_out is read-only; edit {pfx}hook_expert_out instead."
-                    )
+            if want_topk:  # read-only (hooks.READ_ONLY_SITES): edits are refused before the trace
+                self._save(pfx + "hook_topk_expert_out", self._bp(topk))
         if dense is None:
             if computed is not None:
                 experts.output = computed.to(x.dtype)
@@ -488,7 +465,7 @@ class LayerTracer:
         dense_bp = self._bp(dense)
         new = self._site(pfx + "hook_expert_out", dense_bp, L)
         edited = new is not None
-        cur = new if edited else dense_bp
+        cur = dense_bp if new is None else new
         for e, name in enumerate(per_expert_names):
             if self.req.wants(name):
                 new_e = self._site(name, cur[:, :, e], L)
@@ -498,9 +475,6 @@ class LayerTracer:
                     edited = True
         if edited:
             flat = self._flat(cur) / info.residual_multiplier
-            if spec.router_output == "scores_logits":
-                experts.output = einops.rearrange(flat, "n e d -> (e n) d").to(dense.dtype)
-            else:
-                experts.output = flat.sum(dim=1).to(dense.dtype)
+            experts.output = io.combine(flat).to(dense.dtype)
         elif computed is not None:
             experts.output = computed.to(dense.dtype)
