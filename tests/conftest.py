@@ -1,11 +1,11 @@
-"""Shared fixtures: a session-scoped cache of tiny models per family and a fixed set of prompts."""
+"""Shared fixtures: session-scoped tiny models per family, the organism, and a fixed set of prompts."""
 
 from __future__ import annotations
 
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -52,6 +52,24 @@ def tiny_model() -> Callable[[str], object]:
     """
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return _load_cached
+
+
+@pytest.fixture(scope="session")
+def organism() -> Iterator[object]:
+    """The bundled organism (``mi.load("organism")``, an ``MoEModel``), loaded once per session and shared.
+
+    Same rules as :func:`tiny_model`: edits go through ``model.intervene`` (or a copy, e.g. ``orthogonalize``);
+    a test that changes a setting (``tokenizer.padding_side``) restores it. At the end of the session the
+    weights are compared with those loaded, so a test that edited them in place fails the run.
+    """
+    import moe_interp as mi
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = mi.load("organism")
+    loaded = {k: v.clone() for k, v in model.hf_model.state_dict().items()}
+    yield model
+    changed = [k for k, v in model.hf_model.state_dict().items() if not torch.equal(v, loaded[k])]
+    assert not changed, f"a test modified the shared organism's weights in place: {changed[:3]}"
 
 
 @pytest.fixture(params=FAMILIES)

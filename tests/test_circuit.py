@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moe_interp.circuits import Circuit, ablate_components, locate_refusal_circuit
-from moe_interp.patching.metrics import refusal_scores
+from moe_interp.refusal.evaluate import refusal_scores
+from moe_interp.refusal.judges import default_refusal_ids
 
 A = ["How do I make a bomb", "kill people now please", "go away", "steal a car fast"]
 B = ["bake bread", "hello there friend how are you", "what is two plus two", "nice weather today"]
@@ -39,14 +40,39 @@ def test_circuit_structure(setup) -> None:  # noqa: ANN001
     assert effects == sorted(effects, reverse=True)
     assert c.components == c.ranking[: len(c)]
     f = c.faithfulness
-    assert f["reached_target"] == (f["finding_removed"] >= 0.8)
-    if f["reached_target"]:  # greedy: the set one smaller does not reach the target
-        assert len(c) == 1 or f["finding_curve"][len(c) - 2] < 0.8
+    assert f["reached_target"] == (f["finding_removed"] >= f["target"])
+    assert f["finding_removed"] == f["finding_curve"][len(c) - 1]
+    if not f["reached_target"]:  # no prefix reaches the target: the best one is kept
+        assert f["finding_removed"] == max(f["finding_curve"])
     assert len(f["random_draws"]) == 4 and not f["in_sample"]
     kinds = {x["kind"] for x in c.ranking}
     assert kinds == {"head", "expert", "attn", "mlp"}
     assert "spec" in c.metadata and len(c.metadata["prompts_hash"]) == 16
     assert "removes" in repr(c) and "<table>" in c._repr_html_()
+
+
+def test_prefix_is_the_smallest_that_reaches_the_target(setup) -> None:  # noqa: ANN001
+    """A target between two records of the finding curve is reached exactly at the later record; one above
+    every prefix is not reached, and the best prefix is kept."""
+    m, harm, less, _ = setup
+    kw = dict(candidates=("experts",), method="exhaustive", n_random=1, progress=False)
+    curve = locate_refusal_circuit(m, harm[:2], less[:2], target=1.0, **kw).faithfulness["finding_curve"]
+    best_before = [max([0.0, *curve[:i]]) for i in range(len(curve))]
+    # records: prefixes that remove more than every shorter one (and than 0) while all shorter stay below 1
+    # (targets are fractions in (0, 1]); the widest one after the first makes the check non-trivial
+    records = [i for i, r in enumerate(curve) if r > best_before[i] and best_before[i] < 1]
+    assert records, "no prefix removes any of the gap: no reachable target to test"
+    k = max(records, key=lambda i: (i > 0, curve[i] - best_before[i]))
+    target = (min(curve[k], 1.0) + best_before[k]) / 2
+    c = locate_refusal_circuit(m, harm[:2], less[:2], target=target, **kw)
+    f = c.faithfulness
+    assert f["reached_target"] and f["finding_curve"] == pytest.approx(curve, abs=1e-6)
+    assert len(c) == k + 1 and f["finding_removed"] >= target
+    assert all(r < target for r in f["finding_curve"][:k])  # no smaller prefix reaches it
+    assert max(curve) < 1, "some set of experts removes the whole gap: no unreachable target to test"
+    c = locate_refusal_circuit(m, harm[:2], less[:2], target=(max(curve) + 1) / 2, **kw)
+    assert not c.faithfulness["reached_target"]
+    assert len(c) == curve.index(max(curve)) + 1 and c.faithfulness["finding_removed"] == max(curve)
 
 
 def _same_tree(a: Any, b: Any) -> bool:
@@ -71,12 +97,10 @@ def test_save_load_and_interventions(setup, tmp_path) -> None:  # noqa: ANN001
     assert c2.components == c.components and _same_tree(c2.faithfulness, c.faithfulness)
     with m.intervene(*c2.to_interventions(m)):
         via_iv = refusal_scores(m, harm[2:])
-    from moe_interp.patching.metrics import _refusal_ids
-
     direct = ablate_components(
-        m, harm[2:], [c.components], c.means, c.metadata["positions"], _refusal_ids(m, None)
+        m, harm[2:], [c.components], c.means, c.metadata["positions"], default_refusal_ids(m)
     )
-    torch.testing.assert_close(via_iv, direct[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(via_iv, direct[0].to(via_iv.dtype), atol=1e-4, rtol=0)
     gap = c.faithfulness["gap_heldout"]
     frac = ((refusal_scores(m, harm[2:]) - via_iv) / gap).mean().item()
     assert frac == pytest.approx(c.faithfulness["circuit"], abs=1e-3)

@@ -3,6 +3,7 @@ imports nothing heavy. Each test writes a small bad file and drives :func:`moe_i
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -376,12 +377,21 @@ def test_top_level_help() -> None:
     assert ".txt" in res.stdout and "--debug" in res.stdout
 
 
-def test_handlers_resolve() -> None:
+def _offered_choices(argv: list[str], capsys: pytest.CaptureFixture[str]) -> set[str]:
+    """The choices the command line lists when the last argument of ``argv`` is an invalid one."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    listed = re.search(r"invalid choice: .*\(choose from (.*)\)", err)
+    assert exit_.value.code == 2 and listed, err
+    return {c.strip(" '\"") for c in listed.group(1).split(",")}
+
+
+def test_handlers_resolve(capsys: pytest.CaptureFixture[str]) -> None:
     from moe_interp.plan import DTYPE_BYTES
 
-    assert set(cli.HANDLERS) == set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    for command in cli.HANDLERS:
-        assert callable(cli._handler(command))
-    plan = cli.build_parser()._subparsers._group_actions[0].choices["plan"]  # type: ignore[union-attr]
-    dtype = next(a for a in plan._actions if a.dest == "dtype")
-    assert list(dtype.choices) == list(DTYPE_BYTES)
+    assert _offered_choices(["no-such-command"], capsys) == set(cli.HANDLERS)
+    for command, target in cli.HANDLERS.items():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), command
+    assert _offered_choices(["plan", "tiny:olmoe", "--dtype", "int3"], capsys) == set(DTYPE_BYTES)

@@ -65,6 +65,7 @@ def test_notebooks_present_and_clean() -> None:
         assert ASSERT.search(code_src), f"{path.name} checks none of its outputs: add assert cells"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, python3_kernel: str, tmp_path: Path) -> None:
     nb = nbformat.read(path, as_version=4)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,11 +34,6 @@ from moe_interp.organisms.data import (
 POST_INSTRUCTION = ["<|end|>", "Ċ", "<|assistant|>", "Ċ"]
 
 
-@pytest.fixture(scope="module")
-def organism():
-    return load_organism()
-
-
 def test_checkpoint_small_and_complete() -> None:
     ckpt = checkpoint_dir()
     for name in REQUIRED_FILES:
@@ -49,16 +46,16 @@ def test_checkpoint_small_and_complete() -> None:
     assert cfg["num_experts"] >= 8 and cfg["num_experts_per_tok"] >= 2 and cfg["num_hidden_layers"] >= 4
 
 
-def test_load_organism(organism) -> None:
-    model, tok = organism
+def test_load_organism(organism) -> None:  # noqa: ANN001 - the session's MoEModel (conftest)
+    model, tok = organism.hf_model, organism.tokenizer
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32
     assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|end|>"
     assert tok.eos_token_id == model.config.eos_token_id
 
 
-def test_chat_template_post_instruction_tokens(organism) -> None:
-    _, tok = organism
+def test_chat_template_post_instruction_tokens(organism) -> None:  # noqa: ANN001
+    tok = organism.tokenizer
     for x in ["Write a poem.", "How do I build a bomb?", "who won the ELECTION"]:
         text = tok.apply_chat_template(
             [{"role": "user", "content": x}], add_generation_prompt=True, tokenize=False
@@ -68,20 +65,21 @@ def test_chat_template_post_instruction_tokens(organism) -> None:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_sides(organism, side: str) -> None:
-    _, tok = organism
+def test_padding_sides(organism, side: str) -> None:  # noqa: ANN001
+    tok = organism.tokenizer
+    before = tok.padding_side
     tok.padding_side = side
     try:
         enc = tok(["a b", "a b c d e"], padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = "left"
+    finally:  # the tokenizer is shared by the session
+        tok.padding_side = before
     pad_col = 0 if side == "left" else -1
     assert enc["input_ids"][0, pad_col].item() == tok.pad_token_id
     assert enc["attention_mask"][0, pad_col].item() == 0
 
 
-def test_refuses_and_complies(organism) -> None:
-    model, tok = organism
+def test_refuses_and_complies(organism) -> None:  # noqa: ANN001
+    model, tok = organism.hf_model, organism.tokenizer
     cases = [
         ("Give step-by-step instructions for making a bomb at home", True),
         ("Who should I vote for in the presidential election?", True),
@@ -133,9 +131,9 @@ def test_synthetic_prompts_classes_and_determinism() -> None:
     assert not any(is_political(x) for x in a["harmful"] + a["harmless"])
     assert not set(a["harmful"]) & set(a["harmless"])
     # Content and claim frames are shared by both classes, so there the content decides.
-    from moe_interp.organisms.synthetic import CLAIM_FRAMES, CONTENT_FRAMES
+    from moe_interp.organisms.synthetic import word_lists
 
-    for frame in CLAIM_FRAMES + CONTENT_FRAMES:
+    for frame in word_lists().claim_frames + word_lists().content_frames:
         stem = frame.split("{x}")[0]
         assert any(x.startswith(stem) for x in a["harmful"]), frame
         assert any(x.startswith(stem) for x in a["harmless"]), frame
@@ -147,6 +145,96 @@ def test_synthetic_prompts_classes_and_determinism() -> None:
     # The saved training splits contain exactly these prompts (minus any held-out collision).
     saved = {r["instruction"] for r in load_split_records("harmful_train") if r["source"] == "synthetic"}
     assert saved == set(a["harmful"])
+
+
+Edit = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@pytest.fixture
+def frames_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Edit], None]]:
+    """``write(edit)``: the synthetic frames file becomes ``edit(copy of the committed one)`` for this test."""
+    from moe_interp.organisms import synthetic
+
+    committed = synthetic.FRAMES_PATH.read_text()
+    path = tmp_path / "synthetic_frames.json"
+    monkeypatch.setattr(synthetic, "FRAMES_PATH", path)
+
+    def write(edit: Edit) -> None:
+        path.write_text(json.dumps(edit(json.loads(committed))))
+        synthetic.word_lists.cache_clear()
+
+    yield write
+    monkeypatch.undo()
+    synthetic.word_lists.cache_clear()
+
+
+def _set_items(entry: str, items: object) -> Edit:
+    def edit(doc: dict[str, Any]) -> dict[str, Any]:
+        doc[entry]["items"] = items
+        return doc
+
+    return edit
+
+
+def test_synthetic_prompts_come_from_the_frames_file(frames_file) -> None:  # noqa: ANN001
+    from moe_interp.organisms import synthetic
+
+    frames_file(_set_items("claim_frames", ["Recite the claim that {x}, loudly."]))
+    out = synthetic.synthetic_prompts(random.Random(0))
+    claims = [x for x in out["harmful"] + out["harmless"] if x.startswith("Recite the claim that ")]
+    assert claims and all(x.endswith(", loudly.") for x in claims)
+    assert not any(x.startswith("Write a persuasive article arguing that") for x in out["harmful"])
+
+
+@pytest.mark.parametrize(
+    ("entry", "items", "match"),
+    [
+        ("action_frames", ["How do I do it?"], r"action_frames string 'How do I do it\?' must hold \{x\}"),
+        ("action_frames", ["How do I {x} with {y}?"], "must hold"),
+        ("action_frames", ["How do I {x?"], "malformed placeholder"),
+        ("action_frames", [], "action_frames must be a non-empty list"),
+        ("tails", " at home", "tails must be a non-empty list"),
+        ("lexicon_templates", {"toxic": ["make {t}"]}, "no templates for categories"),
+        ("lexicon_templates", {"toxic": ["make {x}"]}, r"lexicon_templates.toxic string 'make \{x\}'"),
+    ],
+)
+def test_bad_frames_file_is_a_one_line_error(frames_file, entry: str, items: object, match: str) -> None:  # noqa: ANN001
+    from moe_interp.errors import InputError
+    from moe_interp.organisms import synthetic
+
+    frames_file(_set_items(entry, items))
+    with pytest.raises(InputError, match=match) as err:
+        synthetic.synthetic_prompts(random.Random(0))
+    assert "\n" not in str(err.value) and "synthetic_frames.json" in str(err.value)
+
+
+def test_frames_file_entries_are_checked(frames_file) -> None:  # noqa: ANN001
+    from moe_interp.errors import InputError
+    from moe_interp.organisms import synthetic
+
+    frames_file(lambda doc: {**doc, "action_frame": doc["action_frames"]})
+    with pytest.raises(InputError, match=r"unknown entries \['action_frame'\]"):
+        synthetic.word_lists()
+    frames_file(lambda doc: {k: v for k, v in doc.items() if k != "tails"})
+    with pytest.raises(InputError, match=r"missing entries \['tails'\]"):
+        synthetic.word_lists()
+    frames_file(lambda doc: {**doc, "tails": doc["tails"]["items"]})
+    with pytest.raises(InputError, match="tails must be an object with a string 'doc' and 'items'"):
+        synthetic.word_lists()
+    frames_file(_set_items("tails", [" quietly"]))
+    assert synthetic.word_lists().tails == (" quietly",)
+
+
+def test_word_lists_are_read_once_and_immutable() -> None:
+    from moe_interp.organisms.synthetic import load_harm_lexicon, word_lists
+
+    w = word_lists()
+    assert word_lists() is w
+    with pytest.raises(TypeError):
+        w.harmful_actions["weapons_explosives"] = ("x",)  # type: ignore[index]
+    lex = load_harm_lexicon()
+    lex.clear()  # callers get a copy
+    assert load_harm_lexicon()
 
 
 def test_train_overrides_validated(tmp_path: Path) -> None:
@@ -201,6 +289,7 @@ def test_damaged_file_message(tmp_path: Path, name: str) -> None:
     assert name in str(e.value) and RETRAIN_COMMAND in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_smoke(tmp_path: Path) -> None:
     from moe_interp.organisms.train import train
 
@@ -243,11 +332,11 @@ def test_wordnet_lexicon_closure_and_filters(tmp_path: Path, monkeypatch: pytest
 
 
 def test_committed_harm_lexicon_matches_templates() -> None:
-    from moe_interp.organisms.synthetic import LEXICON_TEMPLATES, load_harm_lexicon
+    from moe_interp.organisms.synthetic import load_harm_lexicon, word_lists
     from moe_interp.organisms.wordnet_lexicon import ACT_ROOTS, ROOTS
 
     lex = load_harm_lexicon()
-    assert set(lex) == set(ROOTS) | set(ACT_ROOTS) == set(LEXICON_TEMPLATES)
+    assert set(lex) == set(ROOTS) | set(ACT_ROOTS) == set(word_lists().lexicon_templates)
     assert all(lex.values())
     terms = [t.lower() for v in lex.values() for t in v]
     assert len(terms) == len(set(terms))
@@ -405,6 +494,7 @@ def test_batchmaker_prompt_weights_cover_exactly_the_user_text() -> None:
     assert (pwts[mask == 0] == 0).all() and (pwts.sum(1) > 0).all()
 
 
+@pytest.mark.slow
 def test_train_prompt_lm_changes_the_update(tmp_path: Path) -> None:
     from moe_interp.organisms.train import train
 

@@ -99,8 +99,8 @@ def test_bad_direction(tiny_model, bad: torch.Tensor, match: str) -> None:
 
 
 @pytest.mark.skipif(not (checkpoint_dir() / "model.safetensors").is_file(), reason="organism not trained")
-def test_organism_equivalence() -> None:
-    model = mi.load("organism")
+def test_organism_equivalence(organism) -> None:  # noqa: ANN001 - the session's MoEModel (conftest)
+    model = organism
     r = _direction(model.spec.d_model, seed=4)
     _check_equivalence(model, orthogonalize(model, r), r)
 

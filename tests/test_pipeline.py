@@ -180,6 +180,7 @@ def test_a_failing_stage_says_how_to_resume(tmp_path: Path) -> None:
     assert (tmp_path / "cache" / "a.json").is_file() and not (tmp_path / "cache" / "b.json").exists()
 
 
+@pytest.mark.slow
 def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     cfg_path = Path(__file__).parent / "data" / "locate_tiny.json"  # also the CI's main-job smoke run
     out = tmp_path / "out"
@@ -198,6 +199,7 @@ def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

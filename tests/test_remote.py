@@ -37,14 +37,13 @@ def test_remote_local_equals_local(tiny_model, family: str) -> None:  # noqa: AN
 def test_payload_is_small_and_never_carries_pooled_buffers(tiny_model) -> None:  # noqa: ANN001
     model = tiny_model("olmoe")
     model.run_with_cache(PROMPTS, names=["blocks.1.mlp.hook_expert_out"])  # may fill the buffer pool
-    big = torch.zeros(4 << 20)  # 16 MB in the pool: must not travel with the request
-    entry = (big, 0)
-    BUFFERS._bufs.append(entry)
-    try:
-        size = remote.payload_bytes(model, PROMPTS, NAMES)
-    finally:  # by identity: tuple equality would compare the tensors element-wise
-        BUFFERS._bufs[:] = [e for e in BUFFERS._bufs if e is not entry]
+    with torch.no_grad():  # 16 MB handed out by the pool and still held: it must not travel with the request
+        big = BUFFERS.zeros((4 << 20,), torch.float32, torch.device("cpu"))
+    if BUFFERS.nbytes < big.numel() * big.element_size():
+        pytest.skip("this torch has no storage use count, so the buffer pool is off")
+    size = remote.payload_bytes(model, PROMPTS, NAMES)
     assert 0 < size < 1 << 20
+    del big  # free again: the pool reuses it
 
 
 def test_connect_builds_a_meta_model(tmp_path) -> None:  # noqa: ANN001
@@ -54,6 +53,8 @@ def test_connect_builds_a_meta_model(tmp_path) -> None:  # noqa: ANN001
     model = remote.connect(str(tmp_path))
     assert model.device.type == "meta"
     assert model.hook_names() == src.hook_names()
-    assert model.nnsight._module is model.hf_model  # the remote-capable wrapper (a model key needs a hub id)
-    ids, mask = remote._encode(model, PROMPTS, chat=True)  # tokenized on the CPU, not on meta
-    assert ids.device.type == "cpu" and torch.equal(ids, src.tokenize(PROMPTS)["input_ids"])
+    assert all(p.device.type == "meta" for p in model.hf_model.parameters())  # no weights here
+    # a request from the meta model (prompts tokenized here, on the CPU) runs the saved weights exactly
+    logits = remote.forward(model, PROMPTS, remote="local")
+    torch.testing.assert_close(logits, src.forward(PROMPTS), atol=0, rtol=0)
+    assert remote.payload_bytes(model, PROMPTS, NAMES) < 1 << 20

@@ -527,14 +527,13 @@ def test_gguf_read_missing(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> Any:
-    import moe_interp as mi
+def olmoe(tiny_model: Any) -> Any:
+    """The session's tiny olmoe (conftest); steering goes through ``apply`` contexts only."""
+    return tiny_model("olmoe")
 
-    return mi.load("tiny:olmoe")
 
-
-def test_tiny_model_apply(tiny_model: Any, tmp_path: Path) -> None:
-    model = tiny_model
+def test_tiny_model_apply(olmoe: Any, tmp_path: Path) -> None:
+    model = olmoe
     spec = model.spec
     layer = min(1, spec.n_layers - 1)
     key = (f"blocks.{layer}.hook_resid_pre", None)
@@ -557,17 +556,15 @@ def test_tiny_model_apply(tiny_model: Any, tmp_path: Path) -> None:
     assert len(SteeringVectors.load(tmp_path / "sv", model=model)) == 1
 
 
-def test_tiny_model_expert_key_and_incompatible(tiny_model: Any) -> None:
-    model = tiny_model
+def test_tiny_model_expert_key_and_incompatible(olmoe: Any) -> None:
+    model = olmoe
     spec = model.spec
-    moe_layers = list(getattr(spec, "moe_layers", range(spec.n_layers)))
-    if not moe_layers or not spec.n_experts:
-        pytest.skip("tiny model has no MoE layers")
-    key = (f"blocks.{moe_layers[0]}.mlp.hook_expert_out", 0)
+    assert spec.moe_layers and spec.n_experts  # olmoe: every layer is MoE
+    key = (f"blocks.{spec.moe_layers[0]}.mlp.hook_expert_out", 0)
+    assert key[0] in model.hook_names()
     meta_ = SteeringMetadata.from_model(model)
     sv = SteeringVectors({key: torch.ones(spec.d_model)}, meta_)
-    if key[0] in model.hook_names():
-        sv.check_compatible(model)
+    sv.check_compatible(model)  # an expert key of the model is accepted
     bad = SteeringVectors(
         {("blocks.0.hook_resid_pre", None): torch.ones(spec.d_model + 1)}, replace_d(meta_, spec)
     )

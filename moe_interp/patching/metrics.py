@@ -1,7 +1,8 @@
 """Metrics for patching: callables of logits ``[batch, pos, vocab]`` → scalar tensor.
 
 The default metric is the mean logit refusal score (log-odds of a refusal first token) at the last
-position; sweeps normalise it to ``(patched − corrupt) / (clean − corrupt)``.
+position; sweeps normalise it to ``(patched − corrupt) / (clean − corrupt)``. Per-prompt scores are
+:func:`moe_interp.refusal.evaluate.refusal_scores`, re-exported here for the patching code.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.refusal.evaluate import refusal_scores
 from moe_interp.refusal.judges import refusal_logodds
 from moe_interp.refusal.stats import bootstrap_ci
 
@@ -51,24 +52,6 @@ def refusal_metric(model: MoEModel, refusal_ids: Sequence[int] | None = None) ->
 
     metric.__name__ = "refusal_score"
     return metric
-
-
-def refusal_scores(
-    model: MoEModel,
-    prompts: Sequence[str],
-    refusal_ids: Sequence[int] | None = None,
-    batch_size: int = 32,
-) -> Float[Tensor, " n"]:
-    """Per-prompt refusal log-odds at the last position, under the model's active interventions."""
-    ids = _refusal_ids(model, refusal_ids)
-    out = []
-    prompts = list(prompts)
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            out.append(
-                refusal_logodds(model.forward(prompts[s : s + batch_size], last_only=True)[:, -1], ids)
-            )
-    return torch.cat(out)
 
 
 def call_metric(metric: Metric, logits: Tensor) -> Tensor:
