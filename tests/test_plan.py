@@ -130,7 +130,10 @@ def test_bad_model_gives_clear_error(bad: str, capsys: pytest.CaptureFixture[str
         resolve_geometry(bad)
     assert main(["plan", bad]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("moe-interp plan: error:") and len(err) > 40
+    assert err.startswith("moe-interp plan: error:") and err.count("\n") == 1  # one line
+    name = bad.removeprefix("tiny:")
+    assert repr(name) in err  # names what was wrong ...
+    assert "tiny:" in err or "Available:" in err  # ... and what is accepted
 
 
 def test_bad_settings_rejected() -> None:
