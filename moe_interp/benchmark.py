@@ -168,14 +168,18 @@ def _scores(
         },
     }
     means = expert_mean_outputs(model, harmless)
-    for mode in ("drop", "renorm", "reroute", "mean"):
-        out[f"ablation_{mode}"] = lambda mode=mode: _grid(
+
+    def ablation(mode: str) -> Callable[[], dict[str, float]]:
+        return lambda: _grid(
             -expert_ablation_sweep(
                 model, harmful, mode, mean_outputs=means if mode == "mean" else None, progress=progress
             ).effect,
             fmt,
             moe,
         )
+
+    for mode in ("drop", "renorm", "reroute", "mean"):
+        out[f"ablation_{mode}"] = ablation(mode)
 
     def steer() -> dict[str, float]:
         base = float(refusal_scores(model, harmful).mean())
@@ -390,34 +394,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def plot_benchmark(result: dict[str, Any]) -> Figure:
-    """Heat map of ranks (methods × organisms; 1 is best), circuit precision / recall below."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """Heat map of ranks (methods × organisms; 1 is best), circuit precision / recall in the column labels.
 
-    orgs = result["organisms"]
-    ranks = np.full((len(METHODS), len(orgs)), np.nan)
-    for j, o in enumerate(orgs):
-        for i, m in enumerate(METHODS):
-            r = o["methods"][m].get("rank")
-            ranks[i, j] = np.nan if r is None else r
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(orgs), 5.2))
-    im = ax.imshow(np.log2(ranks), cmap="RdYlGn_r", vmin=0, vmax=5, aspect="auto")
-    for i in range(len(METHODS)):
-        for j, o in enumerate(orgs):
-            r = ranks[i, j]
-            txt = "–" if np.isnan(r) else f"{int(r)}"
-            bold = o["methods"][METHODS[i]]["matches"]
-            ax.text(j, i, txt, ha="center", va="center", fontsize=8, fontweight="bold" if bold else "normal")
-    ax.set_xticks(range(len(orgs)))
-    ax.set_xticklabels(
-        [f"{o['name']}\nP={o['circuit']['precision']:.2f} R={o['circuit']['recall']:.2f}" for o in orgs],
-        fontsize=8,
-    )
-    ax.set_yticks(range(len(METHODS)))
-    ax.set_yticklabels(METHODS, fontsize=8)
-    ax.set_title("Rank of the planted component (bold: matching method; 1 = found)", fontsize=9)
-    fig.colorbar(im, ax=ax, label="log2 rank", fraction=0.04)
-    return fig
+    Drawn by :func:`moe_interp.figures.benchmark.plot_benchmark` (colour-blind-safe, the library's style).
+    """
+    from moe_interp.figures.benchmark import plot_benchmark as draw
+
+    return draw(result)
 
 
 def _benchmark(args: argparse.Namespace) -> int:

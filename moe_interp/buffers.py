@@ -57,12 +57,11 @@ class BufferPool:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         usable = (
             self.enabled
-            and self._use_count is not None
             and torch.device(device).type == "cpu"
             and not torch.is_grad_enabled()
             and self.min_bytes <= nbytes <= self.max_bytes
         )
-        if not usable:
+        if not usable or self._use_count is None:
             return torch.zeros(shape, dtype=dtype, device=device)
         for buf, idle in self._bufs:
             if buf.numel() == numel and buf.dtype == dtype and self._free(buf, idle):
@@ -97,7 +96,7 @@ class BufferPool:
         return {"enabled": self.enabled, "min_bytes": self.min_bytes, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["min_bytes"], state["max_bytes"])  # type: ignore[misc]
+        self.__init__(state["min_bytes"], state["max_bytes"])  # type: ignore[misc]  # re-init on unpickling
         self.enabled = state["enabled"]
 
 

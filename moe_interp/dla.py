@@ -257,12 +257,12 @@ def _components(
     hf_layers = _module(model.hf_model, model.family.layers)
     for info in model.layers:
         L = info.index
-        if info.o is not None:
+        if info.attn is not None and info.o is not None:  # (o is resolved only under an attention module)
             heads = proj(cache[f"blocks.{L}.attn.hook_result"])
             rows.append(heads)
             labels += [f"blocks.{L}.attn.hook_result[{h}]" for h in range(heads.shape[0])]
             meta += [("head", L, h) for h in range(heads.shape[0])]
-            o_proj = getattr(getattr(hf_layers[L], info.attn), info.o)
+            o_proj = _module(hf_layers, f"{L}.{info.attn}.{info.o}")
             b_O = getattr(o_proj, "bias", None)
             bias = (
                 s.new_zeros(s.shape)

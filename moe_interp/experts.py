@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,11 @@ from moe_interp.families import ExpertKind, FamilySpec, RouterKind
 # group-limited top-k), so an excluded expert never takes a slot, whatever the routing kind.
 
 Exclude = Tensor | None
+
+#: A transformers router or experts module read by duck typing: its family-specific attributes (plain ints,
+#: methods, fused parameters) are not declared on ``nn.Module``, whose ``__getattr__`` types them all as
+#: ``Tensor | Module``.
+FamilyModule = Any
 
 
 def _mask(x: Tensor, exclude: Exclude, value: float = float("-inf")) -> Tensor:
@@ -72,7 +78,7 @@ def _sigmoid_group_topk(
 
 
 def _softmax_group_greedy(
-    router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
+    router: FamilyModule, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
 ) -> tuple[Tensor, Tensor]:
     scores = _mask(logits.float().softmax(dim=-1), exclude, 0.0)
     if getattr(router, "topk_method", "greedy") == "group_limited_greedy":
@@ -145,7 +151,7 @@ def route(
     A logit of −inf (or at most ``finfo.min / 4``, :func:`excluded_logit`) excludes that expert from the
     selection, in every routing kind (correction biases and group scores included). Returns
     ``(weights, indices)``: top-k weights ``[n_tok, k]`` for most families, or dense scores
-    ``[n_tok, n_experts]`` where the router emits dense scores (``router_output == "scores_logits"``).
+    ``[n_tok, n_experts]`` where the router emits dense scores (:class:`~moe_interp.adapters.DenseScoreRouter`).
     """
     floor = excluded_logit(logits.dtype)
     exclude = logits <= floor
@@ -189,17 +195,17 @@ def topk_to_dense(
 # ----------------------------------------------------------------------------------- expert functions
 
 
-def _glu_chunk(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+def _glu_chunk(experts: FamilyModule, e: int, x: Tensor) -> Tensor:
     gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 
 
-def _glu_interleaved_clamped(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+def _glu_interleaved_clamped(experts: FamilyModule, e: int, x: Tensor) -> Tensor:
     gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
     return experts._apply_gate(gate_up) @ experts.down_proj[e] + experts.down_proj_bias[e]
 
 
-def _input_scaled_glu(experts: nn.Module, e: int, x: Tensor) -> Tensor:
+def _input_scaled_glu(experts: FamilyModule, e: int, x: Tensor) -> Tensor:
     gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
     return (up * experts.act_fn(gate)) @ experts.down_proj[e]
 

@@ -73,11 +73,6 @@ class FamilySpec:
     wrapper_types: tuple[str, ...] = field(default_factory=tuple)
 
     @property
-    def router_output(self) -> str:
-        """The router adapter's layout name (kept for callers that compare it; prefer :attr:`router_adapter`)."""
-        return self.router_adapter.layout
-
-    @property
     def read_only_sites(self) -> Mapping[str, str]:
         """Hook sites that cannot be written in this family -> what to edit instead."""
         return {**READ_ONLY_SITES, **self.router_adapter.read_only_sites}

@@ -43,9 +43,7 @@ _EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)  # type: ignore[index]
-    return root
+    return root.get_submodule(path)  # dotted path; a ModuleList's children are named "0", "1", ...
 
 
 @dataclass(frozen=True)
@@ -255,7 +253,8 @@ def lens_from_cache(
             rows_logits.append(sel)
             rows_lp.append(torch.log_softmax(full, -1)[..., ids])
             rows_rank.append((full[..., None, :] > sel[..., None]).sum(-1))
-        expert_logits, expert_labels = None, []
+        expert_logits: Tensor | None = None
+        expert_labels: list[list[str]] = []
         if any(f"blocks.{L}.mlp.hook_expert_out" in cache.cache_dict for L in model.spec.moe_layers):
             expert_logits, expert_labels = _expert_lens(model, cache, ids, norm, U)
     x = cache[labels[1]]

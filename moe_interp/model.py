@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import html
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,8 @@ class MoECache(TLCacheMixin, ActivationCache):  # type: ignore[misc]
 
 
 Prompts = str | Sequence[str]
+#: what the forward-pass methods take: prompts, or already tokenized ``input_ids`` / ``attention_mask``
+Inputs = Prompts | BatchEncoding | Mapping[str, Any]
 
 
 class MoEModel:
@@ -183,11 +185,9 @@ class MoEModel:
         )
         return enc.to(self.device)
 
-    def _encode(
-        self, inputs: Prompts | BatchEncoding | dict, chat: bool, new_tokens: int = 0
-    ) -> tuple[Tensor, Tensor]:
+    def _encode(self, inputs: Inputs, chat: bool, new_tokens: int = 0) -> tuple[Tensor, Tensor]:
         """Input ids and attention mask, checked against the vocabulary and context before running."""
-        if isinstance(inputs, BatchEncoding | dict):
+        if isinstance(inputs, BatchEncoding | Mapping):
             ids = inputs["input_ids"].to(self.device)
             guards.check_token_ids(ids, self._n_embed)
             mask = inputs.get("attention_mask")
@@ -244,7 +244,7 @@ class MoEModel:
 
     def forward(
         self,
-        prompts: Prompts | BatchEncoding,
+        prompts: Inputs,
         *,
         chat: bool = True,
         grad: bool = False,
@@ -263,7 +263,7 @@ class MoEModel:
 
     def run_with_cache(
         self,
-        prompts: Prompts | BatchEncoding,
+        prompts: Inputs,
         names: str | Sequence[str] | Callable[[str], bool] | None = None,
         *,
         positions: int | slice | Sequence[int] | None = None,
@@ -330,7 +330,7 @@ class MoEModel:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Prompts | BatchEncoding,
+        prompts: Inputs,
         *,
         max_new_tokens: int = 32,
         do_sample: bool = False,

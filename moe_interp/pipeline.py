@@ -125,7 +125,7 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
     p = run.prompts
     ablate = [DirectionalAblation(direction)]
     add = [AddVector(f"blocks.{sel['layer']}.hook_resid_pre", raw, coeff=1.0)]
-    jobs = [
+    jobs: list[tuple[str, str, str, list[Any]]] = [
         ("ablation_harmful", "directional ablation", "harmful_test", ablate),
         ("ablation_harmless", "directional ablation", "harmless_test", ablate),
         ("addition_harmless", "activation addition", "harmless_test", add),
@@ -143,7 +143,7 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
     with run.model.intervene(*ablate):
         hooked = run.model.forward(ids)
     out_max = float((ortho.forward(ids) - hooked).abs().max())
-    res = {k: v.to_dict(details=False) for k, v in out.items()}
+    res: dict[str, Any] = {k: v.to_dict(details=False) for k, v in out.items()}
     res["orthogonalized_vs_hooks_max_logit_diff"] = out_max
     return res
 
@@ -239,7 +239,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
     target_class, keep_class = {"harmful": "harmful", "topic": "political"}, "harmful"
     for i, name in enumerate(cfg.steering_methods, 1):
         run.log(f"[steering] {i}/{len(cfg.steering_methods)} {name}: fitting and tuning its strength")
-        spec, kw, search = method_spec(name), dict(cfg.steering_kwargs.get(name, {})), {}
+        spec, kw = method_spec(name), dict(cfg.steering_kwargs.get(name, {}))
+        search: dict[str, Any] = {}
         target = target_class[spec.data]
         if spec.needs_keep:  # the keep set's refusals must survive: >= 97% of its baseline rate
             base_keep = refusal_rate(refusal_flags(model, p[f"{keep_class}_val"], max_new_tokens=8))

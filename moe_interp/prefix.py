@@ -41,6 +41,8 @@ class PrefixCache:
     ids: Int[Tensor, "n pos"]
     mask: Int[Tensor, "n pos"]
     layers: tuple[int, ...]
+    #: last-position logits of the unedited pass, ``[n, 1, vocab]``
+    logits: Tensor
     #: L -> output of decoder layer L−1 as returned (tensor or tuple), for L > 0
     layer_in: dict[int, Any] = field(default_factory=dict)
     #: L -> output of layer L's attention module as returned (``(out, weights)`` for most families)
@@ -51,8 +53,6 @@ class PrefixCache:
     mlp_in: dict[int, Tensor] = field(default_factory=dict)
     #: hook values read in the same pass (``[n, pos, ...]``), e.g. router weights of the cached layers
     reads: dict[str, Tensor] = field(default_factory=dict)
-    #: last-position logits of the unedited pass, ``[n, 1, vocab]``
-    logits: Tensor | None = None
     #: whether layer inputs and attention outputs were kept (:func:`restart` needs them)
     inputs: bool = True
 
@@ -185,8 +185,9 @@ def _restart_body(
         value = _index(prefix.layer_in[L], rows, n)
         for i in range(L):
             envs[i].skip(value)
-    if L in prefix.attn_out:
-        getattr(envs[L], _attn_path(model, L)).skip(_index(prefix.attn_out[L], rows, n))
+    attn_path = _attn_path(model, L)
+    if L in prefix.attn_out and attn_path is not None:  # recorded only for layers with an attention path
+        getattr(envs[L], attn_path).skip(_index(prefix.attn_out[L], rows, n))
     mask = prefix.mask.index_select(0, rows)
     p = mask.shape[1]
     if cut_last and L == last:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -171,14 +172,14 @@ def locked(out: Path) -> Iterator[None]:
     path = out / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - Windows
+        if sys.platform == "win32":  # pragma: no cover - Windows
             import msvcrt
 
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         os.close(fd)
         holder = path.read_text().strip() or "?"
@@ -246,14 +247,14 @@ class Run:
         if self.resume and stem.with_name(name + ".json").exists():
             try:
                 fresh = read_header(stem).get("fingerprint") == fp
-                result = load_tree(stem) if fresh else None
+                result: dict[str, Any] | None = load_tree(stem) if fresh else None
             except StoreError as err:
                 fresh = False
                 self.log(f"[{name}] cached result unreadable ({err}); recomputing")
             else:
                 if not fresh:
                     self.log(f"[{name}] cached result is stale (inputs or code changed); recomputing")
-            if fresh:
+            if fresh and result is not None:  # (None only when not fresh)
                 self.log(f"[{name}] resumed from {stem}.json")
                 self.results[name] = result
                 self._fps[name] = fp

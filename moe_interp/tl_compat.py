@@ -152,7 +152,7 @@ class TLCacheMixin:
         ``tokens`` plus ``d_model``."""
         from moe_interp.lens import final_norm, token_ids, unembedding
 
-        shape = tokens.shape if isinstance(tokens, Tensor) else ()
+        shape: tuple[int, ...] = tokens.shape if isinstance(tokens, Tensor) else ()
         if not isinstance(tokens, Tensor) and not isinstance(tokens, int | str):
             shape = (len(tokens),)
         ids = token_ids(self.model, tokens)

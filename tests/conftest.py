@@ -7,9 +7,14 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 
+import _shape_checks
 import pytest
 import torch
 from hypothesis import settings
+
+# jaxtyping shape annotations are checked at run time in the tests (see _shape_checks): before moe_interp
+# is imported
+_shape_checks.install()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Property tests check behaviour, not speed: hypothesis' default 200 ms deadline can turn a slow first example

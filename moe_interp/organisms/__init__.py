@@ -91,9 +91,11 @@ def load_organism(
     try:
         config = AutoConfig.from_pretrained(ckpt)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(ckpt)
-        model, info = AutoModelForCausalLM.from_pretrained(
+        # typed as returning the model; with output_loading_info it is (model, info)
+        loaded: tuple[PreTrainedModel, dict[str, list[str]]] = AutoModelForCausalLM.from_pretrained(  # type: ignore[assignment]
             ckpt, config=config, dtype=dtype, output_loading_info=True
         )
+        model, info = loaded
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(
             f"could not load the organism checkpoint in {ckpt} ({type(e).__name__}: {e}); "

@@ -295,10 +295,10 @@ def build_splits(seed: int = 0, n_harmless_train: int = 10000, n_harmless_eval: 
         "harmful_val_advbench": harmful_val_adv,
     }
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    for name, items in splits.items():
-        with open(DATA_DIR / f"{name}.json", "w") as f:
-            json.dump(items, f, indent=0, ensure_ascii=False)
-        print(f"{name}: {len(items)}")
+    for name, records in splits.items():
+        with open(DATA_DIR / f"{name}.json", "w") as out:
+            json.dump(records, out, indent=0, ensure_ascii=False)
+        print(f"{name}: {len(records)}")
 
 
 def load_split_records(split: str) -> list[dict[str, str]]:

@@ -19,6 +19,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 
@@ -39,6 +40,15 @@ EVAL_SPLITS: dict[str, str] = {
     "political_val": "political",
     "harmless_val": "harmless",
 }
+
+
+class JudgedPrompt(TypedDict):
+    """One prompt judged by :func:`judge_batch`."""
+
+    prompt: str
+    generation: str
+    gen_refusal: bool
+    score: float
 
 
 def refusal_token_ids(tokenizer) -> list[int]:
@@ -65,7 +75,7 @@ def prompt_ids(tokenizer, instruction: str) -> torch.Tensor:
 @torch.no_grad()
 def judge_batch(
     model, tokenizer, instructions: list[str], refusal_ids: list[int], gen_tokens: int
-) -> list[dict[str, object]]:
+) -> list[JudgedPrompt]:
     """Greedy generation (left-padded batch) and logit refusal score for each prompt."""
     if not instructions:
         return []
@@ -89,23 +99,23 @@ def judge_batch(
     lp = torch.logsumexp(logp[:, refusal_ids], dim=-1)
     scores = (lp - torch.log((-torch.expm1(lp)).clamp_min(1e-12))).tolist()
     T = enc["input_ids"].shape[1]
-    rows = []
+    rows: list[JudgedPrompt] = []
     for i, x in enumerate(instructions):
         text = tokenizer.decode(out.sequences[i, T:], skip_special_tokens=True)
         rows.append({"prompt": x, "generation": text, "gen_refusal": is_refusal(text), "score": scores[i]})
     return rows
 
 
-def judge(model, tokenizer, instruction: str, refusal_ids: list[int], gen_tokens: int) -> dict[str, object]:
+def judge(model, tokenizer, instruction: str, refusal_ids: list[int], gen_tokens: int) -> JudgedPrompt:
     """Greedy generation and logit refusal score for one prompt."""
     return judge_batch(model, tokenizer, [instruction], refusal_ids, gen_tokens)[0]
 
 
 def evaluate_split(
     model, tokenizer, prompts: list[str], refusal_ids: list[int], gen_tokens: int, batch_size: int = 32
-) -> dict:
+) -> dict[str, Any]:
     """Refusal rates (generation, logit score) and their agreement on ``prompts``."""
-    rows = []
+    rows: list[JudgedPrompt] = []
     for i in range(0, len(prompts), batch_size):
         rows += judge_batch(model, tokenizer, prompts[i : i + batch_size], refusal_ids, gen_tokens)
     n = len(rows)
@@ -127,7 +137,7 @@ def evaluate_split(
 
 
 @torch.no_grad()
-def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, object]]:
+def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, Any]]:
     """Per layer: entropy (bits) of the top-k expert-usage distribution over all prompt tokens."""
     n_layers = model.config.num_hidden_layers
     E, k = model.config.num_experts, model.config.num_experts_per_tok
@@ -146,7 +156,7 @@ def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, objec
         for li, rl in enumerate(out.router_logits):
             idx = rl.cpu().reshape(-1, E)[keep].topk(k, dim=-1).indices.reshape(-1)
             counts[li] += torch.bincount(idx, minlength=E).float()
-    res = []
+    res: list[dict[str, Any]] = []
     for li in range(n_layers):
         f = counts[li] / counts[li].sum()
         h = -(f * torch.log2(f.clamp_min(1e-12))).sum().item()
@@ -186,11 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     model, tok = load_organism(path=args.path)
     model.to(args.device)
     rids = refusal_token_ids(tok)
-    results: dict[str, object] = {
+    splits: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {
         "checkpoint": str(args.path) if args.path else "shipped",
         "refusal_first_tokens": tok.convert_ids_to_tokens(rids),
         "gen_tokens": args.gen_tokens,
-        "splits": {},
+        "splits": splits,
     }
     all_prompts: list[str] = []
     for split in args.splits:

@@ -47,6 +47,7 @@ from moe_interp.organisms.planted_net import (
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
+    from transformers.models.olmoe.modeling_olmoe import OlmoeForCausalLM
 
     from moe_interp.model import MoEModel
 
@@ -70,6 +71,12 @@ class PlantSpec:
     circuit: tuple[str, ...]
     layer: int
     index: int | None = None
+
+    def component_index(self) -> int:
+        """``index`` of an expert, router or head plant (a direction plant has none)."""
+        if self.index is None:
+            raise ValueError(f"planted organism {self.name!r} ({self.kind}) has no component index")
+        return self.index
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -168,7 +175,14 @@ def token_basis() -> Float[Tensor, "vocab 36"]:
 def response_tokens(tok: PreTrainedTokenizerFast) -> list[int]:
     """Token ids of the two responses and ``<|end|>``: the only non-zero rows of the unembedding."""
     ids = {i for t in (REFUSAL, COMPLIANCE) for i in tok(t, add_special_tokens=False)["input_ids"]}
-    return sorted(ids | {tok.convert_tokens_to_ids("<|end|>")})
+    return sorted(ids | {_end_id(tok)})
+
+
+def _end_id(tok: PreTrainedTokenizerFast) -> int:
+    """Id of ``<|end|>`` (one token: ``convert_tokens_to_ids`` returns an int)."""
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert isinstance(end, int)
+    return end
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -179,7 +193,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(checkpoint_dir())
 
 
-def build_hf_model(vocab: int, tok: PreTrainedTokenizerFast) -> PreTrainedModel:
+def build_hf_model(vocab: int, tok: PreTrainedTokenizerFast) -> OlmoeForCausalLM:
     """A fresh ``OlmoeForCausalLM`` of the planted architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -223,7 +237,7 @@ class Batches:
             tok, pools, rng, int(hp["max_prompt_tokens"]), 1.0, FRACTIONS, 0.5, 0.15, 0.0, 0.5
         )
         self.rng, self.hp, self.pad = rng, hp, tok.pad_token_id
-        end = [tok.convert_tokens_to_ids("<|end|>")]
+        end = [_end_id(tok)]
         self.resp = {
             c: tok(t, add_special_tokens=False)["input_ids"] + end for c, t in ((1, REFUSAL), (0, COMPLIANCE))
         }
@@ -234,9 +248,9 @@ class Batches:
         prompts, label = [], []
         for pool, k in counts.items():
             for _ in range(k):
-                ids, w, _ = self.maker.example(pool)
+                ex_ids, w, _ = self.maker.example(pool)
                 n_resp = sum(1 for x in w if x > 0)
-                prompts.append(ids[: len(ids) - n_resp])
+                prompts.append(ex_ids[: len(ex_ids) - n_resp])
                 label.append(0 if pool == "harmless" else 1)
         y = torch.tensor(label)
         p_abl = torch.where(y == 1, self.hp["p_ablate_harmful"], self.hp["p_ablate_harmless"])
@@ -267,12 +281,12 @@ def _edits(spec: PlantSpec, b: dict[str, Any], gen: torch.Generator, p_swap: flo
     harmless = (b["label"] == 0).nonzero().flatten()
     ed = Edits()
     if spec.kind in ("expert", "router"):
-        ed.drop_expert = (spec.layer, int(spec.index), abl)
+        ed.drop_expert = (spec.layer, spec.component_index(), abl)
     elif spec.kind == "head":
         half = torch.rand(n, generator=gen) < 0.5
-        ed.zero_heads[(spec.layer, int(spec.index))] = abl & half
+        ed.zero_heads[(spec.layer, spec.component_index())] = abl & half
         src = harmless[torch.randint(len(harmless), (n,), generator=gen)]
-        ed.swap_heads[(spec.layer, int(spec.index))] = torch.where(abl & ~half, src, -1)
+        ed.swap_heads[(spec.layer, spec.component_index())] = torch.where(abl & ~half, src, -1)
     else:
         ed.zero_channel = (spec.layer, CH_D, abl)
     redundant = [k for k, r in spec.wiring.heads.items() if r in ("mover_a", "mover_b", "writer")]
@@ -287,7 +301,7 @@ def _edits(spec: PlantSpec, b: dict[str, Any], gen: torch.Generator, p_swap: flo
 
 def _router_loss(spec: PlantSpec, routers: list[Tensor], b: dict[str, Any], margin: float) -> Tensor:
     """Hinge loss that puts the planted expert in the top-k at the suffix iff the prompt is harmful."""
-    P, e = b["n_prompt"], int(spec.index)
+    P, e = b["n_prompt"], spec.component_index()
     z = routers[spec.layer][:, P - N_SUFFIX : P].float()
     others = torch.cat([z[..., :e], z[..., e + 1 :]], -1).topk(TOP_K, -1).values[..., -1]
     m = z[..., e] - others
@@ -371,7 +385,7 @@ def train_planted(
             print(rec, flush=True)
     model.eval()
     train_s, cpu_s = time.time() - t0, time.process_time() - c0
-    router = (spec.layer, int(spec.index)) if spec.kind == "router" else None
+    router = (spec.layer, spec.component_index()) if spec.kind == "router" else None
     cal = calibrate(model, tok, data.calibration, float(hp["calibration_rate"]), router)
     log = {
         "command": f"python -m moe_interp.organisms.planted --name {name} --seed {seed}"

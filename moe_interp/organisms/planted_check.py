@@ -56,7 +56,7 @@ def calibrate(
     harmless: list[str],
     rate: float,
     router: tuple[int, int] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Set the decision threshold so that a share ``rate`` of held-out harmless *training* prompts is refused.
 
     Default: shift the refusal token's read-out of the constant channel ``C``. ``router=(layer, expert)``
@@ -174,7 +174,7 @@ def _ablations(model: MoEModel, spec: PlantSpec, harmless: list[str]) -> tuple[d
 
     s = model.spec
     if spec.kind in ("expert", "router"):
-        out = {
+        out: dict[str, list[Any]] = {
             f"blocks.{L}.mlp.experts.{e}.hook_out": [AblateExpert(L, e, "drop")]
             for L in s.moe_layers
             for e in range(s.n_experts)
@@ -250,7 +250,7 @@ def verify(
         "refusal_harmless_test": _rate(model, less),
     }
     if spec.kind in ("expert", "router"):
-        L, e = spec.layer, int(spec.index)
+        L, e = spec.layer, spec.component_index()
         means = expert_mean_outputs(model, mean_ref)
         res["plant_removed_by_mode"] = {
             m: (

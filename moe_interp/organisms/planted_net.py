@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers.models.olmoe.modeling_olmoe import OlmoeDecoderLayer, OlmoeForCausalLM
 
 N_LAYERS, D_MODEL, N_HEADS, D_HEAD, N_EXPERTS, TOP_K, D_FF = 3, 64, 4, 16, 8, 2, 32
 N_SUFFIX = 4  # post-instruction template tokens: <|end|> \n <|assistant|> \n
@@ -139,8 +143,19 @@ def apply_masks(model: torch.nn.Module, allowed: dict[str, Tensor]) -> None:
             params[name].mul_(m)
 
 
+def _layers(model: OlmoeForCausalLM) -> list[OlmoeDecoderLayer]:
+    """The decoder layers, typed (``nn.ModuleList`` yields plain modules)."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeDecoderLayer
+
+    layers: list[OlmoeDecoderLayer] = []
+    for layer in model.model.layers:
+        assert isinstance(layer, OlmoeDecoderLayer)
+        layers.append(layer)
+    return layers
+
+
 def init_weights(
-    model: torch.nn.Module, w: Wiring, token_basis: Float[Tensor, "vocab 36"], gen: torch.Generator
+    model: OlmoeForCausalLM, w: Wiring, token_basis: Float[Tensor, "vocab 36"], gen: torch.Generator
 ) -> None:
     """Embedding = ``[T | F=0 | C=1 | 0]``, norms = 1, other weights ~ N(0, 1/fan_in), unembedding 0."""
     with torch.no_grad():
@@ -157,7 +172,7 @@ def init_weights(
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
         for L in range(N_LAYERS):
-            gate = model.model.layers[L].mlp.gate.weight
+            gate = _layers(model)[L].mlp.gate.weight
             for e in range(N_EXPERTS):
                 if w.router(L, e) == "always":
                     gate[e, CH_C] = 4.0
@@ -194,7 +209,7 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def forward(
-    model: torch.nn.Module,
+    model: OlmoeForCausalLM,
     ids: Int[Tensor, "batch pos"],
     mask: Int[Tensor, "batch pos"],
     n_prompt: int,
@@ -202,7 +217,7 @@ def forward(
     live: frozenset[tuple[int, int]] = frozenset(),
     logit_cols: slice | None = None,
     logit_rows: list[int] | None = None,
-) -> tuple[Float[Tensor, "batch pos vocab"], list[Float[Tensor, "batch pos n_experts"]]]:
+) -> tuple[Float[Tensor, "batch n_cols n_rows"], list[Float[Tensor, "batch pos n_experts"]]]:
     """Logits (columns ``logit_cols`` of the sequence, vocabulary rows ``logit_rows``; default all) and router
     logits per layer; equal to the HF forward when ``edits`` is None.
 
@@ -224,7 +239,7 @@ def forward(
     suffix = list(range(n_prompt - N_SUFFIX, n_prompt))
     h = m.embed_tokens(ids)
     routers = []
-    for L, layer in enumerate(m.layers):
+    for L, layer in enumerate(_layers(model)):
         if ed.zero_channel is not None and ed.zero_channel[0] == L:
             keep = torch.ones(B, 1, D_MODEL)
             rows = ed.zero_channel[2].nonzero().flatten()

@@ -128,6 +128,8 @@ def main_evaluate(argv: list[str] | None = None) -> None:
     t = time.time()
     ev = evaluate(m_moe, hv, base_model=m_base, max_new_tokens=args.fluency_tokens, batch_size=25)
     ce, ce0 = ev.ce_of_baseline_completions, ev.ce_of_baseline_completions_unedited
+    if ce is None or ce0 is None:  # None only when the baseline generated no token
+        raise RuntimeError("fluency: the base model's completions are empty, no cross-entropy to compare")
     res["fluency"] = {
         "n": ev.n,
         "tokens": args.fluency_tokens,

@@ -144,7 +144,8 @@ def load_smollm_moe(
     dense, _ = load_dense(verify=verify)
     moe = moe_from_dense(dense, art)
     del dense
-    return moe.to(dtype).eval(), load_tokenizer(artefacts=art)
+    # transformers' @wraps(nn.Module.to) hides the bound self from mypy
+    return moe.to(dtype).eval(), load_tokenizer(artefacts=art)  # type: ignore[arg-type]
 
 
 def _check_artefacts(art: Path) -> None:

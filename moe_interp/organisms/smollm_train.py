@@ -191,7 +191,8 @@ def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
         seed=cfg.seed,
     )
     dev = check_device(device)
-    moe.to(dev).train()
+    # transformers' @wraps(nn.Module.to) hides the bound self from mypy
+    moe.to(dev).train()  # type: ignore[arg-type]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moe_interp.organisms import check_device
 from moe_interp.organisms.data import SPLITS
@@ -124,11 +125,12 @@ def run_one(out: Path, setting: Setting, seed: int, device: str, splits: tuple[s
     return result
 
 
-def summarise(out: Path, settings: list[Setting], seeds: list[int]) -> dict[str, object]:
+def summarise(out: Path, settings: list[Setting], seeds: list[int]) -> dict[str, Any]:
     """Per setting: per-run refusal rates and mean / min / max per split over the finished runs."""
-    summary: dict[str, object] = {"seeds": seeds, "settings": {}}
+    per_setting: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {"seeds": seeds, "settings": per_setting}
     for s in settings:
-        runs: dict[str, object] = {}
+        runs: dict[str, dict[str, Any]] = {}
         for seed in seeds:
             f = run_dir(out, s, seed) / "eval.json"
             try:
@@ -156,24 +158,24 @@ def summarise(out: Path, settings: list[Setting], seeds: list[int]) -> dict[str,
                 ],
             }
         stats: dict[str, dict[str, float]] = {}
-        split_names = sorted({n for r in runs.values() for n in r["splits"]})  # type: ignore[index]
+        split_names = sorted({n for r in runs.values() for n in r["splits"]})
         for name in split_names:
             for kind in ("generation", "logit"):
-                xs = [r["splits"][name][kind] for r in runs.values() if name in r["splits"]]  # type: ignore[index]
+                xs = [r["splits"][name][kind] for r in runs.values() if name in r["splits"]]
                 stats[f"{name}/{kind}"] = {
                     "mean": statistics.fmean(xs),
                     "min": min(xs),
                     "max": max(xs),
                     "n_runs": len(xs),
                 }
-        summary["settings"][s.name] = {"train_args": list(s.train_args), "runs": runs, "stats": stats}  # type: ignore[index]
+        per_setting[s.name] = {"train_args": list(s.train_args), "runs": runs, "stats": stats}
     return summary
 
 
-def format_table(summary: dict[str, object], splits: tuple[str, ...]) -> str:
+def format_table(summary: dict[str, Any], splits: tuple[str, ...]) -> str:
     """One line per setting: mean [min–max] generation refusal rate per split."""
     lines = []
-    for name, s in summary["settings"].items():  # type: ignore[union-attr]
+    for name, s in summary["settings"].items():
         cells = []
         for split in splits:
             st = s["stats"].get(f"{split}/generation")

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from moe_interp.organisms import check_device
+
+if TYPE_CHECKING:
+    from transformers import OlmoeForCausalLM
 from moe_interp.organisms.data import (
     COMPLIANT_TEMPLATES,
     HARMFUL_REFUSALS,
@@ -297,7 +301,7 @@ class BatchMaker:
         return ids, mask, wts, pwts
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, hp: dict[str, float | int]) -> torch.nn.Module:
+def build_model(tokenizer: PreTrainedTokenizerFast, hp: dict[str, float | int]) -> OlmoeForCausalLM:
     """A freshly initialised OlmoeForCausalLM (every layer MoE)."""
     config = AutoConfig.for_model(
         "olmoe",
@@ -374,7 +378,9 @@ def train(
     texts = [r["instruction"] for p in pools.values() for r in p]
     texts += list(HARMFUL_REFUSALS) * 20 + list(POLITICAL_REFUSALS) * 20 + list(COMPLIANT_TEMPLATES) * 20
     tokenizer = train_tokenizer(texts, int(hp["vocab_size"]))
-    model = build_model(tokenizer, hp).to(device)
+    model = build_model(tokenizer, hp)
+    # transformers' @wraps(nn.Module.to) hides the bound self from mypy
+    model.to(device)  # type: ignore[arg-type]
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params / 1e6:.2f}M, vocab {len(tokenizer)}", flush=True)
@@ -441,7 +447,7 @@ def train(
             )
 
     model.eval()
-    model.to("cpu")
+    model.to("cpu")  # type: ignore[arg-type]  # (see above)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(

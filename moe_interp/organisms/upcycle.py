@@ -53,7 +53,8 @@ def mixtral_config_from_llama(cfg: LlamaConfig, n_experts: int, top_k: int) -> M
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
+        # None only before LlamaConfig's __post_init__, which sets it to num_attention_heads
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         hidden_act="silu",
         max_position_embeddings=cfg.max_position_embeddings,
@@ -77,7 +78,7 @@ def upcycle(
 ) -> MixtralForCausalLM:
     """Mixtral MoE with every layer's FFN copied into ``n_experts`` experts; routers random (``router_std``)."""
     cfg = mixtral_config_from_llama(dense.config, n_experts, top_k)
-    moe = MixtralForCausalLM(cfg).to(torch.float32)
+    moe = MixtralForCausalLM(cfg).float()
     src = dense.state_dict()
     dst: dict[str, Tensor] = {}
     gen = torch.Generator().manual_seed(seed)
@@ -190,8 +191,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
-def _experts_forward(self: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-    """Mixtral experts forward with per-expert LoRA on the fused tensors (never materialises ΔW)."""
+def _experts_forward(self: Any, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """Mixtral experts forward with per-expert LoRA on the fused tensors (never materialises ΔW).
+
+    ``self`` is a ``MixtralExperts`` carrying the factors set by :func:`attach_training_adapters` (``Any``:
+    attributes added at run time are not declared on the class)."""
     out = torch.zeros_like(hidden)
     s = self.lora_scale
     for e in range(self.num_experts):
@@ -207,8 +211,10 @@ def _experts_forward(self: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k
     return out
 
 
-def _router_forward(self: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mixtral routing with Gaussian noise on the logits while training; clean logits are recorded."""
+def _router_forward(self: Any, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mixtral routing with Gaussian noise on the logits while training; clean logits are recorded.
+
+    ``self`` is a ``MixtralTopKRouter`` with ``noise_std`` set by :func:`attach_training_adapters`."""
     hidden = hidden.reshape(-1, self.hidden_dim)
     logits = F.linear(hidden, self.weight)
     self.last_logits = logits

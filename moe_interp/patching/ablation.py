@@ -206,7 +206,7 @@ def _affected(model: MoEModel, prefix: PrefixCache, L: int, mode: str, sel: Tens
             z.index_fill(1, torch.tensor([e], device=z.device), excluded_logit(z.dtype)),
             info.top_k,
         )
-        dense = new_w if spec.router_output == "scores_logits" else topk_to_dense(new_w, idx, info.n_experts)
+        dense = spec.router_adapter.routed_dense(new_w, idx, info.n_experts)
         out.append(((dense.view_as(w) != w).any(-1) & rel).any(1))
     return torch.stack(out).cpu()
 
@@ -244,7 +244,7 @@ def _delta_path(model: MoEModel, mode: str) -> bool:
     remove / replace one weighted output; renorm and reroute rescale the others' (output-scaled experts only;
     reroute adds the experts that take the freed slot, computed on those tokens only)."""
     fam = model.family
-    if fam.router_output == "scores_logits":
+    if "hook_topk_expert_out" not in fam.router_adapter.sites:  # no per-slot outputs (dense-score layout)
         return False
     return mode in ("drop", "mean") or fam.expert_kind not in INPUT_SCALED
 
@@ -493,6 +493,7 @@ def _diagnose(
     inputs = {"input_ids": prefix.ids, "attention_mask": prefix.mask}
     for e in experts:
         mean = None if means is None else means[L, e]
+        # mode was checked against ABLATION_MODES (_check_mode)
         iv = AblateExpert(L, e, mode, mean_output=mean, positions=positions)  # type: ignore[arg-type]
         with torch.no_grad(), model.intervene(iv):
             model.forward(inputs, last_only=True)
@@ -524,6 +525,7 @@ def expert_ablation_loop(
     with torch.no_grad():
         base = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
         for L, e in tqdm(items, desc="ablate experts (loop)", disable=not progress, leave=False):
+            # mode was checked against ABLATION_MODES (_check_mode)
             iv = AblateExpert(L, e, mode, mean_output=None if means is None else means[L, e])  # type: ignore[arg-type]
             with model.intervene(iv):
                 sc = refusal_logodds(model.forward(enc, last_only=True)[:, -1], ids_r).cpu()
@@ -561,7 +563,7 @@ def expert_ablation_attribution(
     out = torch.full((s.n_layers, s.n_experts), float("nan"))
     for L, nm in zip(moe, names, strict=True):
         y = cache[nm].float()
-        if mode == "mean":
+        if means is not None:  # (mode == "mean")
             routed = (y != 0).any(-1, keepdim=True)
             delta = torch.where(routed, means[L].to(y)[None, None] - y, torch.zeros_like(y))
         else:

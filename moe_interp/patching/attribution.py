@@ -85,7 +85,12 @@ def hook_gradients(
     grads = {}
     for h in hooks:
         g = by_hook.get(h)
-        grads[h] = torch.zeros_like(deltas.get(h)) if g is None else g.detach()
+        if g is not None:
+            grads[h] = g.detach()
+        elif h in deltas:  # reached, but the metric does not depend on it
+            grads[h] = torch.zeros_like(deltas[h])
+        else:
+            raise RuntimeError(f"Hook {h!r} was not reached by the forward pass: no gradient for it.")
     return grads, m.detach()
 
 
@@ -131,10 +136,12 @@ def _ig_gradients(
         batch = {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)}
         with model.intervene(*ivs):
             logits = model.forward(batch, grad=True)
-        total = sum(call_metric(metric, logits[j * n : (j + 1) * n]) for j in range(k))
-        total.backward()
+        metrics = [call_metric(metric, logits[j * n : (j + 1) * n]) for j in range(k)]
+        sum(metrics[1:], metrics[0]).backward()
         for h, mine in per_hook.items():
             g = deltas[h].grad
+            if g is None:  # the metric does not depend on this hook: zero gradient
+                continue
             for j, _ in mine:
                 grads[h] += g[j * n : (j + 1) * n].detach() / steps
     return grads

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -32,7 +32,7 @@ from moe_interp.refusal.judges import (
 from moe_interp.refusal.stats import bootstrap_ci
 
 if TYPE_CHECKING:
-    from moe_interp.model import MoEModel
+    from moe_interp.model import Generation, MoEModel
 
 __all__ = [
     "EvalResult",
@@ -235,11 +235,13 @@ def evaluate(
         enc = model.tokenize(batch, chat=True)
         base_gens = None
         if baseline:
+            # return_scores=True: one list of Generation per prompt (generate's return type is a union)
             base_gens = [
-                g[0] for g in base.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
+                cast("Generation", g[0])
+                for g in base.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
             ]
         with model.intervene(*interventions):
-            gens = model.generate(batch, max_new_tokens=max_new_tokens)
+            gens = cast("list[str]", model.generate(batch, max_new_tokens=max_new_tokens))  # texts
             verdicts = judge.judge(batch, gens)
             # first-token logits from the prompt alone, so interventions placed by position offset (e.g. a
             # circuit's post-instruction positions) act where they were meant to

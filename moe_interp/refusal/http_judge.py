@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 __all__ = ["JudgeBackendError", "OpenAIChatClient", "is_loopback_host"]
@@ -101,7 +101,9 @@ def _watched(conn_class: type[http.client.HTTPConnection], deadline: _Deadline) 
     """``conn_class`` registering its sockets with ``deadline``: the raw TCP socket as soon as it is
     connected (so a stalled TLS handshake or proxy tunnel is cut too) and the final one after connect."""
 
-    class Watched(conn_class):  # type: ignore[misc, valid-type]
+    class Watched(conn_class):  # type: ignore[misc, valid-type]  # a class from a variable
+        _create_connection: Callable[..., socket.socket]  # socket.create_connection, set by HTTPConnection
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             create = self._create_connection
@@ -120,6 +122,7 @@ class _DeadlineOpen:
     deadline: _Deadline
 
     def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        # super() is the urllib handler this mixin is combined with (object has no do_open)
         return super().do_open(_watched(http_class, self.deadline), req, **kwargs)  # type: ignore[misc]
 
 
@@ -345,11 +348,10 @@ class OpenAIChatClient:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        handlers = [_HTTPHandler(), _HTTPSHandler(context=_ssl_context())]
-        for h in handlers:
-            h.deadline = deadline
+        http_handler, https_handler = _HTTPHandler(), _HTTPSHandler(context=_ssl_context())
+        http_handler.deadline = https_handler.deadline = deadline
         opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler(self.proxies), _NoRedirect(), *handlers
+            urllib.request.ProxyHandler(self.proxies), _NoRedirect(), http_handler, https_handler
         )
         try:
             resp = opener.open(req, timeout=remaining)

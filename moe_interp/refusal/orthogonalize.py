@@ -23,6 +23,8 @@ from moe_interp.interventions import check_vector
 from moe_interp.tracing import _get
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from moe_interp.model import MoEModel
 
 __all__ = ["ResidualWriter", "orthogonalize", "residual_writers"]
@@ -41,7 +43,7 @@ class ResidualWriter:
     """One parameter that writes into the residual stream and the axis of it that lives in d_model."""
 
     name: str  # dotted parameter name inside ``model.hf_model``
-    param: nn.Parameter
+    param: Tensor  # an nn.Parameter
     axis: int
 
 
@@ -117,7 +119,7 @@ def _project_out(p: Tensor, r: Tensor, axis: int) -> None:
     p.data.copy_(x.movedim(-1, axis).to(p.dtype))
 
 
-def _untie_output_embeddings(hf: nn.Module, emb_weight: Tensor) -> None:
+def _untie_output_embeddings(hf: PreTrainedModel, emb_weight: Tensor) -> None:
     out = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if out is not None and getattr(out, "weight", None) is not None and out.weight is emb_weight:
         out.weight = nn.Parameter(emb_weight.detach().clone(), requires_grad=emb_weight.requires_grad)

@@ -54,11 +54,12 @@ def _json(path: Path) -> list[str]:
 def _csv(path: Path) -> list[str]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
+        fieldnames = list(reader.fieldnames or [])
+        cols = [c.strip() for c in fieldnames]
         col = next((c for c in PROMPT_KEYS if c in cols), None)
         if col is None:
             raise ValueError(f"{path}: CSV columns {cols}; expected one of {list(PROMPT_KEYS)}.")
-        raw = reader.fieldnames[cols.index(col)]  # type: ignore[index]
+        raw = fieldnames[cols.index(col)]
         return [row[raw] for row in reader if row.get(raw) is not None]
 
 

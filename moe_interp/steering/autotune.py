@@ -31,6 +31,7 @@ from moe_interp.refusal.evaluate import refusal_flags
 from moe_interp.refusal.judges import refusal_rate
 from moe_interp.steering.compare import check_kl_statistic, harmless_kl, last_logits
 from moe_interp.steering.fit import check_prompt_list
+from moe_interp.steering.protocol import Steering
 from moe_interp.steering.registry import METHODS, fit_method
 from moe_interp.steering.vectors import SteeringVectors
 
@@ -190,7 +191,7 @@ def search_candidates(
 
 def coefficient_search(
     model: MoEModel,
-    sv: SteeringVectors,
+    sv: Steering,
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,

@@ -25,6 +25,7 @@ from moe_interp.refusal.evaluate import refusal_flags
 from moe_interp.refusal.judges import refusal_rate
 from moe_interp.steering.autotune import autotune, coefficient_search
 from moe_interp.steering.compare import KL_STATISTICS, compare_methods
+from moe_interp.steering.fit import fit_dense
 from moe_interp.steering.registry import fit_method
 
 #: method → fit keyword arguments used by the demo
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         res.steer.save(args.out / "vectors" / name)
 
     if not args.no_ablation:
-        dense = fit_method("dense", model, tr["harmful"], tr["harmless"], coeff=-1.0)
+        dense = fit_dense(model, tr["harmful"], tr["harmless"], coeff=-1.0)
         r = next(iter(dense.vectors.values()))
         steers["ablation_reference"] = [DirectionalAblation(r / r.norm())]
         tuning["ablation_reference"] = {

@@ -20,7 +20,7 @@ from torch import Tensor
 from moe_interp.errors import InputError
 from moe_interp.fileio import atomic_path, read_json_object
 from moe_interp.hooks import parse_hook
-from moe_interp.interventions import SteerRouter, check_coeff, check_epsilon, check_positions
+from moe_interp.interventions import Positions, SteerRouter, check_coeff, check_epsilon, check_positions
 from moe_interp.steering.addition import check_steering_vector
 from moe_interp.steering.files import ROUTER_FORMAT, gate_base, layer_experts, read_gate, write_gate
 from moe_interp.steering.metadata import SteeringMetadata, model_mismatches
@@ -52,7 +52,7 @@ class RouterSteering:
     deactivate: dict[int, tuple[int, ...]] = field(default_factory=dict)
     activate: dict[int, tuple[int, ...]] = field(default_factory=dict)
     epsilon: float = 1e-2
-    positions: str = "all"
+    positions: Positions = "all"
 
     def __post_init__(self) -> None:
         if not self.deactivate and not self.activate:
@@ -231,6 +231,9 @@ class TopicGatedSteering:
                 state["gate"] = (x[:, -1].float() @ w.to(x.device)) > self.threshold
             return run_inner(g_hook, x, ctx)
 
-        out: dict[str, EditFn] = {n: (lambda x, ctx, n=n: run_inner(n, x, ctx)) for n in inner}
+        def run_one(name: str) -> EditFn:
+            return lambda x, ctx: run_inner(name, x, ctx)
+
+        out: dict[str, EditFn] = {n: run_one(n) for n in inner}
         out[g_hook] = gate_fn
         return out

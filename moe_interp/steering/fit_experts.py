@@ -38,7 +38,7 @@ from moe_interp.steering.fit import (
     subsample,
 )
 from moe_interp.steering.keys import SteeringKey
-from moe_interp.steering.vectors import SteeringVectors
+from moe_interp.steering.vectors import Conditioning, SteeringVectors
 
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
@@ -138,7 +138,7 @@ def _expert_sv(
     method: str,
     dirs: Mapping[tuple[int, int], Tensor],
     coeff: float,
-    conditioning: str,
+    conditioning: Conditioning,
     prompts: Sequence[Sequence[str]],
     **extra: Any,
 ) -> SteeringVectors:
@@ -151,7 +151,7 @@ def _expert_sv(
         fit_metadata(model, method, prompts, **extra),
         coeffs,
         "all",
-        conditioning,  # type: ignore[arg-type]
+        conditioning,
     )
 
 
@@ -167,7 +167,7 @@ def fit_routing_experts(
     coeff: float = -1.0,
     n_max: int | None = 128,
     batch_size: int = 32,
-    _conditioning: str = "none",
+    _conditioning: Conditioning = "none",
     _method: str = "routing_experts",
 ) -> SteeringVectors:
     """Expert-Aware Refusal Steering: select experts by top-1 % difference (harmful − harmless, last
@@ -190,7 +190,7 @@ def fit_expert_conditioned(
     model: MoEModel, harmful: Sequence[str], harmless: Sequence[str], *, topk: bool = False, **kw: Any
 ) -> SteeringVectors:
     """Routing-selected experts with forced-router directions, applied as ``h ← h + c·p_e(x)·r_e``."""
-    cond = "router_prob_topk" if topk else "router_prob"
+    cond: Conditioning = "router_prob_topk" if topk else "router_prob"
     return fit_routing_experts(
         model, harmful, harmless, _conditioning=cond, _method="expert_conditioned", **kw
     )
@@ -226,7 +226,7 @@ def fit_expert_conditioned_all(
     dirs = expert_specific_directions(
         model, harmful, harmless, pairs, last_positions(last_n), batch_size=batch_size
     )
-    cond = "router_prob_topk" if topk else "router_prob"
+    cond: Conditioning = "router_prob_topk" if topk else "router_prob"
     return _expert_sv(
         model, "expert_conditioned_all", dirs, coeff, cond, [harmful, harmless], layers=list(layers)
     )
@@ -250,7 +250,7 @@ def fit_single_expert(
         raise ValueError(
             "Pass both layer= and expert=, or neither (then the top routing difference is used)."
         )
-    experts = None if layer is None else [(layer, expert)]
+    experts = None if layer is None or expert is None else [(layer, expert)]
     return fit_routing_experts(
         model, harmful, harmless, top_n=1, experts=experts, last_n=last_n, coeff=coeff,
         n_max=n_max, batch_size=batch_size, _method="single_expert",

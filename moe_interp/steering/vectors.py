@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
 
 import torch
 from jaxtyping import Float
@@ -75,6 +75,11 @@ Conditioning = Literal["none", "router_prob", "router_prob_topk"]
 
 POSITION_SCOPES: tuple[str, ...] = get_args(PositionScope)
 CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
+
+
+def _is_scope(positions: object) -> TypeGuard[PositionScope]:
+    return isinstance(positions, str) and positions in POSITION_SCOPES
+
 
 FORMAT_NAME = "moe_interp.steering_vectors"
 FORMAT_VERSION = 1
@@ -478,14 +483,16 @@ class ExpertConditionedAdd:
                 "ExpertConditionedAdd has no metadata to save with it; "
                 "pass metadata=SteeringMetadata.from_model(model)."
             )
-        if not isinstance(self.positions, str):
+        if not _is_scope(self.positions):  # (a scope is a string: positions were checked in __post_init__)
             raise ValueError(f"Only a position scope {POSITION_SCOPES} can be saved, not {self.positions!r}.")
         hook = f"blocks.{self.layer}.mlp.hook_expert_out"
-        vectors = {(hook, int(e)): torch.as_tensor(v) for e, v in self.vectors.items()}
-        conditioning = "router_prob_topk" if self.topk else "router_prob"
+        vectors: dict[SteeringKey, Tensor] = {
+            (hook, int(e)): torch.as_tensor(v) for e, v in self.vectors.items()
+        }
+        conditioning: Conditioning = "router_prob_topk" if self.topk else "router_prob"
         return SteeringVectors(
             vectors, self.metadata, dict.fromkeys(vectors, self.coeff), self.positions, conditioning
-        )  # type: ignore[arg-type]
+        )
 
     def save(self, path: str | Path) -> list[Path]:
         """Write :meth:`as_vectors` as a ``.safetensors`` + ``.json`` pair."""
