@@ -31,7 +31,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moe_interp.interventions import EditHook
-from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds, refusal_scores
+from moe_interp.patching.metrics import bootstrap_ci, refusal_logodds, refusal_scores
+from moe_interp.refusal.judges import resolve_refusal_ids
 from moe_interp.tracing import HookContext
 
 if TYPE_CHECKING:
@@ -273,19 +274,10 @@ class Circuit:
         return _set_edits([self.components], self.means, 0, list(self.metadata["positions"]))
 
     def plot(self, **kwargs: Any) -> Figure:
+        """:func:`~moe_interp.plotting.plot_circuit` of this circuit (layers and faithfulness read off it)."""
         from moe_interp.plotting import plot_circuit
 
-        f = self.faithfulness
-        faith = {}
-        if "circuit" in f:
-            faith["circuit"] = f["circuit"]
-            if f.get("circuit_ci") and f["circuit_ci"][0] <= f["circuit"] <= f["circuit_ci"][1]:
-                faith["circuit_ci"] = tuple(f["circuit_ci"])
-        if "random" in f:
-            faith["random"] = f["random"]
-            if f.get("random_ci") and f["random_ci"][0] <= f["random"] <= f["random_ci"][1]:
-                faith["random_ci"] = tuple(f["random_ci"])
-        return plot_circuit(self.components, self.metadata["spec"]["n_layers"], faith or None, **kwargs)
+        return plot_circuit(self, **kwargs)
 
     def __len__(self) -> int:
         return len(self.components)
@@ -414,7 +406,7 @@ def locate_refusal_circuit(
     in_sample = heldout_harmful is None
     h_harm = harmful if in_sample else _check_list(heldout_harmful, "heldout_harmful")
     h_less = harmless if in_sample else _check_list(heldout_harmless, "heldout_harmless")
-    ids_r = _refusal_ids(model, refusal_ids)
+    ids_r = resolve_refusal_ids(model, refusal_ids)
     comps = _enumerate(model, candidates)
     pos = _check_positions(model, model.tokenize(harmful + harmless + h_harm + h_less), positions)
     means = _component_means(model, harmless, comps, pos, batch_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -219,113 +220,14 @@ class PipelineConfig:
             self.circuit = _from_dict(CircuitSettings, self.circuit, "config section 'circuit'")
         if isinstance(self.expected, dict):
             self.expected = _from_dict(ExpectedGeometry, self.expected, "config section 'expected'")
-        self.validate()
+        # each field's validator returns its normal form (lists for tuples, None for an empty family)
+        for name, check in _FIELD_VALIDATORS:
+            setattr(self, name, check(getattr(self, name), self))
 
-    # ------------------------------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field whose value is out of range."""
-        from moe_interp.families import get_family
-
-        if not isinstance(self.model, str) or not _SOURCE_RE.match(self.model):
-            raise _fail(
-                "model",
-                "'organism', 'smollm_moe', 'tiny:<family>', an HF id 'org/name' or a local path",
-                self.model,
-            )
-        if self.family == "":
-            self.family = None  # inferred from the loaded model
-        if self.family is not None:
-            if not isinstance(self.family, str):
-                raise _fail("family", "null (inferred) or an HF model_type string", self.family)
-            try:
-                get_family(self.family)
-            except ValueError as e:
-                raise ValueError(f"config field 'family': {e}") from None
-        if (
-            self.family is not None
-            and self.model.startswith("tiny:")
-            and self.model.split(":", 1)[1] != self.family
-        ):
-            raise _fail(
-                "family", f"{self.model.split(':', 1)[1]!r} (the family of model {self.model!r})", self.family
-            )
-        for name in ("name", "chat_template_notes", "notes"):
-            if not isinstance(getattr(self, name), str):
-                raise _fail(name, "a string", getattr(self, name))
-        if self.dtype not in DTYPES:
-            raise _fail("dtype", f"one of {list(DTYPES)}", self.dtype)
-        if self.device_map is not None and not isinstance(self.device_map, str):
-            raise _fail("device_map", "null or a string such as 'auto', 'cpu', 'cuda'", self.device_map)
-        if self.chat_template is not None and (
-            not isinstance(self.chat_template, str) or not self.chat_template
-        ):
-            raise _fail(
-                "chat_template",
-                "null (the tokenizer's template) or a non-empty Jinja string",
-                self.chat_template,
-            )
-        if self.post_instruction_tokens is not None:
-            _check_int("post_instruction_tokens", self.post_instruction_tokens, lo=1)
-        _check_str_list("refusal_phrases", self.refusal_phrases)
-        self.refusal_phrases = list(self.refusal_phrases)
-        if self.layers is not None:
-            ok = (
-                isinstance(self.layers, list | tuple)
-                and len(self.layers) == 2
-                and all(_is_int(x) for x in self.layers)
-                and 0 <= self.layers[0] < self.layers[1]
-            )
-            if not ok:
-                raise _fail(
-                    "layers", "null (all layers) or [start, stop] with 0 <= start < stop", self.layers
-                )
-            if self.expected is not None and self.layers[1] > self.expected.n_layers:
-                raise _fail(
-                    "layers", f"a range within the model's {self.expected.n_layers} layers", self.layers
-                )
-            self.layers = list(self.layers)
-        pos = self.positions
-        if (
-            not isinstance(pos, list | tuple)
-            or not pos
-            or not all(_is_int(p) and p < 0 for p in pos)
-            or len(set(pos)) != len(pos)
-        ):
-            raise _fail(
-                "positions", "a non-empty list of distinct negative offsets such as [-5, -4, -3, -2, -1]", pos
-            )
-        if self.post_instruction_tokens is not None and min(pos) < -self.post_instruction_tokens:
-            raise _fail(
-                "positions",
-                f"offsets within the {self.post_instruction_tokens} post-instruction tokens "
-                f"(>= {-self.post_instruction_tokens})",
-                pos,
-            )
-        self.positions = list(pos)
-        for name in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens"):
-            _check_int(name, getattr(self, name), lo=1)
-        _check_int("seed", self.seed, lo=0)
-        if not _is_num(self.kl_threshold) or self.kl_threshold <= 0:
-            raise _fail("kl_threshold", "a positive number (nats)", self.kl_threshold)
-        if not _is_num(self.prune_last_frac) or not 0 <= self.prune_last_frac < 1:
-            raise _fail("prune_last_frac", "a number in [0, 1)", self.prune_last_frac)
-        _check_str_list("steering_methods", self.steering_methods, allowed=steering_methods())
-        self.steering_methods = list(self.steering_methods)
-        if not isinstance(self.steering_kwargs, dict) or not all(
-            isinstance(v, dict) for v in self.steering_kwargs.values()
-        ):
-            raise _fail(
-                "steering_kwargs", "a mapping of method name -> keyword arguments", self.steering_kwargs
-            )
-        unknown = sorted(set(self.steering_kwargs) - set(self.steering_methods))
-        if unknown:
-            raise _fail("steering_kwargs", f"keys among steering_methods {self.steering_methods}", unknown)
-        if not isinstance(self.memory, dict) or not all(isinstance(k, str) for k in self.memory):
-            raise _fail("memory", "an object of informational notes (string keys)", self.memory)
-        for k, v in self.memory.items():
-            if k.endswith("_gb") or "_gb_" in k:
-                if not _is_num(v) or v < 0:
-                    raise _fail(f"memory.{k}", "a non-negative number of GB", v)
+        """Raise ``ValueError`` naming the first field whose value is out of range (changes nothing)."""
+        for name, check in _FIELD_VALIDATORS:
+            check(getattr(self, name), self)
 
     # ------------------------------------------------------------------------------------------ helpers
     def layer_range(self, n_layers: int) -> list[int]:
@@ -369,6 +271,170 @@ class PipelineConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
+
+
+# ---------------------------------------------------------------------------------- field validators
+# One function per field of PipelineConfig: ``check(value, config) -> normalised value`` raising
+# ``ValueError`` naming the field and what it accepts. Fields whose range depends on another field read it
+# from ``config`` (validated earlier in the table's order).
+
+
+def _v_model(v: Any, c: PipelineConfig) -> str:
+    if not isinstance(v, str) or not _SOURCE_RE.match(v):
+        raise _fail(
+            "model", "'organism', 'smollm_moe', 'tiny:<family>', an HF id 'org/name' or a local path", v
+        )
+    return v
+
+
+def _v_family(v: Any, c: PipelineConfig) -> str | None:
+    from moe_interp.families import get_family
+
+    if v is None or v == "":
+        return None  # inferred from the loaded model
+    if not isinstance(v, str):
+        raise _fail("family", "null (inferred) or an HF model_type string", v)
+    try:
+        get_family(v)
+    except ValueError as e:
+        raise ValueError(f"config field 'family': {e}") from None
+    if c.model.startswith("tiny:") and c.model.split(":", 1)[1] != v:
+        raise _fail("family", f"{c.model.split(':', 1)[1]!r} (the family of model {c.model!r})", v)
+    return v
+
+
+def _v_text(name: str) -> Callable[[Any, PipelineConfig], str]:
+    def check(v: Any, c: PipelineConfig) -> str:
+        if not isinstance(v, str):
+            raise _fail(name, "a string", v)
+        return v
+
+    return check
+
+
+def _v_dtype(v: Any, c: PipelineConfig) -> str:
+    if v not in DTYPES:
+        raise _fail("dtype", f"one of {list(DTYPES)}", v)
+    return str(v)
+
+
+def _v_device_map(v: Any, c: PipelineConfig) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise _fail("device_map", "null or a string such as 'auto', 'cpu', 'cuda'", v)
+    return v
+
+
+def _v_chat_template(v: Any, c: PipelineConfig) -> str | None:
+    if v is not None and (not isinstance(v, str) or not v):
+        raise _fail("chat_template", "null (the tokenizer's template) or a non-empty Jinja string", v)
+    return v
+
+
+def _v_post_instruction_tokens(v: Any, c: PipelineConfig) -> int | None:
+    if v is not None:
+        _check_int("post_instruction_tokens", v, lo=1)
+    return v
+
+
+def _v_str_list(name: str, allowed: Callable[[], tuple[str, ...]] | None = None) -> Callable[..., list[str]]:
+    def check(v: Any, c: PipelineConfig) -> list[str]:
+        _check_str_list(name, v, allowed=allowed() if allowed is not None else None)
+        return list(v)
+
+    return check
+
+
+def _v_layers(v: Any, c: PipelineConfig) -> list[int] | None:
+    if v is None:
+        return None
+    ok = isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) for x in v) and 0 <= v[0] < v[1]
+    if not ok:
+        raise _fail("layers", "null (all layers) or [start, stop] with 0 <= start < stop", v)
+    if c.expected is not None and v[1] > c.expected.n_layers:
+        raise _fail("layers", f"a range within the model's {c.expected.n_layers} layers", v)
+    return list(v)
+
+
+def _v_positions(v: Any, c: PipelineConfig) -> list[int]:
+    if (
+        not isinstance(v, list | tuple)
+        or not v
+        or not all(_is_int(p) and p < 0 for p in v)
+        or len(set(v)) != len(v)
+    ):
+        raise _fail(
+            "positions", "a non-empty list of distinct negative offsets such as [-5, -4, -3, -2, -1]", v
+        )
+    n = c.post_instruction_tokens
+    if n is not None and min(v) < -n:
+        raise _fail("positions", f"offsets within the {n} post-instruction tokens (>= {-n})", v)
+    return list(v)
+
+
+def _v_int(name: str, lo: int) -> Callable[[Any, PipelineConfig], int]:
+    def check(v: Any, c: PipelineConfig) -> int:
+        _check_int(name, v, lo=lo)
+        return int(v)
+
+    return check
+
+
+def _v_kl_threshold(v: Any, c: PipelineConfig) -> float:
+    if not _is_num(v) or v <= 0:
+        raise _fail("kl_threshold", "a positive number (nats)", v)
+    return v
+
+
+def _v_prune_last_frac(v: Any, c: PipelineConfig) -> float:
+    if not _is_num(v) or not 0 <= v < 1:
+        raise _fail("prune_last_frac", "a number in [0, 1)", v)
+    return v
+
+
+def _v_steering_kwargs(v: Any, c: PipelineConfig) -> dict[str, dict[str, Any]]:
+    if not isinstance(v, dict) or not all(isinstance(x, dict) for x in v.values()):
+        raise _fail("steering_kwargs", "a mapping of method name -> keyword arguments", v)
+    unknown = sorted(set(v) - set(c.steering_methods))
+    if unknown:
+        raise _fail("steering_kwargs", f"keys among steering_methods {list(c.steering_methods)}", unknown)
+    return v
+
+
+def _v_memory(v: Any, c: PipelineConfig) -> dict[str, Any]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise _fail("memory", "an object of informational notes (string keys)", v)
+    for k, x in v.items():
+        if (k.endswith("_gb") or "_gb_" in k) and (not _is_num(x) or x < 0):
+            raise _fail(f"memory.{k}", "a non-negative number of GB", x)
+    return v
+
+
+#: (field, validator) in checking order; ``circuit`` and ``expected`` validate themselves on construction.
+_FIELD_VALIDATORS: tuple[tuple[str, Callable[[Any, PipelineConfig], Any]], ...] = (
+    ("model", _v_model),
+    ("family", _v_family),
+    ("name", _v_text("name")),
+    ("chat_template_notes", _v_text("chat_template_notes")),
+    ("notes", _v_text("notes")),
+    ("dtype", _v_dtype),
+    ("device_map", _v_device_map),
+    ("chat_template", _v_chat_template),
+    ("post_instruction_tokens", _v_post_instruction_tokens),
+    ("refusal_phrases", _v_str_list("refusal_phrases")),
+    ("layers", _v_layers),
+    ("positions", _v_positions),
+    ("n_train", _v_int("n_train", 1)),
+    ("n_val", _v_int("n_val", 1)),
+    ("n_test", _v_int("n_test", 1)),
+    ("batch_size", _v_int("batch_size", 1)),
+    ("max_new_tokens", _v_int("max_new_tokens", 1)),
+    ("seed", _v_int("seed", 0)),
+    ("kl_threshold", _v_kl_threshold),
+    ("prune_last_frac", _v_prune_last_frac),
+    ("steering_methods", _v_str_list("steering_methods", steering_methods)),
+    ("steering_kwargs", _v_steering_kwargs),
+    ("memory", _v_memory),
+)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -164,6 +164,22 @@ def test_refusal_first_token_ids_dedupes_and_skips_special() -> None:
         refusal_first_token_ids(tok, [])
 
 
+def test_resolve_refusal_ids_defaults_and_checks() -> None:
+    from types import SimpleNamespace
+
+    from moe_interp.refusal.judges import default_refusal_ids, resolve_refusal_ids
+
+    tok, V = WordTokenizer(), 50
+    model = SimpleNamespace(tokenizer=tok, spec=SimpleNamespace(vocab_size=V))
+    assert resolve_refusal_ids(model) == default_refusal_ids(model) == refusal_first_token_ids(tok)
+    model.refusal_phrases = ["As an AI"]  # a model's own phrases win over the library's
+    assert resolve_refusal_ids(model) == [tok.vocab["As"]]
+    assert resolve_refusal_ids(model, (torch.tensor(2), 1)) == [2, 1]
+    for bad in ([], [V], [-1], ["x"]):
+        with pytest.raises(ValueError, match=rf"non-empty list of ints in \[0, {V}\)"):
+            resolve_refusal_ids(model, bad)
+
+
 class FakeLogitModel:
     """forward() returns logits whose last position favours token 0 iff the prompt contains 'bomb'."""
 

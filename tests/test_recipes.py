@@ -263,3 +263,24 @@ def test_defaults_are_valid_and_load_kwargs() -> None:
     assert PipelineConfig(model="tiny:olmoe", family="olmoe", device_map="auto").load_kwargs() == {
         "dtype": torch.bfloat16
     }
+
+
+def test_every_field_has_one_validator_and_validate_changes_nothing() -> None:
+    from dataclasses import fields as dc_fields
+
+    from moe_interp.config import _FIELD_VALIDATORS
+
+    names = [n for n, _ in _FIELD_VALIDATORS]
+    assert len(names) == len(set(names))
+    # circuit/expected are dataclasses validating themselves; every other field has exactly one validator
+    assert set(names) == {f.name for f in dc_fields(PipelineConfig)} - {"circuit", "expected"}
+    cfg = PipelineConfig.from_dict(_base())
+    before = cfg.to_dict()
+    cfg.validate()
+    assert cfg.to_dict() == before
+    cfg.positions = (-2, -1)  # a tuple is accepted and not rewritten by validate()
+    cfg.validate()
+    assert cfg.positions == (-2, -1)
+    cfg.n_val = 0  # a field changed after construction is caught by validate()
+    with pytest.raises(ValueError, match="'n_val'"):
+        cfg.validate()

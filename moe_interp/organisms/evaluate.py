@@ -32,6 +32,7 @@ from moe_interp.organisms.data import (
     is_refusal,
     load_split_records,
 )
+from moe_interp.refusal.judges import refusal_score
 
 DEFAULT_OUT: Path = Path(__file__).resolve().parents[2] / "circuits" / "organism" / "metrics.json"
 EVAL_SPLITS: dict[str, str] = {
@@ -95,9 +96,7 @@ def judge_batch(
         return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
-    logp = torch.log_softmax(out.logits[0].float().cpu(), dim=-1)
-    lp = torch.logsumexp(logp[:, refusal_ids], dim=-1)
-    scores = (lp - torch.log((-torch.expm1(lp)).clamp_min(1e-12))).tolist()
+    scores = refusal_score(out.logits[0].cpu(), refusal_ids).tolist()
     T = enc["input_ids"].shape[1]
     rows: list[JudgedPrompt] = []
     for i, x in enumerate(instructions):

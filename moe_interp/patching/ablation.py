@@ -31,8 +31,9 @@ from moe_interp.experts import (
     topk_to_dense,
 )
 from moe_interp.interventions import ABLATION_MODES, AblateExpert, EditHook, check_positions, position_mask
-from moe_interp.patching.metrics import _refusal_ids, bootstrap_ci, refusal_logodds
+from moe_interp.patching.metrics import bootstrap_ci, refusal_logodds
 from moe_interp.prefix import PrefixCache, cache_prefix, restart, restart_after
+from moe_interp.refusal.judges import resolve_refusal_ids
 from moe_interp.tracing import EditFn, HookContext, _get
 
 if TYPE_CHECKING:
@@ -373,7 +374,7 @@ def expert_ablation_sweep(
     items = _experts(model, experts)
     if batch_experts is not None and batch_experts < 1:
         raise ValueError(f"batch_experts must be >= 1, got {batch_experts}.")
-    ids_r = _refusal_ids(model, refusal_ids)
+    ids_r = resolve_refusal_ids(model, refusal_ids)
     enc = model.tokenize(prompts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     n, s = len(prompts), model.spec
@@ -518,7 +519,7 @@ def expert_ablation_loop(
     prompts = _prompts(prompts)
     means = _check_mode(model, mode, mean_outputs)
     items = _experts(model, experts)
-    ids_r = _refusal_ids(model, refusal_ids)
+    ids_r = resolve_refusal_ids(model, refusal_ids)
     enc = model.tokenize(prompts)
     s = model.spec
     out = torch.full((s.n_layers, s.n_experts, len(prompts)), float("nan"))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moe_interp.refusal.evaluate import refusal_scores
-from moe_interp.refusal.judges import refusal_logodds
+from moe_interp.refusal.judges import refusal_logodds, resolve_refusal_ids
 from moe_interp.refusal.stats import bootstrap_ci
 
 if TYPE_CHECKING:
@@ -32,25 +32,14 @@ __all__ = [
 ]
 
 
-def _refusal_ids(model: MoEModel, refusal_ids: Sequence[int] | None) -> list[int]:
-    from moe_interp.refusal.judges import default_refusal_ids
-
-    ids = list(refusal_ids) if refusal_ids is not None else default_refusal_ids(model)
-    V = model.spec.vocab_size
-    bad = [i for i in ids if not 0 <= int(i) < V]
-    if not ids or bad:
-        raise ValueError(f"refusal token ids must be a non-empty list in [0, {V}), got {ids}.")
-    return [int(i) for i in ids]
-
-
 def refusal_metric(model: MoEModel, refusal_ids: Sequence[int] | None = None) -> Metric:
     """Metric: mean refusal log-odds at the last position over the batch (differentiable)."""
-    ids = _refusal_ids(model, refusal_ids)
+    ids = resolve_refusal_ids(model, refusal_ids)
 
     def metric(logits: Tensor) -> Tensor:
         return refusal_logodds(logits[:, -1], ids).mean()
 
-    metric.__name__ = "refusal_score"
+    metric.__name__ = "refusal_metric"
     return metric
 
 

@@ -9,9 +9,9 @@ score (per prompt)           :func:`refusal_score` — log-odds of a refusal fir
                              (checked, float64); :func:`refusal_logodds` is its differentiable core (patching's
                              ``refusal_metric`` is the batch mean of it as a gradient metric);
                              :func:`~moe_interp.refusal.evaluate.refusal_scores` — the score of each prompt of a
-                             model under its active edits (steering's former ``_logit_scores``;
-                             ``moe_interp.patching.metrics.refusal_scores`` is the same score in the working
-                             precision, kept by the patching code)
+                             model under its active edits (``moe_interp.patching`` re-exports it);
+                             :func:`resolve_refusal_ids` — the refusal tokens every score uses (given ids
+                             checked against the vocabulary, else the model's own)
 confidence (per prompt)      :func:`refusal_confidence` / :meth:`LLMJudge.confidences` — LLM-judge value in [-1, 1]
 verdict (per prompt)         :class:`JudgeResult` from a :class:`Judge`; for a model under edits
                              :func:`~moe_interp.refusal.evaluate.refusal_flags` (greedy generation + substring
@@ -68,6 +68,7 @@ from moe_interp.refusal.judges import (
     refusal_logodds,
     refusal_rate,
     refusal_score,
+    resolve_refusal_ids,
 )
 from moe_interp.refusal.orthogonalize import ResidualWriter, orthogonalize, residual_writers
 from moe_interp.refusal.prompts_io import load_prompt_file
@@ -107,6 +108,7 @@ __all__ = [
     "refusal_rate",
     "refusal_logodds",
     "refusal_score",
+    "resolve_refusal_ids",
     "refusal_scores",
     "resid_names",
     "ridge_direction",

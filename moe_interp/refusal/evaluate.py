@@ -25,9 +25,9 @@ from moe_interp.refusal.judges import (
     N_BOOT,
     Judge,
     SubstringJudge,
-    default_refusal_ids,
     refusal_rate,
     refusal_score,
+    resolve_refusal_ids,
 )
 from moe_interp.refusal.stats import bootstrap_ci
 
@@ -145,7 +145,7 @@ def refusal_scores(
     """Per-prompt logit refusal score (:func:`~moe_interp.refusal.judges.refusal_score`, float64) at the last
     prompt position, under the model's active interventions; ``refusal_ids`` default to the model's."""
     prompts = check_prompts(prompts)
-    ids = default_refusal_ids(model) if refusal_ids is None else list(refusal_ids)
+    ids = resolve_refusal_ids(model, refusal_ids)
     out = [
         refusal_score(model.forward(prompts[s : s + batch_size], last_only=True)[:, -1], ids)
         for s in range(0, len(prompts), batch_size)
@@ -223,7 +223,7 @@ def evaluate(
     if not hasattr(judge, "judge"):
         raise TypeError(f"judge must have judge(instructions, completions); got {type(judge).__name__}.")
     base = model if base_model is None else base_model
-    tok_ids = list(default_refusal_ids(model) if refusal_token_ids is None else refusal_token_ids)
+    tok_ids = resolve_refusal_ids(model, refusal_token_ids)
     pad_id = int(model.tokenizer.pad_token_id)
 
     details: list[dict[str, Any]] = []

@@ -43,6 +43,8 @@ __all__ = [
     "SubstringJudge",
     "refusal_score",
     "refusal_first_token_ids",
+    "default_refusal_ids",
+    "resolve_refusal_ids",
     "LogitJudge",
     "LabelBackend",
     "JudgeBackendError",
@@ -312,6 +314,22 @@ def default_refusal_ids(model: Any) -> list[int]:
     (e.g. the organism, or a pipeline recipe), else from :data:`REFUSAL_START_PHRASES`."""
     phrases = getattr(model, "refusal_phrases", None) or REFUSAL_START_PHRASES
     return refusal_first_token_ids(model.tokenizer, phrases)
+
+
+def resolve_refusal_ids(model: Any, refusal_ids: Sequence[int] | None = None) -> list[int]:
+    """``refusal_ids`` checked against the model's vocabulary, or :func:`default_refusal_ids` when None.
+
+    The one place every analysis resolves its refusal tokens (patching, circuits, selection, evaluation).
+    """
+    ids = default_refusal_ids(model) if refusal_ids is None else list(refusal_ids)
+    V = int(model.spec.vocab_size) if hasattr(model, "spec") else len(model.tokenizer)
+    try:
+        out = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        out = []
+    if not out or any(not 0 <= i < V for i in out):
+        raise ValueError(f"refusal token ids must be a non-empty list of ints in [0, {V}), got {ids}.")
+    return out
 
 
 class LogitJudge:

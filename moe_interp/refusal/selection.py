@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from moe_interp.interventions import AddVector, DirectionalAblation, check_vector
 from moe_interp.refusal.directions import RefusalDirections
 from moe_interp.refusal.evaluate import first_token_kl
-from moe_interp.refusal.judges import default_refusal_ids, refusal_score
+from moe_interp.refusal.judges import refusal_score, resolve_refusal_ids
 
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
@@ -144,7 +144,7 @@ def select_direction(
         raise ValueError(f"prune_last_frac must be in [0, 1), got {prune_last_frac}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    ids = list(default_refusal_ids(model) if refusal_token_ids is None else refusal_token_ids)
+    ids = resolve_refusal_ids(model, refusal_token_ids)
 
     def encode(prompts: list[str]) -> list[Any]:
         return [model.tokenize(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
