@@ -16,21 +16,23 @@ import torch
 from moe_interp.refusal.http_judge import is_loopback_host
 from moe_interp.refusal.judges import (
     Judge,
-    JudgeBackendError,
     JudgeResult,
-    LabelBackend,
-    LLMJudge,
     LogitJudge,
-    ModelLabelBackend,
-    OpenAIChatBackend,
     SubstringJudge,
-    SubstringLabelBackend,
-    parse_label,
-    refusal_confidence,
     refusal_first_token_ids,
     refusal_logodds,
     refusal_rate,
     refusal_score,
+)
+from moe_interp.refusal.llm_judge import (
+    JudgeBackendError,
+    LabelBackend,
+    LLMJudge,
+    ModelLabelBackend,
+    OpenAIChatBackend,
+    SubstringLabelBackend,
+    parse_label,
+    refusal_confidence,
 )
 
 ORGANISM_REFUSALS = [

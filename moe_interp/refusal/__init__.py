@@ -47,28 +47,30 @@ from moe_interp.refusal.evaluate import (
     refusal_scores,
 )
 from moe_interp.refusal.judges import (
-    JUDGE_PROMPT,
     N_BOOT,
     REFUSAL_PHRASES,
     REFUSAL_START_PHRASES,
     Judge,
-    JudgeBackendError,
     JudgeResult,
-    LabelBackend,
-    LLMJudge,
     LogitJudge,
-    ModelLabelBackend,
-    OpenAIChatBackend,
     RefusalRate,
     SubstringJudge,
-    SubstringLabelBackend,
-    parse_label,
-    refusal_confidence,
     refusal_first_token_ids,
     refusal_logodds,
     refusal_rate,
     refusal_score,
     resolve_refusal_ids,
+)
+from moe_interp.refusal.llm_judge import (
+    JUDGE_PROMPT,
+    JudgeBackendError,
+    LabelBackend,
+    LLMJudge,
+    ModelLabelBackend,
+    OpenAIChatBackend,
+    SubstringLabelBackend,
+    parse_label,
+    refusal_confidence,
 )
 from moe_interp.refusal.orthogonalize import ResidualWriter, orthogonalize, residual_writers
 from moe_interp.refusal.prompts_io import load_prompt_file

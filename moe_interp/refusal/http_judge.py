@@ -5,7 +5,7 @@ It is built to survive a slow, broken or hostile endpoint: one total deadline pe
 response size, bounded retries with backoff on 429 / 5xx, no redirects (the API key never goes to
 another URL), no proxy for loopback judges, and every transport failure raised as
 :class:`JudgeBackendError` with a one-line message that names the URL and never the API key.
-:class:`~moe_interp.refusal.judges.OpenAIChatBackend` adds the judge prompt and label parsing on top.
+:class:`~moe_interp.refusal.llm_judge.OpenAIChatBackend` adds the judge prompt and label parsing on top.
 """
 
 from __future__ import annotations
