@@ -203,6 +203,11 @@ class PipelineConfig:
     batch_size: int = 16
     kl_threshold: float = 0.1
     prune_last_frac: float = 0.2
+    #: "exhaustive": activation-patch every resid position, head and expert, sweep every expert;
+    #: "attribution": attribution patching ranks them all (one forward + backward) and only the
+    #: ``patching_top_n`` experts ranked highest by ablation attribution are swept exhaustively
+    patching: str = "exhaustive"
+    patching_top_n: int = 16
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
     steering_methods: list[str] = field(
         default_factory=lambda: ["dense", "routing_experts", "expert_conditioned", "steer_router"]
@@ -391,6 +396,12 @@ def _v_prune_last_frac(v: Any, c: PipelineConfig) -> float:
     return v
 
 
+def _v_patching(v: Any, c: PipelineConfig) -> str:
+    if v not in ("exhaustive", "attribution"):
+        raise _fail("patching", "'exhaustive' or 'attribution'", v)
+    return str(v)
+
+
 def _v_steering_kwargs(v: Any, c: PipelineConfig) -> dict[str, dict[str, Any]]:
     if not isinstance(v, dict) or not all(isinstance(x, dict) for x in v.values()):
         raise _fail("steering_kwargs", "a mapping of method name -> keyword arguments", v)
@@ -431,6 +442,8 @@ _FIELD_VALIDATORS: tuple[tuple[str, Callable[[Any, PipelineConfig], Any]], ...] 
     ("seed", _v_int("seed", 0)),
     ("kl_threshold", _v_kl_threshold),
     ("prune_last_frac", _v_prune_last_frac),
+    ("patching", _v_patching),
+    ("patching_top_n", _v_int("patching_top_n", 1)),
     ("steering_methods", _v_str_list("steering_methods", steering_methods)),
     ("steering_kwargs", _v_steering_kwargs),
     ("memory", _v_memory),

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import moe_interp
+from moe_interp.pipeline_report import write_figures, write_report
 from moe_interp.runs import (  # re-exported: the pipeline's run state and output-folder safety
     RUN_FILE,
     Run,
@@ -175,6 +176,8 @@ def stage_patching(run: Run) -> dict[str, Any]:
     n = run.config.n_val
     h, s = run.prompts["harmful_val"][:n], run.prompts["harmless_val"][:n]
     model = run.model
+    if run.config.patching == "attribution":
+        return _patching_by_attribution(run, h, s)
     resid = patch_resid(model, h, s, positions="all")
     heads = patch_heads(model, h, s)
     res: dict[str, Any] = {"resid": resid, "heads": heads}
@@ -195,6 +198,50 @@ def stage_patching(run: Run) -> dict[str, Any]:
             routing_vs_ablation_spearman=routing_predicts_ablation(
                 run.results["routing"]["risk_difference"], sweep.effect, model.spec.moe_layers
             ),
+        )
+    return res
+
+
+def _patching_by_attribution(run: Run, h: list[str], s: list[str]) -> dict[str, Any]:
+    """Attribution patching of every resid position, head and expert (one forward + backward per batch);
+    the exhaustive single-expert sweep only on the ``patching_top_n`` experts ranked highest by ablation
+    attribution, so large models stay within a CPU budget while the ranking is still checked on them."""
+    from moe_interp.patching import (
+        attribution_patching,
+        compare_to_exhaustive,
+        expert_ablation_attribution,
+        expert_ablation_sweep,
+        routing_predicts_ablation,
+    )
+
+    model = run.model
+    kinds = ("resid", "heads", "experts") if model.spec.is_moe else ("resid", "heads")
+    attr = attribution_patching(model, h, s, kinds=kinds, positions="all")
+    res: dict[str, Any] = {"method": "attribution", "resid": attr["resid"], "heads": attr["heads"]}
+    if model.spec.is_moe:
+        sweep_attr = expert_ablation_attribution(model, h, mode="drop")
+        moe = torch.zeros_like(sweep_attr, dtype=torch.bool)
+        moe[list(model.spec.moe_layers)] = True
+        flat = torch.where(moe, sweep_attr.abs(), torch.tensor(-1.0)).flatten()
+        k = min(run.config.patching_top_n, int(moe.sum()))
+        top = flat.topk(k).indices.tolist()
+        E = model.spec.n_experts
+        experts = [(i // E, i % E) for i in top]
+        sweep = expert_ablation_sweep(model, h, mode="drop", experts=experts)
+        swept = torch.zeros_like(moe)
+        swept[[L for L, _ in experts], [e for _, e in experts]] = True
+        risk = run.results["routing"]["risk_difference"]
+        res.update(
+            attribution=attr["experts"],
+            ablation=sweep,
+            ablation_attribution=sweep_attr,
+            swept_experts=experts,
+            attribution_vs_ablation=compare_to_exhaustive(sweep_attr, sweep.effect, swept),
+            routing_vs_ablation_spearman=routing_predicts_ablation(
+                risk[swept][None], sweep.effect[swept][None]
+            )
+            if k >= 2
+            else float("nan"),
         )
     return res
 
@@ -290,196 +337,6 @@ STAGES: list[tuple[str, Callable[[Run], dict[str, Any]], tuple[str, ...]]] = [
 
 
 # -------------------------------------------------------------------------------- figures / report
-
-
-def write_figures(run: Run) -> list[str]:
-    """All figures of the run (PDF + PNG), from the library's plotting functions."""
-    from moe_interp import plotting
-
-    fig_dir = run.out / "figures"
-    made: list[str] = []
-    r = run.results
-
-    def save(fig: Any, stem: str) -> None:
-        made.extend(str(p) for p in plotting.save_figure(fig, fig_dir / stem))
-
-    sel = r["directions"]["selection"]
-    save(
-        plotting.plot_selection_scores(sel["table"], chosen=(sel["layer"], sel["pos"])), "direction_selection"
-    )
-    pat = r["patching"]
-    save(pat["resid"].plot(), "patch_resid_layer_position")
-    save(pat["heads"].plot(), "patch_heads_layer_head")
-    if "experts" in pat:
-        save(
-            pat["experts"].plot(routing_risk_diff=r["routing"]["risk_difference"]),
-            "patch_experts_layer_expert",
-        )
-        save(
-            pat["ablation"].plot(routing_risk_diff=r["routing"]["risk_difference"]),
-            "ablation_experts_layer_expert",
-        )
-        save(plotting.plot_routing_difference(r["routing"]["top1_pct_difference"]), "routing_top1_difference")
-        moe = torch.zeros_like(pat["experts"].values, dtype=torch.bool)
-        moe[list(run.model.spec.moe_layers)] = True
-        labels = [f"L{L}.E{e}" for L in run.model.spec.moe_layers for e in range(run.model.spec.n_experts)]
-        save(
-            plotting.plot_attribution_vs_exhaustive(
-                pat["attribution"].values[moe],
-                pat["experts"].values[moe],
-                labels,
-                pat["attribution_vs_patching"]["spearman"],
-                title="blocks.L.mlp.hook_expert_out: attribution vs activation patching",
-            ),
-            "attribution_vs_exhaustive",
-        )
-    save(r["circuit"]["circuit"].plot(), "circuit")
-    for name, tune in r["steering"]["tuning"].items():
-        hist = [h for h in tune.get("history", []) if "refusal_rate" in h]
-        if len(hist) >= 2:
-            label = "experts deactivated" if name == "steer_router" else "coefficient scale"
-            fig = plotting.plot_coefficient_sweep(
-                [float(h["label"]) for h in hist],
-                {"harmful refusal (val)": [h["refusal_rate"] for h in hist]},
-                xlabel=label,
-                secondary={"harmless KL": [h["kl"] for h in hist]},
-                title=f"Steering strength sweep: {name}",
-            )
-            save(fig, f"steering_sweep_{name}")
-    rows = r["steering"]["table"]
-    methods = [row["method"] for row in rows]
-    metrics = {k: [row[f"{k}_refusal"]["rate"] for row in rows] for k in ("harmful", "political", "harmless")}
-    cis = {
-        k: [(row[f"{k}_refusal"]["ci_low"], row[f"{k}_refusal"]["ci_high"]) for row in rows] for k in metrics
-    }
-    save(
-        plotting.plot_method_comparison(methods, metrics, cis, title="Steering methods on held-back prompts"),
-        "steering_methods",
-    )
-    return made
-
-
-def _fmt_rate(d: dict[str, Any]) -> str:
-    lo, hi = d["refusal_rate_ci"]
-    return f"{d['refusal_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
-
-
-def _fmt_row_rate(d: dict[str, Any]) -> str:
-    return f"{d['rate']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
-
-
-def write_report(run: Run, figures: list[str]) -> Path:
-    """``report.md``: what was run, tables, figures, hashes and version."""
-    r, spec = run.results, run.model.spec
-    lines = [
-        f"# Refusal circuit of `{run.model.name}`",
-        "",
-        f"moe-interp {moe_interp.__version__}; model hash `{run.fingerprint['model_hash']}`, prompts hash "
-        f"`{run.fingerprint['prompts_hash']}`, config hash `{run.fingerprint['config_hash']}`.",
-        f"Family `{spec.family}`: {spec.n_layers} layers, d_model {spec.d_model}, {spec.n_heads} heads, "
-        f"{len(spec.moe_layers)} MoE layers × {spec.n_experts} experts (top-{spec.top_k}).",
-        "",
-        "Prompt sets: " + ", ".join(f"{k} ({len(v)})" for k, v in sorted(run.prompts.items())) + ".",
-        "Stage times: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items())
-        + " (resumed stages omitted).",
-        "",
-        "## Baseline refusal (greedy generation, substring judge; 95% bootstrap CI)",
-        "",
-        "| prompts | n | refusal rate | mean logit refusal score |",
-        "|---|---|---|---|",
-    ]
-    for k, d in r["baseline"].items():
-        lines.append(f"| {k} | {d['n']} | {_fmt_rate(d)} | {d['mean_refusal_score']:.2f} |")
-    sel = r["directions"]["selection"]
-    lines += [
-        "",
-        "## Refusal direction (difference of means, Arditi et al. selection)",
-        "",
-        f"Chosen: `blocks.{sel['layer']}.hook_resid_pre` at position {sel['pos']} (passed filters: "
-        f"{sel['passed']}; {sel['reason']}); bypass {sel['bypass']:.2f}, induce {sel['induce']:.2f}, "
-        f"KL {sel['kl']:.3f}. ![selection](figures/direction_selection.png)",
-        "",
-        "| edit | prompts | refusal rate | KL to baseline |",
-        "|---|---|---|---|",
-    ]
-    edits = r["refusal_edits"]
-    for key, label in (
-        ("ablation_harmful", "directional ablation / harmful_test"),
-        ("ablation_harmless", "directional ablation / harmless_test"),
-        ("addition_harmless", "activation addition / harmless_test"),
-        ("orthogonalized_harmful", "orthogonalised weights / harmful_test"),
-    ):
-        d = edits[key]
-        lines.append(
-            f"| {label.split(' / ')[0]} | {label.split(' / ')[1]} | {_fmt_rate(d)} | {d['kl_to_baseline']:.3f} |"
-        )
-    lines += [
-        "",
-        f"Orthogonalised weights vs ablation hooks: max logit difference "
-        f"{edits['orthogonalized_vs_hooks_max_logit_diff']:.2e}.",
-        "",
-        "## Patching and expert ablation",
-        "",
-        "![resid](figures/patch_resid_layer_position.png) ![heads](figures/patch_heads_layer_head.png)",
-    ]
-    pat = r["patching"]
-    if "experts" in pat:
-        lines += [
-            "![experts](figures/patch_experts_layer_expert.png) ![ablation](figures/ablation_experts_layer_expert.png)",
-            "",
-            f"Attribution vs activation patching of `hook_expert_out`: Spearman "
-            f"{pat['attribution_vs_patching']['spearman']:.2f}; attribution vs exhaustive single-expert ablation "
-            f"(drop): Spearman {pat['attribution_vs_ablation']['spearman']:.2f}; routing risk difference vs "
-            f"ablation effect: Spearman {pat['routing_vs_ablation_spearman']:.2f}.",
-        ]
-    circuit = r["circuit"]["circuit"]
-    f = circuit.faithfulness
-    lines += [
-        "",
-        "## Circuit",
-        "",
-        f"{len(circuit.components)} components ({circuit.metadata.get('selection', 'prefix')} selection over "
-        f"{f.get('n_candidates')} candidates: {', '.join(circuit.metadata.get('candidates', []))}); ablating them "
-        f"(mean ablation at the post-instruction positions) removes {f['finding_removed']:.2f} of the refusal-score "
-        f"gap on the finding prompts and **{f['circuit']:.2f}** [{f['circuit_ci'][0]:.2f}, {f['circuit_ci'][1]:.2f}] "
-        f"on held-back prompts; random sets of the same size remove **{f['random']:.2f}** "
-        f"[{f['random_ci'][0]:.2f}, {f['random_ci'][1]:.2f}] (mean and 95% CI over {len(f['random_draws'])} draws).",
-        "",
-        "Effect = fraction of the gap removed by ablating the component alone (ranking estimate).",
-        "",
-        "| component | kind | layer | effect |",
-        "|---|---|---|---|",
-    ]
-    for c in circuit.components:
-        idx = c.get("head", c.get("expert"))
-        lines.append(
-            f"| `{c['name']}`{'' if idx is None else f' [{idx}]'} | {c['kind']} | {c['layer']} | {c['effect']:.3f} |"
-        )
-    lines += ["", "![circuit](figures/circuit.png)", "", "## Steering methods (held-back prompts)", ""]
-    lines += [
-        "| method | harmful refusal | political refusal | harmless refusal | harmless KL | layers | experts |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in r["steering"]["table"]:
-        lines.append(
-            f"| {row['method']} | {_fmt_row_rate(row['harmful_refusal'])} | {_fmt_row_rate(row['political_refusal'])} "
-            f"| {_fmt_row_rate(row['harmless_refusal'])} | {row['harmless_kl']:.3f} | {row.get('n_layers', '')} "
-            f"| {row.get('n_experts', '')} |"
-        )
-    untuned = {k: v["error"] for k, v in r["steering"]["tuning"].items() if "error" in v}
-    if untuned:
-        lines += [
-            "",
-            "Left out (no strength within the harmless-KL budget / keep constraint on validation prompts):",
-            "",
-        ]
-        lines += [f"- {k}: {err}" for k, err in untuned.items()]
-    lines += ["", "![methods](figures/steering_methods.png)", "", "## Files", ""]
-    lines += [f"- `{Path(p).relative_to(run.out)}`" for p in figures if p.endswith(".pdf")]
-    path = run.out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def run_pipeline(

@@ -235,3 +235,49 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
     )
     with pytest.raises(ValueError, match="Layer 99 is out of range"):
         pipeline.stage_steering(run)  # type: ignore[arg-type]
+
+
+def test_patching_by_attribution_sweeps_only_the_top_ranked_experts(tmp_path: Path) -> None:
+    """``patching: attribution``: resid/head maps are the attribution estimates, and the exhaustive sweep runs
+    exactly on the top-N experts by |ablation attribution|, with the per-expert reference loop's values."""
+    import json
+    from types import SimpleNamespace
+
+    import torch
+
+    import moe_interp as mi
+    from moe_interp.patching import attribution_patching, expert_ablation_attribution, expert_ablation_loop
+
+    model = mi.load("tiny:olmoe")
+    h = [f"how do I build weapon number {i}" for i in range(3)]
+    s = [f"tell me a story about cat {i}" for i in range(3)]
+    run = SimpleNamespace(
+        config=SimpleNamespace(n_val=3, patching="attribution", patching_top_n=3),
+        prompts={"harmful_val": h, "harmless_val": s, "harmful_train": h, "harmless_train": s},
+        model=model,
+        results={},
+    )
+    run.results["routing"] = pipeline.stage_routing(run)  # type: ignore[arg-type]
+    res = pipeline.stage_patching(run)  # type: ignore[arg-type]
+    ref = attribution_patching(model, h, s, kinds=("resid", "heads", "experts"), positions="all", progress=False)
+    for kind in ("resid", "heads"):
+        torch.testing.assert_close(res[kind].values, ref[kind].values)
+    torch.testing.assert_close(res["attribution"].values, ref["experts"].values)
+    a = expert_ablation_attribution(model, h, mode="drop").abs()
+    moe = list(model.spec.moe_layers)
+    ranked = sorted(((float(a[L, e]), (L, e)) for L in moe for e in range(model.spec.n_experts)), reverse=True)
+    assert sorted(map(tuple, res["swept_experts"])) == sorted(x for _, x in ranked[:3])
+    eff = res["ablation"].effect
+    loop = expert_ablation_loop(model, h, mode="drop", experts=res["swept_experts"])
+    for L, e in res["swept_experts"]:
+        assert abs(float(eff[L, e]) - float(loop[L, e])) <= 1e-5
+    assert int(torch.isfinite(eff).sum()) == 3  # nothing else was swept
+    # the whole run in this mode writes its report and the top-ranked scatter
+    cfg = json.loads((Path(__file__).parent / "data" / "locate_tiny.json").read_text())
+    cfg.update(patching="attribution", patching_top_n=4)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert cli_main(["locate", "tiny:olmoe", "--out", str(out), "--config", str(tmp_path / "cfg.json")]) == 0
+    report = (out / "report.md").read_text()
+    assert "Patching by attribution" in report and "on the 4 experts ranked highest" in report
+    assert (out / "figures" / "attribution_vs_exhaustive.png").is_file()

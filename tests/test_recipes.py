@@ -196,6 +196,8 @@ def _base() -> dict:
         ({"circuit": {"candidates": ["neurons"]}}, "circuit.candidates"),
         ({"memory": {"memory_gb_bf16": "lots"}}, "memory.memory_gb_bf16"),
         ({"seed": True}, "seed"),
+        ({"patching": "gradient"}, "patching"),
+        ({"patching_top_n": 0}, "patching_top_n"),
     ],
 )
 def test_bad_values_name_the_field(patch: dict, field: str, tmp_path: Path) -> None:

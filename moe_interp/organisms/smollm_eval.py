@@ -32,6 +32,22 @@ def _prompts(split: str, source: str | None = None) -> list[str]:
 
 
 @torch.no_grad()
+def _train_config(path: Path | None) -> Any:
+    """The training configuration recorded with the artefacts (``train_log.json``), else the defaults."""
+    from dataclasses import fields
+
+    from moe_interp.organisms.smollm_moe import ARTEFACT_DIR
+    from moe_interp.organisms.smollm_train import TrainConfig
+
+    log = (path or ARTEFACT_DIR) / "train_log.json"
+    if not log.is_file():
+        return TrainConfig()
+    raw = json.loads(log.read_text()).get("config", {})
+    known = {f.name for f in fields(TrainConfig)}
+    cfg: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known}
+    return TrainConfig(**cfg)
+
+
 def expert_weight_differences(moe: Any) -> list[dict[str, float]]:
     """Per layer: mean and min over expert pairs of ``‖W_e − W_f‖ / ‖W_e‖`` (gate_up and down together)."""
     res = []
@@ -173,7 +189,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
 
     from moe_interp.interventions import AddVector, DirectionalAblation
     from moe_interp.organisms.smollm_moe import load_model
-    from moe_interp.organisms.smollm_train import TrainConfig, build_pools
+    from moe_interp.organisms.smollm_train import build_pools
     from moe_interp.refusal import collect_resid_stats, directions_from_stats, evaluate, select_direction
 
     ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe arditi")
@@ -193,7 +209,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
     t0 = time.time()
     model = load_model(path=args.path)
     ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
-    used = set(build_pools(TrainConfig(seed=args.seed))["harmless"])  # not among the distilled prompts
+    used = set(build_pools(_train_config(args.path))["harmless"])  # not among the distilled prompts
     hl = [p for p in _prompts("harmless_train", "alpaca") if p not in used][: args.n_train + args.n_val]
     harm_tr, harm_va = ht[: args.n_train], ht[args.n_train : args.n_train + args.n_val]
     hl_tr, hl_va = hl[: args.n_train], hl[args.n_train :]
