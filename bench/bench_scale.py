@@ -168,9 +168,9 @@ def sweep_block(model: Any, prompts: list[str], modes: tuple[str, ...], items: l
 def score_noise_floor(model: Any, prompts: list[str]) -> float:
     """Largest change of a prompt's refusal score between running it in the batch and alone: the rounding
     noise of this dtype, against which sweep-vs-loop differences are read."""
-    from moe_interp.patching.metrics import _refusal_ids, refusal_logodds
+    from moe_interp.refusal.judges import refusal_logodds, resolve_refusal_ids
 
-    ids = _refusal_ids(model, None)
+    ids = resolve_refusal_ids(model)
     with torch.no_grad():
         batch = refusal_logodds(model.forward(prompts, last_only=True)[:, -1], ids)
         alone = torch.cat([refusal_logodds(model.forward([p], last_only=True)[:, -1], ids) for p in prompts])
