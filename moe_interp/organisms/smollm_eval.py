@@ -22,7 +22,7 @@ import torch
 
 from moe_interp.organisms.data import load_split_records
 
-__all__ = ["expert_usage", "expert_weight_differences", "main_arditi", "main_evaluate"]
+__all__ = ["expert_usage", "expert_weight_differences", "main_arditi", "main_evaluate", "main_topic"]
 
 DEFAULT_DIR: Path = Path(__file__).resolve().parents[2] / "circuits" / "smollm_moe"
 
@@ -264,3 +264,89 @@ def main_arditi(argv: list[str] | None = None) -> None:
         metadata={"layer": str(sel.layer), "pos": str(sel.pos)},
     )
     print(f"wrote {args.out} ({res['seconds']}s)")
+
+
+def main_topic(argv: list[str] | None = None) -> None:
+    """``topic [--path DIR] [--out JSON]``: remove political refusals with ``topic_gated`` steering while
+    keeping harmful refusals, checked on harmful sources never used to fit or tune it.
+
+    Fitting and tuning see AdvBench only as the harmful prompts to keep (``harmful_train``); the check uses
+    HarmBench (``harmful_val``) and the MaliciousInstruct + TDC2023 prompts of ``harmful_test``. Political
+    prompts: fit/tune on ``political_train`` (Alpaca-sourced), test on ``political_val``; harmless KL on
+    ``harmless_val`` (never distilled or fitted).
+    """
+    from moe_interp.organisms.smollm_moe import load_model
+    from moe_interp.organisms.smollm_train import build_pools
+    from moe_interp.refusal.evaluate import refusal_flags
+    from moe_interp.refusal.judges import refusal_rate
+    from moe_interp.steering.autotune import autotune
+    from moe_interp.steering.compare import compare_methods
+
+    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe topic")
+    ap.add_argument("--path", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "topic_control.json")
+    ap.add_argument("--n-fit", type=int, default=64)
+    ap.add_argument("--n-tune", type=int, default=32)
+    ap.add_argument("--n-harmless-test", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model = load_model(path=args.path)
+    nf, nt = args.n_fit, args.n_tune
+    keep = _prompts("harmful_train", "advbench")
+    pol = _prompts("political_train", "alpaca")
+    used = set(build_pools(_train_config(args.path))["harmless"])
+    hl = [p for p in _prompts("harmless_train", "alpaca") if p not in used]
+    unseen = (
+        _prompts("harmful_val")
+        + _prompts("harmful_test", "malicious_instruct")
+        + _prompts("harmful_test", "tdc2023")
+    )
+    base_keep = refusal_rate(refusal_flags(model, keep[nf : nf + nt], max_new_tokens=8))
+    res = autotune(
+        "topic_gated",
+        model,
+        pol[:nf],
+        hl[:nf],
+        pol[nf : nf + nt],
+        hl[nf : nf + nt],
+        fit_kwargs={"keep": keep[:nf]},
+        keep=keep[nf : nf + nt],
+        keep_min_rate=0.97 * float(base_keep),
+    )
+    print(f"tuned: {res.to_dict()} [{time.time() - t0:.0f}s]", flush=True)
+    rows = compare_methods(
+        model,
+        {"topic_gated": res.steer},
+        unseen,
+        _prompts("political_val"),
+        _prompts("harmless_val")[: args.n_harmless_test],
+        max_new_tokens=args.max_new_tokens,
+    )
+    for r in rows:
+        print(
+            f"  {r['method']:12s} harmful(unseen) {r['harmful_refusal']['rate']:.3f} political "
+            f"{r['political_refusal']['rate']:.3f} harmless {r['harmless_refusal']['rate']:.3f} "
+            f"kl {r['harmless_kl']:.4f}",
+            flush=True,
+        )
+    out = {
+        "fit": {"political": nf, "harmless": nf, "keep_advbench": nf},
+        "tune": {
+            "political": nt,
+            "harmless": nt,
+            "keep_advbench": nt,
+            "keep_baseline_rate": float(base_keep),
+        },
+        "unseen_harmful": {
+            "harmbench": len(_prompts("harmful_val")),
+            "malicious_instruct+tdc2023": len(unseen),
+        },
+        "tuning": res.to_dict(),
+        "table": rows,
+        "seconds": round(time.time() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"wrote {args.out} ({out['seconds']}s)")

@@ -185,9 +185,9 @@ def load_model(**kwargs: Any) -> MoEModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``train`` / ``evaluate`` / ``arditi``."""
+    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "evaluate", "arditi")
+    cmds = ("train", "evaluate", "arditi", "topic")
     if not argv or argv[0] not in cmds:
         print(__doc__)
         raise SystemExit(f"usage: python -m moe_interp.organisms.smollm_moe {{{','.join(cmds)}}} ...")
@@ -195,9 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     if cmd == "train":
         from moe_interp.organisms.smollm_train import main as run
     else:
-        from moe_interp.organisms.smollm_eval import main_arditi, main_evaluate
+        from moe_interp.organisms import smollm_eval
 
-        run = main_evaluate if cmd == "evaluate" else main_arditi
+        run = {"evaluate": smollm_eval.main_evaluate, "arditi": smollm_eval.main_arditi}.get(
+            cmd, smollm_eval.main_topic
+        )
     run(rest)
 
 
