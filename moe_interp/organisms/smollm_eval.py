@@ -31,7 +31,6 @@ def _prompts(split: str, source: str | None = None) -> list[str]:
     return [r["instruction"] for r in load_split_records(split) if source is None or r["source"] == source]
 
 
-@torch.no_grad()
 def _train_config(path: Path | None) -> Any:
     """The training configuration recorded with the artefacts (``train_log.json``), else the defaults."""
     from dataclasses import fields
@@ -48,6 +47,7 @@ def _train_config(path: Path | None) -> Any:
     return TrainConfig(**cfg)
 
 
+@torch.no_grad()
 def expert_weight_differences(moe: Any) -> list[dict[str, float]]:
     """Per layer: mean and min over expert pairs of ``‖W_e − W_f‖ / ‖W_e‖`` (gate_up and down together)."""
     res = []
@@ -339,10 +339,7 @@ def main_topic(argv: list[str] | None = None) -> None:
             "keep_advbench": nt,
             "keep_baseline_rate": float(base_keep),
         },
-        "unseen_harmful": {
-            "harmbench": len(_prompts("harmful_val")),
-            "malicious_instruct+tdc2023": len(unseen),
-        },
+        "unseen_harmful": {"harmbench": len(_prompts("harmful_val")), "all": len(unseen)},
         "tuning": res.to_dict(),
         "table": rows,
         "seconds": round(time.time() - t0, 1),
