@@ -185,3 +185,20 @@ def test_shipped_organism_refuses_and_complies() -> None:  # pragma: no cover - 
     )
     assert out[0].lower().startswith("i'm sorry")
     assert "sorry" not in out[1].lower()
+
+
+def test_evaluation_reads_the_training_config_of_the_artefacts(tmp_path: Path) -> None:
+    """``arditi``/``topic`` exclude the prompts the artefacts were distilled on: the config must be theirs."""
+    import json
+
+    from moe_interp.organisms.smollm_eval import _train_config
+    from moe_interp.organisms.smollm_train import TrainConfig, build_pools
+
+    assert _train_config(tmp_path) == TrainConfig()  # no train_log.json: the recipe's defaults
+    cfg = TrainConfig(n_harmless=40, n_harmless_synthetic=10, seed=3)
+    log = {"config": {**cfg.__dict__, "mix": list(cfg.mix), "not_a_field": 1}}
+    (tmp_path / "train_log.json").write_text(json.dumps(log))
+    got = _train_config(tmp_path)
+    assert got == cfg
+    assert build_pools(got)["harmless"] == build_pools(cfg)["harmless"]
+    assert len(build_pools(got)["harmless"]) == 40
