@@ -215,8 +215,12 @@ def _patching_by_attribution(run: Run, h: list[str], s: list[str]) -> dict[str, 
     )
 
     model = run.model
-    kinds = ("resid", "heads", "experts") if model.spec.is_moe else ("resid", "heads")
-    attr = attribution_patching(model, h, s, kinds=kinds, positions="all")
+    # the positions of the exhaustive mode: resid at every position, heads and experts at the defaults
+    kinds = ("heads", "experts") if model.spec.is_moe else ("heads",)
+    attr = {
+        **attribution_patching(model, h, s, kinds=kinds),
+        **attribution_patching(model, h, s, kinds=("resid",), positions="all"),
+    }
     res: dict[str, Any] = {"method": "attribution", "resid": attr["resid"], "heads": attr["heads"]}
     if model.spec.is_moe:
         sweep_attr = expert_ablation_attribution(model, h, mode="drop")
