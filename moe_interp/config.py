@@ -109,6 +109,9 @@ class CircuitSettings:
     #: "greedy" forward selection or "prefix" of the effect ranking (see locate_refusal_circuit)
     selection: str = "greedy"
     candidates: list[str] = field(default_factory=lambda: list(circuit_candidates()))
+    #: replace each whole-layer component by the single head / expert of that layer that keeps the target
+    #: (planted-organism benchmark: whole layers otherwise tie with the plant they contain; docs/circuit.md)
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if not _is_num(self.target_fraction) or not 0 < self.target_fraction <= 1:
@@ -117,6 +120,8 @@ class CircuitSettings:
         if self.selection not in ("greedy", "prefix"):
             raise _fail("circuit.selection", "'greedy' or 'prefix'", self.selection)
         _check_str_list("circuit.candidates", self.candidates, allowed=circuit_candidates())
+        if not isinstance(self.refine, bool):
+            raise _fail("circuit.refine", "true or false", self.refine)
         self.candidates = list(self.candidates)
 
 

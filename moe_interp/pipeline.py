@@ -265,6 +265,7 @@ def stage_circuit(run: Run) -> dict[str, Any]:
         target=cfg.circuit.target_fraction,
         n_random=cfg.circuit.n_random_draws,
         selection=cfg.circuit.selection,
+        refine=cfg.circuit.refine,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )

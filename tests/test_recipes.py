@@ -194,6 +194,7 @@ def _base() -> dict:
         ({"model": "tiny:mixtral"}, "family"),
         ({"circuit": {"target_fraction": 1.5}}, "circuit.target_fraction"),
         ({"circuit": {"candidates": ["neurons"]}}, "circuit.candidates"),
+        ({"circuit": {"refine": "yes"}}, "circuit.refine"),
         ({"memory": {"memory_gb_bf16": "lots"}}, "memory.memory_gb_bf16"),
         ({"seed": True}, "seed"),
         ({"patching": "gradient"}, "patching"),
