@@ -33,7 +33,7 @@ class TrainConfig:
     """Hyper-parameters of the recipe (defaults: the shipped run)."""
 
     seed: int = 0
-    steps: int = 90
+    steps: int = 180
     batch: int = 8
     lr: float = 1.5e-3
     warmup: int = 10
@@ -45,8 +45,8 @@ class TrainConfig:
     aux_coef: float = 0.01
     first_token_weight: float = 2.0
     distill_tokens: int = 16
-    n_harmless: int = 320
-    n_harmless_synthetic: int = 100
+    n_harmless: int = 640
+    n_harmless_synthetic: int = 200
     mix: tuple[int, int, int] = (3, 1, 4)  # harmful, political, harmless per batch of 8
     max_prompt_tokens: int = 40
     leave_out: str | None = None
