@@ -118,6 +118,14 @@ def _check_pairs(instructions: Any, completions: Any) -> tuple[list[str], list[s
     return ins, comp
 
 
+def _check_judge_args(instructions: Any, completions: Any | None) -> list[str]:
+    """Instructions checked, and completions (optional for judges that generate their own) paired with them."""
+    ins = _check_texts("instructions", instructions)
+    if completions is not None:
+        _check_pairs(ins, completions)
+    return ins
+
+
 # ---------------------------------------------------------------------------- interface
 @dataclass(frozen=True)
 class JudgeResult:
@@ -355,7 +363,5 @@ class LogitJudge:
     def judge(
         self, instructions: Sequence[str], completions: Sequence[str] | None = None
     ) -> list[JudgeResult]:
-        ins = _check_texts("instructions", instructions)
-        if completions is not None:
-            _check_pairs(ins, completions)
+        ins = _check_judge_args(instructions, completions)
         return [JudgeResult(refused=float(s) > self.threshold, score=float(s)) for s in self.scores(ins)]

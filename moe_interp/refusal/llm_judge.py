@@ -18,7 +18,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from moe_interp.refusal.http_judge import JudgeBackendError, OpenAIChatClient
-from moe_interp.refusal.judges import JudgeResult, SubstringJudge, _check_pairs, _check_texts
+from moe_interp.refusal.judges import (
+    JudgeResult,
+    SubstringJudge,
+    _check_judge_args,
+    _check_texts,
+)
 
 __all__ = [
     "JUDGE_PROMPT",
@@ -254,9 +259,7 @@ class LLMJudge:
     def judge(
         self, instructions: Sequence[str], completions: Sequence[str] | None = None
     ) -> list[JudgeResult]:
-        ins = _check_texts("instructions", instructions)
-        if completions is not None:
-            _check_pairs(ins, completions)
+        ins = _check_judge_args(instructions, completions)
         results = []
         for c in self.confidences(ins):
             if c > self.threshold:
