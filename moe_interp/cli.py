@@ -22,7 +22,9 @@ from moe_interp.errors import InputError, MissingDependencyError, MissingFileErr
 
 __all__ = ["HANDLERS", "build_parser", "check_model_source", "load_model", "main"]
 
-MODEL_HELP = "HF id (org/name) or model folder, 'tiny:<family>' or 'organism'"
+#: model names ``mi.load`` builds itself (bundled organisms); each has a recipe in ``circuits/<name>/``
+NAMED_MODELS: tuple[str, ...] = ("organism", "smollm_moe")
+MODEL_HELP = "HF id (org/name) or model folder, 'tiny:<family>', 'organism' or 'smollm_moe'"
 
 PROMPT_FORMATS = """\
 prompt files (--harmful, --harmless, --prompts), by extension:
@@ -197,7 +199,7 @@ def check_model_source(source: str) -> None:
     """Refuse a model source that cannot load: a missing folder, a file, a folder without config.json or
     tokenizer (transformers would silently build an empty tokenizer), an HF id that is neither cached nor
     reachable."""
-    if source == "organism" or source.startswith("tiny:"):
+    if source in NAMED_MODELS or source.startswith("tiny:"):
         return
     expected = f"expected {MODEL_HELP}"
     path = Path(source).expanduser()

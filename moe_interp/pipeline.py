@@ -362,10 +362,12 @@ def run_pipeline(
     out = Path(out)
     check_out_dir(out)  # checked again under the lock; here to fail before the model is loaded
     if config is None:
-        default = Path(__file__).resolve().parents[1] / "circuits" / "organism" / "config.json"
+        # a bundled organism ("organism", "smollm_moe") runs with its own recipe
+        default = Path(__file__).resolve().parents[1] / "circuits" / model_source / "config.json"
+        named = model_source in ("organism", "smollm_moe")
         cfg = (
             load_config(default)
-            if model_source == "organism" and default.exists()
+            if named and default.exists()
             else PipelineConfig(model=model_source, family="")
         )
     else:

@@ -395,3 +395,25 @@ def test_handlers_resolve(capsys: pytest.CaptureFixture[str]) -> None:
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), command
     assert _offered_choices(["plan", "tiny:olmoe", "--dtype", "int3"], capsys) == set(DTYPE_BYTES)
+
+
+def test_bundled_models_need_no_hub_and_run_with_their_recipe(monkeypatch, tmp_path) -> None:
+    """``locate smollm_moe`` must not ask the hub for 'smollm_moe', and runs with circuits/smollm_moe/config.json."""
+    import torch
+
+    from moe_interp import pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in cli.NAMED_MODELS:
+        cli.check_model_source(name)  # no hub lookup, no error
+    seen: dict[str, Any] = {}
+
+    def load(source: str, **kw: Any) -> Any:
+        seen.update(kw, source=source)
+        raise RuntimeError("stop after the config was chosen")
+
+    monkeypatch.setattr("moe_interp.model.load", load)
+    with pytest.raises(RuntimeError, match="stop after"):
+        pipeline.run_pipeline("smollm_moe", out=tmp_path / "o")
+    # the recipe's dtype (float32); a config built from defaults would say bfloat16
+    assert seen == {"source": "smollm_moe", "dtype": torch.float32}
