@@ -279,7 +279,7 @@ def main_topic(argv: list[str] | None = None) -> None:
     from moe_interp.organisms.smollm_train import build_pools
     from moe_interp.refusal.evaluate import refusal_flags
     from moe_interp.refusal.judges import refusal_rate
-    from moe_interp.steering.autotune import autotune
+    from moe_interp.steering.autotune import NoCandidateError, autotune
     from moe_interp.steering.compare import compare_methods
 
     ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe topic")
@@ -289,6 +289,9 @@ def main_topic(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-tune", type=int, default=32)
     ap.add_argument("--n-harmless-test", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument(
+        "--keep-min-frac", type=float, default=0.97, help="keep refusal >= this x its unsteered rate"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
@@ -304,17 +307,35 @@ def main_topic(argv: list[str] | None = None) -> None:
         + _prompts("harmful_test", "tdc2023")
     )
     base_keep = refusal_rate(refusal_flags(model, keep[nf : nf + nt], max_new_tokens=8))
-    res = autotune(
-        "topic_gated",
-        model,
-        pol[:nf],
-        hl[:nf],
-        pol[nf : nf + nt],
-        hl[nf : nf + nt],
-        fit_kwargs={"keep": keep[:nf]},
-        keep=keep[nf : nf + nt],
-        keep_min_rate=0.97 * float(base_keep),
-    )
+    out: dict[str, Any] = {
+        "fit": {"political": nf, "harmless": nf, "keep_advbench": nf},
+        "tune": {
+            "political": nt,
+            "harmless": nt,
+            "keep_advbench": nt,
+            "keep_baseline_rate": float(base_keep),
+        },
+        "keep_min_frac": args.keep_min_frac,
+        "unseen_harmful": {"harmbench": len(_prompts("harmful_val")), "all": len(unseen)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        res = autotune(
+            "topic_gated",
+            model,
+            pol[:nf],
+            hl[:nf],
+            pol[nf : nf + nt],
+            hl[nf : nf + nt],
+            fit_kwargs={"keep": keep[:nf]},
+            keep=keep[nf : nf + nt],
+            keep_min_rate=args.keep_min_frac * float(base_keep),
+        )
+    except NoCandidateError as err:  # a finding, not a crash: record every step tried
+        out.update(tuning_error=str(err), history=err.history, seconds=round(time.time() - t0, 1))
+        args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+        print(f"no strength within the constraints: {err}\nwrote {args.out}")
+        return
     print(f"tuned: {res.to_dict()} [{time.time() - t0:.0f}s]", flush=True)
     rows = compare_methods(
         model,
@@ -331,19 +352,7 @@ def main_topic(argv: list[str] | None = None) -> None:
             f"kl {r['harmless_kl']:.4f}",
             flush=True,
         )
-    out = {
-        "fit": {"political": nf, "harmless": nf, "keep_advbench": nf},
-        "tune": {
-            "political": nt,
-            "harmless": nt,
-            "keep_advbench": nt,
-            "keep_baseline_rate": float(base_keep),
-        },
-        "unseen_harmful": {"harmbench": len(_prompts("harmful_val")), "all": len(unseen)},
-        "tuning": res.to_dict(),
-        "table": rows,
-        "seconds": round(time.time() - t0, 1),
-    }
+    out.update(tuning=res.to_dict(), table=rows, seconds=round(time.time() - t0, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"wrote {args.out} ({out['seconds']}s)")
