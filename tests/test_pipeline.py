@@ -260,13 +260,17 @@ def test_patching_by_attribution_sweeps_only_the_top_ranked_experts(tmp_path: Pa
     run.results["routing"] = pipeline.stage_routing(run)  # type: ignore[arg-type]
     res = pipeline.stage_patching(run)  # type: ignore[arg-type]
     ref = attribution_patching(model, h, s, kinds=("heads", "experts"), progress=False)
-    ref["resid"] = attribution_patching(model, h, s, kinds=("resid",), positions="all", progress=False)["resid"]
+    ref["resid"] = attribution_patching(model, h, s, kinds=("resid",), positions="all", progress=False)[
+        "resid"
+    ]
     for kind in ("resid", "heads"):
         torch.testing.assert_close(res[kind].values, ref[kind].values)
     torch.testing.assert_close(res["attribution"].values, ref["experts"].values)
     a = expert_ablation_attribution(model, h, mode="drop").abs()
     moe = list(model.spec.moe_layers)
-    ranked = sorted(((float(a[L, e]), (L, e)) for L in moe for e in range(model.spec.n_experts)), reverse=True)
+    ranked = sorted(
+        ((float(a[L, e]), (L, e)) for L in moe for e in range(model.spec.n_experts)), reverse=True
+    )
     assert sorted(map(tuple, res["swept_experts"])) == sorted(x for _, x in ranked[:3])
     eff = res["ablation"].effect
     loop = expert_ablation_loop(model, h, mode="drop", experts=res["swept_experts"])
