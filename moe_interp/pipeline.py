@@ -143,7 +143,8 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
     ids = run.model.tokenize(p["harmful_test"][:8])
     with run.model.intervene(*ablate):
         hooked = run.model.forward(ids)
-    out_max = float((ortho.forward(ids) - hooked).abs().max())
+    real = ids["attention_mask"].bool()  # padded positions carry no prompt: their logits are not compared
+    out_max = float((ortho.forward(ids) - hooked).abs()[real].max())
     res: dict[str, Any] = {k: v.to_dict(details=False) for k, v in out.items()}
     res["orthogonalized_vs_hooks_max_logit_diff"] = out_max
     return res
