@@ -18,12 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moe_interp.config import NAMED_MODELS
 from moe_interp.errors import InputError, MissingDependencyError, MissingFileError, MoEInterpError
 
 __all__ = ["HANDLERS", "build_parser", "check_model_source", "load_model", "main"]
 
-#: model names ``mi.load`` builds itself (bundled organisms); each has a recipe in ``circuits/<name>/``
-NAMED_MODELS: tuple[str, ...] = ("organism", "smollm_moe")
 MODEL_HELP = "HF id (org/name) or model folder, 'tiny:<family>', 'organism' or 'smollm_moe'"
 
 PROMPT_FORMATS = """\

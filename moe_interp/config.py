@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "DTYPES",
+    "NAMED_MODELS",
     "CircuitSettings",
     "ExpectedGeometry",
     "PipelineConfig",
@@ -44,7 +45,9 @@ def steering_methods() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
-_SOURCE_RE = re.compile(r"^(organism|smollm_moe|tiny:[a-z0-9_]+|[\w.\-]+/[\w.\-]+|[./~].*)$")
+#: model names :func:`moe_interp.load` builds itself (bundled organisms); each runs with ``circuits/<name>/``
+NAMED_MODELS: tuple[str, ...] = ("organism", "smollm_moe")
+_SOURCE_RE = re.compile(rf"^({'|'.join(NAMED_MODELS)}|tiny:[a-z0-9_]+|[\w.\-]+/[\w.\-]+|[./~].*)$")
 
 
 def _fail(name: str, expected: str, value: Any) -> ValueError:

@@ -357,7 +357,7 @@ def run_pipeline(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run every stage and write circuit.json, steering/, figures/ and report.md into ``out``."""
-    from moe_interp.config import PipelineConfig, load_config
+    from moe_interp.config import NAMED_MODELS, PipelineConfig, load_config
     from moe_interp.model import load
 
     out = Path(out)
@@ -365,7 +365,7 @@ def run_pipeline(
     if config is None:
         # a bundled organism ("organism", "smollm_moe") runs with its own recipe
         default = Path(__file__).resolve().parents[1] / "circuits" / model_source / "config.json"
-        named = model_source in ("organism", "smollm_moe")
+        named = model_source in NAMED_MODELS
         cfg = (
             load_config(default)
             if named and default.exists()

@@ -202,3 +202,11 @@ def test_evaluation_reads_the_training_config_of_the_artefacts(tmp_path: Path) -
     assert got == cfg
     assert build_pools(got)["harmless"] == build_pools(cfg)["harmless"]
     assert len(build_pools(got)["harmless"]) == 40
+    from moe_interp.organisms.data import load_split_records
+    from moe_interp.organisms.smollm_eval import _heldout_harmless
+
+    held = _heldout_harmless(tmp_path)  # Alpaca prompts never distilled by these artefacts
+    distilled = set(build_pools(cfg)["harmless"])
+    assert held and not set(held) & distilled
+    alpaca = [r["instruction"] for r in load_split_records("harmless_train") if r["source"] == "alpaca"]
+    assert held == [p for p in alpaca if p not in distilled]  # order kept, none lost

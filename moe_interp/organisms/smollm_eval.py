@@ -16,11 +16,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moe_interp.organisms.data import load_split_records
+
+if TYPE_CHECKING:
+    from moe_interp.organisms.smollm_train import TrainConfig
 
 __all__ = ["expert_usage", "expert_weight_differences", "main_arditi", "main_evaluate", "main_topic"]
 
@@ -31,7 +34,7 @@ def _prompts(split: str, source: str | None = None) -> list[str]:
     return [r["instruction"] for r in load_split_records(split) if source is None or r["source"] == source]
 
 
-def _train_config(path: Path | None) -> Any:
+def _train_config(path: Path | None) -> TrainConfig:
     """The training configuration recorded with the artefacts (``train_log.json``), else the defaults."""
     from dataclasses import fields
 
@@ -45,6 +48,14 @@ def _train_config(path: Path | None) -> Any:
     known = {f.name for f in fields(TrainConfig)}
     cfg: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in known}
     return TrainConfig(**cfg)
+
+
+def _heldout_harmless(path: Path | None) -> list[str]:
+    """Alpaca ``harmless_train`` prompts the artefacts in ``path`` were *not* self-distilled on, in order."""
+    from moe_interp.organisms.smollm_train import build_pools
+
+    used = set(build_pools(_train_config(path))["harmless"])
+    return [p for p in _prompts("harmless_train", "alpaca") if p not in used]
 
 
 @torch.no_grad()
@@ -189,7 +200,6 @@ def main_arditi(argv: list[str] | None = None) -> None:
 
     from moe_interp.interventions import AddVector, DirectionalAblation
     from moe_interp.organisms.smollm_moe import load_model
-    from moe_interp.organisms.smollm_train import build_pools
     from moe_interp.refusal import collect_resid_stats, directions_from_stats, evaluate, select_direction
 
     ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe arditi")
@@ -209,8 +219,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
     t0 = time.time()
     model = load_model(path=args.path)
     ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
-    used = set(build_pools(_train_config(args.path))["harmless"])  # not among the distilled prompts
-    hl = [p for p in _prompts("harmless_train", "alpaca") if p not in used][: args.n_train + args.n_val]
+    hl = _heldout_harmless(args.path)[: args.n_train + args.n_val]
     harm_tr, harm_va = ht[: args.n_train], ht[args.n_train : args.n_train + args.n_val]
     hl_tr, hl_va = hl[: args.n_train], hl[args.n_train :]
     layers = [int(x) for x in args.layers.split(",")]
@@ -276,7 +285,6 @@ def main_topic(argv: list[str] | None = None) -> None:
     ``harmless_val`` (never distilled or fitted).
     """
     from moe_interp.organisms.smollm_moe import load_model
-    from moe_interp.organisms.smollm_train import build_pools
     from moe_interp.refusal.evaluate import refusal_flags
     from moe_interp.refusal.judges import refusal_rate
     from moe_interp.steering.autotune import NoCandidateError, autotune
@@ -299,13 +307,9 @@ def main_topic(argv: list[str] | None = None) -> None:
     nf, nt = args.n_fit, args.n_tune
     keep = _prompts("harmful_train", "advbench")
     pol = _prompts("political_train", "alpaca")
-    used = set(build_pools(_train_config(args.path))["harmless"])
-    hl = [p for p in _prompts("harmless_train", "alpaca") if p not in used]
-    unseen = (
-        _prompts("harmful_val")
-        + _prompts("harmful_test", "malicious_instruct")
-        + _prompts("harmful_test", "tdc2023")
-    )
+    hl = _heldout_harmless(args.path)
+    harmbench = _prompts("harmful_val")
+    unseen = harmbench + _prompts("harmful_test", "malicious_instruct") + _prompts("harmful_test", "tdc2023")
     base_keep = refusal_rate(refusal_flags(model, keep[nf : nf + nt], max_new_tokens=8))
     out: dict[str, Any] = {
         "fit": {"political": nf, "harmless": nf, "keep_advbench": nf},
@@ -316,7 +320,7 @@ def main_topic(argv: list[str] | None = None) -> None:
             "keep_baseline_rate": float(base_keep),
         },
         "keep_min_frac": args.keep_min_frac,
-        "unseen_harmful": {"harmbench": len(_prompts("harmful_val")), "all": len(unseen)},
+        "unseen_harmful": {"harmbench": len(harmbench), "all": len(unseen)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -353,6 +357,5 @@ def main_topic(argv: list[str] | None = None) -> None:
             flush=True,
         )
     out.update(tuning=res.to_dict(), table=rows, seconds=round(time.time() - t0, 1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"wrote {args.out} ({out['seconds']}s)")

@@ -10,6 +10,7 @@ Usage::
     python -m moe_interp.organisms.smollm_moe train --out DIR [--seed 0] [--steps N] [--device cpu]
     python -m moe_interp.organisms.smollm_moe evaluate [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe arditi [--path DIR] [--out JSON]
+    python -m moe_interp.organisms.smollm_moe topic [--path DIR] [--out JSON]
 """
 
 from __future__ import annotations
@@ -197,9 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from moe_interp.organisms import smollm_eval
 
-        run = {"evaluate": smollm_eval.main_evaluate, "arditi": smollm_eval.main_arditi}.get(
-            cmd, smollm_eval.main_topic
-        )
+        run = getattr(smollm_eval, f"main_{cmd}")  # main_evaluate / main_arditi / main_topic
     run(rest)
 
 
