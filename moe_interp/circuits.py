@@ -380,6 +380,7 @@ def locate_refusal_circuit(
     n_random: int = 20,
     selection: str = "prefix",
     refine: bool = False,
+    pool: int | None = None,
     refusal_ids: Sequence[int] | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -392,6 +393,8 @@ def locate_refusal_circuit(
     ``refine=True`` then replaces each whole-layer component of the set by the single head / expert of that
     layer that keeps the set's removal (``>= target``), so a layer is reported only when no single one of its
     heads / experts carries its effect (see :func:`_refine`; planted-organism benchmark, docs/circuit.md).
+    ``pool`` limits the set search (greedy candidates, prefix length) to the ``pool`` best-ranked components:
+    the cost of a greedy step is one batched ablation per candidate, so a large model needs a small pool.
     """
     harmful = _check_list(harmful, "harmful")
     harmless = _check_list(harmless, "harmless")
@@ -401,6 +404,8 @@ def locate_refusal_circuit(
         raise ValueError(f"method must be 'attribution' or 'exhaustive', got {method!r}.")
     if not 0 < target <= 1:
         raise ValueError(f"target must be a fraction in (0, 1], got {target!r}.")
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
+        raise ValueError(f"pool must be a positive integer or None, got {pool!r}.")
     if (heldout_harmful is None) != (heldout_harmless is None):
         raise ValueError("Pass both heldout_harmful and heldout_harmless, or neither.")
     in_sample = heldout_harmful is None
@@ -432,20 +437,20 @@ def locate_refusal_circuit(
     # 2. minimal set. "prefix": the smallest prefix of the ranking that removes >= target on the finding
     # prompts. "greedy": forward selection, adding at each step the component whose ablation together with
     # the set so far removes the most (finds smaller sets when components are redundant).
-    K = min(max_components, len(ranked))
+    K = min(max_components, len(ranked), pool or len(ranked))
     if selection == "prefix":
         prefixes = [ranked[: k + 1] for k in range(K)]
         sc = ablate_components(model, harmful, prefixes, means, pos, ids_r, batch_size, progress)
         removed = ((base_harm.mean() - sc.mean(1)) / gap).tolist()
         order = ranked
     else:
-        order, removed, pool = [], [], list(ranked)
+        order, removed, left = [], [], list(ranked[:K])
         for _ in range(K):
-            sets = [[*order, c] for c in pool]
+            sets = [[*order, c] for c in left]
             sc = ablate_components(model, harmful, sets, means, pos, ids_r, batch_size, progress)
             fr = (base_harm.mean() - sc.mean(1)) / gap
             best = int(fr.argmax())
-            order.append(pool.pop(best))
+            order.append(left.pop(best))
             removed.append(float(fr[best]))
             if removed[-1] >= target:
                 break
@@ -515,6 +520,7 @@ def locate_refusal_circuit(
         "method": method,
         "selection": selection,
         "refine": refine,
+        "pool": pool,
         "candidates": list(candidates),
         "positions": pos,
         "ablation": "mean over finding harmless prompts at the aligned post-instruction offsets",

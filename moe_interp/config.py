@@ -115,6 +115,9 @@ class CircuitSettings:
     #: replace each whole-layer component by the single head / expert of that layer that keeps the target
     #: (planted-organism benchmark: whole layers otherwise tie with the plant they contain; docs/circuit.md)
     refine: bool = True
+    #: greedy selection considers only the ``pool`` best-ranked components (``null``: all of them); on a
+    #: 30-layer model each greedy step over all ~180 candidates costs minutes, over the top 16 one batch
+    pool: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_num(self.target_fraction) or not 0 < self.target_fraction <= 1:
@@ -125,6 +128,8 @@ class CircuitSettings:
         _check_str_list("circuit.candidates", self.candidates, allowed=circuit_candidates())
         if not isinstance(self.refine, bool):
             raise _fail("circuit.refine", "true or false", self.refine)
+        if self.pool is not None:
+            _check_int("circuit.pool", self.pool, lo=1)
         self.candidates = list(self.candidates)
 
 

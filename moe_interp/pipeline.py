@@ -131,14 +131,23 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
         ("ablation_harmless", "directional ablation", "harmless_test", ablate),
         ("addition_harmless", "activation addition", "harmless_test", add),
     ]
-    out = {}
+    out: dict[str, Any] = {}
+    base_gens: dict[str, list[Any]] = {}  # the unedited completions of each split are generated once
     for i, (key, label, split, edits) in enumerate(jobs, 1):
         run.log(f"[refusal_edits] {i}/4 {label} on {split} ({len(p[split])} prompts)")
-        out[key] = evaluate(run.model, p[split], edits, max_new_tokens=n_new)
+        out[key] = evaluate(
+            run.model, p[split], edits, max_new_tokens=n_new, baseline_generations=base_gens.get(split)
+        )
+        base_gens[split] = out[key].baseline_generations
     run.log(f"[refusal_edits] 4/4 orthogonalised weights on harmful_test ({len(p['harmful_test'])} prompts)")
     ortho = orthogonalize(run.model, direction)
     out["orthogonalized_harmful"] = evaluate(
-        ortho, p["harmful_test"], (), max_new_tokens=n_new, base_model=run.model
+        ortho,
+        p["harmful_test"],
+        (),
+        max_new_tokens=n_new,
+        base_model=run.model,
+        baseline_generations=base_gens["harmful_test"],
     )
     ids = run.model.tokenize(p["harmful_test"][:8])
     with run.model.intervene(*ablate):
@@ -267,6 +276,7 @@ def stage_circuit(run: Run) -> dict[str, Any]:
         n_random=cfg.circuit.n_random_draws,
         selection=cfg.circuit.selection,
         refine=cfg.circuit.refine,
+        pool=cfg.circuit.pool,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
     )
@@ -320,15 +330,29 @@ def stage_steering(run: Run) -> dict[str, Any]:
         fitted[name], tuning[name] = res.steer, res.to_dict()
         files[name] = [str(f) for f in res.steer.save(run.out / "steering" / name)]
     run.log(f"[steering] comparing {len(fitted)} methods on held-back prompts")
-    rows = compare_methods(  # generation as long as the baseline stage's, so both tables agree
+    rows = compare_methods(  # the unsteered row is the baseline stage's: both tables agree, no regeneration
         model,
         fitted,
         p["harmful_test"],
         p["political_test"],
         p["harmless_test"],
         max_new_tokens=cfg.max_new_tokens,
+        baseline=_baseline_rates(run),
     )
     return {"table": rows, "files": files, "tuning": tuning}
+
+
+def _baseline_rates(run: Run) -> dict[str, dict[str, Any]]:
+    """The baseline stage's refusal rates as ``RefusalRate.to_dict()`` per split (empty split: rate nan)."""
+    out = {}
+    for split in ("harmful", "political", "harmless"):
+        d = run.results["baseline"].get(f"{split}_test")
+        if d is None:
+            out[split] = {"rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+        else:
+            lo, hi = d["refusal_rate_ci"]
+            out[split] = {"rate": d["refusal_rate"], "ci_low": lo, "ci_high": hi, "n": d["n"]}
+    return out
 
 
 STAGES: list[tuple[str, Callable[[Run], dict[str, Any]], tuple[str, ...]]] = [
@@ -338,7 +362,7 @@ STAGES: list[tuple[str, Callable[[Run], dict[str, Any]], tuple[str, ...]]] = [
     ("routing", stage_routing, ()),
     ("patching", stage_patching, ("routing",)),
     ("circuit", stage_circuit, ()),
-    ("steering", stage_steering, ()),
+    ("steering", stage_steering, ("baseline",)),
 ]
 
 

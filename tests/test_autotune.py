@@ -95,9 +95,18 @@ def test_search_keep_constraint(fake_eval) -> None:
 
 def test_search_patience(fake_eval) -> None:
     res = at.search_candidates(
-        None, cands([4, 4.5, 5, 6, 7]), ["h"], ["l"], kl_budget=1.0, target_rate=-1, patience=2
+        None, cands([2, 3, 4, 4.5, 5, 6, 7]), ["h"], ["l"], kl_budget=1.0, target_rate=-1, patience=2
     )
-    assert res.label == 4 and "no improvement" in res.stopped and fake_eval == [4, 4.5, 5]
+    assert res.label == 4 and "no improvement" in res.stopped and fake_eval == [2, 3, 4, 4.5, 5]
+
+
+def test_search_patience_waits_for_the_rate_to_move(fake_eval) -> None:
+    """Rates 0.9, 0.9, 0.9 (s = 0.4): the rate has not moved, so two steps without gain do not stop the walk
+    (the old rule stopped at the third); then 0.75 and 0.5 move it, and two more 0.5s exhaust patience 2."""
+    res = at.search_candidates(
+        None, cands([0.4, 0.4, 0.4, 1, 2, 2, 2, 2]), ["h"], ["l"], kl_budget=1.0, target_rate=-1, patience=2
+    )
+    assert fake_eval == [0.4, 0.4, 0.4, 1, 2, 2, 2] and res.label == 2 and "no improvement" in res.stopped
 
 
 def test_search_nothing_feasible(fake_eval) -> None:

@@ -116,6 +116,23 @@ def test_save_load_and_interventions(setup, tmp_path) -> None:  # noqa: ANN001
     assert torch.equal(refusal_flags(m, harm[2:], c2, judge="logit"), flags)
 
 
+def test_pool_limits_the_greedy_search_to_the_best_ranked(setup) -> None:  # noqa: ANN001
+    """``pool=k``: every greedy step chooses among the k best-ranked components only, at most k steps; with
+    ``pool`` at least the number of candidates the result is the unrestricted one."""
+    m, harm, less, _ = setup
+    kw = dict(candidates=("experts",), method="exhaustive", selection="greedy", n_random=1, progress=False)
+    full = locate_refusal_circuit(m, harm[:2], less[:2], target=1.0, **kw)
+    top = [x["name"] for x in full.ranking]
+    c = locate_refusal_circuit(m, harm[:2], less[:2], target=1.0, pool=3, **kw)
+    chosen = [x["name"] for x in c.components]
+    assert set(chosen) <= set(top[:3]) and len(c.faithfulness["finding_curve"]) <= 3
+    assert chosen[0] == top[0]  # exhaustive effects are single ablations: the first greedy pick is the best
+    same = locate_refusal_circuit(m, harm[:2], less[:2], target=1.0, pool=len(top), **kw)
+    assert same.components == full.components and same.metadata["pool"] == len(top)
+    with pytest.raises(ValueError, match="pool"):
+        locate_refusal_circuit(m, harm[:2], less[:2], pool=0, **kw)
+
+
 def test_attribution_method_runs(setup) -> None:  # noqa: ANN001
     m, harm, less, _ = setup
     c = locate_refusal_circuit(m, harm[:2], less[:2], candidates=("experts",), n_random=2, progress=False)

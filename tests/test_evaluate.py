@@ -82,6 +82,31 @@ def test_kl_and_ce_match_hand_computation(tiny_model) -> None:
     assert res.ce_of_baseline_completions > res.ce_of_baseline_completions_unedited
 
 
+def test_reused_baseline_generations_give_the_same_result(tiny_model, monkeypatch) -> None:
+    """Two edits on one prompt set: the second reuses the first's unedited completions, generates only its
+    own, and reports exactly what a fresh evaluation reports."""
+    model = tiny_model("qwen2_moe")
+    iv1 = AddVector("blocks.1.hook_resid_pre", _vec(model.spec.d_model), coeff=1.0)
+    iv2 = AddVector("blocks.0.hook_resid_pre", _vec(model.spec.d_model, seed=2), coeff=1.0)
+    kw = dict(refusal_token_ids=TOKS, max_new_tokens=3, batch_size=2)
+    first = evaluate(model, PROMPTS, [iv1], **kw)
+    assert len(first.baseline_generations) == len(PROMPTS) and "baseline_generations" not in first.to_dict()
+    fresh = evaluate(model, PROMPTS, [iv2], **kw)
+    scored: list[bool] = []
+    generate = model.generate
+
+    def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        scored.append(bool(k.get("return_scores")))
+        return generate(*a, **k)
+
+    monkeypatch.setattr(model, "generate", counting)
+    reused = evaluate(model, PROMPTS, [iv2], baseline_generations=first.baseline_generations, **kw)
+    assert scored and not any(scored)  # only the edited model generated
+    assert reused.to_dict() == fresh.to_dict()
+    with pytest.raises(ValueError, match="baseline_generations has 1 completions for 3 prompts"):
+        evaluate(model, PROMPTS, [iv2], baseline_generations=first.baseline_generations[:1], **kw)
+
+
 def test_orthogonalized_model_against_base_model(tiny_model) -> None:
     model = tiny_model("olmoe")
     r = _vec(model.spec.d_model, seed=1)

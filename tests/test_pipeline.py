@@ -221,6 +221,7 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
         out=tmp_path,
         log=logs.append,
     )
+    run.results = {"baseline": pipeline.stage_baseline(run)}  # type: ignore[arg-type]
     res = pipeline.stage_steering(run)  # type: ignore[arg-type]
     assert "KL budget 1e-12" in res["tuning"]["dense"]["error"]
     assert [row["method"] for row in res["table"] if row["method"] == "dense"] == []

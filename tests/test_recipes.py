@@ -195,6 +195,7 @@ def _base() -> dict:
         ({"circuit": {"target_fraction": 1.5}}, "circuit.target_fraction"),
         ({"circuit": {"candidates": ["neurons"]}}, "circuit.candidates"),
         ({"circuit": {"refine": "yes"}}, "circuit.refine"),
+        ({"circuit": {"pool": 0}}, "circuit.pool"),
         ({"memory": {"memory_gb_bf16": "lots"}}, "memory.memory_gb_bf16"),
         ({"seed": True}, "seed"),
         ({"patching": "gradient"}, "patching"),

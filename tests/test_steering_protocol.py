@@ -210,6 +210,27 @@ def test_comparison_baseline_matches_evaluate_at_the_same_length(olmoe: Any, mon
     assert 0 < rates[12]  # the judge sees something; length matters, which is why the pipeline passes it
 
 
+def test_pipeline_baseline_row_is_the_baseline_stage(olmoe: Any, monkeypatch: Any) -> None:
+    """The pipeline's steering table takes its unsteered row from the baseline stage instead of generating it
+    again: that row equals the one compare_methods computes itself."""
+    from moe_interp import pipeline
+
+    monkeypatch.setattr(ev, "SubstringJudge", _EJudge)
+    prompts = [*PROMPTS, "tell me a joke", "what is two plus two?", "name a colour"]
+    sets = {"harmful_test": prompts, "political_test": prompts[:2], "harmless_test": prompts[1:]}
+    stage = {
+        k: ev.evaluate(olmoe, v, max_new_tokens=12, baseline=False).to_dict(details=False)
+        for k, v in sets.items()
+    }
+    given = pipeline._baseline_rates(SimpleNamespace(results={"baseline": stage}))  # type: ignore[arg-type]
+    args = (olmoe, {}, prompts, prompts[:2], prompts[1:])
+    assert compare_methods(*args, max_new_tokens=12, baseline=given) == compare_methods(
+        *args, max_new_tokens=12
+    )
+    with pytest.raises(ValueError, match="baseline must map"):
+        compare_methods(*args, baseline={"harmful": given["harmful"]})
+
+
 # --------------------------------------------------------------------------------------- pipeline
 
 
@@ -240,7 +261,15 @@ def test_pipeline_takes_data_and_tuning_from_the_registry(tmp_path: Path, monkey
     cfg = SimpleNamespace(
         steering_methods=["dense", "topic_remove"], steering_kwargs={}, kl_threshold=0.1, max_new_tokens=5
     )
-    run = SimpleNamespace(config=cfg, prompts=prompts, model=None, out=tmp_path, log=lambda m: None)
+    rate = {"refusal_rate": 0.5, "refusal_rate_ci": [0.0, 1.0], "n": 2}
+    run = SimpleNamespace(
+        config=cfg,
+        prompts=prompts,
+        model=None,
+        out=tmp_path,
+        log=lambda m: None,
+        results={"baseline": {f"{c}_test": rate for c in ("harmful", "harmless", "political")}},
+    )
     res = pipeline.stage_steering(run)  # type: ignore[arg-type]
     assert calls["dense"][:2] == (["harmful train"], ["harmful val"]) and "keep" not in calls["dense"][2]
     h_tr, h_val, kw = calls["topic_remove"]
@@ -251,4 +280,12 @@ def test_pipeline_takes_data_and_tuning_from_the_registry(tmp_path: Path, monkey
         str(tmp_path / "steering" / "dense.a"),
         str(tmp_path / "steering" / "dense.b"),
     ]
-    assert res["table"] == [{"max_new_tokens": 5}]
+    given = {
+        "rate": 0.5,
+        "ci_low": 0.0,
+        "ci_high": 1.0,
+        "n": 2,
+    }  # the baseline stage's rates, not regenerated
+    assert res["table"] == [
+        {"max_new_tokens": 5, "baseline": dict.fromkeys(("harmful", "political", "harmless"), given)}
+    ]

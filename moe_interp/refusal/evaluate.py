@@ -58,10 +58,14 @@ class EvalResult:
     ce_of_baseline_completions_unedited: float | None = None
     details: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: the unedited model's greedy completions (``baseline=True``), to pass to another evaluation of the same
+    #: prompts as ``baseline_generations``; not part of :meth:`to_dict`
+    baseline_generations: list[Generation] = field(default_factory=list, repr=False)
 
     def to_dict(self, details: bool = True) -> dict[str, Any]:
         """JSON-ready dict (``details=False`` drops the per-prompt rows)."""
         d = asdict(self)
+        d.pop("baseline_generations")
         d["refusal_rate_ci"] = list(self.refusal_rate_ci)
         if not details:
             d.pop("details")
@@ -193,6 +197,7 @@ def evaluate(
     max_new_tokens: int = 32,
     baseline: bool = True,
     base_model: MoEModel | None = None,
+    baseline_generations: Sequence[Generation] | None = None,
     refusal_token_ids: Sequence[int] | None = None,
     batch_size: int = 16,
     n_boot: int = N_BOOT,
@@ -211,7 +216,9 @@ def evaluate(
     The CE forward appends the completions, so position-offset interventions (a circuit's) shift onto
     completion tokens there: read CE for such edits with care. ``interventions`` may also be a steering
     object (see :func:`as_interventions`). The rate and its CI come from
-    :func:`~moe_interp.refusal.judges.refusal_rate` (``n_boot`` resamples).
+    :func:`~moe_interp.refusal.judges.refusal_rate` (``n_boot`` resamples). ``baseline_generations`` (an
+    earlier result's ``baseline_generations`` for the same prompts and ``max_new_tokens``) skips generating
+    the baseline again when several edits are evaluated on one prompt set.
     """
     prompts = check_prompts(prompts)
     interventions = as_interventions(interventions, model)
@@ -219,6 +226,11 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if baseline_generations is not None and len(baseline_generations) != len(prompts):
+        raise ValueError(
+            f"baseline_generations has {len(baseline_generations)} completions for {len(prompts)} prompts; pass "
+            "the baseline_generations of an evaluation of the same prompts."
+        )
     judge = SubstringJudge() if judge is None else judge
     if not hasattr(judge, "judge"):
         raise TypeError(f"judge must have judge(instructions, completions); got {type(judge).__name__}.")
@@ -227,6 +239,7 @@ def evaluate(
     pad_id = int(model.tokenizer.pad_token_id)
 
     details: list[dict[str, Any]] = []
+    all_base_gens: list[Generation] = []
     tot_nll = tot_nll_base = 0.0
     tot_tok = 0
     starts = range(0, len(prompts), batch_size)
@@ -234,12 +247,15 @@ def evaluate(
         batch = prompts[s : s + batch_size]
         enc = model.tokenize(batch, chat=True)
         base_gens = None
-        if baseline:
+        if baseline and baseline_generations is not None:
+            base_gens = list(baseline_generations[s : s + batch_size])
+        elif baseline:
             # return_scores=True: one list of Generation per prompt (generate's return type is a union)
             base_gens = [
                 cast("Generation", g[0])
                 for g in base.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
             ]
+        all_base_gens.extend(base_gens or [])
         with model.intervene(*interventions):
             gens = cast("list[str]", model.generate(batch, max_new_tokens=max_new_tokens))  # texts
             verdicts = judge.judge(batch, gens)
@@ -291,4 +307,5 @@ def evaluate(
             "interventions": [type(iv).__name__ for iv in interventions],
             "refusal_token_ids": tok_ids,
         },
+        baseline_generations=all_base_gens,
     )

@@ -7,7 +7,9 @@
   most refusal while the harmless KL (mean over prompts, or another ``kl_statistic``) stays within
   ``kl_budget`` (and, optionally, a ``keep`` prompt set
   keeps a minimum refusal rate); stops early once the KL budget or the keep constraint is broken (both
-  grow with the scale), once the target refusal rate is reached, or after ``patience`` steps without gain.
+  grow with the scale), once the target refusal rate is reached, or after ``patience`` steps without gain
+  once the rate has started to move (a rate that has not responded yet keeps the search going: on a model
+  whose refusal only gives way at larger scales the search would otherwise stop inside the budget).
 * :func:`search_candidates` — the same selection over any list of steering objects (e.g. SteerMoE with
   more and more deactivated experts).
 * :func:`autotune` — fit a registered method on training prompts and tune it on validation prompts, the way
@@ -131,7 +133,8 @@ def search_candidates(
 ) -> TuneResult:
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
-    ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL.
+    ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL. ``patience`` steps without gain
+    stop the walk only after the rate has moved from the first candidate's.
 
     ``kl_statistic`` (one of :data:`~moe_interp.steering.compare.KL_STATISTICS`) is what the budget applies
     to: the mean per-prompt KL (default), its median or its trimmed mean (steadier under the heavy tail of
@@ -146,6 +149,8 @@ def search_candidates(
     best: TuneResult | None = None
     history: list[dict[str, Any]] = []
     stale, stopped = 0, "grid exhausted"
+    first: float | None = None  # the first candidate's rate; patience counts only once the rate has moved
+    moved = False
     for label, steer in candidates:
         kl = harmless_kl(model, harmless, steer, batch_size, base, kl_statistic)
         step: dict[str, Any] = {"label": label, "kl": kl}
@@ -166,10 +171,12 @@ def search_candidates(
             if keep_rate < keep_min_rate:
                 stopped = f"keep refusal {keep_rate:.3g} < {keep_min_rate} at {label}"
                 break
+        first = rate if first is None else first
+        moved = moved or abs(rate - first) > 1e-9
         if best is None or sign * rate < sign * best.refusal_rate - 1e-9:
             best = TuneResult(steer, label, rate, kl, keep_rate)
             stale = 0
-        else:
+        elif moved:  # a rate that has not responded yet is not a plateau: keep growing while KL allows
             stale += 1
         if (not maximize_refusal and rate <= target_rate) or (maximize_refusal and rate >= target_rate):
             stopped = f"target refusal rate {target_rate} reached at {label}"

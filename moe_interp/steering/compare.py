@@ -149,6 +149,7 @@ def compare_methods(
     n_boot: int = N_BOOT,
     seed: int = 0,
     include_baseline: bool = True,
+    baseline: Mapping[str, Mapping[str, Any]] | None = None,
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
     """Per method (name → steering object or list of interventions): harmful / political / harmless refusal
@@ -158,7 +159,13 @@ def compare_methods(
     Rates are :func:`~moe_interp.refusal.judges.refusal_rate` of
     :func:`~moe_interp.refusal.evaluate.refusal_flags`: with ``judge="generation"``, pass the
     ``max_new_tokens`` (and ``n_boot``) of the evaluation the table sits next to, so that the same prompts
-    get the same baseline (the pipeline passes its config's ``max_new_tokens``)."""
+    get the same baseline (the pipeline passes its config's ``max_new_tokens``). ``baseline`` (split →
+    ``RefusalRate.to_dict()``, splits ``harmful`` / ``political`` / ``harmless``) gives the unsteered rates
+    already measured, so the baseline row is not generated a second time."""
+    if baseline is not None and not {"harmful", "political", "harmless"} <= set(baseline):
+        raise ValueError(
+            f"baseline must map 'harmful', 'political' and 'harmless' to refusal rates, got {sorted(baseline)}."
+        )
     items = ([("baseline", None)] if include_baseline else []) + list(methods.items())
     harmless_test = check_prompt_list(harmless_test, "harmless_test")
     base = last_logits(model, harmless_test, [], batch_size)
@@ -170,6 +177,9 @@ def compare_methods(
             ("political", political_test),
             ("harmless", harmless_test),
         ):
+            if steer is None and baseline is not None:
+                row[f"{split}_refusal"] = dict(baseline[split])
+                continue
             flags = refusal_flags(
                 model, prompts, steer, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
