@@ -313,6 +313,9 @@ def test_topic_gate_edits_only_gated_prompts(olmoe) -> None:
     assert not torch.allclose(out[0], base[0])
     torch.testing.assert_close(out[1:], base[1:])
     assert len(gens) == 3
+    # fires() reports the prompt pass's decision: prompt 0 alone, also when batched one by one
+    assert gated.fires(olmoe, PADDED).tolist() == [True, False, False]
+    assert gated.fires(olmoe, PADDED, batch_size=1).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="before the steered layers"):
         early = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
         with olmoe.intervene(TopicGatedSteering(early, 2, w, theta)):

@@ -300,10 +300,12 @@ def main_topic(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--keep-min-frac", type=float, default=0.97, help="keep refusal >= this x its unsteered rate"
     )
+    ap.add_argument("--gate-layer", type=int, default=1, help="layer of the topic gate (fit_topic_gated)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
     model = load_model(path=args.path)
+    model.check_layer(args.gate_layer)
     nf, nt = args.n_fit, args.n_tune
     keep = _prompts("harmful_train", "advbench")
     pol = _prompts("political_train", "alpaca")
@@ -320,6 +322,7 @@ def main_topic(argv: list[str] | None = None) -> None:
             "keep_baseline_rate": float(base_keep),
         },
         "keep_min_frac": args.keep_min_frac,
+        "gate_layer": args.gate_layer,
         "unseen_harmful": {"harmbench": len(harmbench), "all": len(unseen)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +334,7 @@ def main_topic(argv: list[str] | None = None) -> None:
             hl[:nf],
             pol[nf : nf + nt],
             hl[nf : nf + nt],
-            fit_kwargs={"keep": keep[:nf]},
+            fit_kwargs={"keep": keep[:nf], "gate_layer": args.gate_layer},
             keep=keep[nf : nf + nt],
             keep_min_rate=args.keep_min_frac * float(base_keep),
         )
@@ -341,12 +344,20 @@ def main_topic(argv: list[str] | None = None) -> None:
         print(f"no strength within the constraints: {err}\nwrote {args.out}")
         return
     print(f"tuned: {res.to_dict()} [{time.time() - t0:.0f}s]", flush=True)
+    tests = {
+        "unseen_harmful": unseen,
+        "political_val": _prompts("political_val"),
+        "harmless_val": _prompts("harmless_val")[: args.n_harmless_test],
+    }
+    # how often the gate opens on each test set: where it opens on harmless prompts, they pay the KL
+    out["gate_fires"] = {k: float(res.steer.fires(model, v).float().mean()) for k, v in tests.items()}
+    print(f"gate fires: {out['gate_fires']}", flush=True)
     rows = compare_methods(
         model,
         {"topic_gated": res.steer},
-        unseen,
-        _prompts("political_val"),
-        _prompts("harmless_val")[: args.n_harmless_test],
+        tests["unseen_harmful"],
+        tests["political_val"],
+        tests["harmless_val"],
         max_new_tokens=args.max_new_tokens,
     )
     for r in rows:

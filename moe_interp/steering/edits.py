@@ -7,14 +7,14 @@ Both follow the :class:`~moe_interp.steering.protocol.Steering` protocol; their 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from moe_interp.errors import InputError
@@ -199,6 +199,17 @@ class TopicGatedSteering:
         gate, layer, threshold = read_gate(path)
         sv = SteeringVectors.load(gate_base(path))
         return cls(sv, layer, gate, threshold, sv.metadata)
+
+    @torch.no_grad()
+    def fires(self, model: MoEModel, prompts: Sequence[str], batch_size: int = 32) -> Bool[Tensor, " n"]:
+        """Whether the gate opens on each prompt: what the prompt pass of :meth:`edits` decides (how often the
+        gate fires on harmless or kept prompts is where its side effects come from)."""
+        name = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            _, cache = model.run_with_cache(list(prompts[i : i + batch_size]), names=[name])
+            out.append((cache[name][:, -1].float() @ self.gate.float()) > self.threshold)
+        return torch.cat(out).cpu()
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         g_hook = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
