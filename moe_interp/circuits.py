@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from moe_interp.guards import check_count
 from moe_interp.interventions import EditHook
 from moe_interp.patching.metrics import bootstrap_ci, refusal_logodds, refusal_scores
 from moe_interp.refusal.judges import resolve_refusal_ids
@@ -404,8 +405,7 @@ def locate_refusal_circuit(
         raise ValueError(f"method must be 'attribution' or 'exhaustive', got {method!r}.")
     if not 0 < target <= 1:
         raise ValueError(f"target must be a fraction in (0, 1], got {target!r}.")
-    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 1):
-        raise ValueError(f"pool must be a positive integer or None, got {pool!r}.")
+    pool = check_count("pool", pool, allow_none=True)
     if (heldout_harmful is None) != (heldout_harmless is None):
         raise ValueError("Pass both heldout_harmful and heldout_harmless, or neither.")
     in_sample = heldout_harmful is None

@@ -208,13 +208,16 @@ class TopicGatedSteering:
         out = []
         for i in range(0, len(prompts), batch_size):
             _, cache = model.run_with_cache(list(prompts[i : i + batch_size]), names=[name])
-            out.append((cache[name][:, -1].float() @ self.gate.float()) > self.threshold)
+            out.append(self._opens(cache[name]))
         return torch.cat(out).cpu()
+
+    def _opens(self, resid: Float[Tensor, "batch pos d_model"]) -> Bool[Tensor, " batch"]:
+        """The gate's decision from ``blocks.G.hook_resid_pre``: last position projected on the gate > threshold."""
+        return (resid[:, -1].float() @ self.gate.float().to(resid.device)) > self.threshold
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         g_hook = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
         check_steering_vector("the gate direction", self.gate, model.spec.d_model)
-        w = self.gate.float()
         check_coeff(self.threshold)
         inner: dict[str, list[EditFn]] = {}
         for iv in self.steer.to_interventions():
@@ -239,7 +242,7 @@ class TopicGatedSteering:
 
         def gate_fn(x: Tensor, ctx: HookContext) -> Tensor:
             if ctx.is_prompt:
-                state["gate"] = (x[:, -1].float() @ w.to(x.device)) > self.threshold
+                state["gate"] = self._opens(x)
             return run_inner(g_hook, x, ctx)
 
         def run_one(name: str) -> EditFn:
