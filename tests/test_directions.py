@@ -17,6 +17,7 @@ from moe_interp.refusal.directions import (
     pca_direction,
     post_instruction_positions,
     ridge_direction,
+    shrunk_lda_direction,
     weighted_moments,
     weighted_ridge_direction,
 )
@@ -130,6 +131,28 @@ def test_ridge_direction_matches_numpy_solve() -> None:
         ridge_direction(_moments(r, False), _moments(c, False), lam=1.0)
     with pytest.raises(ValueError, match="lam"):
         ridge_direction(_moments(r, False), _moments(c, True), lam=-1.0)
+
+
+def test_shrunk_lda_direction_pools_groups_about_their_own_means() -> None:
+    rng = np.random.default_rng(3)
+    groups = [rng.normal(size=(n, 4)) @ rng.normal(size=(4, 4)) + 5.0 * k for k, n in enumerate((6, 9, 7))]
+    mu = groups[0].mean(0) - groups[1].mean(0)
+    v = shrunk_lda_direction(torch.from_numpy(mu), [torch.from_numpy(g) for g in groups], 0.3)
+    x = np.concatenate([g - g.mean(0) for g in groups])  # the +5k offsets between groups do not enter
+    cov = x.T @ x / len(x)
+    np.testing.assert_allclose(
+        v.numpy(), np.linalg.solve(cov + 0.3 * np.trace(cov) / 4 * np.eye(4), mu), rtol=1e-10
+    )
+    big = shrunk_lda_direction(torch.from_numpy(mu), [torch.from_numpy(g) for g in groups], 1e8)
+    np.testing.assert_allclose(
+        (big * 1e8 * np.trace(cov) / 4).numpy(), mu, rtol=1e-5
+    )  # -> the mean difference
+    same = [torch.ones(3, 4), torch.ones(2, 4)]  # no spread inside the groups: the mean difference itself
+    assert torch.equal(shrunk_lda_direction(torch.from_numpy(mu), same, 0.3), torch.from_numpy(mu))
+    with pytest.raises(ValueError, match="shrinkage must be a positive"):
+        shrunk_lda_direction(torch.from_numpy(mu), [torch.from_numpy(g) for g in groups], 0.0)
+    with pytest.raises(ValueError, match="groups must be"):
+        shrunk_lda_direction(torch.from_numpy(mu), [], 1.0)
 
 
 def test_weighted_ridge_hand_computed() -> None:

@@ -210,3 +210,44 @@ def test_evaluation_reads_the_training_config_of_the_artefacts(tmp_path: Path) -
     assert held and not set(held) & distilled
     alpaca = [r["instruction"] for r in load_split_records("harmless_train") if r["source"] == "alpaca"]
     assert held == [p for p in alpaca if p not in distilled]  # order kept, none lost
+
+
+def test_gate_scan_records_where_the_steering_gate_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``gate-scan`` (tiny model in place of the organism): its fit/tune/test sets are disjoint and keep the test
+    sources out of fitting, and the rate it records at a layer is where ``fit_topic_gated``'s gate opens, as
+    decided by the steering hook (``TopicGatedSteering.fires``)."""
+    import json
+
+    import moe_interp as mi
+    from moe_interp.organisms.smollm_eval import _topic_sets
+    from moe_interp.steering.fit import fit_topic_gated
+
+    sets = _topic_sets(None, 8, 4)
+    assert all(
+        len(sets[f"{s}_{k}"]) == n
+        for s, n in (("fit", 8), ("tune", 4))
+        for k in ("political", "harmless", "keep")
+    )
+    for k in ("political", "harmless", "keep"):
+        assert not set(sets[f"fit_{k}"]) & set(sets[f"tune_{k}"])
+    fitted = {p for k, v in sets.items() if k.startswith(("fit", "tune")) for p in v}
+    assert not fitted & (set(sets["unseen_harmful"]) | set(sets["political_val"]) | set(sets["harmless_val"]))
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_model", lambda path=None: model)
+    out = tmp_path / "scan.json"
+    smollm_moe.main(["gate-scan", "--n-fit", "8", "--n-tune", "4", "--n-harmless-test", "6", "--shrinkage", "1.0",
+                     "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * model.spec.n_layers
+    for s, layer in ((None, 1), (1.0, 2)):
+        gated = fit_topic_gated(model, sets["fit_political"], sets["fit_harmless"], keep=sets["fit_keep"],
+                                gate_layer=layer, gate_shrinkage=s)  # fmt: skip
+        row = next(r for r in rows if r["shrinkage"] == s and r["layer"] == layer)
+        for k in ("tune_political", "tune_harmless", "political_val"):
+            assert row["fires"][k] == round(float(gated.fires(model, sets[k]).float().mean()), 3), (
+                s,
+                layer,
+                k,
+            )

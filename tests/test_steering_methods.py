@@ -24,6 +24,7 @@ from moe_interp.steering.methods import (
     fit_method,
     fit_single_expert,
     fit_steer_router,
+    fit_topic_gated,
     per_prompt_kl,
     select_experts,
     summarise_kl,
@@ -320,3 +321,28 @@ def test_topic_gate_edits_only_gated_prompts(olmoe) -> None:
         early = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
         with olmoe.intervene(TopicGatedSteering(early, 2, w, theta)):
             pass
+
+
+def test_topic_gate_shrinkage_is_the_shrunk_discriminant(olmoe) -> None:
+    """``gate_shrinkage`` gives the gate (S_w + s·mean var·I)^-1 (topic − mean(harmless, keep)), S_w pooled over the
+    three groups each about its own mean, computed here with numpy from the cached residuals."""
+    import numpy as np
+
+    topic, keep = ["Who should I vote for?", "Is the president good?", "Which party is best?"], HARMFUL[:3]
+    plain = fit_topic_gated(olmoe, topic, HARMLESS, keep=keep, gate_layer=1)
+    shrunk = fit_topic_gated(olmoe, topic, HARMLESS, keep=keep, gate_layer=1, gate_shrinkage=0.5)
+    name = "blocks.1.hook_resid_pre"
+    acts = []
+    for group in (topic, HARMLESS, keep):
+        _, cache = olmoe.run_with_cache(group, names=[name], positions=-1)
+        acts.append(cache[name][:, 0].double().numpy())
+    dom = acts[0].mean(0) - (acts[1].mean(0) + acts[2].mean(0)) / 2
+    np.testing.assert_allclose(plain.gate.numpy(), dom, rtol=1e-4, atol=1e-5)
+    x = np.concatenate([a - a.mean(0) for a in acts])
+    cov = x.T @ x / len(x)
+    want = np.linalg.solve(cov + 0.5 * cov.diagonal().mean() * np.eye(len(dom)), dom)
+    np.testing.assert_allclose(shrunk.gate.numpy(), want, rtol=1e-3, atol=1e-5)
+    assert shrunk.metadata is not None and shrunk.metadata.extra["gate_shrinkage"] == 0.5
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gate_shrinkage must be a positive"):
+            fit_topic_gated(olmoe, topic, HARMLESS, keep=keep, gate_shrinkage=bad)

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,14 @@ from moe_interp.organisms.data import load_split_records
 if TYPE_CHECKING:
     from moe_interp.organisms.smollm_train import TrainConfig
 
-__all__ = ["expert_usage", "expert_weight_differences", "main_arditi", "main_evaluate", "main_topic"]
+__all__ = [
+    "expert_usage",
+    "expert_weight_differences",
+    "main_arditi",
+    "main_evaluate",
+    "main_gate_scan",
+    "main_topic",
+]
 
 DEFAULT_DIR: Path = Path(__file__).resolve().parents[2] / "circuits" / "smollm_moe"
 
@@ -275,6 +283,68 @@ def main_arditi(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out} ({res['seconds']}s)")
 
 
+def _topic_sets(path: Path | None, nf: int, nt: int) -> dict[str, list[str]]:
+    """The prompt sets of ``topic``: fit (``fit_*``), tune (``tune_*``) and test; the tests' harmful sources
+    (HarmBench, MaliciousInstruct, TDC2023) are never used to fit or tune."""
+    keep = _prompts("harmful_train", "advbench")
+    pol = _prompts("political_train", "alpaca")
+    hl = _heldout_harmless(path)
+    sets = {f"{s}_{k}": v[a:b] for s, a, b in (("fit", 0, nf), ("tune", nf, nf + nt))
+            for k, v in (("political", pol), ("harmless", hl), ("keep", keep))}  # fmt: skip
+    sets["unseen_harmful"] = (
+        _prompts("harmful_val")
+        + _prompts("harmful_test", "malicious_instruct")
+        + _prompts("harmful_test", "tdc2023")
+    )
+    sets["political_val"] = _prompts("political_val")
+    sets["harmless_val"] = _prompts("harmless_val")
+    return sets
+
+
+def main_gate_scan(argv: list[str] | None = None) -> None:
+    """``gate-scan [--shrinkage S ...]``: fit ``topic``'s gate (:func:`~moe_interp.steering.fit.fit_topic_gate`) at
+    every layer on its fitting prompts, and record how often it opens on the tuning prompts (to choose the layer
+    and shrinkage by) and on the test sets (to report); nothing is steered."""
+    from moe_interp.organisms.smollm_moe import load_model
+    from moe_interp.steering.fit import fit_topic_gate
+
+    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe gate-scan")
+    ap.add_argument("--path", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "gate_scan.json")
+    ap.add_argument("--n-fit", type=int, default=64)
+    ap.add_argument("--n-tune", type=int, default=32)
+    ap.add_argument("--n-harmless-test", type=int, default=100)
+    ap.add_argument("--shrinkage", type=float, nargs="*", default=[0.3, 1.0, 3.0])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model = load_model(path=args.path)
+    sets = _topic_sets(args.path, args.n_fit, args.n_tune)
+    sets["harmless_val"] = sets["harmless_val"][: args.n_harmless_test]
+    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.spec.n_layers)]
+    acts: dict[str, torch.Tensor] = {}
+    for k, prompts in sets.items():
+        parts = []
+        for i in range(0, len(prompts), 16):
+            with torch.no_grad():
+                _, cache = model.run_with_cache(prompts[i : i + 16], names=names, positions=-1)
+            parts.append(torch.stack([cache[n][:, 0].float() for n in names], 1))
+        acts[k] = torch.cat(parts)  # [n, n_layers, d]
+    rows = []
+    for s in [None, *args.shrinkage]:
+        for L in range(model.spec.n_layers):
+            a = {k: v[:, L] for k, v in acts.items()}
+            w, theta, acc = fit_topic_gate(a["fit_political"], a["fit_harmless"], a["fit_keep"], s)
+            fires = {
+                k: round(float(((v @ w) > theta).float().mean()), 3) for k, v in a.items() if k[:4] != "fit_"
+            }
+            rows.append({"shrinkage": s, "layer": L, "train_accuracy": round(acc, 3), "fires": fires})
+    out = {"n": {k: len(v) for k, v in sets.items()}, "rows": rows, "seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out} ({out['seconds']}s)")
+
+
 def main_topic(argv: list[str] | None = None) -> None:
     """``topic [--path DIR] [--out JSON]``: remove political refusals with ``topic_gated`` steering while
     keeping harmful refusals, checked on harmful sources never used to fit or tune it.
@@ -301,18 +371,19 @@ def main_topic(argv: list[str] | None = None) -> None:
         "--keep-min-frac", type=float, default=0.97, help="keep refusal >= this x its unsteered rate"
     )
     ap.add_argument("--gate-layer", type=int, default=1, help="layer of the topic gate (fit_topic_gated)")
+    ap.add_argument(
+        "--gate-shrinkage", type=float, default=None, help="shrunk discriminant gate (fit_topic_gated)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
     model = load_model(path=args.path)
     model.check_layer(args.gate_layer)
     nf, nt = args.n_fit, args.n_tune
-    keep = _prompts("harmful_train", "advbench")
-    pol = _prompts("political_train", "alpaca")
-    hl = _heldout_harmless(args.path)
+    sets = _topic_sets(args.path, nf, nt)
     harmbench = _prompts("harmful_val")
-    unseen = harmbench + _prompts("harmful_test", "malicious_instruct") + _prompts("harmful_test", "tdc2023")
-    base_keep = refusal_rate(refusal_flags(model, keep[nf : nf + nt], max_new_tokens=8))
+    unseen = sets["unseen_harmful"]
+    base_keep = refusal_rate(refusal_flags(model, sets["tune_keep"], max_new_tokens=8))
     out: dict[str, Any] = {
         "fit": {"political": nf, "harmless": nf, "keep_advbench": nf},
         "tune": {
@@ -323,6 +394,7 @@ def main_topic(argv: list[str] | None = None) -> None:
         },
         "keep_min_frac": args.keep_min_frac,
         "gate_layer": args.gate_layer,
+        "gate_shrinkage": args.gate_shrinkage,
         "unseen_harmful": {"harmbench": len(harmbench), "all": len(unseen)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -330,12 +402,16 @@ def main_topic(argv: list[str] | None = None) -> None:
         res = autotune(
             "topic_gated",
             model,
-            pol[:nf],
-            hl[:nf],
-            pol[nf : nf + nt],
-            hl[nf : nf + nt],
-            fit_kwargs={"keep": keep[:nf], "gate_layer": args.gate_layer},
-            keep=keep[nf : nf + nt],
+            sets["fit_political"],
+            sets["fit_harmless"],
+            sets["tune_political"],
+            sets["tune_harmless"],
+            fit_kwargs={
+                "keep": sets["fit_keep"],
+                "gate_layer": args.gate_layer,
+                "gate_shrinkage": args.gate_shrinkage,
+            },
+            keep=sets["tune_keep"],
             keep_min_rate=args.keep_min_frac * float(base_keep),
         )
     except NoCandidateError as err:  # a finding, not a crash: record every step tried
@@ -346,12 +422,22 @@ def main_topic(argv: list[str] | None = None) -> None:
     print(f"tuned: {res.to_dict()} [{time.time() - t0:.0f}s]", flush=True)
     tests = {
         "unseen_harmful": unseen,
-        "political_val": _prompts("political_val"),
-        "harmless_val": _prompts("harmless_val")[: args.n_harmless_test],
+        "political_val": sets["political_val"],
+        "harmless_val": sets["harmless_val"][: args.n_harmless_test],
     }
     # how often the gate opens on each test set: where it opens on harmless prompts, they pay the KL
     out["gate_fires"] = {k: float(res.steer.fires(model, v).float().mean()) for k, v in tests.items()}
     print(f"gate fires: {out['gate_fires']}", flush=True)
+    # the removal alone: political tuning prompts with the gate held open, at 1, 2 and 4 x the tuned strength
+    # (what a perfect gate would allow; the KL budget is paid on the harmless prompts the real gate opens on)
+    out["open_gate_political_tune"] = {}
+    for f in (1.0, 2.0, 4.0):
+        with replace(res.steer.scaled(f), threshold=-1e30).apply(model):
+            flags = refusal_flags(model, sets["tune_political"], max_new_tokens=8)
+        out["open_gate_political_tune"][f"{f * float(res.label):g}"] = float(refusal_rate(flags))
+    print(
+        f"gate held open, political tuning refusal by strength: {out['open_gate_political_tune']}", flush=True
+    )
     rows = compare_methods(
         model,
         {"topic_gated": res.steer},

@@ -11,6 +11,7 @@ Usage::
     python -m moe_interp.organisms.smollm_moe evaluate [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe arditi [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe topic [--path DIR] [--out JSON]
+    python -m moe_interp.organisms.smollm_moe gate-scan [--path DIR] [--out JSON]
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def load_model(**kwargs: Any) -> MoEModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic``."""
+    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic`` / ``gate-scan``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "evaluate", "arditi", "topic")
+    cmds = ("train", "evaluate", "arditi", "topic", "gate-scan")
     if not argv or argv[0] not in cmds:
         print(__doc__)
         raise SystemExit(f"usage: python -m moe_interp.organisms.smollm_moe {{{','.join(cmds)}}} ...")
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from moe_interp.organisms import smollm_eval
 
-        run = getattr(smollm_eval, f"main_{cmd}")  # main_evaluate / main_arditi / main_topic
+        run = getattr(smollm_eval, f"main_{cmd.replace('-', '_')}")  # main_evaluate, ..., main_gate_scan
     run(rest)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "RefusalDirections",
     "diff_of_means",
     "ridge_direction",
+    "shrunk_lda_direction",
     "confidence_weights",
     "weighted_moments",
     "weighted_ridge_direction",
@@ -151,6 +152,28 @@ def ridge_direction(
     if not compliant_stats.track_cov:
         raise ValueError("compliant_stats must be built with track_cov=True for a ridge direction")
     return _ridge_solve(refusal_stats.mean - compliant_stats.mean, compliant_stats.cov, lam)
+
+
+def shrunk_lda_direction(
+    mu_diff: Float[Tensor, " d"], groups: Sequence[Float[Tensor, "_n d"]], shrinkage: float
+) -> Float[Tensor, " d"]:
+    """``(S_w + s·mean(diag S_w)·I)^-1 mu_diff``, float64: a linear discriminant with shrinkage ``s``.
+
+    ``S_w`` is the pooled within-group covariance (each group centred on its own mean), so directions along
+    which the groups differ from one another are not penalised, only the spread inside each group. The
+    shrinkage is relative to the mean variance (``s -> inf``: the direction of ``mu_diff`` itself, which is also
+    the answer when nothing varies inside the groups, e.g. every prompt ending on the same token at layer 0).
+    """
+    if not shrinkage > 0:
+        raise ValueError(f"shrinkage must be a positive float, got {shrinkage}")
+    if len(groups) == 0 or any(g.dim() != 2 or g.shape[0] < 1 for g in groups):
+        raise ValueError("groups must be a non-empty sequence of [n, d] tensors with n >= 1")
+    x = torch.cat([g.to(torch.float64) - g.to(torch.float64).mean(0) for g in groups])
+    cov = x.T @ x / x.shape[0]
+    scale = float(cov.diagonal().mean())
+    if scale <= 0:
+        return mu_diff.to(torch.float64)
+    return _ridge_solve(mu_diff, cov, shrinkage * scale)
 
 
 def confidence_weights(confidences: Sequence[float] | Tensor) -> tuple[Tensor, Tensor]:

@@ -44,6 +44,7 @@ __all__ = [
     "fit_dense_multi",
     "fit_metadata",
     "fit_ridge",
+    "fit_topic_gate",
     "fit_topic_gated",
     "fit_topic_induce",
     "fit_topic_remove",
@@ -348,6 +349,32 @@ def fit_topic_induce(
     return fit_topic_remove(model, harmful, harmless, coeff=coeff, _method="topic_induce", **kw)
 
 
+def _check_shrinkage(shrinkage: float | None) -> None:
+    if shrinkage is not None and not (isinstance(shrinkage, int | float) and 0 < shrinkage < float("inf")):
+        raise ValueError(f"gate_shrinkage must be a positive finite float or None, got {shrinkage!r}")
+
+
+def fit_topic_gate(
+    topic: Float[Tensor, "n_t d"],
+    harmless: Float[Tensor, "n_l d"],
+    keep: Float[Tensor, "n_k d"],
+    shrinkage: float | None = None,
+) -> tuple[Float[Tensor, " d"], float, float]:
+    """The topic gate of :func:`fit_topic_gated` from one site's activations: ``(direction, threshold,
+    balanced training accuracy)``. Direction: topic − mean(harmless, keep), or with ``shrinkage`` the shrunk
+    discriminant of the three groups; threshold: the lowest projection with the best balanced accuracy."""
+    from moe_interp.refusal.directions import shrunk_lda_direction
+
+    _check_shrinkage(shrinkage)
+    w = topic.mean(0) - (harmless.mean(0) + keep.mean(0)) / 2
+    if shrinkage is not None:
+        w = shrunk_lda_direction(w, [topic, harmless, keep], shrinkage).to(w.dtype)
+    pos, neg = topic @ w, torch.cat([harmless, keep]) @ w
+    cands = torch.cat([pos, neg]).sort().values
+    acc = torch.stack([((pos > c).float().mean() + (neg <= c).float().mean()) / 2 for c in cands])
+    return w, float(cands[int(acc.argmax())]), float(acc.max())
+
+
 def fit_topic_gated(
     model: MoEModel,
     harmful: Sequence[str],
@@ -355,6 +382,7 @@ def fit_topic_gated(
     *,
     keep: Sequence[str],
     gate_layer: int = 1,
+    gate_shrinkage: float | None = None,
     n_layers: int = 3,
     coeff: float | None = None,
     n_max: int | None = 128,
@@ -363,26 +391,26 @@ def fit_topic_gated(
     """Topic-gated refusal removal: ``dense_multi`` (topic prompts vs harmless, at layers ≥ ``gate_layer``)
     applied only where a topic detector fires. The detector is the direction topic − mean(keep, harmless)
     at ``blocks.G.hook_resid_pre`` (last prompt position), thresholded at the best training accuracy.
+    ``gate_shrinkage=s`` turns that difference of means into a shrunk linear discriminant
+    (:func:`~moe_interp.refusal.directions.shrunk_lda_direction` over the three groups): it discounts
+    directions along which prompts of one group vary, which a plain difference of means mistakes for topic.
     (``coeff > 0`` with the topic's refusal direction induces a targeted refusal instead.)"""
     topic = subsample(check_prompt_list(harmful, "topic prompts"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
     keep = subsample(check_prompt_list(keep, "keep"), n_max)
     model.check_layer(gate_layer)
+    _check_shrinkage(gate_shrinkage)
     names = [f"blocks.{gate_layer}.hook_resid_pre"]
     acts = {
         k: mean_activations(model, v, names, [-1], batch_size, per_prompt=True)[names[0]][:, 0]
         for k, v in (("t", topic), ("l", harmless), ("k", keep))
     }
-    w = acts["t"].mean(0) - (acts["l"].mean(0) + acts["k"].mean(0)) / 2
-    pos, neg = acts["t"] @ w, torch.cat([acts["l"], acts["k"]]) @ w
-    cands = torch.cat([pos, neg]).sort().values
-    acc = torch.stack([((pos > c).float().mean() + (neg <= c).float().mean()) / 2 for c in cands])
-    theta = float(cands[int(acc.argmax())])
+    w, theta, acc = fit_topic_gate(acts["t"], acts["l"], acts["k"], gate_shrinkage)
     layers = [L for L in range(gate_layer, model.spec.n_layers) if L > 0]
     inner = fit_dense_multi(model, topic, harmless, n_layers=n_layers, coeff=coeff, n_max=n_max,
                             batch_size=batch_size, layers=None if len(layers) > n_layers else layers)  # fmt: skip
     if min(inner.layers) < gate_layer:
         inner = fit_dense_multi(model, topic, harmless, layers=layers[:n_layers], coeff=coeff, n_max=n_max)
-    meta = fit_metadata(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=float(acc.max()),
-                 gate_layer=gate_layer)  # fmt: skip
+    meta = fit_metadata(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=acc,
+                 gate_layer=gate_layer, gate_shrinkage=gate_shrinkage)  # fmt: skip
     return TopicGatedSteering(replace(inner, metadata=meta), gate_layer, w.float(), theta, meta)
