@@ -149,13 +149,15 @@ class DirectionalAblation:
     """Project a direction out: ``x ← x − (x·r̂) r̂`` at every chosen layer's resid_pre, attn_out and mlp_out.
 
     With all layers (the default) this is Arditi et al.'s directional ablation, and it is equivalent to
-    :func:`moe_interp.refusal.orthogonalize` on the weights.
+    :func:`moe_interp.refusal.orthogonalize` on the weights. ``coeff`` scales the removed component
+    (``x − c (x·r̂) r̂``: 1 ablates, 0.5 halves it, 2 reflects it).
     """
 
     direction: Float[Tensor, " d_model"]
     layers: Sequence[int] | None = None
     sites: Sequence[str] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
     positions: Positions = "all"
+    coeff: float = 1.0
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         r = check_vector(self.direction, model.spec.d_model, "direction")
@@ -163,6 +165,7 @@ class DirectionalAblation:
             raise ValueError("The direction is the zero vector; it cannot be ablated.")
         r = r / r.norm()
         pos = check_positions(self.positions)
+        c = check_coeff(self.coeff)
         layers = (
             range(model.spec.n_layers) if self.layers is None else [model.check_layer(L) for L in self.layers]
         )
@@ -177,7 +180,7 @@ class DirectionalAblation:
             if m is None:
                 return x
             rr = r.to(device=x.device, dtype=x.dtype)
-            return _where(m, x - (x @ rr)[..., None] * rr, x)
+            return _where(m, x - c * (x @ rr)[..., None] * rr, x)
 
         return {f"blocks.{L}.{s}": fn for L in layers for s in self.sites}
 

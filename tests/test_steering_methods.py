@@ -25,6 +25,7 @@ from moe_interp.steering.methods import (
     fit_single_expert,
     fit_steer_router,
     fit_topic_gated,
+    fit_topic_remove,
     per_prompt_kl,
     select_experts,
     summarise_kl,
@@ -346,3 +347,37 @@ def test_topic_gate_shrinkage_is_the_shrunk_discriminant(olmoe) -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="gate_shrinkage must be a positive"):
             fit_topic_gated(olmoe, topic, HARMLESS, keep=keep, gate_shrinkage=bad)
+
+
+def test_topic_gated_ablate_removes_the_topic_direction_where_the_gate_opens(olmoe) -> None:
+    """``removal="ablate"``: with the gate open, the edit is ``x - c (x·r̂) r̂`` at ``hook_resid_pre`` of every layer
+    from the gate's on, r = fit_topic_remove's direction at the gate layer; computed here by hand on the hook values."""
+    topic, keep = ["Who should I vote for?", "Is the president good?", "Which party is best?"], HARMFUL[:3]
+    gated = fit_topic_gated(olmoe, topic, HARMLESS, keep=keep, gate_layer=1, removal="ablate")
+    assert gated.steer.operation == "ablate" and gated.layers == list(range(1, olmoe.spec.n_layers))
+    r = fit_topic_remove(olmoe, topic, HARMLESS, keep=keep, layer=1).vectors[
+        ("blocks.1.hook_resid_pre", None)
+    ]
+    r = r / r.norm()
+    for v in gated.steer.vectors.values():
+        torch.testing.assert_close(v / v.norm(), r)
+    last = f"blocks.{olmoe.spec.n_layers - 1}.hook_resid_pre"
+    for c in (1.0, 0.5):
+        opened = replace(gated.scaled(c), threshold=-1e30)
+        with olmoe.intervene(opened):
+            _, got = olmoe.run_with_cache(PADDED, names=["blocks.1.hook_resid_pre", last])
+        # by hand: layer 1's input is unchanged by the edit at layer 1 itself, so ablate it directly
+        _, clean = olmoe.run_with_cache(PADDED, names=["blocks.1.hook_resid_pre"])
+        x = clean["blocks.1.hook_resid_pre"]
+        want = x - c * (x @ r.to(x.dtype))[..., None] * r.to(x.dtype)
+        mask = olmoe.tokenize(PADDED)["attention_mask"].bool()
+        torch.testing.assert_close(got["blocks.1.hook_resid_pre"][mask], want[mask], rtol=1e-4, atol=1e-5)
+        y = got[last][mask] @ r.to(x.dtype)  # fully ablated at the last layer's input
+        if c == 1.0:
+            assert float(y.abs().max()) < 1e-4
+    closed = replace(gated, threshold=1e30)  # the gate shut: nothing changes
+    with olmoe.intervene(closed):
+        out = olmoe.forward(PADDED)
+    torch.testing.assert_close(out, olmoe.forward(PADDED))
+    with pytest.raises(ValueError, match="removal must be"):
+        fit_topic_gated(olmoe, topic, HARMLESS, keep=keep, removal="zero")

@@ -301,6 +301,17 @@ def _topic_sets(path: Path | None, nf: int, nt: int) -> dict[str, list[str]]:
     return sets
 
 
+def _topic_parser(command: str, out: str) -> argparse.ArgumentParser:
+    """The arguments ``topic`` and ``gate-scan`` share: where the artefacts are, the output, the set sizes."""
+    ap = argparse.ArgumentParser(prog=f"python -m moe_interp.organisms.smollm_moe {command}")
+    ap.add_argument("--path", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / out)
+    ap.add_argument("--n-fit", type=int, default=64)
+    ap.add_argument("--n-tune", type=int, default=32)
+    ap.add_argument("--n-harmless-test", type=int, default=100)
+    return ap
+
+
 def main_gate_scan(argv: list[str] | None = None) -> None:
     """``gate-scan [--shrinkage S ...]``: fit ``topic``'s gate (:func:`~moe_interp.steering.fit.fit_topic_gate`) at
     every layer on its fitting prompts, and record how often it opens on the tuning prompts (to choose the layer
@@ -308,12 +319,7 @@ def main_gate_scan(argv: list[str] | None = None) -> None:
     from moe_interp.organisms.smollm_moe import load_model
     from moe_interp.steering.fit import fit_topic_gate
 
-    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe gate-scan")
-    ap.add_argument("--path", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "gate_scan.json")
-    ap.add_argument("--n-fit", type=int, default=64)
-    ap.add_argument("--n-tune", type=int, default=32)
-    ap.add_argument("--n-harmless-test", type=int, default=100)
+    ap = _topic_parser("gate-scan", "gate_scan.json")
     ap.add_argument("--shrinkage", type=float, nargs="*", default=[0.3, 1.0, 3.0])
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -360,12 +366,7 @@ def main_topic(argv: list[str] | None = None) -> None:
     from moe_interp.steering.autotune import NoCandidateError, autotune
     from moe_interp.steering.compare import compare_methods
 
-    ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe topic")
-    ap.add_argument("--path", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=DEFAULT_DIR / "topic_control.json")
-    ap.add_argument("--n-fit", type=int, default=64)
-    ap.add_argument("--n-tune", type=int, default=32)
-    ap.add_argument("--n-harmless-test", type=int, default=100)
+    ap = _topic_parser("topic", "topic_control.json")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument(
         "--keep-min-frac", type=float, default=0.97, help="keep refusal >= this x its unsteered rate"
@@ -374,6 +375,7 @@ def main_topic(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--gate-shrinkage", type=float, default=None, help="shrunk discriminant gate (fit_topic_gated)"
     )
+    ap.add_argument("--removal", choices=("add", "ablate"), default="add", help="fit_topic_gated's removal")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
@@ -395,6 +397,7 @@ def main_topic(argv: list[str] | None = None) -> None:
         "keep_min_frac": args.keep_min_frac,
         "gate_layer": args.gate_layer,
         "gate_shrinkage": args.gate_shrinkage,
+        "removal": args.removal,
         "unseen_harmful": {"harmbench": len(harmbench), "all": len(unseen)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -410,6 +413,7 @@ def main_topic(argv: list[str] | None = None) -> None:
                 "keep": sets["fit_keep"],
                 "gate_layer": args.gate_layer,
                 "gate_shrinkage": args.gate_shrinkage,
+                "removal": args.removal,
             },
             keep=sets["tune_keep"],
             keep_min_rate=args.keep_min_frac * float(base_keep),

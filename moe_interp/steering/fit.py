@@ -383,6 +383,7 @@ def fit_topic_gated(
     keep: Sequence[str],
     gate_layer: int = 1,
     gate_shrinkage: float | None = None,
+    removal: str = "add",
     n_layers: int = 3,
     coeff: float | None = None,
     n_max: int | None = 128,
@@ -394,23 +395,37 @@ def fit_topic_gated(
     ``gate_shrinkage=s`` turns that difference of means into a shrunk linear discriminant
     (:func:`~moe_interp.refusal.directions.shrunk_lda_direction` over the three groups): it discounts
     directions along which prompts of one group vary, which a plain difference of means mistakes for topic.
+    ``removal="ablate"``: instead of adding vectors, ablate the topic direction of :func:`fit_topic_remove`
+    (topic − harmless, orthogonal to keep − harmless, taken at ``gate_layer``) from ``hook_resid_pre`` of every
+    layer from ``gate_layer`` on (``coeff``, default 1, scales the removed component): it removes only what a
+    prompt has of the topic, so it costs little on the prompts the gate opens on by mistake.
     (``coeff > 0`` with the topic's refusal direction induces a targeted refusal instead.)"""
     topic = subsample(check_prompt_list(harmful, "topic prompts"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
     keep = subsample(check_prompt_list(keep, "keep"), n_max)
     model.check_layer(gate_layer)
     _check_shrinkage(gate_shrinkage)
+    if removal not in ("add", "ablate"):
+        raise ValueError(f"removal must be 'add' or 'ablate', got {removal!r}")
     names = [f"blocks.{gate_layer}.hook_resid_pre"]
     acts = {
         k: mean_activations(model, v, names, [-1], batch_size, per_prompt=True)[names[0]][:, 0]
         for k, v in (("t", topic), ("l", harmless), ("k", keep))
     }
     w, theta, acc = fit_topic_gate(acts["t"], acts["l"], acts["k"], gate_shrinkage)
+    meta = fit_metadata(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=acc,
+                 gate_layer=gate_layer, gate_shrinkage=gate_shrinkage, removal=removal)  # fmt: skip
+    if removal == "ablate":
+        t_perp, _ = _topic_direction(model, topic, harmless, keep, -1, batch_size)
+        keys = [(f"blocks.{L}.hook_resid_pre", None) for L in range(gate_layer, model.spec.n_layers)]
+        c = check_coeff(1.0 if coeff is None else coeff)
+        ablate = SteeringVectors(
+            dict.fromkeys(keys, t_perp[gate_layer]), meta, dict.fromkeys(keys, c), operation="ablate"
+        )
+        return TopicGatedSteering(ablate, gate_layer, w.float(), theta, meta)
     layers = [L for L in range(gate_layer, model.spec.n_layers) if L > 0]
     inner = fit_dense_multi(model, topic, harmless, n_layers=n_layers, coeff=coeff, n_max=n_max,
                             batch_size=batch_size, layers=None if len(layers) > n_layers else layers)  # fmt: skip
     if min(inner.layers) < gate_layer:
         inner = fit_dense_multi(model, topic, harmless, layers=layers[:n_layers], coeff=coeff, n_max=n_max)
-    meta = fit_metadata(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=acc,
-                 gate_layer=gate_layer, gate_shrinkage=gate_shrinkage)  # fmt: skip
     return TopicGatedSteering(replace(inner, metadata=meta), gate_layer, w.float(), theta, meta)

@@ -54,6 +54,10 @@ def export_control_vector_gguf(
     Raises ``ValueError`` listing any non-residual keys (attn/mlp/expert hooks have no GGUF equivalent) or
     residual keys that map below ``direction.1``.
     """
+    if sv.operation != "add":
+        raise ValueError(
+            f"operation={sv.operation!r} cannot be expressed as a llama.cpp control vector (additive)"
+        )
     if sv.conditioning != "none":
         raise ValueError(
             f"conditioning={sv.conditioning!r} cannot be expressed as a llama.cpp control vector"

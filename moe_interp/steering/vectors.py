@@ -31,7 +31,13 @@ from torch import Tensor
 
 from moe_interp.errors import InputError, MissingFileError
 from moe_interp.fileio import atomic_path, read_json_object, read_safetensors
-from moe_interp.interventions import check_coeff, check_positions, position_mask
+from moe_interp.interventions import (
+    RESID_SITES,
+    DirectionalAblation,
+    check_coeff,
+    check_positions,
+    position_mask,
+)
 from moe_interp.steering.addition import AddSteering, check_steering_vector
 from moe_interp.steering.keys import (
     EXPERT_SEP,
@@ -59,6 +65,7 @@ __all__ = [
     "POSITION_SCOPES",
     "AddSteering",
     "Conditioning",
+    "Operation",
     "ExpertConditionedAdd",
     "ParsedHook",
     "PositionScope",
@@ -72,9 +79,12 @@ __all__ = [
 
 PositionScope = Literal["prompt", "generated", "all"]
 Conditioning = Literal["none", "router_prob", "router_prob_topk"]
+#: "add": ``h <- h + c * r``; "ablate": ``h <- h - c * (h · r̂) r̂`` (directional ablation at that hook)
+Operation = Literal["add", "ablate"]
 
 POSITION_SCOPES: tuple[str, ...] = get_args(PositionScope)
 CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
+OPERATIONS: tuple[str, ...] = get_args(Operation)
 
 
 def _is_scope(positions: object) -> TypeGuard[PositionScope]:
@@ -102,7 +112,8 @@ class SteeringVectors:
 
     Treat as immutable: the constructor copies (detaches, moves to CPU) the vectors and normalizes
     ``coeffs`` to hold one float per key (default 1.0). ``conditioning`` selects router-conditioned
-    application (``h <- h + c * p_e(x) * r_e``, see :class:`ExpertConditionedAdd`).
+    application (``h <- h + c * p_e(x) * r_e``, see :class:`ExpertConditionedAdd`). ``operation="ablate"``
+    removes ``c`` times each vector's component instead of adding it (residual-stream keys only).
     """
 
     vectors: dict[SteeringKey, Float[Tensor, " d_model"]]
@@ -110,6 +121,7 @@ class SteeringVectors:
     coeffs: dict[SteeringKey, float] = field(default_factory=dict)
     positions: PositionScope = "all"
     conditioning: Conditioning = "none"
+    operation: Operation = "add"
 
     def __post_init__(self) -> None:
         meta = self.metadata
@@ -121,6 +133,8 @@ class SteeringVectors:
             raise ValueError(f"positions must be one of {POSITION_SCOPES}, got {self.positions!r}")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        if self.operation not in OPERATIONS:
+            raise ValueError(f"operation must be one of {OPERATIONS}, got {self.operation!r}")
         vectors: dict[SteeringKey, Tensor] = {}
         for key, v in self.vectors.items():
             k = check_key(key, meta.n_layers, meta.n_experts)
@@ -132,6 +146,8 @@ class SteeringVectors:
         if unknown:
             raise ValueError(f"coeffs given for keys without a vector: {unknown}")
         coeffs = {k: _coeff(encode_key(k), self.coeffs.get(k, 1.0)) for k in vectors}
+        if self.operation == "ablate":
+            _check_ablatable(vectors, self.conditioning)
         hook_names = tuple(sorted({k[0] for k in vectors}, key=hook_sort_key))
         object.__setattr__(self, "vectors", vectors)
         object.__setattr__(self, "coeffs", coeffs)
@@ -189,7 +205,7 @@ class SteeringVectors:
                 raise ValueError(
                     f"cannot merge steering vectors with different {f}: {getattr(a, f)!r} vs {getattr(b, f)!r}"
                 )
-        for f in ("positions", "conditioning"):
+        for f in ("positions", "conditioning", "operation"):
             if getattr(self, f) != getattr(other, f):
                 raise ValueError(
                     f"cannot merge steering vectors with different {f}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
@@ -207,7 +223,7 @@ class SteeringVectors:
         extra = {**a.extra, **b.extra, "merged_from": [a.to_json_dict(), b.to_json_dict()]}
         data_hash = a.data_hash if a.data_hash == b.data_hash else None
         meta = replace(a, method=method, data_hash=data_hash, created=utc_now(), extra=extra)
-        return SteeringVectors(vectors, meta, coeffs, self.positions, self.conditioning)
+        return SteeringVectors(vectors, meta, coeffs, self.positions, self.conditioning, self.operation)
 
     # ---------------------------------------------------------------- model
 
@@ -232,6 +248,17 @@ class SteeringVectors:
         """
         if model is not None:
             self.check_compatible(model)
+        if self.operation == "ablate":
+            return [
+                DirectionalAblation(
+                    self.vectors[k],
+                    [parse_hook_name(k[0]).layer],
+                    (k[0].split(".")[-1],),
+                    self.positions,
+                    self.coeffs[k],
+                )  # fmt: skip
+                for k in self.keys
+            ]
         if self.conditioning != "none" and not ignore_conditioning:
             return self._conditioned()
         return [AddSteering(k[0], self.vectors[k], self.coeffs[k], k[1], self.positions) for k in self.keys]
@@ -271,6 +298,7 @@ class SteeringVectors:
             "coeffs": {encode_key(k): self.coeffs[k] for k in self.keys},
             "positions": self.positions,
             "conditioning": self.conditioning,
+            "operation": self.operation,
             "metadata": self.metadata.to_json_dict(),
         }
 
@@ -335,6 +363,7 @@ class SteeringVectors:
                 coeffs={decode_key(k): c for k, c in coeffs_raw.items()},
                 positions=doc.get("positions", "all"),
                 conditioning=doc.get("conditioning", "none"),
+                operation=doc.get("operation", "add"),
             )
         except ValueError as err:
             raise InputError(f"{js_path}: {err}") from err
@@ -356,6 +385,8 @@ class SteeringVectors:
         parts += [f"positions={self.positions!r}", f"family={m.family!r}"]
         if self.conditioning != "none":
             parts.append(f"conditioning={self.conditioning!r}")
+        if self.operation != "add":
+            parts.append(f"operation={self.operation!r}")
         return f"SteeringVectors({', '.join(parts)})"
 
     def _repr_html_(self) -> str:
@@ -373,6 +404,21 @@ class SteeringVectors:
             f"<div><b>{head}</b><table><thead><tr><th>hook</th><th>expert</th><th>coeff</th>"
             f"<th>|v|</th></tr></thead><tbody>{rows}</tbody></table></div>"
         )
+
+
+def _check_ablatable(vectors: Mapping[SteeringKey, Tensor], conditioning: str) -> None:
+    """``operation="ablate"`` needs unconditioned residual-stream keys (``blocks.L.hook_resid_pre`` …, no expert)."""
+    if conditioning != "none":
+        raise ValueError(f"operation='ablate' cannot be router-conditioned (conditioning={conditioning!r})")
+    for key, v in vectors.items():
+        if key[1] is not None or key[0].split(".")[-1] not in RESID_SITES:
+            raise ValueError(
+                f"operation='ablate' applies to residual-stream hooks {RESID_SITES} only, got {key!r}"
+            )
+        if float(v.norm()) == 0.0:
+            raise ValueError(
+                f"operation='ablate': the vector at {key!r} is zero; there is no direction to ablate"
+            )
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
