@@ -576,35 +576,3 @@ def replace_d(m: SteeringMetadata, spec: Any) -> SteeringMetadata:
     from dataclasses import replace
 
     return replace(m, d_model=int(spec.d_model) + 1)
-
-
-def test_ablate_operation_roundtrip_and_checks(tmp_path: Path) -> None:
-    from moe_interp.interventions import DirectionalAblation
-
-    sv = SteeringVectors({RESID: vec(1), POST: vec(2)}, meta(), {RESID: 0.5, POST: 1.0}, operation="ablate")
-    ivs = sv.to_interventions()
-    assert all(isinstance(iv, DirectionalAblation) for iv in ivs)
-    assert [(list(iv.layers), tuple(iv.sites), iv.coeff) for iv in ivs] == [
-        ([1], ("hook_resid_pre",), 0.5),
-        ([2], ("hook_resid_post",), 1.0),
-    ]
-    assert torch.equal(ivs[0].direction, sv.vectors[RESID])
-    assert [iv.coeff for iv in sv.scaled(2.0).to_interventions()] == [1.0, 2.0]
-    sv.save(tmp_path / "abl")
-    back = SteeringVectors.load(tmp_path / "abl")
-    assert back.operation == "ablate" and "operation='ablate'" in repr(back)
-    assert SteeringVectors({RESID: vec(1)}, meta()).operation == "add"  # the default, also for old files
-    with pytest.raises(ValueError, match="operation must be one of"):
-        SteeringVectors({RESID: vec(1)}, meta(), operation="subtract")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="residual-stream hooks"):
-        SteeringVectors({EXP: vec(1)}, meta(), operation="ablate")
-    with pytest.raises(ValueError, match="is zero"):
-        SteeringVectors({RESID: torch.zeros(D)}, meta(), operation="ablate")
-    with pytest.raises(ValueError, match="router-conditioned"):
-        SteeringVectors({RESID: vec(1)}, meta(), conditioning="router_prob", operation="ablate")
-    with pytest.raises(ValueError, match="different operation"):
-        _ = sv + SteeringVectors({RESID: vec(3)}, meta())
-    from moe_interp.steering import export_control_vector_gguf
-
-    with pytest.raises(ValueError, match="cannot be expressed"):
-        export_control_vector_gguf(sv, tmp_path / "abl.gguf")

@@ -434,6 +434,9 @@ def main_topic(argv: list[str] | None = None) -> None:
     print(f"gate fires: {out['gate_fires']}", flush=True)
     # the removal alone: political tuning prompts with the gate held open, at 1, 2 and 4 x the tuned strength
     # (what a perfect gate would allow; the KL budget is paid on the harmless prompts the real gate opens on)
+    out["open_gate_judge"] = (
+        "refusal phrases in 8 generated tokens (the strength search scores with the logit judge)"
+    )
     out["open_gate_political_tune"] = {}
     for f in (1.0, 2.0, 4.0):
         with replace(res.steer.scaled(f), threshold=-1e30).apply(model):

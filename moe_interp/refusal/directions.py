@@ -133,7 +133,7 @@ def _ridge_solve(mu_diff: Tensor, cov: Tensor, lam: float) -> Tensor:
     if not lam >= 0:
         raise ValueError(f"lam must be a non-negative float, got {lam}")
     d = mu_diff.shape[-1]
-    a = cov.to(torch.float64) + float(lam) * torch.eye(d, dtype=torch.float64)
+    a = cov.to(torch.float64) + float(lam) * torch.eye(d, dtype=torch.float64, device=cov.device)
     v = torch.linalg.solve(a, mu_diff.to(torch.float64).unsqueeze(-1)).squeeze(-1)
     if not torch.isfinite(v).all():
         raise ValueError("ridge solve produced non-finite values; increase lam")

@@ -24,6 +24,7 @@ from moe_interp.steering.registry import METHODS, MethodSpec, fit_method
 from moe_interp.steering.vectors import (
     Conditioning,
     ExpertConditionedAdd,
+    Operation,
     PositionScope,
     SteeringVectors,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Conditioning",
     "ExpertConditionedAdd",
     "MethodSpec",
+    "Operation",
     "PositionScope",
     "RouterSteering",
     "Steering",

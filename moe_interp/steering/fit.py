@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -383,7 +383,7 @@ def fit_topic_gated(
     keep: Sequence[str],
     gate_layer: int = 1,
     gate_shrinkage: float | None = None,
-    removal: str = "add",
+    removal: Literal["add", "ablate"] = "add",
     n_layers: int = 3,
     coeff: float | None = None,
     n_max: int | None = 128,
@@ -397,8 +397,9 @@ def fit_topic_gated(
     directions along which prompts of one group vary, which a plain difference of means mistakes for topic.
     ``removal="ablate"``: instead of adding vectors, ablate the topic direction of :func:`fit_topic_remove`
     (topic − harmless, orthogonal to keep − harmless, taken at ``gate_layer``) from ``hook_resid_pre`` of every
-    layer from ``gate_layer`` on (``coeff``, default 1, scales the removed component): it removes only what a
-    prompt has of the topic, so it costs little on the prompts the gate opens on by mistake.
+    layer from ``gate_layer`` on (``coeff``, default 1, scales the removed component; ``n_layers`` is not used):
+    it changes a prompt in proportion to its topic component, where adding a vector shifts every gated prompt
+    by the same amount.
     (``coeff > 0`` with the topic's refusal direction induces a targeted refusal instead.)"""
     topic = subsample(check_prompt_list(harmful, "topic prompts"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
@@ -419,6 +420,8 @@ def fit_topic_gated(
         t_perp, _ = _topic_direction(model, topic, harmless, keep, -1, batch_size)
         keys = [(f"blocks.{L}.hook_resid_pre", None) for L in range(gate_layer, model.spec.n_layers)]
         c = check_coeff(1.0 if coeff is None else coeff)
+        if c < 0:
+            raise ValueError(f"removal='ablate' needs coeff >= 0 (the share of the topic removed), got {c}")
         ablate = SteeringVectors(
             dict.fromkeys(keys, t_perp[gate_layer]), meta, dict.fromkeys(keys, c), operation="ablate"
         )

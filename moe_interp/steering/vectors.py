@@ -92,7 +92,11 @@ def _is_scope(positions: object) -> TypeGuard[PositionScope]:
 
 
 FORMAT_NAME = "moe_interp.steering_vectors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = (
+    2  # 2: may carry ``operation`` (older readers refuse it rather than add an ablation direction)
+)
+#: versions :meth:`SteeringVectors.load` reads (1: additive vectors only)
+READ_VERSIONS = (1, 2)
 
 
 def _coeff(where: str, c: Any) -> float:
@@ -210,6 +214,11 @@ class SteeringVectors:
                 raise ValueError(
                     f"cannot merge steering vectors with different {f}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
                 )
+        shared = sorted(set(self.vectors) & set(other.vectors), key=str)
+        if self.operation == "ablate" and shared:
+            raise ValueError(
+                f"cannot merge ablations that share keys {shared}: two ablations do not add up to one"
+            )
         vectors = dict(self.vectors)
         coeffs = dict(self.coeffs)
         for k, v in other.vectors.items():
@@ -293,7 +302,7 @@ class SteeringVectors:
         """The JSON sidecar content (everything but the tensors)."""
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.operation != "add" else 1,
             "keys": [encode_key(k) for k in self.keys],
             "coeffs": {encode_key(k): self.coeffs[k] for k in self.keys},
             "positions": self.positions,
@@ -327,9 +336,9 @@ class SteeringVectors:
         doc = read_json_object(js_path, f"a {FORMAT_NAME} file")
         if doc.get("format") != FORMAT_NAME:
             raise InputError(f"{js_path}: 'format' is {doc.get('format')!r}; expected {FORMAT_NAME!r}")
-        if doc.get("format_version") != FORMAT_VERSION:
+        if doc.get("format_version") not in READ_VERSIONS:
             raise InputError(
-                f"{js_path}: unsupported format_version {doc.get('format_version')!r}; expected {FORMAT_VERSION}"
+                f"{js_path}: unsupported format_version {doc.get('format_version')!r}; expected one of {READ_VERSIONS}"
             )
         missing = [k for k in ("keys", "coeffs", "metadata") if k not in doc]
         if missing:
@@ -398,7 +407,7 @@ class SteeringVectors:
         )
         head = html.escape(
             f"SteeringVectors: method={m.method}, family={m.family}, d_model={m.d_model}, "
-            f"positions={self.positions}, conditioning={self.conditioning}"
+            f"positions={self.positions}, conditioning={self.conditioning}, operation={self.operation}"
         )
         return (
             f"<div><b>{head}</b><table><thead><tr><th>hook</th><th>expert</th><th>coeff</th>"
