@@ -7,30 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
 
 import moe_interp as mi
 from moe_interp.interventions import DirectionalAblation
-from moe_interp.steering import (
-    SteeringMetadata,
-    SteeringVectors,
-    TopicGatedSteering,
-    export_control_vector_gguf,
-    load_steering,
-)
-
-D, L, E = 8, 4, 6
-RESID = ("blocks.1.hook_resid_pre", None)
-POST = ("blocks.2.hook_resid_post", None)
-EXP = ("blocks.1.mlp.hook_expert_out", 3)
-
-
-def meta() -> SteeringMetadata:
-    return SteeringMetadata(family="olmoe", d_model=D, n_layers=L, n_experts=E, method="diff_in_means")
-
-
-def vec(seed: int) -> Tensor:
-    return torch.randn(D, generator=torch.Generator().manual_seed(seed))
+from moe_interp.steering import SteeringMetadata, SteeringVectors, TopicGatedSteering, load_steering
+from moe_interp.steering import export_control_vector_gguf as to_gguf
+from tests.test_steering_vectors import EXP, POST, RESID, D, meta, vec
 
 
 def test_ablate_operation_becomes_directional_ablations(tmp_path: Path) -> None:
@@ -48,7 +30,7 @@ def test_ablate_operation_becomes_directional_ablations(tmp_path: Path) -> None:
     back = SteeringVectors.load(tmp_path / "abl")
     assert back.operation == "ablate" and "operation='ablate'" in repr(back)
     with pytest.raises(ValueError, match="cannot be expressed"):
-        export_control_vector_gguf(sv, tmp_path / "abl.gguf")
+        to_gguf(sv, tmp_path / "abl.gguf")
 
 
 def test_files_without_operation_are_additive(tmp_path: Path) -> None:
