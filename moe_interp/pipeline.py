@@ -344,14 +344,18 @@ def stage_steering(run: Run) -> dict[str, Any]:
 
 def _baseline_rates(run: Run) -> dict[str, dict[str, Any]]:
     """The baseline stage's refusal rates as ``RefusalRate.to_dict()`` per split (empty split: rate nan)."""
+    from moe_interp.refusal.judges import RefusalRate
+
+    nan = float("nan")
     out = {}
     for split in ("harmful", "political", "harmless"):
         d = run.results["baseline"].get(f"{split}_test")
         if d is None:
-            out[split] = {"rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+            rate = RefusalRate(nan, nan, nan, 0)
         else:
             lo, hi = d["refusal_rate_ci"]
-            out[split] = {"rate": d["refusal_rate"], "ci_low": lo, "ci_high": hi, "n": d["n"]}
+            rate = RefusalRate(d["refusal_rate"], lo, hi, d["n"])
+        out[split] = rate.to_dict()
     return out
 
 

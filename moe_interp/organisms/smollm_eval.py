@@ -317,7 +317,7 @@ def main_gate_scan(argv: list[str] | None = None) -> None:
     every layer on its fitting prompts, and record how often it opens on the tuning prompts (to choose the layer
     and shrinkage by) and on the test sets (to report); nothing is steered."""
     from moe_interp.organisms.smollm_moe import load_model
-    from moe_interp.steering.fit import fit_topic_gate
+    from moe_interp.steering.fit import fit_topic_gate, resid_acts
 
     ap = _topic_parser("gate-scan", "gate_scan.json")
     ap.add_argument("--shrinkage", type=float, nargs="*", default=[0.3, 1.0, 3.0])
@@ -327,15 +327,7 @@ def main_gate_scan(argv: list[str] | None = None) -> None:
     model = load_model(path=args.path)
     sets = _topic_sets(args.path, args.n_fit, args.n_tune)
     sets["harmless_val"] = sets["harmless_val"][: args.n_harmless_test]
-    names = [f"blocks.{L}.hook_resid_pre" for L in range(model.spec.n_layers)]
-    acts: dict[str, torch.Tensor] = {}
-    for k, prompts in sets.items():
-        parts = []
-        for i in range(0, len(prompts), 16):
-            with torch.no_grad():
-                _, cache = model.run_with_cache(prompts[i : i + 16], names=names, positions=-1)
-            parts.append(torch.stack([cache[n][:, 0].float() for n in names], 1))
-        acts[k] = torch.cat(parts)  # [n, n_layers, d]
+    acts = {k: resid_acts(model, prompts, -1, 16).float() for k, prompts in sets.items()}  # [n, n_layers, d]
     rows = []
     for s in [None, *args.shrinkage]:
         for L in range(model.spec.n_layers):

@@ -300,9 +300,16 @@ def _topic_direction(
     batch_size: int,
 ) -> tuple[Tensor, Tensor]:
     """(topic − harmless) ⟂ (keep − harmless) per layer ``[n_layers, d]``, and the topic/harmless d'."""
-    at = resid_acts(model, topic, position, batch_size)
-    al = resid_acts(model, harmless, position, batch_size)
-    ak = resid_acts(model, keep, position, batch_size)
+    acts = [resid_acts(model, p, position, batch_size) for p in (topic, harmless, keep)]
+    return _topic_direction_of(*acts)
+
+
+def _topic_direction_of(
+    at: Float[Tensor, "n_t n_layers d"],
+    al: Float[Tensor, "n_l n_layers d"],
+    ak: Float[Tensor, "n_k n_layers d"],
+) -> tuple[Tensor, Tensor]:
+    """:func:`_topic_direction` from the three groups' ``hook_resid_pre`` at every layer."""
     t = at.double().mean(0) - al.double().mean(0)
     s = ak.double().mean(0) - al.double().mean(0)
     s_hat = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -408,16 +415,14 @@ def fit_topic_gated(
     _check_shrinkage(gate_shrinkage)
     if removal not in ("add", "ablate"):
         raise ValueError(f"removal must be 'add' or 'ablate', got {removal!r}")
-    names = [f"blocks.{gate_layer}.hook_resid_pre"]
-    acts = {
-        k: mean_activations(model, v, names, [-1], batch_size, per_prompt=True)[names[0]][:, 0]
-        for k, v in (("t", topic), ("l", harmless), ("k", keep))
-    }
-    w, theta, acc = fit_topic_gate(acts["t"], acts["l"], acts["k"], gate_shrinkage)
+    # every layer's last position, once: the gate reads its layer, the ablated direction all of them
+    acts = [resid_acts(model, p, -1, batch_size) for p in (topic, harmless, keep)]
+    at, al, ak = (a[:, gate_layer] for a in acts)
+    w, theta, acc = fit_topic_gate(at, al, ak, gate_shrinkage)
     meta = fit_metadata(model, "topic_gated", [topic, harmless, keep], gate_train_accuracy=acc,
                  gate_layer=gate_layer, gate_shrinkage=gate_shrinkage, removal=removal)  # fmt: skip
     if removal == "ablate":
-        t_perp, _ = _topic_direction(model, topic, harmless, keep, -1, batch_size)
+        t_perp, _ = _topic_direction_of(*acts)
         keys = [(f"blocks.{L}.hook_resid_pre", None) for L in range(gate_layer, model.spec.n_layers)]
         c = check_coeff(1.0 if coeff is None else coeff)
         if c < 0:

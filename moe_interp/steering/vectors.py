@@ -92,9 +92,8 @@ def _is_scope(positions: object) -> TypeGuard[PositionScope]:
 
 
 FORMAT_NAME = "moe_interp.steering_vectors"
-FORMAT_VERSION = (
-    2  # 2: may carry ``operation`` (older readers refuse it rather than add an ablation direction)
-)
+#: 2: may carry ``operation`` (older readers refuse such a file rather than add an ablation direction)
+FORMAT_VERSION = 2
 #: versions :meth:`SteeringVectors.load` reads (1: additive vectors only)
 READ_VERSIONS = (1, 2)
 
