@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "ForceExpert": "moe_interp.interventions",
     "Patch": "moe_interp.interventions",
     "SteerRouter": "moe_interp.interventions",
+    "ExpertDirectionalAblation": "moe_interp.interventions",
     "Generation": "moe_interp.model",
     "ModelSpec": "moe_interp.model",
     "MoECache": "moe_interp.model",
@@ -35,6 +36,7 @@ _LAZY: dict[str, str] = {
     "NonFiniteOutputError": "moe_interp.errors",
     "DLAResult": "moe_interp.dla",
     "direct_logit_attribution": "moe_interp.dla",
+    "direction_attribution": "moe_interp.dla",
     "LogitLensResult": "moe_interp.lens",
     "logit_lens": "moe_interp.lens",
     "PathPatchResult": "moe_interp.path_patching",
@@ -51,6 +53,7 @@ __all__ = [
     "AddVector",
     "DirectionalAblation",
     "EditHook",
+    "ExpertDirectionalAblation",
     "FamilySpec",
     "ForceExpert",
     "Generation",
@@ -69,6 +72,7 @@ __all__ = [
     "PathPatchResult",
     "attention_view",
     "direct_logit_attribution",
+    "direction_attribution",
     "dla_view",
     "logit_lens",
     "path_patch",
@@ -77,7 +81,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from moe_interp.dla import DLAResult, direct_logit_attribution
+    from moe_interp.dla import DLAResult, direct_logit_attribution, direction_attribution
     from moe_interp.errors import NonFiniteOutputError
     from moe_interp.families import FAMILIES, FamilySpec, get_family, supported_families
     from moe_interp.interventions import (
@@ -85,6 +89,7 @@ if TYPE_CHECKING:
         AddVector,
         DirectionalAblation,
         EditHook,
+        ExpertDirectionalAblation,
         ForceExpert,
         Patch,
         SteerRouter,

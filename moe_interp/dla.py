@@ -33,7 +33,9 @@ __all__ = [
     "COMPLIANCE_START_PHRASES",
     "DLAResult",
     "LogitDirection",
+    "ResidualDirection",
     "direct_logit_attribution",
+    "direction_attribution",
     "logit_direction",
 ]
 
@@ -90,7 +92,8 @@ class DLAResult:
 
     ``values[c, b, p]`` is component ``labels[c]``'s contribution at (prompt ``b``, position ``p``); labels are
     hook names (a head is ``blocks.L.attn.hook_result[h]``, the attention output bias ``blocks.L.attn.b_O``).
-    ``values.sum(0) + constant`` equals ``logit_diff`` (the model's own) up to rounding.
+    ``values.sum(0) + constant`` equals ``logit_diff`` (the model's own) up to rounding. From
+    :func:`direction_attribution`, ``logit_diff`` is the residual's projection on the direction instead.
     """
 
     values: Float[Tensor, "component batch pos"]
@@ -100,7 +103,7 @@ class DLAResult:
     index: list[int]
     constant: Float[Tensor, "batch pos"]
     logit_diff: Float[Tensor, "batch pos"]
-    direction: LogitDirection
+    direction: LogitDirection | ResidualDirection
     n_layers: int
     n_heads: int
     n_experts: int
@@ -155,18 +158,23 @@ class DLAResult:
         rows = "".join(
             f"<tr><td><code>{html.escape(n)}</code></td><td>{v:+.4f}</td></tr>" for n, v in self.top(10)
         )
+        what, unit = ("projection", "projection") if isinstance(self.direction, ResidualDirection) else (
+            "logit diff", "logits")  # fmt: skip
         return (
             f"<p>DLA of <b>{html.escape(self.direction.label)}</b> at the last position, mean over "
-            f"{self.values.shape[1]} prompt(s): logit diff {float(self.logit_diff[:, -1].mean()):+.4f}, "
-            f"sum error {self.error():.1e}</p><table><tr><th>component</th><th>logits</th></tr>{rows}</table>"
+            f"{self.values.shape[1]} prompt(s): {what} {float(self.logit_diff[:, -1].mean()):+.4f}, "
+            f"sum error {self.error():.1e}</p><table><tr><th>component</th><th>{unit}</th></tr>{rows}</table>"
         )
 
 
-def _names(model: MoEModel) -> list[str]:
+def _names(model: MoEModel, upto: int | None = None) -> list[str]:
+    """The hooks :func:`_components` reads (layers before ``upto`` only, when given) and the residual
+    read out: ``blocks.{upto}.hook_resid_pre``, or the last layer's ``hook_resid_post``."""
     n = model.spec.n_layers
-    names = ["hook_embed", f"blocks.{n - 1}.hook_resid_post"]
+    read = f"blocks.{n - 1}.hook_resid_post" if upto is None else f"blocks.{upto}.hook_resid_pre"
+    names = ["hook_embed", read]
     hooks = set(model.hook_names())
-    for info in model.layers:
+    for info in model.layers[:upto]:
         L = info.index
         names.append(f"blocks.{L}.attn.hook_result" if info.o is not None else f"blocks.{L}.hook_attn_out")
         if not info.is_moe:
@@ -242,10 +250,86 @@ def direct_logit_attribution(
     )
 
 
+@dataclass(frozen=True)
+class ResidualDirection:
+    """A unit direction read at ``blocks.{layer}.hook_resid_pre`` (what :func:`direction_attribution` explains)."""
+
+    vector: Float[Tensor, " d_model"]
+    layer: int
+    label: str
+
+
+def direction_attribution(
+    model: MoEModel,
+    prompts: Any,
+    direction: Float[Tensor, " d_model"],
+    layer: int,
+    *,
+    label: str | None = None,
+    chat: bool = True,
+    batch_size: int | None = None,
+) -> DLAResult:
+    """Which components *write* a residual direction: the projection of ``blocks.{layer}.hook_resid_pre`` on
+    ``r̂ = direction / |direction|``, split over the embedding and every head (attention bias, or attention
+    output for linear attention), routed expert (per token, from its routed contribution), shared expert and
+    dense MLP of the layers before ``layer``.
+
+    The residual stream there is exactly their sum, so no norm is frozen: the attributions sum to the
+    projection (held in ``logit_diff``; ``constant`` is zero). DLA asks what the unembedding reads; this asks
+    who writes, e.g., a refusal direction before the layer it was taken at.
+    """
+    from moe_interp.interventions import check_vector
+
+    L = model.check_layer(layer)
+    r = check_vector(direction, model.spec.d_model, "direction").detach().float()
+    if float(r.norm()) == 0.0:
+        raise ValueError("direction is the zero vector; there is nothing to attribute.")
+    r = r / r.norm()
+    enc = _encode(model, prompts, chat)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    step = batch_size or ids.shape[0]
+    parts: list[tuple[Tensor, Tensor]] = []
+    labels: list[str] = []
+    meta: list[tuple[str, int, int]] = []
+    names = _names(model, upto=L)
+    for start in range(0, ids.shape[0], step):
+        sl = slice(start, start + step)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                {"input_ids": ids[sl], "attention_mask": mask[sl]}, names=names, chat=chat
+            )
+        read = cache[f"blocks.{L}.hook_resid_pre"].float()
+        rr = r.to(read.device)
+        vals, labels, meta = _components(model, cache.cache_dict, rr, read.new_ones(read.shape[:2]), upto=L)
+        parts.append((vals, read @ rr))
+    values = torch.cat([p[0] for p in parts], dim=1).cpu()
+    projection = torch.cat([p[1] for p in parts]).cpu()
+    return DLAResult(
+        values=values,
+        labels=labels,
+        kinds=[m[0] for m in meta],
+        layers=[m[1] for m in meta],
+        index=[m[2] for m in meta],
+        constant=torch.zeros_like(projection),
+        logit_diff=projection,
+        direction=ResidualDirection(r.cpu(), L, label or f"direction at blocks.{L}.hook_resid_pre"),
+        n_layers=model.spec.n_layers,
+        n_heads=max((i.n_heads for i in model.layers if i.o is not None), default=0),
+        n_experts=max((i.n_experts for i in model.layers), default=0),
+        str_tokens=decode_tokens(model, ids),
+        attention_mask=mask.cpu(),
+    )
+
+
 def _components(
-    model: MoEModel, cache: dict[str, Tensor], u: Float[Tensor, " d_model"], s: Float[Tensor, "batch pos"]
+    model: MoEModel,
+    cache: dict[str, Tensor],
+    u: Float[Tensor, " d_model"],
+    s: Float[Tensor, "batch pos"],
+    upto: int | None = None,
 ) -> tuple[Float[Tensor, "component batch pos"], list[str], list[tuple[str, int, int]]]:
-    """Each component's ``c · u / s`` with its hook-name label and (kind, layer, index)."""
+    """Each component's ``c · u / s`` with its hook-name label and (kind, layer, index); with ``upto``, only
+    the embedding and the layers before ``upto``."""
     u = u.to(s.device)
 
     def proj(x: Tensor) -> Tensor:  # [b, p, ..., d] -> [..., b, p]
@@ -255,7 +339,7 @@ def _components(
     rows: list[Tensor] = [proj(cache["hook_embed"])[None]]
     labels, meta = ["hook_embed"], [("embed", -1, -1)]
     hf_layers = _module(model.hf_model, model.family.layers)
-    for info in model.layers:
+    for info in model.layers[:upto]:
         L = info.index
         if info.attn is not None and info.o is not None:  # (o is resolved only under an attention module)
             heads = proj(cache[f"blocks.{L}.attn.hook_result"])

@@ -186,6 +186,40 @@ class DirectionalAblation:
 
 
 @dataclass
+class ExpertDirectionalAblation:
+    """Project a direction out of one expert's weighted output: ``y_e ← y_e − c (y_e·r̂) r̂`` at
+    ``blocks.L.mlp.experts.e.hook_out`` (zero, so unchanged, where the expert was not routed).
+
+    The expert-level form of :class:`DirectionalAblation`: it asks whether one expert's *write* of a
+    direction matters, where ablating the residual stream removes every component's share at once.
+    """
+
+    layer: int
+    expert: int
+    direction: Float[Tensor, " d_model"]
+    positions: Positions = "all"
+    coeff: float = 1.0
+
+    def edits(self, model: MoEModel) -> dict[str, EditFn]:
+        model.check_expert(self.layer, self.expert)
+        r = check_vector(self.direction, model.spec.d_model, "direction")
+        if float(r.norm()) == 0.0:
+            raise ValueError("The direction is the zero vector; it cannot be ablated.")
+        r = r / r.norm()
+        pos = check_positions(self.positions)
+        c = check_coeff(self.coeff)
+
+        def fn(y: Tensor, ctx: HookContext) -> Tensor:
+            m = position_mask(ctx, pos, y.shape)
+            if m is None:
+                return y
+            rr = r.to(device=y.device, dtype=y.dtype)
+            return _where(m, y - c * (y @ rr)[..., None] * rr, y)
+
+        return {f"blocks.{self.layer}.mlp.experts.{self.expert}.hook_out": fn}
+
+
+@dataclass
 class Patch:
     """Replace a hook's value with a stored one (e.g. from another run's cache) at ``positions``.
 

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import moe_interp as mi
-from moe_interp.dla import COMPLIANCE_START_PHRASES, direct_logit_attribution, logit_direction
+from moe_interp.dla import (
+    COMPLIANCE_START_PHRASES,
+    direct_logit_attribution,
+    direction_attribution,
+    logit_direction,
+)
 from moe_interp.figures_dla import plot_dla_heatmap, plot_dla_tokens
 from moe_interp.refusal.judges import default_refusal_ids, refusal_first_token_ids
 from moe_interp.tiny import tiny_families
@@ -137,3 +142,47 @@ def test_figures_are_written(tiny_model, tmp_path: Path) -> None:  # noqa: ANN00
     for stem in ("dla_heatmap", "dla_tokens"):
         assert (tmp_path / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
         assert (tmp_path / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("family", tiny_families())
+def test_direction_attribution_sums_to_the_projection(family: str) -> None:
+    """The writers of a residual direction: their shares sum to ``blocks.L.hook_resid_pre · r̂`` on every family."""
+    model = mi.load(f"tiny:{family}")
+    L = model.spec.n_layers - 1
+    r = torch.randn(model.spec.d_model, generator=torch.Generator().manual_seed(3))
+    res = direction_attribution(model, PROMPTS, 5.0 * r, L)  # the norm of the direction does not matter
+    _, cache = model.run_with_cache(PROMPTS, names=[f"blocks.{L}.hook_resid_pre"])
+    hand = cache[f"blocks.{L}.hook_resid_pre"].float() @ (r / r.norm())
+    mask = model.tokenize(PROMPTS)["attention_mask"].bool()
+    torch.testing.assert_close(res.logit_diff, hand, rtol=0, atol=1e-5)
+    assert (res.total() - hand)[mask].abs().max() < 1e-4 and res.error() < 1e-4
+    assert max(res.layers) == L - 1 and float(res.constant.abs().max()) == 0.0  # only writers before L
+    assert "projection" in res._repr_html_()
+
+
+def test_direction_attribution_components_by_hand() -> None:
+    model = mi.load("tiny:qwen2_moe")  # shared experts
+    r = torch.randn(model.spec.d_model, generator=torch.Generator().manual_seed(4))
+    rh = r / r.norm()
+    res = direction_attribution(model, PROMPTS, r, 2, batch_size=2)
+    names = ["blocks.1.attn.hook_result", "blocks.1.mlp.hook_expert_out", "blocks.1.mlp.hook_shared_out"]
+    _, cache = model.run_with_cache(PROMPTS, names=[*names, "hook_embed"])
+
+    def ours(label: str) -> torch.Tensor:
+        return res.values[res.labels.index(label)]
+
+    torch.testing.assert_close(ours("blocks.1.attn.hook_result[2]"), cache[names[0]][:, :, 2] @ rh)
+    for e in (0, 3, 7):
+        torch.testing.assert_close(
+            ours(f"blocks.1.mlp.experts.{e}.hook_out"), cache[names[1]][:, :, e] @ rh, atol=1e-6, rtol=0
+        )
+    torch.testing.assert_close(ours("blocks.1.mlp.hook_shared_out"), cache[names[2]] @ rh)
+    torch.testing.assert_close(ours("hook_embed"), cache["hook_embed"] @ rh)
+    only_embed = direction_attribution(model, PROMPTS, r, 0)
+    assert only_embed.labels == ["hook_embed"]
+    with pytest.raises(ValueError, match="out of range"):
+        direction_attribution(model, PROMPTS, r, model.spec.n_layers)
+    with pytest.raises(ValueError, match="zero vector"):
+        direction_attribution(model, PROMPTS, torch.zeros(model.spec.d_model), 1)
+    with pytest.raises(ValueError, match="direction"):
+        direction_attribution(model, PROMPTS, torch.ones(3), 1)

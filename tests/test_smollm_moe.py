@@ -251,3 +251,83 @@ def test_gate_scan_records_where_the_steering_gate_opens(
                 layer,
                 k,
             )
+
+
+def test_writers_ranks_who_writes_the_direction_and_ablates_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``writers`` (tiny model, random directions in place of the Arditi test's): each component's recorded
+    harmful − harmless difference is its own hook's projection computed here, and the expert removal ablates
+    at the top writers."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import moe_interp as mi
+    from moe_interp.organisms.data import load_split_records
+    from moe_interp.organisms.smollm_eval import _heldout_harmless
+
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_model", lambda path=None: model)
+    gen = torch.Generator().manual_seed(0)
+    dirs = {}
+    for name, (layer, pos) in {"arditi_scan": (2, -1), "arditi_layer22": (1, -2)}.items():
+        dirs[name] = (torch.randn(model.spec.d_model, generator=gen), layer, pos)
+        save_file({"raw": dirs[name][0]}, str(tmp_path / f"{name}.safetensors"),
+                  metadata={"layer": str(layer), "pos": str(pos)})  # fmt: skip
+    out = tmp_path / "writers.json"
+    smollm_moe.main(["writers", "--n-fit", "4", "--n-test", "3", "--max-new-tokens", "2", "--top-experts", "1,2",
+                     "--top-attn", "1", "--directions", str(tmp_path), "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"][:4]
+    hl = _heldout_harmless(None)[:4]
+    checked = 0
+    for name, (raw, layer, pos) in dirs.items():
+        rec = res[name]
+        assert rec["hook"] == f"blocks.{layer}.hook_resid_pre" and rec["attribution_error"] < 1e-4
+        r = raw / raw.norm()
+        names = [f"blocks.{layer - 1}.mlp.hook_expert_out", f"blocks.{layer}.hook_resid_pre"]
+        means = []
+        for prompts in (ht, hl):
+            _, cache = model.run_with_cache(prompts, names=names)
+            means.append([cache[n][:, pos].float() @ r for n in names])
+        for e in range(model.spec.n_experts or 0):
+            label = f"blocks.{layer - 1}.mlp.experts.{e}.hook_out"
+            row = next((w for w in rec["top_writers"] if w["component"] == label), None)
+            if row is not None:
+                want = float(means[0][0][:, e].mean() - means[1][0][:, e].mean())
+                assert abs(row["difference"] - want) < 1e-6 + 1e-4 * abs(want), (label, row, want)
+                checked += 1
+        gap = float(means[0][1].mean() - means[1][1].mean())
+        assert abs(rec["gap"] - gap) < 1e-6 + 1e-4 * abs(gap)
+        ranked = [w["component"] for w in rec["top_writers"] if w["kind"] == "expert"]
+        assert rec["removal"]["top 1 writer experts"]["experts"] == ranked[:1]
+        assert set(rec["removal"]) == {"attention outputs, every layer", "MLP (expert) outputs, every layer",
+                                       "top 1 writer experts", "top 2 writer experts",
+                                       "top 1 writer attention layers"}  # fmt: skip
+    assert res["unedited"]["harmless_kl"] == 0.0 and checked > 0
+
+
+def test_topic_records_why_prompts_stay_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``topic`` (tiny model in place of the organism) records each tuning prompt's gate margin — positive exactly
+    where ``TopicGatedSteering.fires`` says the gate opens — and the search judge's verdict per political prompt."""
+    import json
+
+    import moe_interp as mi
+    from moe_interp.organisms.smollm_eval import _topic_sets
+    from moe_interp.steering.fit import fit_topic_gated
+
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_model", lambda path=None: model)
+    out = tmp_path / "topic.json"
+    smollm_moe.main(["topic", "--n-fit", "8", "--n-tune", "4", "--n-harmless-test", "4", "--max-new-tokens", "2",
+                     "--gate-layer", "1", "--removal", "ablate", "--keep-min-frac", "0", "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    sets = _topic_sets(None, 8, 4)
+    gated = fit_topic_gated(model, sets["fit_political"], sets["fit_harmless"], keep=sets["fit_keep"],
+                            gate_layer=1, removal="ablate")  # fmt: skip
+    for k, margins in res["tune_gate_margins"].items():
+        assert [m > 0 for m in margins] == gated.fires(model, sets[k]).tolist(), k
+    label = float(res["tuning"]["label"])
+    assert set(res["tune_political_refused"]) == {f"{label:g}", f"{2 * label:g}"}
+    assert all(len(v) == 4 for v in res["tune_political_refused"].values())

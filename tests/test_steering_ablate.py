@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import moe_interp as mi
-from moe_interp.interventions import DirectionalAblation
+from moe_interp.interventions import DirectionalAblation, ExpertDirectionalAblation
 from moe_interp.steering import SteeringMetadata, SteeringVectors, TopicGatedSteering, load_steering
 from moe_interp.steering import export_control_vector_gguf as to_gguf
-from tests.test_steering_vectors import EXP, POST, RESID, D, meta, vec
+from tests.conftest import PROMPTS
+from tests.test_steering_vectors import EXP, ONE_EXP, POST, RESID, D, meta, vec
 
 
 def test_ablate_operation_becomes_directional_ablations(tmp_path: Path) -> None:
@@ -50,8 +51,6 @@ def test_files_without_operation_are_additive(tmp_path: Path) -> None:
 def test_ablate_validation_and_merging() -> None:
     with pytest.raises(ValueError, match="operation must be one of"):
         SteeringVectors({RESID: vec(1)}, meta(), operation="subtract")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="residual-stream hooks"):
-        SteeringVectors({EXP: vec(1)}, meta(), operation="ablate")
     with pytest.raises(ValueError, match="is zero"):
         SteeringVectors({RESID: torch.zeros(D)}, meta(), operation="ablate")
     with pytest.raises(ValueError, match="router-conditioned"):
@@ -89,3 +88,43 @@ def test_gated_ablation_file_roundtrip(tmp_path: Path) -> None:
         fit_topic_gated(
             model, ["a b", "c d"], ["e f", "g h"], keep=["i j", "k l"], removal="ablate", coeff=-1.0
         )
+
+
+def test_expert_keys_ablate_the_direction_from_that_expert_only() -> None:
+    """At an expert key, the direction is projected out of that expert's weighted output: the layer's MLP
+    output changes by exactly ``−c (y_e·r̂) r̂`` (computed here from the unedited hooks), nothing else at
+    that layer."""
+    model = mi.load("tiny:olmoe")
+    L, e, c = 1, 2, 0.5
+    r = torch.randn(model.spec.d_model, generator=torch.Generator().manual_seed(5))
+    rh = r / r.norm()
+    names = [f"blocks.{L}.mlp.experts.{e}.hook_out", f"blocks.{L}.hook_mlp_out"]
+    _, clean = model.run_with_cache(PROMPTS, names=names)
+    y = clean[names[0]]
+    assert (y != 0).any() and (y == 0).all(-1).any()  # routed on some tokens, not on others
+    want = clean[names[1]] - c * (y @ rh)[..., None] * rh
+    m = SteeringMetadata.from_model(model, method="diff_in_means")
+    for key in ((f"blocks.{L}.mlp.hook_expert_out", e), (f"blocks.{L}.mlp.experts.{e}.hook_out", None)):
+        sv = SteeringVectors({key: 3.0 * r}, m, {key: c}, operation="ablate")
+        (iv,) = sv.to_interventions()
+        assert isinstance(iv, ExpertDirectionalAblation) and (iv.layer, iv.expert, iv.coeff) == (L, e, c)
+        with sv.apply(model):
+            _, got = model.run_with_cache(PROMPTS, names=names)
+        torch.testing.assert_close(got[names[1]], want, atol=1e-5, rtol=0)
+        assert float((got[names[0]] @ rh).abs().max()) < float((y @ rh).abs().max())
+    with pytest.raises(ValueError, match="zero vector"):
+        with model.intervene(ExpertDirectionalAblation(L, e, torch.zeros(model.spec.d_model))):
+            model.forward(PROMPTS)
+    with pytest.raises(ValueError, match="out of range|expert"):
+        with model.intervene(ExpertDirectionalAblation(L, 99, r)):
+            model.forward(PROMPTS)
+
+
+def test_expert_ablation_files_roundtrip(tmp_path: Path) -> None:
+    sv = SteeringVectors({EXP: vec(1), ONE_EXP: vec(2), RESID: vec(3)}, meta(), operation="ablate")
+    kinds = sorted(type(iv).__name__ for iv in sv.to_interventions())
+    assert kinds == ["DirectionalAblation", "ExpertDirectionalAblation", "ExpertDirectionalAblation"]
+    sv.save(tmp_path / "e")
+    back = SteeringVectors.load(tmp_path / "e")
+    assert back.operation == "ablate" and set(back.vectors) == set(sv.vectors)
+    assert all(torch.equal(back.vectors[k], sv.vectors[k]) for k in sv.vectors)

@@ -318,6 +318,7 @@ def test_topic_gate_edits_only_gated_prompts(olmoe) -> None:
     # fires() reports the prompt pass's decision: prompt 0 alone, also when batched one by one
     assert gated.fires(olmoe, PADDED).tolist() == [True, False, False]
     assert gated.fires(olmoe, PADDED, batch_size=1).tolist() == [True, False, False]
+    torch.testing.assert_close(gated.scores(olmoe, PADDED, batch_size=2), proj.float())  # the gate's read-out
     with pytest.raises(ValueError, match="before the steered layers"):
         early = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
         with olmoe.intervene(TopicGatedSteering(early, 2, w, theta)):

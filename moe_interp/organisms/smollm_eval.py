@@ -424,6 +424,18 @@ def main_topic(argv: list[str] | None = None) -> None:
     # how often the gate opens on each test set: where it opens on harmless prompts, they pay the KL
     out["gate_fires"] = {k: float(res.steer.fires(model, v).float().mean()) for k, v in tests.items()}
     print(f"gate fires: {out['gate_fires']}", flush=True)
+    # per tuning prompt, the gate's margin (score − threshold), and per political tuning prompt the search's
+    # judge at 1 and 2 x the tuned strength: a prompt left refused has a shut gate or too weak a removal
+    out["tune_gate_margins"] = {
+        k: (res.steer.scores(model, sets[k]) - res.steer.threshold).tolist()
+        for k in ("tune_political", "tune_harmless", "tune_keep")
+    }
+    out["tune_political_refused"] = {
+        f"{f * float(res.label):g}": refusal_flags(
+            model, sets["tune_political"], res.steer.scaled(f), judge="logit", max_new_tokens=8
+        ).tolist()
+        for f in (1.0, 2.0)
+    }
     # the removal alone: political tuning prompts with the gate held open, at 1, 2 and 4 x the tuned strength
     # (what a perfect gate would allow; the KL budget is paid on the harmless prompts the real gate opens on)
     out["open_gate_judge"] = (

@@ -12,6 +12,7 @@ Usage::
     python -m moe_interp.organisms.smollm_moe arditi [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe topic [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe gate-scan [--path DIR] [--out JSON]
+    python -m moe_interp.organisms.smollm_moe writers [--path DIR] [--out JSON]
 """
 
 from __future__ import annotations
@@ -187,15 +188,17 @@ def load_model(**kwargs: Any) -> MoEModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic`` / ``gate-scan``."""
+    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic`` / ``gate-scan`` / ``writers``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "evaluate", "arditi", "topic", "gate-scan")
+    cmds = ("train", "evaluate", "arditi", "topic", "gate-scan", "writers")
     if not argv or argv[0] not in cmds:
         print(__doc__)
         raise SystemExit(f"usage: python -m moe_interp.organisms.smollm_moe {{{','.join(cmds)}}} ...")
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         from moe_interp.organisms.smollm_train import main as run
+    elif cmd == "writers":
+        from moe_interp.organisms.smollm_writers import main_writers as run
     else:
         from moe_interp.organisms import smollm_eval
 

@@ -201,19 +201,27 @@ class TopicGatedSteering:
         return cls(sv, layer, gate, threshold, sv.metadata)
 
     @torch.no_grad()
-    def fires(self, model: MoEModel, prompts: Sequence[str], batch_size: int = 32) -> Bool[Tensor, " n"]:
-        """Whether the gate opens on each prompt: what the prompt pass of :meth:`edits` decides (how often the
-        gate fires on harmless or kept prompts is where its side effects come from)."""
+    def scores(self, model: MoEModel, prompts: Sequence[str], batch_size: int = 32) -> Float[Tensor, " n"]:
+        """Each prompt's gate score: the last position of ``blocks.G.hook_resid_pre`` projected on the gate
+        (the gate opens where it exceeds ``threshold``)."""
         name = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
         out = []
         for i in range(0, len(prompts), batch_size):
             _, cache = model.run_with_cache(list(prompts[i : i + batch_size]), names=[name])
-            out.append(self._opens(cache[name]))
+            out.append(self._score(cache[name]))
         return torch.cat(out).cpu()
+
+    def fires(self, model: MoEModel, prompts: Sequence[str], batch_size: int = 32) -> Bool[Tensor, " n"]:
+        """Whether the gate opens on each prompt: what the prompt pass of :meth:`edits` decides (how often the
+        gate fires on harmless or kept prompts is where its side effects come from)."""
+        return self.scores(model, prompts, batch_size) > self.threshold
+
+    def _score(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, " batch"]:
+        return resid[:, -1].float() @ self.gate.float().to(resid.device)
 
     def _opens(self, resid: Float[Tensor, "batch pos d_model"]) -> Bool[Tensor, " batch"]:
         """The gate's decision from ``blocks.G.hook_resid_pre``: last position projected on the gate > threshold."""
-        return (resid[:, -1].float() @ self.gate.float().to(resid.device)) > self.threshold
+        return self._score(resid) > self.threshold
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         g_hook = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"

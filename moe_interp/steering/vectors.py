@@ -32,8 +32,8 @@ from torch import Tensor
 from moe_interp.errors import InputError, MissingFileError
 from moe_interp.fileio import atomic_path, read_json_object, read_safetensors
 from moe_interp.interventions import (
-    RESID_SITES,
     DirectionalAblation,
+    ExpertDirectionalAblation,
     check_coeff,
     check_positions,
     position_mask,
@@ -116,7 +116,8 @@ class SteeringVectors:
     Treat as immutable: the constructor copies (detaches, moves to CPU) the vectors and normalizes
     ``coeffs`` to hold one float per key (default 1.0). ``conditioning`` selects router-conditioned
     application (``h <- h + c * p_e(x) * r_e``, see :class:`ExpertConditionedAdd`). ``operation="ablate"``
-    removes ``c`` times each vector's component instead of adding it (residual-stream keys only).
+    removes ``c`` times each vector's component instead of adding it (at residual-stream keys; at an
+    expert key, from that expert's output only).
     """
 
     vectors: dict[SteeringKey, Float[Tensor, " d_model"]]
@@ -257,19 +258,20 @@ class SteeringVectors:
         if model is not None:
             self.check_compatible(model)
         if self.operation == "ablate":
-            return [
-                DirectionalAblation(
-                    self.vectors[k],
-                    [parse_hook_name(k[0]).layer],
-                    (k[0].split(".")[-1],),
-                    self.positions,
-                    self.coeffs[k],
-                )  # fmt: skip
-                for k in self.keys
-            ]
+            return [self._ablation(k) for k in self.keys]
         if self.conditioning != "none" and not ignore_conditioning:
             return self._conditioned()
         return [AddSteering(k[0], self.vectors[k], self.coeffs[k], k[1], self.positions) for k in self.keys]
+
+    def _ablation(self, key: SteeringKey) -> DirectionalAblation | ExpertDirectionalAblation:
+        """The directional ablation of one key: at a residual site, or of one expert's output."""
+        parsed = parse_hook_name(key[0])
+        v, c = self.vectors[key], self.coeffs[key]
+        if parsed.kind in ("expert_out", "single_expert_out"):
+            e = key[1] if key[1] is not None else parsed.expert_in_name
+            assert e is not None  # check_key guarantees an expert id on expert keys
+            return ExpertDirectionalAblation(parsed.layer, e, v, self.positions, c)
+        return DirectionalAblation(v, [parsed.layer], (key[0].split(".")[-1],), self.positions, c)
 
     def _conditioned(self) -> list[ExpertConditionedAdd]:
         by_layer: dict[int, dict[int, Tensor]] = {}
@@ -415,14 +417,12 @@ class SteeringVectors:
 
 
 def _check_ablatable(vectors: Mapping[SteeringKey, Tensor], conditioning: str) -> None:
-    """``operation="ablate"`` needs unconditioned residual-stream keys (``blocks.L.hook_resid_pre`` …, no expert)."""
+    """``operation="ablate"`` needs unconditioned, non-zero vectors; its keys are residual-stream hooks
+    (``blocks.L.hook_resid_pre`` …) or one expert's output (``(blocks.L.mlp.hook_expert_out, e)``,
+    ``blocks.L.mlp.experts.e.hook_out``), like every steering key."""
     if conditioning != "none":
         raise ValueError(f"operation='ablate' cannot be router-conditioned (conditioning={conditioning!r})")
-    for key, v in vectors.items():
-        if key[1] is not None or key[0].split(".")[-1] not in RESID_SITES:
-            raise ValueError(
-                f"operation='ablate' applies to residual-stream hooks {RESID_SITES} only, got {key!r}"
-            )
+    for key, v in vectors.items():  # every steerable key is one of the two (check_key)
         if float(v.norm()) == 0.0:
             raise ValueError(
                 f"operation='ablate': the vector at {key!r} is zero; there is no direction to ablate"
