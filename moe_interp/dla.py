@@ -230,21 +230,33 @@ def direct_logit_attribution(
         s = norm.scale(cache[f"blocks.{model.spec.n_layers - 1}.hook_resid_post"])[..., 0].float()
         vals, labels, meta = _components(model, cache.cache_dict, u, s)
         parts.append((vals, direction.of(logits.float())))
-    values = torch.cat([p[0] for p in parts], dim=1).cpu()
-    logit_diff = torch.cat([p[1] for p in parts]).cpu()
-    E = max((i.n_experts for i in model.layers), default=0)
+    return _result(model, parts, labels, meta, const_row, direction, ids, mask)
+
+
+def _result(
+    model: MoEModel,
+    parts: list[tuple[Tensor, Tensor]],
+    labels: list[str],
+    meta: list[tuple[str, int, int]],
+    constant: float,
+    direction: LogitDirection | ResidualDirection,
+    ids: Tensor,
+    mask: Tensor,
+) -> DLAResult:
+    """A :class:`DLAResult` from per-batch ``(values, read-out)`` parts."""
+    read = torch.cat([p[1] for p in parts]).cpu()
     return DLAResult(
-        values=values,
+        values=torch.cat([p[0] for p in parts], dim=1).cpu(),
         labels=labels,
         kinds=[m[0] for m in meta],
         layers=[m[1] for m in meta],
         index=[m[2] for m in meta],
-        constant=torch.full_like(logit_diff, const_row),
-        logit_diff=logit_diff,
+        constant=torch.full_like(read, constant),
+        logit_diff=read,
         direction=direction,
         n_layers=model.spec.n_layers,
         n_heads=max((i.n_heads for i in model.layers if i.o is not None), default=0),
-        n_experts=E,
+        n_experts=max((i.n_experts for i in model.layers), default=0),
         str_tokens=decode_tokens(model, ids),
         attention_mask=mask.cpu(),
     )
@@ -302,23 +314,8 @@ def direction_attribution(
         rr = r.to(read.device)
         vals, labels, meta = _components(model, cache.cache_dict, rr, read.new_ones(read.shape[:2]), upto=L)
         parts.append((vals, read @ rr))
-    values = torch.cat([p[0] for p in parts], dim=1).cpu()
-    projection = torch.cat([p[1] for p in parts]).cpu()
-    return DLAResult(
-        values=values,
-        labels=labels,
-        kinds=[m[0] for m in meta],
-        layers=[m[1] for m in meta],
-        index=[m[2] for m in meta],
-        constant=torch.zeros_like(projection),
-        logit_diff=projection,
-        direction=ResidualDirection(r.cpu(), L, label or f"direction at blocks.{L}.hook_resid_pre"),
-        n_layers=model.spec.n_layers,
-        n_heads=max((i.n_heads for i in model.layers if i.o is not None), default=0),
-        n_experts=max((i.n_experts for i in model.layers), default=0),
-        str_tokens=decode_tokens(model, ids),
-        attention_mask=mask.cpu(),
-    )
+    label = label or f"direction at blocks.{L}.hook_resid_pre"
+    return _result(model, parts, labels, meta, 0.0, ResidualDirection(r.cpu(), L, label), ids, mask)
 
 
 def _components(

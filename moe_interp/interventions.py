@@ -160,12 +160,7 @@ class DirectionalAblation:
     coeff: float = 1.0
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
-        r = check_vector(self.direction, model.spec.d_model, "direction")
-        if float(r.norm()) == 0.0:
-            raise ValueError("The direction is the zero vector; it cannot be ablated.")
-        r = r / r.norm()
-        pos = check_positions(self.positions)
-        c = check_coeff(self.coeff)
+        fn = _ablation(self.direction, model.spec.d_model, self.positions, self.coeff)
         layers = (
             range(model.spec.n_layers) if self.layers is None else [model.check_layer(L) for L in self.layers]
         )
@@ -174,15 +169,26 @@ class DirectionalAblation:
                 raise ValueError(
                     f"Unknown site {s!r} for directional ablation; expected some of {RESID_SITES}."
                 )
-
-        def fn(x: Tensor, ctx: HookContext) -> Tensor:
-            m = position_mask(ctx, pos, x.shape)
-            if m is None:
-                return x
-            rr = r.to(device=x.device, dtype=x.dtype)
-            return _where(m, x - c * (x @ rr)[..., None] * rr, x)
-
         return {f"blocks.{L}.{s}": fn for L in layers for s in self.sites}
+
+
+def _ablation(direction: Tensor, d_model: int, positions: Positions, coeff: float) -> EditFn:
+    """The edit ``x ← x − c (x·r̂) r̂`` at ``positions`` (checked: width, non-zero, positions, coefficient)."""
+    r = check_vector(direction, d_model, "direction")
+    if float(r.norm()) == 0.0:
+        raise ValueError("The direction is the zero vector; it cannot be ablated.")
+    r = r / r.norm()
+    pos = check_positions(positions)
+    c = check_coeff(coeff)
+
+    def fn(x: Tensor, ctx: HookContext) -> Tensor:
+        m = position_mask(ctx, pos, x.shape)
+        if m is None:
+            return x
+        rr = r.to(device=x.device, dtype=x.dtype)
+        return _where(m, x - c * (x @ rr)[..., None] * rr, x)
+
+    return fn
 
 
 @dataclass
@@ -202,20 +208,7 @@ class ExpertDirectionalAblation:
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         model.check_expert(self.layer, self.expert)
-        r = check_vector(self.direction, model.spec.d_model, "direction")
-        if float(r.norm()) == 0.0:
-            raise ValueError("The direction is the zero vector; it cannot be ablated.")
-        r = r / r.norm()
-        pos = check_positions(self.positions)
-        c = check_coeff(self.coeff)
-
-        def fn(y: Tensor, ctx: HookContext) -> Tensor:
-            m = position_mask(ctx, pos, y.shape)
-            if m is None:
-                return y
-            rr = r.to(device=y.device, dtype=y.dtype)
-            return _where(m, y - c * (y @ rr)[..., None] * rr, y)
-
+        fn = _ablation(self.direction, model.spec.d_model, self.positions, self.coeff)
         return {f"blocks.{self.layer}.mlp.experts.{self.expert}.hook_out": fn}
 
 
