@@ -58,6 +58,11 @@ def _train_config(path: Path | None) -> TrainConfig:
     return TrainConfig(**cfg)
 
 
+def _benchmark_harmful() -> list[str]:
+    """``harmful_train`` prompts from the benchmark sources (not the synthetic ones): the Arditi test's harmful set."""
+    return [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
+
+
 def _heldout_harmless(path: Path | None) -> list[str]:
     """Alpaca ``harmless_train`` prompts the artefacts in ``path`` were *not* self-distilled on, in order."""
     from moe_interp.organisms.smollm_train import build_pools
@@ -226,7 +231,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     model = load_model(path=args.path)
-    ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
+    ht = _benchmark_harmful()
     hl = _heldout_harmless(args.path)[: args.n_train + args.n_val]
     harm_tr, harm_va = ht[: args.n_train], ht[args.n_train : args.n_train + args.n_val]
     hl_tr, hl_va = hl[: args.n_train], hl[args.n_train :]

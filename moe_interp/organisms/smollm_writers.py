@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from moe_interp.organisms.data import load_split_records
-from moe_interp.organisms.smollm_eval import DEFAULT_DIR, _heldout_harmless, _prompts
+from moe_interp.organisms.smollm_eval import DEFAULT_DIR, _benchmark_harmful, _heldout_harmless, _prompts
 
 __all__ = ["main_writers", "writer_table"]
 
@@ -75,8 +74,10 @@ def main_writers(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     model = load_model(path=args.path)
-    ht = [r["instruction"] for r in load_split_records("harmful_train") if r["source"] != "synthetic"]
-    fit = {"harmful": ht[: args.n_fit], "harmless": _heldout_harmless(args.path)[: args.n_fit]}
+    fit = {
+        "harmful": _benchmark_harmful()[: args.n_fit],
+        "harmless": _heldout_harmless(args.path)[: args.n_fit],
+    }
     test = {
         "harmful": _prompts("harmful_val")[: args.n_test],
         "harmless": _prompts("harmless_val")[: args.n_test],
@@ -106,10 +107,11 @@ def main_writers(argv: list[str] | None = None) -> None:
         for row in table:
             by_kind[row["kind"]] = by_kind.get(row["kind"], 0.0) + row["difference"]
         experts = [r["component"] for r in table if r["kind"] == "expert"]
+        layer_of = dict(zip(res["harmful"].labels, res["harmful"].layers, strict=True))
         attn: dict[int, float] = {}  # heads and bias summed per attention layer
         for r in table:
             if r["kind"] in ("head", "attn_bias", "attn"):
-                layer = int(r["component"].split(".")[1])
+                layer = layer_of[r["component"]]
                 attn[layer] = attn.get(layer, 0.0) + r["difference"]
         attn_rank = sorted(attn, key=lambda k: -attn[k])
         rec: dict[str, Any] = {

@@ -265,13 +265,11 @@ class SteeringVectors:
 
     def _ablation(self, key: SteeringKey) -> DirectionalAblation | ExpertDirectionalAblation:
         """The directional ablation of one key: at a residual site, or of one expert's output."""
-        parsed = parse_hook_name(key[0])
+        layer, expert = key_layer_expert(key)  # check_key guarantees an expert id on expert keys
         v, c = self.vectors[key], self.coeffs[key]
-        if parsed.kind in ("expert_out", "single_expert_out"):
-            e = key[1] if key[1] is not None else parsed.expert_in_name
-            assert e is not None  # check_key guarantees an expert id on expert keys
-            return ExpertDirectionalAblation(parsed.layer, e, v, self.positions, c)
-        return DirectionalAblation(v, [parsed.layer], (key[0].split(".")[-1],), self.positions, c)
+        if expert is not None:
+            return ExpertDirectionalAblation(layer, expert, v, self.positions, c)
+        return DirectionalAblation(v, [layer], (key[0].split(".")[-1],), self.positions, c)
 
     def _conditioned(self) -> list[ExpertConditionedAdd]:
         by_layer: dict[int, dict[int, Tensor]] = {}
