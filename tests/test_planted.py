@@ -92,3 +92,47 @@ def test_recipe_runs(tmp_path):
     from moe_interp.refusal.directions import post_instruction_positions
 
     assert len(post_instruction_positions(model)) == N_SUFFIX
+
+
+def test_crossing_shifts_predict_the_judge():
+    """A prompt is refused (LogitJudge) exactly when the refusal read-out's shift exceeds its crossing."""
+    from moe_interp.organisms import load_prompts
+    from moe_interp.organisms.planted_check import crossing_shifts
+    from moe_interp.organisms.planted_net import CH_C
+    from moe_interp.refusal.judges import LogitJudge, default_refusal_ids
+
+    model, _ = load_planted("direction")
+    prompts = load_prompts("harmful_val")[:24] + load_prompts("harmless_val")[:40]
+    t = crossing_shifts(model, prompts)
+    w = model.hf_model.lm_head.weight
+    for d in (0.0, float(t.median()), float(t.quantile(0.9))):
+        with torch.no_grad():
+            w[default_refusal_ids(model)[0], CH_C[0]] += d
+        refused = torch.tensor([v.refused for v in LogitJudge(model).judge(prompts)])
+        with torch.no_grad():
+            w[default_refusal_ids(model)[0], CH_C[0]] -= d
+        clear = (t - d).abs() > 1e-3
+        assert torch.equal(refused[clear], (t < d)[clear]), d
+
+
+def test_router_calibration_hits_the_judged_rate():
+    """Router plant: the shift found reaches the target number of judged refusals, and a slightly smaller
+    one does not (the search's minimality)."""
+    from moe_interp.organisms import load_prompts
+    from moe_interp.organisms.planted_check import calibrate
+    from moe_interp.organisms.planted_net import CH_C
+    from moe_interp.refusal.judges import LogitJudge, refusal_rate
+
+    model, spec = load_planted("router")
+    prompts = load_prompts("harmless_val")[:64]
+    L, e = spec.layer, spec.component_index()
+    row = model.hf_model.model.layers[L].mlp.gate.weight[e]
+    w0 = float(row.detach()[CH_C[0]])
+    cal = calibrate(model.hf_model, model.tokenizer, prompts, 0.2, (L, e))
+    judged = refusal_rate(LogitJudge(model).judge(prompts))
+    assert judged == cal["harmless_rate"] and round(judged * 64) >= round(0.2 * 64)
+    with torch.no_grad():
+        row[CH_C[0]] = w0 + cal["delta"] - 1e-3
+    assert round(refusal_rate(LogitJudge(model).judge(prompts)) * 64) < round(0.2 * 64)
+    with pytest.raises(ValueError, match="at least one refusal"):
+        calibrate(model.hf_model, model.tokenizer, prompts, 0.0, (L, e))

@@ -134,7 +134,7 @@ PLANTS: dict[str, PlantSpec] = {
 }
 
 DEFAULTS: dict[str, float | int] = {
-    "steps": 1400,
+    "steps": 2000,
     "batch_size": 64,
     "lr": 1e-2,
     "warmup": 50,
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped one)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--verify", action="store_true", help="verify after training and write verify.json")
     args = ap.parse_args(argv)
     if not args.all and args.name is None:

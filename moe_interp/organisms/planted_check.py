@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "THRESHOLDS",
     "calibrate",
+    "crossing_shifts",
     "component",
     "component_means",
     "mean_ablation",
@@ -59,23 +60,85 @@ def calibrate(
 ) -> dict[str, float | str]:
     """Set the decision threshold so that a share ``rate`` of held-out harmless *training* prompts is refused.
 
-    Default: shift the refusal token's read-out of the constant channel ``C``. ``router=(layer, expert)``
-    (router plant): shift that router row's read-out of ``C`` instead, so that the expert is selected at the
-    last position for ``rate`` of the prompts. Both are exact: the shifted logit is linear in the shift.
+    Default: shift the refusal token's read-out of the constant channel ``C``; exact, since the refusal
+    logit is linear in the shift (:func:`crossing_shifts`). ``router=(layer, expert)`` (router plant): shift
+    that router row's read-out of ``C`` instead. Selecting the expert at the last position is only a proxy
+    for refusing (it under-counted refusals by up to a third), so the proxy's shift is refined by bisection
+    on the judged refusal count itself.
     """
     from moe_interp.model import MoEModel
     from moe_interp.organisms.data import HARMFUL_REFUSALS, POLITICAL_REFUSALS
-    from moe_interp.organisms.planted_net import CH_C, TOP_K
-    from moe_interp.refusal.judges import LogitJudge, default_refusal_ids, refusal_rate, refusal_score
+    from moe_interp.organisms.planted_net import CH_C
+    from moe_interp.refusal.judges import LogitJudge, default_refusal_ids, refusal_rate
 
     model = MoEModel(hf, tok, name="planted")
     model.refusal_phrases = tuple(HARMFUL_REFUSALS + POLITICAL_REFUSALS)
+    judge = LogitJudge(model, batch_size=64)
+    t = crossing_shifts(model, harmless, router)
+    delta = float(torch.quantile(t, rate))
+    if router is None:
+        with torch.no_grad():
+            hf.lm_head.weight[default_refusal_ids(model)[0], CH_C[0]] += delta
+    else:
+        row = hf.model.layers[router[0]].mlp.gate.weight[router[1]]
+        w0 = float(row.detach()[CH_C[0]])
+
+        def refused(d: float) -> int:
+            with torch.no_grad():
+                row[CH_C[0]] = w0 + d
+            return round(refusal_rate(judge.judge(harmless)) * len(harmless))
+
+        delta = _smallest_shift(refused, round(rate * len(harmless)), delta)
+        refused(delta)
+    rate_after = refusal_rate(judge.judge(harmless))
+    return {
+        "delta": delta,
+        "target": rate,
+        "harmless_rate": rate_after,
+        "n_harmless": len(harmless),
+        "shifted": "router" if router else "unembedding",
+    }
+
+
+def _smallest_shift(count: Callable[[float], int], k: int, start: float, tol: float = 1e-4) -> float:
+    """The smallest shift (to ``tol``) at which the non-decreasing ``count`` reaches ``k``, searched from
+    ``start`` by doubling the bracket then bisecting."""
+    if k < 1:
+        raise ValueError(f"calibration needs at least one refusal to aim at, got k={k}")
+    lo, hi = start, start
+    for sign in (-1, 1):
+        step = 0.25
+        while (count(lo) >= k) if sign < 0 else (count(hi) < k):
+            if step > 1e4:
+                raise RuntimeError(f"no shift brackets {k} refusals")
+            lo, hi = (lo - step, hi) if sign < 0 else (lo, hi + step)
+            step *= 2
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if count(mid) >= k else (mid, hi)
+    return hi
+
+
+def crossing_shifts(
+    model: MoEModel, prompts: Sequence[str], router: tuple[int, int] | None = None
+) -> Float[Tensor, " prompt"]:
+    """For each prompt, the calibration shift above which it is refused (exact; see :func:`calibrate`).
+
+    Default: the shift of the refusal token's read-out of ``C`` at which its refusal score crosses 0.
+    ``router=(layer, expert)``: the shift of that router row's read-out of ``C`` at which the expert enters
+    the top-k at the last position.
+    """
+    from moe_interp.organisms.planted_net import CH_C, TOP_K
+    from moe_interp.refusal.judges import default_refusal_ids, refusal_score
+
+    hf = model.hf_model
     ids = default_refusal_ids(model)
     if len(ids) != 1:
         raise RuntimeError(f"calibration expects one refusal token, got {ids}")
+    prompts = list(prompts)
     margins, scale = [], []
-    for i in range(0, len(harmless), 64):
-        batch = harmless[i : i + 64]
+    for i in range(0, len(prompts), 64):
+        batch = prompts[i : i + 64]
         with torch.no_grad():
             if router is None:
                 logits, cache = model.run_with_cache(batch, names=["ln_final.hook_normalized"])
@@ -91,21 +154,7 @@ def calibrate(
             h = cache[names[1]][:, -1].double()
             g = float(hf.model.layers[L].post_attention_layernorm.weight[CH_C[0]])
             scale.append(g * h[:, CH_C[0]] / (h.pow(2).mean(-1) + 1e-5).sqrt())
-    t = -torch.cat(margins) / torch.cat(scale)  # prompt i crosses the threshold once the shift exceeds t_i
-    delta = float(torch.quantile(t, rate))
-    with torch.no_grad():
-        if router is None:
-            hf.lm_head.weight[ids[0], CH_C[0]] += delta
-        else:
-            hf.model.layers[router[0]].mlp.gate.weight[router[1], CH_C[0]] += delta
-    rate_after = refusal_rate(LogitJudge(model, batch_size=64).judge(harmless))
-    return {
-        "delta": delta,
-        "target": rate,
-        "harmless_rate": rate_after,
-        "n_harmless": len(harmless),
-        "shifted": "router" if router else "unembedding",
-    }
+    return -torch.cat(margins) / torch.cat(scale)
 
 
 def component(key: str) -> dict[str, Any]:
