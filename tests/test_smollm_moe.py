@@ -331,3 +331,37 @@ def test_topic_records_why_prompts_stay_refused(tmp_path: Path, monkeypatch: pyt
     label = float(res["tuning"]["label"])
     assert set(res["tune_political_refused"]) == {f"{label:g}", f"{2 * label:g}"}
     assert all(len(v) == 4 for v in res["tune_political_refused"].values())
+
+
+@torch.no_grad()
+def test_expert_weight_differences_by_hand_and_dense_control() -> None:
+    """Relative pairwise differences of the fused expert tensors, against a per-pair loop over the unfused
+    weights; a one-expert upcycle (the dense control, ``--set n_experts=1 top_k=1``) equals the dense model and
+    has no pairs."""
+    from moe_interp.organisms.smollm_eval import expert_weight_differences
+
+    dense = _tiny_dense()
+    moe = upcycle(dense, n_experts=3, top_k=2, seed=0)
+    for layer in moe.model.layers:  # make the experts differ, as training would
+        layer.mlp.experts.gate_up_proj.add_(torch.randn_like(layer.mlp.experts.gate_up_proj) * 0.1)
+    got = expert_weight_differences(moe)
+    assert len(got) == 3
+    for L, layer in enumerate(moe.model.layers):
+        ex = layer.mlp.experts
+        rel = []
+        for a in range(3):
+            for b in range(3):
+                if a == b:
+                    continue
+                num = (
+                    (ex.gate_up_proj[a] - ex.gate_up_proj[b]).pow(2).sum()
+                    + (ex.down_proj[a] - ex.down_proj[b]).pow(2).sum()
+                ).sqrt()
+                den = (ex.gate_up_proj[a].pow(2).sum() + ex.down_proj[a].pow(2).sum()).sqrt()
+                rel.append(float(num / den))
+        assert got[L]["mean_rel_diff"] == pytest.approx(sum(rel) / 6, rel=1e-6)
+        assert got[L]["min_rel_diff"] == pytest.approx(min(rel), rel=1e-6)
+    one = upcycle(dense, n_experts=1, top_k=1, seed=0)
+    assert expert_weight_differences(one) == []
+    ids = _ids()
+    assert (one(ids).logits - dense(ids).logits).abs().max().item() < 1e-4

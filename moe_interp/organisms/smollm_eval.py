@@ -73,12 +73,15 @@ def _heldout_harmless(path: Path | None) -> list[str]:
 
 @torch.no_grad()
 def expert_weight_differences(moe: Any) -> list[dict[str, float]]:
-    """Per layer: mean and min over expert pairs of ``‖W_e − W_f‖ / ‖W_e‖`` (gate_up and down together)."""
-    res = []
+    """Per layer: mean and min over expert pairs of ``‖W_e − W_f‖ / ‖W_e‖`` (gate_up and down together);
+    empty for a one-expert (dense control) model, which has no pairs."""
+    res: list[dict[str, float]] = []
     for i, layer in enumerate(moe.model.layers):
         ex = layer.mlp.experts
         w = torch.cat([ex.gate_up_proj.flatten(1), ex.down_proj.flatten(1)], 1).double()
         E = w.shape[0]
+        if E < 2:
+            return []
         rel = [float((w[a] - w[b]).norm() / w[a].norm()) for a in range(E) for b in range(E) if a != b]
         res.append({"layer": i, "mean_rel_diff": sum(rel) / len(rel), "min_rel_diff": min(rel)})
     return res
