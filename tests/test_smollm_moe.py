@@ -365,3 +365,33 @@ def test_expert_weight_differences_by_hand_and_dense_control() -> None:
     assert expert_weight_differences(one) == []
     ids = _ids()
     assert (one(ids).logits - dense(ids).logits).abs().max().item() < 1e-4
+
+
+def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``arditi --n-random 3`` (tiny model): each random direction's harmless ablation KL is the one computed
+    here with the same draws; the first keeps the single-direction key."""
+    import json
+
+    import moe_interp as mi
+    from moe_interp.interventions import DirectionalAblation
+    from moe_interp.organisms.smollm_eval import _prompts
+    from moe_interp.refusal import evaluate
+
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_model", lambda path=None: model)
+    out = tmp_path / "arditi.json"
+    smollm_moe.main(["arditi", "--layers", "1", "--positions=-1", "--n-train", "4", "--n-val", "3", "--n-test", "3",
+                     "--max-new-tokens", "2", "--n-random", "3", "--seed", "5", "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    rd = res["random_directions"]
+    assert rd["n"] == 3 and len(rd["harmless_ablated_kl"]) == 3
+    assert rd["harmless_ablated_kl"][0] == res["random_direction"]["harmless_ablated"]["kl"]
+    gen = torch.Generator().manual_seed(5)
+    hl = _prompts("harmless_val")[:3]
+    for i in range(3):
+        v = torch.randn(model.spec.d_model, generator=gen)
+        ev = evaluate(model, hl, [DirectionalAblation(v)], baseline=True, max_new_tokens=2, batch_size=20)
+        assert rd["harmless_ablated_kl"][i] == pytest.approx(ev.kl_to_baseline, rel=1e-5, abs=1e-7), i
+    assert not any(k.startswith("random_") and k[7:].isdigit() for k in res)
+    with pytest.raises(SystemExit):
+        smollm_moe.main(["arditi", "--n-random", "0", "--out", str(tmp_path / "x.json")])

@@ -230,7 +230,15 @@ def main_arditi(argv: list[str] | None = None) -> None:
         "--positions", default=None, help="candidate positions, e.g. -5,-1 (default: all post-instruction)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--n-random",
+        type=int,
+        default=1,
+        help="random directions of the same norm to test (the first is the seed's)",
+    )
     args = ap.parse_args(argv)
+    if args.n_random < 1:
+        ap.error(f"--n-random must be at least 1, got {args.n_random}")
     torch.set_num_threads(2)
     t0 = time.time()
     model = load_model(path=args.path)
@@ -252,14 +260,15 @@ def main_arditi(argv: list[str] | None = None) -> None:
     harm_test = _prompts("harmful_val")[: args.n_test]
     hl_test = _prompts("harmless_val")[: args.n_test]
     gen = torch.Generator().manual_seed(args.seed)
-    rnd = torch.randn(sel.raw.shape, generator=gen)
-    rnd = rnd / rnd.norm() * sel.raw.norm()
+    rnds = [torch.randn(sel.raw.shape, generator=gen) for _ in range(args.n_random)]
+    rnds = [r / r.norm() * sel.raw.norm() for r in rnds]
     hook = f"blocks.{sel.layer}.hook_resid_pre"
     res: dict[str, Any] = {
         "selection": {k: v for k, v in sel.to_dict().items() if k not in ("direction", "raw")}
     }
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": 20}
-    for name, vec in (("refusal_direction", sel.raw), ("random_direction", rnd)):
+    runs = [("refusal_direction", sel.raw)] + [(f"random_{i}", v) for i, v in enumerate(rnds)]
+    for name, vec in runs:
         r = {}
         for what, prompts, ivs in (
             ("harmful_baseline", harm_test, []),
@@ -268,7 +277,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
             ("harmless_ablated", hl_test, [DirectionalAblation(vec)]),
             ("harmless_added", hl_test, [AddVector(hook, vec, positions="all")]),
         ):
-            if name == "random_direction" and what.endswith("baseline"):
+            if name != "refusal_direction" and what.endswith("baseline"):
                 continue
             ev = evaluate(model, prompts, ivs, baseline=what == "harmless_ablated", **kw)
             r[what] = {
@@ -280,6 +289,22 @@ def main_arditi(argv: list[str] | None = None) -> None:
             }
             print(f"  {name:18s} {what:18s} refusal {ev.refusal_rate:.3f} kl {ev.kl_to_baseline}", flush=True)
         res[name] = r
+    # the first random direction keeps its old key; all of them are summarised side by side
+    res["random_direction"] = res.pop("random_0")
+    rand = [res["random_direction"]] + [res.pop(f"random_{i}") for i in range(1, args.n_random)]
+    res["random_directions"] = {
+        "n": args.n_random,
+        "seed": args.seed,
+        **{
+            f"{what}_{stat}": [x[what][stat] for x in rand]
+            for what, stat in (
+                ("harmless_ablated", "kl"),
+                ("harmful_ablated", "refusal_rate"),
+                ("harmless_ablated", "refusal_rate"),
+                ("harmless_added", "refusal_rate"),
+            )
+        },
+    }
     res["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
