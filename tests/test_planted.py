@@ -134,5 +134,7 @@ def test_router_calibration_hits_the_judged_rate():
     with torch.no_grad():
         row[CH_C[0]] = w0 + cal["delta"] - 1e-3
     assert round(refusal_rate(LogitJudge(model).judge(prompts)) * 64) < round(0.2 * 64)
+    before = row.detach().clone()
     with pytest.raises(ValueError, match="at least one refusal"):
         calibrate(model.hf_model, model.tokenizer, prompts, 0.0, (L, e))
+    assert torch.equal(row.detach(), before)  # nothing changed by the failed call

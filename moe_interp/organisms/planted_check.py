@@ -63,8 +63,8 @@ def calibrate(
     Default: shift the refusal token's read-out of the constant channel ``C``; exact, since the refusal
     logit is linear in the shift (:func:`crossing_shifts`). ``router=(layer, expert)`` (router plant): shift
     that router row's read-out of ``C`` instead. Selecting the expert at the last position is only a proxy
-    for refusing (it under-counted refusals by up to a third), so the proxy's shift is refined by bisection
-    on the judged refusal count itself.
+    for refusing (aimed at 3.5 %, it gave 2.3–3.0 % judged refusals), so the proxy's shift is refined by
+    bisection on the judged refusal count itself.
     """
     from moe_interp.model import MoEModel
     from moe_interp.organisms.data import HARMFUL_REFUSALS, POLITICAL_REFUSALS
@@ -88,7 +88,12 @@ def calibrate(
                 row[CH_C[0]] = w0 + d
             return round(refusal_rate(judge.judge(harmless)) * len(harmless))
 
-        delta = _smallest_shift(refused, round(rate * len(harmless)), delta)
+        try:
+            delta = _smallest_shift(refused, round(rate * len(harmless)), delta)
+        except Exception:
+            with torch.no_grad():
+                row[CH_C[0]] = w0  # leave the weights as they were
+            raise
         refused(delta)
     rate_after = refusal_rate(judge.judge(harmless))
     return {
