@@ -198,9 +198,12 @@ def main_evaluate(argv: list[str] | None = None) -> None:
     res["expert_weight_differences"] = expert_weight_differences(moe)
     ent = [u["entropy_bits"] for u in res["expert_usage"]]
     dif = [d["mean_rel_diff"] for d in res["expert_weight_differences"]]
-    print(
-        f"expert-usage entropy {min(ent):.3f}–{max(ent):.3f} bits of 2; rel. weight diff {min(dif):.4f}–{max(dif):.4f}"
-    )
+    if dif:  # a one-expert dense control has neither
+        top = res["expert_usage"][0]["max_bits"]
+        print(
+            f"expert-usage entropy {min(ent):.3f}–{max(ent):.3f} bits of {top:g}; "
+            f"rel. weight diff {min(dif):.4f}–{max(dif):.4f}"
+        )
     for part in ("moe", "base"):
         for r in res.get(part, {}).values():
             r["rows"] = r["rows"][:10]
