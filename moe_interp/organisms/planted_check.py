@@ -83,18 +83,20 @@ def calibrate(
         row = hf.model.layers[router[0]].mlp.gate.weight[router[1]]
         w0 = float(row.detach()[CH_C[0]])
 
-        def refused(d: float) -> int:
+        def shift(d: float) -> None:
             with torch.no_grad():
                 row[CH_C[0]] = w0 + d
+
+        def refused(d: float) -> int:
+            shift(d)
             return round(refusal_rate(judge.judge(harmless)) * len(harmless))
 
         try:
             delta = _smallest_shift(refused, round(rate * len(harmless)), delta)
         except Exception:
-            with torch.no_grad():
-                row[CH_C[0]] = w0  # leave the weights as they were
+            shift(0.0)  # leave the weights as they were
             raise
-        refused(delta)
+        shift(delta)  # judged once, below
     rate_after = refusal_rate(judge.judge(harmless))
     return {
         "delta": delta,

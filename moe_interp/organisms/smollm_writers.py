@@ -46,11 +46,10 @@ def writer_table(
 
 
 def _load_direction(path: Path) -> tuple[torch.Tensor, int, int]:
-    from safetensors import safe_open
+    from moe_interp.fileio import read_safetensors_with_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        return f.get_tensor("raw"), int(meta["layer"]), int(meta["pos"])
+    tensors, meta = read_safetensors_with_metadata(path)
+    return tensors["raw"], int(meta["layer"]), int(meta["pos"])
 
 
 def main_writers(argv: list[str] | None = None) -> None:
