@@ -16,7 +16,7 @@ model's logit difference exactly (to rounding): :meth:`DLAResult.error` reports 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +27,7 @@ from torch import Tensor
 from moe_interp.lens import _encode, _module, decode_tokens, final_norm, token_ids, unembedding
 
 if TYPE_CHECKING:
-    from moe_interp.model import MoEModel
+    from moe_interp.model import MoECache, MoEModel
 
 __all__ = [
     "COMPLIANCE_START_PHRASES",
@@ -206,8 +206,6 @@ def direct_logit_attribution(
     sparse one). The final-norm scale is frozen at its value on the full residual.
     """
     direction = logit_direction(model, tokens, against)
-    enc = _encode(model, prompts, chat)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
     norm, U = final_norm(model), unembedding(model)
     with torch.no_grad():
         v = torch.tensor(direction.weights, dtype=torch.float32, device=U.W_U.device)
@@ -216,21 +214,44 @@ def direct_logit_attribution(
         u = u - u.mean() if norm.centered else u  # centre(c)·u == c·centre(u)
         b_U = U.b_U[list(direction.ids)].float()
         const_row = float(U.scale * (norm.bias.to(d_vocab.device) @ d_vocab + b_U @ v))
+    last = f"blocks.{model.spec.n_layers - 1}.hook_resid_post"
+
+    def read(logits: Tensor, cache: MoECache) -> tuple[Tensor, Tensor]:
+        return norm.scale(cache[last])[..., 0].float(), direction.of(logits.float())
+
+    return _attribute(model, prompts, chat, batch_size, u, read, None, const_row, direction)
+
+
+def _attribute(
+    model: MoEModel,
+    prompts: Any,
+    chat: bool,
+    batch_size: int | None,
+    u: Float[Tensor, " d_model"],
+    read: Callable[[Tensor, MoECache], tuple[Tensor, Tensor]],
+    upto: int | None,
+    constant: float,
+    direction: LogitDirection | ResidualDirection,
+) -> DLAResult:
+    """The batch loop both attributions share: cache :func:`_names`, split the read-out direction ``u`` over
+    :func:`_components`; ``read(logits, cache)`` gives each batch's scale ``s`` and the quantity explained."""
+    enc = _encode(model, prompts, chat)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     step = batch_size or ids.shape[0]
     parts: list[tuple[Tensor, Tensor]] = []
     labels: list[str] = []
     meta: list[tuple[str, int, int]] = []
-    names = _names(model)
+    names = _names(model, upto=upto)
     for start in range(0, ids.shape[0], step):
         sl = slice(start, start + step)
         with torch.no_grad():
             logits, cache = model.run_with_cache(
                 {"input_ids": ids[sl], "attention_mask": mask[sl]}, names=names, chat=chat
             )
-        s = norm.scale(cache[f"blocks.{model.spec.n_layers - 1}.hook_resid_post"])[..., 0].float()
-        vals, labels, meta = _components(model, cache.cache_dict, u, s)
-        parts.append((vals, direction.of(logits.float())))
-    return _result(model, parts, labels, meta, const_row, direction, ids, mask)
+        s, explained = read(logits, cache)
+        vals, labels, meta = _components(model, cache.cache_dict, u, s, upto=upto)
+        parts.append((vals, explained))
+    return _result(model, parts, labels, meta, constant, direction, ids, mask)
 
 
 def _result(
@@ -297,25 +318,14 @@ def direction_attribution(
     if float(r.norm()) == 0.0:
         raise ValueError("direction is the zero vector; there is nothing to attribute.")
     r = r / r.norm()
-    enc = _encode(model, prompts, chat)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    step = batch_size or ids.shape[0]
-    parts: list[tuple[Tensor, Tensor]] = []
-    labels: list[str] = []
-    meta: list[tuple[str, int, int]] = []
-    names = _names(model, upto=L)
-    for start in range(0, ids.shape[0], step):
-        sl = slice(start, start + step)
-        with torch.no_grad():
-            _, cache = model.run_with_cache(
-                {"input_ids": ids[sl], "attention_mask": mask[sl]}, names=names, chat=chat
-            )
-        read = cache[f"blocks.{L}.hook_resid_pre"].float()
-        rr = r.to(read.device)
-        vals, labels, meta = _components(model, cache.cache_dict, rr, read.new_ones(read.shape[:2]), upto=L)
-        parts.append((vals, read @ rr))
-    label = label or f"direction at blocks.{L}.hook_resid_pre"
-    return _result(model, parts, labels, meta, 0.0, ResidualDirection(r.cpu(), L, label), ids, mask)
+    resid = f"blocks.{L}.hook_resid_pre"
+
+    def read(logits: Tensor, cache: MoECache) -> tuple[Tensor, Tensor]:
+        x = cache[resid].float()
+        return x.new_ones(x.shape[:2]), x @ r.to(x.device)
+
+    label = label or f"direction at {resid}"
+    return _attribute(model, prompts, chat, batch_size, r, read, L, 0.0, ResidualDirection(r.cpu(), L, label))
 
 
 def _components(

@@ -270,8 +270,9 @@ def main_arditi(argv: list[str] | None = None) -> None:
         "selection": {k: v for k, v in sel.to_dict().items() if k not in ("direction", "raw")}
     }
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": 20}
-    runs = [("refusal_direction", sel.raw)] + [(f"random_{i}", v) for i, v in enumerate(rnds)]
-    for name, vec in runs:
+
+    def run(name: str, vec: torch.Tensor, baselines: bool) -> dict[str, Any]:
+        """Refusal (and KL) on the test prompts with ``vec`` ablated everywhere and added at ``hook``."""
         r = {}
         for what, prompts, ivs in (
             ("harmful_baseline", harm_test, []),
@@ -280,7 +281,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
             ("harmless_ablated", hl_test, [DirectionalAblation(vec)]),
             ("harmless_added", hl_test, [AddVector(hook, vec, positions="all")]),
         ):
-            if name != "refusal_direction" and what.endswith("baseline"):
+            if not baselines and what.endswith("baseline"):
                 continue
             ev = evaluate(model, prompts, ivs, baseline=what == "harmless_ablated", **kw)
             r[what] = {
@@ -291,10 +292,11 @@ def main_arditi(argv: list[str] | None = None) -> None:
                 "examples": [{"prompt": d["prompt"], "completion": d["completion"]} for d in ev.details[:3]],
             }
             print(f"  {name:18s} {what:18s} refusal {ev.refusal_rate:.3f} kl {ev.kl_to_baseline}", flush=True)
-        res[name] = r
-    # the first random direction keeps its old key; all of them are summarised side by side
-    res["random_direction"] = res.pop("random_0")
-    rand = [res["random_direction"]] + [res.pop(f"random_{i}") for i in range(1, args.n_random)]
+        return r
+
+    res["refusal_direction"] = run("refusal_direction", sel.raw, baselines=True)
+    rand = [run(f"random_{i}", v, baselines=False) for i, v in enumerate(rnds)]
+    res["random_direction"] = rand[0]  # the seed's first draw, under its historical key
     res["random_directions"] = {
         "n": args.n_random,
         "seed": args.seed,
