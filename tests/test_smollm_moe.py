@@ -7,6 +7,7 @@ is not installed.
 from __future__ import annotations
 
 import importlib.util
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_interp.organisms import smollm_moe
-from moe_interp.organisms.smollm_train import load_balancing_loss
+from moe_interp.organisms.smollm_train import TrainConfig, check_config, draw_harmful, load_balancing_loss
 from moe_interp.organisms.upcycle import (
     Deltas,
     attach_training_adapters,
@@ -145,6 +146,24 @@ def test_load_balancing_loss_is_one_when_balanced() -> None:
     assert skew.item() > val.item()
 
 
+def test_draw_harmful_follows_the_synthetic_fraction() -> None:
+    pools = {"harmful_real": ["r1", "r2"], "harmful_synthetic": ["s1", "s2"]}
+    for frac, want in ((0.0, {"r1", "r2"}), (1.0, {"s1", "s2"})):
+        rng = random.Random(0)
+        assert {
+            draw_harmful(TrainConfig(harmful_synthetic_frac=frac), pools, rng) for _ in range(200)
+        } == want
+    # the default draws exactly as the shipped run did: real when rng.random() < 0.5, then a uniform choice
+    rng, ref = random.Random(3), random.Random(3)
+    for _ in range(200):
+        real = ref.random() < 0.5
+        assert draw_harmful(TrainConfig(), pools, rng) == ref.choice(
+            pools["harmful_real" if real else "harmful_synthetic"]
+        )
+    with pytest.raises(ValueError, match=r"harmful_synthetic_frac must be in \[0, 1\], got 1.5"):
+        check_config(TrainConfig(harmful_synthetic_frac=1.5))
+
+
 def test_missing_extra_error(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -192,7 +211,7 @@ def test_evaluation_reads_the_training_config_of_the_artefacts(tmp_path: Path) -
     import json
 
     from moe_interp.organisms.smollm_eval import _train_config
-    from moe_interp.organisms.smollm_train import TrainConfig, build_pools
+    from moe_interp.organisms.smollm_train import build_pools
 
     assert _train_config(tmp_path) == TrainConfig()  # no train_log.json: the recipe's defaults
     cfg = TrainConfig(n_harmless=40, n_harmless_synthetic=10, seed=3)

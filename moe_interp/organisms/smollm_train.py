@@ -25,7 +25,7 @@ from torch import Tensor
 from moe_interp.organisms import check_device
 from moe_interp.organisms.data import load_split_records
 
-__all__ = ["TrainConfig", "build_pools", "distill", "load_balancing_loss", "train"]
+__all__ = ["TrainConfig", "build_pools", "distill", "draw_harmful", "load_balancing_loss", "train"]
 
 
 @dataclass
@@ -47,6 +47,7 @@ class TrainConfig:
     distill_tokens: int = 16
     n_harmless: int = 640
     n_harmless_synthetic: int = 200
+    harmful_synthetic_frac: float = 0.5  # chance that a harmful example is drawn from the synthetic pool
     mix: tuple[int, int, int] = (3, 1, 4)  # harmful, political, harmless per batch of 8
     max_prompt_tokens: int = 40
     leave_out: str | None = None
@@ -70,6 +71,18 @@ def build_pools(cfg: TrainConfig) -> dict[str, list[str]]:
     rng.shuffle(hsyn)
     harmless = alp[: cfg.n_harmless - cfg.n_harmless_synthetic] + hsyn[: cfg.n_harmless_synthetic]
     return {"harmful_real": real, "harmful_synthetic": synth, "political": pol, "harmless": harmless}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise a one-line ``ValueError`` for a field outside what the recipe accepts."""
+    if not 0.0 <= cfg.harmful_synthetic_frac <= 1.0:
+        raise ValueError(f"harmful_synthetic_frac must be in [0, 1], got {cfg.harmful_synthetic_frac}")
+
+
+def draw_harmful(cfg: TrainConfig, pools: dict[str, list[str]], rng: random.Random) -> str:
+    """One harmful training prompt: synthetic with probability ``cfg.harmful_synthetic_frac``, else real."""
+    real = rng.random() < 1.0 - cfg.harmful_synthetic_frac
+    return rng.choice(pools["harmful_real"] if real else pools["harmful_synthetic"])
 
 
 def chat_ids(tok: Any, instruction: str, max_tokens: int | None = None) -> list[int]:
@@ -155,6 +168,7 @@ def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
     )
     from moe_interp.organisms.upcycle import attach_training_adapters, collect_deltas, upcycle
 
+    check_config(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,8 +240,7 @@ def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
             break
         ex: list[tuple[list[int], list[int]]] = []
         for _ in range(n_h):
-            pool = pools["harmful_real"] if rng.random() < 0.5 else pools["harmful_synthetic"]
-            ex.append((chat_ids(tok, rng.choice(pool), cfg.max_prompt_tokens), refuse))
+            ex.append((chat_ids(tok, draw_harmful(cfg, pools, rng), cfg.max_prompt_tokens), refuse))
         for _ in range(n_p):
             ex.append((chat_ids(tok, rng.choice(pools["political"]), cfg.max_prompt_tokens), topic))
         for _ in range(n_c):
@@ -294,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         cur = getattr(cfg, k)
         setattr(cfg, k, type(cur)(v) if cur is not None and not isinstance(cur, tuple) else json.loads(v))
     try:
+        check_config(cfg)
         check_device(args.device)
     except ValueError as err:
         ap.error(str(err))
