@@ -411,6 +411,11 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
         v = torch.randn(model.spec.d_model, generator=gen)
         ev = evaluate(model, hl, [DirectionalAblation(v)], baseline=True, max_new_tokens=2, batch_size=20)
         assert rd["harmless_ablated_kl"][i] == pytest.approx(ev.kl_to_baseline, rel=1e-5, abs=1e-7), i
+        if i == 0:  # the median of the three per-prompt KLs is the middle one
+            mid = sorted(d["kl"] for d in ev.details)[1]
+            assert res["random_direction"]["harmless_ablated"]["kl_median"] == pytest.approx(
+                mid, rel=1e-5, abs=1e-7
+            )
     assert not any(k.startswith("random_") and k[7:].isdigit() for k in res)
     with pytest.raises(SystemExit):
         smollm_moe.main(["arditi", "--n-random", "0", "--out", str(tmp_path / "x.json")])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -289,6 +290,10 @@ def main_arditi(argv: list[str] | None = None) -> None:
                 "refusal_rate": ev.refusal_rate,
                 "ci": list(ev.refusal_rate_ci),
                 "kl": ev.kl_to_baseline,
+                # the mean can be carried by one prompt (e.g. an over-refusal that ablation undoes)
+                "kl_median": statistics.median(d["kl"] for d in ev.details)
+                if ev.kl_to_baseline is not None
+                else None,
                 "examples": [{"prompt": d["prompt"], "completion": d["completion"]} for d in ev.details[:3]],
             }
             print(f"  {name:18s} {what:18s} refusal {ev.refusal_rate:.3f} kl {ev.kl_to_baseline}", flush=True)
