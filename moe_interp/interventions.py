@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 from jaxtyping import Float
@@ -24,8 +24,9 @@ from moe_interp.tracing import EditFn, HookContext
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
 
-Scope = Literal["all", "prompt", "generated"]
+Scope = Literal["all", "prompt", "generated", "after_first"]
 Positions = Scope | Sequence[int]
+SCOPES_TEXT = ", ".join(repr(x) for x in get_args(Scope))
 
 RESID_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
@@ -34,7 +35,9 @@ def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> 
     """Boolean ``[batch, pos]`` mask of positions to edit in this forward pass (None: edit nothing).
 
     ``"all"`` edits every non-padding position of every forward pass, ``"prompt"`` only the prompt pass,
-    ``"generated"`` only the single-token generation steps, and a list of ints those positions (negative
+    ``"generated"`` only the single-token generation steps, ``"after_first"`` every position but each
+    prompt's first real token (where decoder LMs keep their attention sink: a token with a massive residual
+    norm that an edit of every position also rewrites), and a list of ints those positions (negative
     indices count from the end, which aligns chat-template tokens across left-padded prompts).
     """
     b, p = shape[0], shape[1]
@@ -49,9 +52,9 @@ def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> 
             return mask if ctx.is_prompt else None
         if positions == "generated":
             return None if ctx.is_prompt else mask
-        raise ValueError(
-            f"Unknown position scope {positions!r}: expected 'all', 'prompt', 'generated' or a list of ints."
-        )
+        if positions == "after_first":
+            return mask & (mask.long().cumsum(1) > 1) if ctx.is_prompt else mask
+        raise ValueError(f"Unknown position scope {positions!r}: expected {SCOPES_TEXT} or a list of ints.")
     sel = torch.zeros(b, p, dtype=torch.bool, device=mask.device)
     idx = [i for i in positions if -p <= i < p]
     if not idx:
@@ -63,17 +66,15 @@ def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> 
 def check_positions(positions: Any) -> Positions:
     """Validate a position scope or list of position indices."""
     if isinstance(positions, str):
-        if positions not in ("all", "prompt", "generated"):
+        if positions not in get_args(Scope):
             raise ValueError(
-                f"Unknown position scope {positions!r}: expected 'all', 'prompt', 'generated' or a list of ints."
+                f"Unknown position scope {positions!r}: expected {SCOPES_TEXT} or a list of ints."
             )
         return cast(Scope, positions)
     if isinstance(positions, int):
         return [positions]
     if not isinstance(positions, Sequence) or not all(isinstance(i, int) for i in positions) or not positions:
-        raise ValueError(
-            f"positions must be 'all', 'prompt', 'generated' or a non-empty list of ints, got {positions!r}."
-        )
+        raise ValueError(f"positions must be {SCOPES_TEXT} or a non-empty list of ints, got {positions!r}.")
     return list(positions)
 
 

@@ -115,3 +115,35 @@ def test_copy_keeps_the_refusal_score_tokens() -> None:
     edited = orthogonalize(model, _direction(model.spec.d_model, seed=5))
     assert edited.refusal_phrases == model.refusal_phrases
     assert default_refusal_ids(edited) == default_refusal_ids(model)
+
+
+def test_after_first_scope_spares_each_prompts_first_token() -> None:
+    """``positions="after_first"``: the mask drops each row's first real token under left padding (by hand),
+    and ablation in that scope leaves the first token's logits exactly as unedited, where ``"all"`` does not."""
+    from moe_interp.interventions import position_mask
+    from moe_interp.tracing import HookContext
+
+    att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    want = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    ctx = HookContext("blocks.0.hook_resid_pre", 0, att, is_prompt=True, step=0)
+    assert torch.equal(position_mask(ctx, "after_first", torch.Size([3, 5, 8])), want)
+    gen = HookContext("blocks.0.hook_resid_pre", 0, att[:, -1:], is_prompt=False, step=1)
+    assert torch.equal(
+        position_mask(gen, "after_first", torch.Size([3, 1, 8])), torch.ones(3, 1, dtype=torch.bool)
+    )
+
+    model = mi.load("tiny:mixtral")
+    r = _direction(model.spec.d_model)
+    mask = model.tokenize(PROMPTS)["attention_mask"].bool()
+    first = mask & (mask.long().cumsum(1) == 1)
+    base = model.forward(PROMPTS)
+    with model.intervene(DirectionalAblation(r, positions="after_first")):
+        spared = model.forward(PROMPTS)
+    with model.intervene(DirectionalAblation(r)):
+        everywhere = model.forward(PROMPTS)
+    assert float((spared - base)[first].abs().max()) <= 1e-6  # float rounding of the edited batch only
+    assert float((everywhere - base)[first].abs().max()) > 100 * TOL
+    assert _masked_max_diff(model, spared, base) > 100 * TOL  # the other positions are edited
+    with pytest.raises(ValueError, match="Unknown position scope 'first'.*'after_first'"):
+        with model.intervene(DirectionalAblation(r, positions="first")):
+            model.forward(PROMPTS)

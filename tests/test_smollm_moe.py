@@ -417,5 +417,23 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
                 mid, rel=1e-5, abs=1e-7
             )
     assert not any(k.startswith("random_") and k[7:].isdigit() for k in res)
+    # --ablate-positions after_first: the same check with the ablation sparing each prompt's first token
+    smollm_moe.main(["arditi", "--layers", "1", "--positions=-1", "--n-train", "4", "--n-val", "3", "--n-test", "3",
+                     "--max-new-tokens", "2", "--seed", "5", "--ablate-positions", "after_first",
+                     "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    v = torch.randn(model.spec.d_model, generator=torch.Generator().manual_seed(5))
+    ev = evaluate(
+        model,
+        hl,
+        [DirectionalAblation(v, positions="after_first")],
+        baseline=True,
+        max_new_tokens=2,
+        batch_size=20,
+    )
+    assert res["ablate_positions"] == "after_first"
+    assert res["random_direction"]["harmless_ablated"]["kl"] == pytest.approx(
+        ev.kl_to_baseline, rel=1e-5, abs=1e-7
+    )
     with pytest.raises(SystemExit):
         smollm_moe.main(["arditi", "--n-random", "0", "--out", str(tmp_path / "x.json")])

@@ -240,6 +240,12 @@ def main_arditi(argv: list[str] | None = None) -> None:
         default=1,
         help="random directions of the same norm to test (the first is the seed's)",
     )
+    ap.add_argument(
+        "--ablate-positions",
+        choices=("all", "after_first"),
+        default="all",
+        help="positions the ablation edits: all (Arditi's) or all but each prompt's first token (attention sink)",
+    )
     args = ap.parse_args(argv)
     if args.n_random < 1:
         ap.error(f"--n-random must be at least 1, got {args.n_random}")
@@ -268,7 +274,8 @@ def main_arditi(argv: list[str] | None = None) -> None:
     rnds = [r / r.norm() * sel.raw.norm() for r in rnds]
     hook = f"blocks.{sel.layer}.hook_resid_pre"
     res: dict[str, Any] = {
-        "selection": {k: v for k, v in sel.to_dict().items() if k not in ("direction", "raw")}
+        "selection": {k: v for k, v in sel.to_dict().items() if k not in ("direction", "raw")},
+        "ablate_positions": args.ablate_positions,
     }
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": 20}
 
@@ -278,8 +285,8 @@ def main_arditi(argv: list[str] | None = None) -> None:
         for what, prompts, ivs in (
             ("harmful_baseline", harm_test, []),
             ("harmless_baseline", hl_test, []),
-            ("harmful_ablated", harm_test, [DirectionalAblation(vec)]),
-            ("harmless_ablated", hl_test, [DirectionalAblation(vec)]),
+            ("harmful_ablated", harm_test, [DirectionalAblation(vec, positions=args.ablate_positions)]),
+            ("harmless_ablated", hl_test, [DirectionalAblation(vec, positions=args.ablate_positions)]),
             ("harmless_added", hl_test, [AddVector(hook, vec, positions="all")]),
         ):
             if not baselines and what.endswith("baseline"):
