@@ -280,13 +280,15 @@ def main_arditi(argv: list[str] | None = None) -> None:
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": 20}
 
     def run(name: str, vec: torch.Tensor, baselines: bool) -> dict[str, Any]:
-        """Refusal (and KL) on the test prompts with ``vec`` ablated everywhere and added at ``hook``."""
+        """Refusal (and KL) on the test prompts with ``vec`` ablated at every layer (at the positions of
+        ``--ablate-positions``) and added at ``hook``."""
         r = {}
+        ablate = [DirectionalAblation(vec, positions=args.ablate_positions)]
         for what, prompts, ivs in (
             ("harmful_baseline", harm_test, []),
             ("harmless_baseline", hl_test, []),
-            ("harmful_ablated", harm_test, [DirectionalAblation(vec, positions=args.ablate_positions)]),
-            ("harmless_ablated", hl_test, [DirectionalAblation(vec, positions=args.ablate_positions)]),
+            ("harmful_ablated", harm_test, ablate),
+            ("harmless_ablated", hl_test, ablate),
             ("harmless_added", hl_test, [AddVector(hook, vec, positions="all")]),
         ):
             if not baselines and what.endswith("baseline"):
