@@ -416,6 +416,11 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
             assert res["random_direction"]["harmless_ablated"]["kl_median"] == pytest.approx(
                 mid, rel=1e-5, abs=1e-7
             )
+            # the per-prompt KLs listed largest first, each with its prompt
+            largest = res["random_direction"]["harmless_ablated"]["kl_largest"]
+            want = sorted(ev.details, key=lambda d: -d["kl"])
+            assert [x["prompt"] for x in largest] == [d["prompt"] for d in want]
+            assert [x["kl"] for x in largest] == pytest.approx([d["kl"] for d in want], rel=1e-5, abs=1e-7)
     assert not any(k.startswith("random_") and k[7:].isdigit() for k in res)
     # --ablate-positions after_first: the same check with the ablation sparing each prompt's first token
     smollm_moe.main(["arditi", "--layers", "1", "--positions=-1", "--n-train", "4", "--n-val", "3", "--n-test", "3",

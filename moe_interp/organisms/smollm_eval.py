@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 DEFAULT_DIR: Path = Path(__file__).resolve().parents[2] / "circuits" / "smollm_moe"
+#: per-prompt harmless KLs listed (largest first) beside the mean in the ``arditi`` record
+N_KL_LARGEST = 5
 
 
 def _prompts(split: str, source: str | None = None) -> list[str]:
@@ -305,6 +307,11 @@ def main_arditi(argv: list[str] | None = None) -> None:
                 else None,
                 "examples": [{"prompt": d["prompt"], "completion": d["completion"]} for d in ev.details[:3]],
             }
+            if ev.kl_to_baseline is not None:  # which prompts carry the mean, and how their answers changed
+                r[what]["kl_largest"] = [
+                    {k: d[k] for k in ("kl", "prompt", "baseline_completion", "completion")}
+                    for d in sorted(ev.details, key=lambda d: -d["kl"])[:N_KL_LARGEST]
+                ]
             print(f"  {name:18s} {what:18s} refusal {ev.refusal_rate:.3f} kl {ev.kl_to_baseline}", flush=True)
         return r
 
