@@ -445,3 +445,40 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
     )
     with pytest.raises(SystemExit):
         smollm_moe.main(["arditi", "--n-random", "0", "--out", str(tmp_path / "x.json")])
+
+
+def test_writers_tests_only_the_named_directions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``writers --names arditi_layer22`` (tiny model, direction from an ``arditi`` run): only that direction is
+    tested, and its removal from every attention output costs the KL of the same ablation evaluated here; an
+    unknown name is a one-line error listing the valid ones."""
+    import json
+
+    import moe_interp as mi
+    from moe_interp.interventions import DirectionalAblation
+    from moe_interp.organisms.smollm_eval import _prompts
+    from moe_interp.organisms.smollm_writers import _load_direction
+    from moe_interp.refusal import evaluate
+
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_model", lambda path=None: model)
+    smollm_moe.main(["arditi", "--layers", "1", "--positions=-1", "--n-train", "4", "--n-val", "3", "--n-test", "3",
+                     "--max-new-tokens", "2", "--out", str(tmp_path / "arditi_layer22.json")])  # fmt: skip
+    out = tmp_path / "writers.json"
+    smollm_moe.main(["writers", "--directions", str(tmp_path), "--names", "arditi_layer22", "--n-fit", "3",
+                     "--n-test", "3", "--max-new-tokens", "2", "--top-experts", "1", "--top-attn", "1",
+                     "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())
+    assert "arditi_layer22" in res and "arditi_scan" not in res
+    raw, _, _ = _load_direction(tmp_path / "arditi_layer22.safetensors")
+    ablate = [DirectionalAblation(raw, sites=("hook_attn_out",))]
+    ev = evaluate(model, _prompts("harmless_val")[:3], ablate, baseline=True, max_new_tokens=2, batch_size=20)
+    got = res["arditi_layer22"]["removal"]["attention outputs, every layer"]["harmless_kl"]
+    assert got == pytest.approx(ev.kl_to_baseline, rel=1e-5, abs=1e-7)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        smollm_moe.main(["writers", "--names", "arditi_layer22,nope", "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--names" in err and "'arditi_layer22,nope'" in err and "arditi_scan" in err
+    assert not (tmp_path / "x.json").exists()

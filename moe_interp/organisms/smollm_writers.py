@@ -2,7 +2,7 @@
 
 The seeds claim that refusal can be suppressed from one expert and that attention carries it more than
 routing. This command tests both on the two directions of the Arditi test (``arditi_scan`` and
-``arditi_layer22`` in ``circuits/smollm_moe/``):
+``arditi_layer22`` in ``circuits/smollm_moe/``; ``--names`` picks some, ``--directions`` another folder):
 
 1. **Writers** (:func:`moe_interp.dla.direction_attribution`): the projection of ``blocks.L.hook_resid_pre``
    on the direction, at its position, split over the embedding, every head and every routed expert of the
@@ -69,7 +69,13 @@ def main_writers(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--top-experts", default="1,4,16", help="numbers of top writer experts to ablate at")
     ap.add_argument("--top-attn", default="1,4", help="numbers of top writer attention layers to ablate at")
+    ap.add_argument(
+        "--names", default=",".join(DIRECTIONS), help=f"directions to test, some of {','.join(DIRECTIONS)}"
+    )
     args = ap.parse_args(argv)
+    names = args.names.split(",")
+    if any(n not in DIRECTIONS for n in names):
+        ap.error(f"--names: got {args.names!r}; expected comma-separated names from {', '.join(DIRECTIONS)}")
     torch.set_num_threads(2)
     t0 = time.time()
     model = load_model(path=args.path)
@@ -96,7 +102,8 @@ def main_writers(argv: list[str] | None = None) -> None:
     out["unedited"] = removal([])
     print(f"unedited: {out['unedited']} [{time.time() - t0:.0f}s]", flush=True)
     meta = SteeringMetadata.from_model(model, method="direction_writers")
-    for name, what in DIRECTIONS.items():
+    for name in names:
+        what = DIRECTIONS[name]
         raw, L, pos = _load_direction(args.directions / f"{name}.safetensors")
         res = {g: direction_attribution(model, p, raw, L, batch_size=16) for g, p in fit.items()}
         h, b = (res[g].values[:, :, pos] for g in ("harmful", "harmless"))
