@@ -436,9 +436,9 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
         max_new_tokens=2,
         batch_size=20,
     )
-    everywhere = evaluate(model, hl, [DirectionalAblation(v)], baseline=True, max_new_tokens=2, batch_size=20)
-    # the two scopes differ by far more than the tolerance below, so that check sees the option
-    assert ev.kl_to_baseline != pytest.approx(everywhere.kl_to_baseline, rel=1e-2)
+    # the two scopes differ by far more than the tolerance below, so that check sees the option (the same draw
+    # ablated at every position is the first random KL of the run above, checked against its own evaluation)
+    assert ev.kl_to_baseline != pytest.approx(rd["harmless_ablated_kl"][0], rel=1e-2)
     assert res["ablate_positions"] == "after_first"
     assert res["random_direction"]["harmless_ablated"]["kl"] == pytest.approx(
         ev.kl_to_baseline, rel=1e-5, abs=1e-7
