@@ -164,6 +164,30 @@ def test_draw_harmful_follows_the_synthetic_fraction() -> None:
         check_config(TrainConfig(harmful_synthetic_frac=1.5))
 
 
+def test_political_synthetic_false_keeps_only_the_natural_political_prompts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_interp.organisms import smollm_train
+    from moe_interp.organisms.data import load_split_records
+    from moe_interp.organisms.smollm_train import build_pools
+    from moe_interp.organisms.smollm_train import main as train_main
+
+    records = load_split_records("political_train")
+    natural = [r["instruction"] for r in records if r["source"] != "synthetic"]
+    assert natural and len(natural) < len(records)
+    assert build_pools(TrainConfig())["political"] == [r["instruction"] for r in records]  # default: all
+    assert build_pools(TrainConfig(political_synthetic=False))["political"] == natural
+    # --set parses the word (bool("false") would be True); anything else is a one-line usage error
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr(smollm_train, "train", lambda cfg, out, device: seen.append(cfg))
+    for word, want in (("false", False), ("True", True)):
+        train_main(["--out", str(tmp_path / "x"), "--set", f"political_synthetic={word}"])
+        assert seen.pop().political_synthetic is want
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path / "x"), "--set", "political_synthetic=no"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_missing_extra_error(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(

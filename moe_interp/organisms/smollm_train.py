@@ -48,6 +48,7 @@ class TrainConfig:
     n_harmless: int = 640
     n_harmless_synthetic: int = 200
     harmful_synthetic_frac: float = 0.5  # chance that a harmful example is drawn from the synthetic pool
+    political_synthetic: bool = True  # keep the template-composed political prompts (2/3 of political_train)
     mix: tuple[int, int, int] = (3, 1, 4)  # harmful, political, harmless per batch of 8
     max_prompt_tokens: int = 40
     leave_out: str | None = None
@@ -63,7 +64,11 @@ def build_pools(cfg: TrainConfig) -> dict[str, list[str]]:
     harm = load_split_records("harmful_train")
     real = [r["instruction"] for r in harm if r["source"] not in ("synthetic", cfg.leave_out)]
     synth = [r["instruction"] for r in harm if r["source"] == "synthetic"]
-    pol = [r["instruction"] for r in load_split_records("political_train")]
+    pol = [
+        r["instruction"]
+        for r in load_split_records("political_train")
+        if cfg.political_synthetic or r["source"] != "synthetic"
+    ]
     hl = load_split_records("harmless_train")
     alp = [r["instruction"] for r in hl if r["source"] != "synthetic"]
     hsyn = [r["instruction"] for r in hl if r["source"] == "synthetic"]
@@ -305,7 +310,12 @@ def main(argv: list[str] | None = None) -> None:
         if not hasattr(cfg, k):
             ap.error(f"unknown TrainConfig field {k!r}")
         cur = getattr(cfg, k)
-        setattr(cfg, k, type(cur)(v) if cur is not None and not isinstance(cur, tuple) else json.loads(v))
+        if isinstance(cur, bool):  # bool("false") is True: parse the word
+            if v.lower() not in ("true", "false"):
+                ap.error(f"{k} must be true or false, got {v!r}")
+            setattr(cfg, k, v.lower() == "true")
+        else:
+            setattr(cfg, k, type(cur)(v) if cur is not None and not isinstance(cur, tuple) else json.loads(v))
     try:
         check_config(cfg)
         check_device(args.device)
