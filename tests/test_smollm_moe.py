@@ -7,7 +7,9 @@ is not installed.
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,34 @@ def test_political_synthetic_false_keeps_only_the_natural_political_prompts(
     with pytest.raises(SystemExit):
         train_main(["--out", str(tmp_path / "x"), "--set", "political_synthetic=no"])
     assert not (tmp_path / "x").exists()
+
+
+def test_near_topic_picks_the_prompts_worded_like_the_topic() -> None:
+    from moe_interp.organisms.smollm_train import near_topic
+
+    topic = ["the nation's tax law", "a law of the nation", "history of the nation"]
+    cand = ["bake a cake", "the history of law", "law and cake", "a nation of cake", "paint a wall"]
+    # independent count: weight(w) = log((t_w+1)/(3+2)) - log((c_w+1)/(5+2)), summed over positive words
+    t = {"the": 3, "nation": 3, "s": 1, "tax": 1, "law": 2, "a": 1, "of": 2, "history": 1}
+    c = {"the": 1, "nation": 1, "law": 2, "a": 3, "of": 2, "history": 1, "cake": 3}
+    w = {k: math.log((v + 1) / 5) - math.log((c.get(k, 0) + 1) / 7) for k, v in t.items()}
+    score = {p: sum(max(0.0, w.get(x, 0.0)) for x in set(re.findall(r"[a-z]+", p))) for p in cand}
+    want = sorted(cand, key=lambda p: (-score[p], cand.index(p)))
+    assert near_topic(cand, topic, 3) == want[:3]
+    assert near_topic(cand, topic, 3)[0] == "the history of law"
+    assert near_topic(cand, topic, 0) == []
+
+
+def test_near_topic_prompts_join_the_harmless_pool_without_repeats() -> None:
+    from moe_interp.organisms.smollm_train import build_pools
+
+    base = build_pools(TrainConfig())
+    got = build_pools(TrainConfig(n_harmless_near_topic=50))
+    assert got["harmless"][: len(base["harmless"])] == base["harmless"]  # the default pool is kept
+    extra = got["harmless"][len(base["harmless"]) :]
+    assert len(extra) == 50 and not set(extra) & set(base["harmless"]) and len(set(extra)) == 50
+    with pytest.raises(ValueError, match="n_harmless_near_topic must be >= 0, got -1"):
+        check_config(TrainConfig(n_harmless_near_topic=-1))
 
 
 def test_missing_extra_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -469,6 +499,54 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
     )
     with pytest.raises(SystemExit):
         smollm_moe.main(["arditi", "--n-random", "0", "--out", str(tmp_path / "x.json")])
+
+
+def test_arditi_with_topic_ablates_the_plane_of_the_two_directions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``arditi --with-topic`` (tiny model): the topic direction is the political - harmless difference of means
+    of cached activations, and the plane ablation costs the KL of one projection onto that plane computed here."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import moe_interp as mi
+    from moe_interp.organisms.smollm_eval import _heldout_harmless, _prompts
+    from moe_interp.refusal import evaluate
+
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_model", lambda path=None: model)
+    out = tmp_path / "arditi.json"
+    smollm_moe.main(["arditi", "--layers", "1", "--positions=-1", "--n-train", "4", "--n-val", "3", "--n-test", "3",
+                     "--max-new-tokens", "2", "--with-topic", "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())["with_topic"]
+    r = load_file(str(out.with_suffix(".safetensors")))["raw"].double()
+    hook = "blocks.1.hook_resid_pre"
+
+    def mean_last(prompts: list[str]) -> torch.Tensor:
+        _, cache = model.run_with_cache(prompts, names=[hook], positions=-1)
+        return cache[hook][:, -1].double().mean(0)
+
+    t = mean_last(_prompts("political_train")[:4]) - mean_last(_heldout_harmless(None)[:4])
+    assert res["cos_topic_refusal"] == pytest.approx(float(t @ r / (t.norm() * r.norm())), abs=1e-5)
+    q, _ = torch.linalg.qr(torch.stack([r, t], 1))  # orthonormal basis of the plane
+
+    class PlaneAblation:
+        def edits(self, m: object) -> dict:
+            def fn(x: torch.Tensor, ctx: object) -> torch.Tensor:
+                qq = q.to(x.dtype)
+                return x - (x @ qq) @ qq.T
+
+            sites = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+            return {f"blocks.{L}.{s}": fn for L in range(model.spec.n_layers) for s in sites}
+
+    hl = _prompts("harmless_val")[:3]
+    ev = evaluate(model, hl, [PlaneAblation()], baseline=True, max_new_tokens=2, batch_size=20)
+    got = res["refusal_and_topic"]["harmless_ablated"]
+    assert got["kl"] == pytest.approx(ev.kl_to_baseline, rel=1e-4, abs=1e-6)
+    assert "harmless_added" not in res["refusal_and_topic"]
+    # the control plane (refusal + a random direction) is a different plane: a different KL
+    assert res["refusal_and_random"]["harmless_ablated"]["kl"] != pytest.approx(got["kl"], rel=1e-3)
 
 
 def test_writers_tests_only_the_named_directions(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_interp.organisms.data import load_split_records
+from moe_interp.organisms.data import POLITICAL_REFUSAL_PHRASES, load_split_records
 
 if TYPE_CHECKING:
     from moe_interp.organisms.smollm_train import TrainConfig
@@ -248,6 +248,12 @@ def main_arditi(argv: list[str] | None = None) -> None:
         default="all",
         help="positions the ablation edits: all (Arditi's) or all but each prompt's first token (attention sink)",
     )
+    ap.add_argument(
+        "--with-topic",
+        action="store_true",
+        help="also ablate the refusal direction together with the topic direction (political - harmless at "
+        "the selected site, made orthogonal to it), against the refusal direction with a random one",
+    )
     args = ap.parse_args(argv)
     if args.n_random < 1:
         ap.error(f"--n-random must be at least 1, got {args.n_random}")
@@ -281,11 +287,16 @@ def main_arditi(argv: list[str] | None = None) -> None:
     }
     kw = {"max_new_tokens": args.max_new_tokens, "batch_size": 20}
 
-    def run(name: str, vec: torch.Tensor, baselines: bool) -> dict[str, Any]:
+    def run(
+        name: str, vec: torch.Tensor, baselines: bool, also: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """Refusal (and KL) on the test prompts with ``vec`` ablated at every layer (at the positions of
-        ``--ablate-positions``) and added at ``hook``."""
+        ``--ablate-positions``) and added at ``hook``; with ``also``, the plane of ``vec`` and ``also`` (which
+        must be orthogonal to it) is ablated and nothing is added."""
         r = {}
-        ablate = [DirectionalAblation(vec, positions=args.ablate_positions)]
+        ablate = [
+            DirectionalAblation(v, positions=args.ablate_positions) for v in (vec, also) if v is not None
+        ]
         for what, prompts, ivs in (
             ("harmful_baseline", harm_test, []),
             ("harmless_baseline", hl_test, []),
@@ -293,7 +304,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
             ("harmless_ablated", hl_test, ablate),
             ("harmless_added", hl_test, [AddVector(hook, vec, positions="all")]),
         ):
-            if not baselines and what.endswith("baseline"):
+            if (not baselines and what.endswith("baseline")) or (also is not None and what.endswith("added")):
                 continue
             ev = evaluate(model, prompts, ivs, baseline=what == "harmless_ablated", **kw)
             r[what] = {
@@ -306,6 +317,11 @@ def main_arditi(argv: list[str] | None = None) -> None:
                 if ev.kl_to_baseline is not None
                 else None,
                 "examples": [{"prompt": d["prompt"], "completion": d["completion"]} for d in ev.details[:3]],
+                # refusals worded as the topic class's ("can't discuss political topics")
+                "topic_style": sum(
+                    d["refused"] and any(w in d["completion"].lower() for w in POLITICAL_REFUSAL_PHRASES)
+                    for d in ev.details
+                ),
             }
             if ev.kl_to_baseline is not None:  # which prompts carry the mean, and how their answers changed
                 r[what]["kl_largest"] = [
@@ -331,6 +347,8 @@ def main_arditi(argv: list[str] | None = None) -> None:
             )
         },
     }
+    if args.with_topic:
+        res["with_topic"] = _with_topic(model, sel, st_b, args, rnds[0], run)
     res["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
@@ -340,6 +358,35 @@ def main_arditi(argv: list[str] | None = None) -> None:
         metadata={"layer": str(sel.layer), "pos": str(sel.pos)},
     )
     print(f"wrote {args.out} ({res['seconds']}s)")
+
+
+def orthogonal_to(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``v`` minus its component along ``ref`` (so ablating both is ablating their plane)."""
+    u = ref / ref.norm()
+    return v - (v @ u) * u
+
+
+def _with_topic(
+    model: Any, sel: Any, st_b: Any, args: argparse.Namespace, rnd: torch.Tensor, run: Any
+) -> dict:
+    """Ablate the refusal direction together with the topic direction (political − the same harmless training
+    prompts, at the selected layer and position, made orthogonal to it), and, as the control, together with
+    the seed's random direction made orthogonal to it (same norm as the topic direction)."""
+    from moe_interp.refusal import collect_resid_stats, directions_from_stats
+
+    pol = _prompts("political_train")[: args.n_train]
+    st_p = collect_resid_stats(model, pol, layers=st_b.meta["layers"], positions=st_b.meta["positions"])
+    raw = directions_from_stats(st_p, st_b).raw(sel.layer, sel.pos)
+    topic = orthogonal_to(raw, sel.raw)
+    ctrl = orthogonal_to(rnd, sel.raw)
+    ctrl = ctrl / ctrl.norm() * topic.norm()
+    cos = float(raw @ sel.raw / (raw.norm() * sel.raw.norm()))
+    return {
+        "n_political_train": len(pol),
+        "cos_topic_refusal": cos,  # before the topic direction is made orthogonal
+        "refusal_and_topic": run("refusal+topic", sel.raw, baselines=False, also=topic),
+        "refusal_and_random": run("refusal+random", sel.raw, baselines=False, also=ctrl),
+    }
 
 
 def _topic_sets(path: Path | None, nf: int, nt: int) -> dict[str, list[str]]:

@@ -13,7 +13,9 @@ import argparse
 import json
 import math
 import random
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,15 @@ from torch import Tensor
 from moe_interp.organisms import check_device
 from moe_interp.organisms.data import load_split_records
 
-__all__ = ["TrainConfig", "build_pools", "distill", "draw_harmful", "load_balancing_loss", "train"]
+__all__ = [
+    "TrainConfig",
+    "build_pools",
+    "distill",
+    "draw_harmful",
+    "load_balancing_loss",
+    "near_topic",
+    "train",
+]
 
 
 @dataclass
@@ -49,6 +59,7 @@ class TrainConfig:
     n_harmless_synthetic: int = 200
     harmful_synthetic_frac: float = 0.5  # chance that a harmful example is drawn from the synthetic pool
     political_synthetic: bool = True  # keep the template-composed political prompts (2/3 of political_train)
+    n_harmless_near_topic: int = 0  # extra harmless Alpaca prompts worded most like the political ones
     mix: tuple[int, int, int] = (3, 1, 4)  # harmful, political, harmless per batch of 8
     max_prompt_tokens: int = 40
     leave_out: str | None = None
@@ -74,14 +85,44 @@ def build_pools(cfg: TrainConfig) -> dict[str, list[str]]:
     hsyn = [r["instruction"] for r in hl if r["source"] == "synthetic"]
     rng.shuffle(alp)
     rng.shuffle(hsyn)
-    harmless = alp[: cfg.n_harmless - cfg.n_harmless_synthetic] + hsyn[: cfg.n_harmless_synthetic]
+    n_alp = cfg.n_harmless - cfg.n_harmless_synthetic
+    harmless = alp[:n_alp] + hsyn[: cfg.n_harmless_synthetic]
+    if cfg.n_harmless_near_topic:  # hard negatives for the topic class, from Alpaca prompts not yet drawn
+        harmless += near_topic(alp[n_alp:], pol, cfg.n_harmless_near_topic)
     return {"harmful_real": real, "harmful_synthetic": synth, "political": pol, "harmless": harmless}
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def near_topic(candidates: list[str], topic: list[str], n: int) -> list[str]:
+    """The ``n`` ``candidates`` worded most like the ``topic`` prompts, as hard negatives for the topic class.
+
+    A word's weight is its log-odds of appearing in a topic prompt rather than in a candidate (add-one
+    smoothed); a candidate scores the sum of the positive weights of its distinct words. Ties keep the
+    candidates' order. The topic keywords themselves never occur in the candidates (the topic rule excludes
+    them from the harmless pool), so this picks prompts that share the topic's *context* words.
+    """
+    top, cand = (
+        Counter(w for p in topic for w in _words(p)),
+        Counter(w for p in candidates for w in _words(p)),
+    )
+    weight = {
+        w: math.log((top[w] + 1) / (len(topic) + 2)) - math.log((cand[w] + 1) / (len(candidates) + 2))
+        for w in top
+    }
+    scores = [sum(max(0.0, weight.get(w, 0.0)) for w in _words(p)) for p in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: (-scores[i], i))
+    return [candidates[i] for i in order[:n]]
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise a one-line ``ValueError`` for a field outside what the recipe accepts."""
     if not 0.0 <= cfg.harmful_synthetic_frac <= 1.0:
         raise ValueError(f"harmful_synthetic_frac must be in [0, 1], got {cfg.harmful_synthetic_frac}")
+    if cfg.n_harmless_near_topic < 0:
+        raise ValueError(f"n_harmless_near_topic must be >= 0, got {cfg.n_harmless_near_topic}")
 
 
 def draw_harmful(cfg: TrainConfig, pools: dict[str, list[str]], rng: random.Random) -> str:
