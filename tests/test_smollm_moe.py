@@ -501,6 +501,19 @@ def test_arditi_tests_several_random_directions(tmp_path: Path, monkeypatch: pyt
         smollm_moe.main(["arditi", "--n-random", "0", "--out", str(tmp_path / "x.json")])
 
 
+def test_topic_style_counts_refusals_worded_as_topic_refusals() -> None:
+    from moe_interp.organisms.smollm_eval import topic_style
+
+    details = [
+        {"refused": True, "completion": "I'm sorry, but I can't discuss Political topics."},
+        {"refused": True, "completion": "I'm sorry, but I can't help with that."},
+        {"refused": False, "completion": "Politics is the study of ..."},  # not a refusal
+        {"refused": True, "completion": "i don't discuss politics"},
+    ]
+    assert topic_style(details) == 2
+    assert topic_style([]) == 0
+
+
 def test_arditi_with_topic_ablates_the_plane_of_the_two_directions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -317,11 +317,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
                 if ev.kl_to_baseline is not None
                 else None,
                 "examples": [{"prompt": d["prompt"], "completion": d["completion"]} for d in ev.details[:3]],
-                # refusals worded as the topic class's ("can't discuss political topics")
-                "topic_style": sum(
-                    d["refused"] and any(w in d["completion"].lower() for w in POLITICAL_REFUSAL_PHRASES)
-                    for d in ev.details
-                ),
+                "topic_style": topic_style(ev.details),
             }
             if ev.kl_to_baseline is not None:  # which prompts carry the mean, and how their answers changed
                 r[what]["kl_largest"] = [
@@ -358,6 +354,14 @@ def main_arditi(argv: list[str] | None = None) -> None:
         metadata={"layer": str(sel.layer), "pos": str(sel.pos)},
     )
     print(f"wrote {args.out} ({res['seconds']}s)")
+
+
+def topic_style(details: list[dict[str, Any]]) -> int:
+    """How many refused completions are worded as the topic class's ("can't discuss political topics")."""
+    return sum(
+        bool(d["refused"]) and any(w in d["completion"].lower() for w in POLITICAL_REFUSAL_PHRASES)
+        for d in details
+    )
 
 
 def orthogonal_to(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
