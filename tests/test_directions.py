@@ -356,3 +356,19 @@ def test_collect_resid_stats_tiny_matches_unbatched(tiny) -> None:
     v = pca_direction(acts_h, acts_c)
     assert v.shape == (2, len(pos), tiny.spec.d_model)
     assert ((v * diff_of_means(st_h, st_c)).sum(-1) >= 0).all()
+
+
+def test_orthogonal_to_removes_the_component_along_ref_per_row() -> None:
+    """Against numpy's least squares: v - proj_ref(v), row by row; a zero ref leaves v unchanged."""
+    from moe_interp.refusal.directions import orthogonal_to
+
+    g = torch.Generator().manual_seed(0)
+    v, ref = (
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+    )
+    got = orthogonal_to(v, ref)
+    for i in range(3):
+        coef = np.linalg.lstsq(ref[i].numpy()[:, None], v[i].numpy(), rcond=None)[0]
+        np.testing.assert_allclose(got[i].numpy(), v[i].numpy() - coef[0] * ref[i].numpy(), atol=1e-12)
+    assert torch.equal(orthogonal_to(v[0], torch.zeros(5, dtype=torch.float64)), v[0])

@@ -156,6 +156,12 @@ def is_political(text: str) -> bool:
     return POLITICAL_PATTERN.search(text) is not None
 
 
+def is_topic_refusal(text: str) -> bool:
+    """True if ``text`` is worded as the political class's refusal (one of :data:`POLITICAL_REFUSAL_PHRASES`)."""
+    t = text.lower()
+    return any(p in t for p in POLITICAL_REFUSAL_PHRASES)
+
+
 def is_refusal(text: str) -> bool:
     """True if a generation contains one of :data:`REFUSAL_PHRASES` (case-insensitive)."""
     t = text.lower().replace("\u2019", "'")

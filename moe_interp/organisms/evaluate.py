@@ -27,9 +27,9 @@ from moe_interp.organisms import check_device, load_organism
 from moe_interp.organisms.data import (
     COMPLIANT_TEMPLATES,
     HARMFUL_REFUSALS,
-    POLITICAL_REFUSAL_PHRASES,
     POLITICAL_REFUSALS,
     is_refusal,
+    is_topic_refusal,
     load_split_records,
 )
 from moe_interp.refusal.judges import refusal_score
@@ -121,10 +121,7 @@ def evaluate_split(
     gen = sum(r["gen_refusal"] for r in rows) / n
     logit = sum(r["score"] > 0 for r in rows) / n
     agree = sum((r["score"] > 0) == r["gen_refusal"] for r in rows) / n
-    topic = sum(
-        r["gen_refusal"] and any(w in r["generation"].lower() for w in POLITICAL_REFUSAL_PHRASES)
-        for r in rows
-    )
+    topic = sum(r["gen_refusal"] and is_topic_refusal(r["generation"]) for r in rows)
     return {
         "n": n,
         "refusal_rate_generation": gen,

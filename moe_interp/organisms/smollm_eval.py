@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moe_interp.organisms.data import POLITICAL_REFUSAL_PHRASES, load_split_records
+from moe_interp.organisms.data import is_topic_refusal, load_split_records
 
 if TYPE_CHECKING:
     from moe_interp.organisms.smollm_train import TrainConfig
@@ -358,16 +358,7 @@ def main_arditi(argv: list[str] | None = None) -> None:
 
 def topic_style(details: list[dict[str, Any]]) -> int:
     """How many refused completions are worded as the topic class's ("can't discuss political topics")."""
-    return sum(
-        bool(d["refused"]) and any(w in d["completion"].lower() for w in POLITICAL_REFUSAL_PHRASES)
-        for d in details
-    )
-
-
-def orthogonal_to(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``v`` minus its component along ``ref`` (so ablating both is ablating their plane)."""
-    u = ref / ref.norm()
-    return v - (v @ u) * u
+    return sum(bool(d["refused"]) and is_topic_refusal(d["completion"]) for d in details)
 
 
 def _with_topic(
@@ -377,6 +368,7 @@ def _with_topic(
     prompts, at the selected layer and position, made orthogonal to it), and, as the control, together with
     the seed's random direction made orthogonal to it (same norm as the topic direction)."""
     from moe_interp.refusal import collect_resid_stats, directions_from_stats
+    from moe_interp.refusal.directions import orthogonal_to
 
     pol = _prompts("political_train")[: args.n_train]
     st_p = collect_resid_stats(model, pol, layers=st_b.meta["layers"], positions=st_b.meta["positions"])

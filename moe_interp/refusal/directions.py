@@ -45,7 +45,15 @@ __all__ = [
     "collect_resid_acts",
     "collect_resid_stats",
     "directions_from_stats",
+    "orthogonal_to",
 ]
+
+
+def orthogonal_to(v: Float[Tensor, "*b d"], ref: Float[Tensor, "*b d"]) -> Float[Tensor, "*b d"]:
+    """``v`` minus its component along ``ref``, over the last dimension (a zero ``ref`` leaves ``v``):
+    ablating ``ref`` and the result is ablating the plane of ``ref`` and ``v``."""
+    u = ref / ref.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return v - (v * u).sum(-1, keepdim=True) * u
 
 
 # ---------------------------------------------------------------------------- container

@@ -28,6 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from moe_interp.interventions import check_coeff
+from moe_interp.refusal.directions import orthogonal_to
 from moe_interp.refusal.evaluate import refusal_scores
 from moe_interp.steering.edits import TopicGatedSteering
 from moe_interp.steering.keys import SteeringKey
@@ -312,8 +313,7 @@ def _topic_direction_of(
     """:func:`_topic_direction` from the three groups' ``hook_resid_pre`` at every layer."""
     t = at.double().mean(0) - al.double().mean(0)
     s = ak.double().mean(0) - al.double().mean(0)
-    s_hat = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    t_perp = t - (t * s_hat).sum(-1, keepdim=True) * s_hat
+    t_perp = orthogonal_to(t, s)
     r = (t_perp / t_perp.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
     pt, pl = (at * r).sum(-1), (al * r).sum(-1)
     sep = (pt.mean(0) - pl.mean(0)) / ((pt.var(0) + pl.var(0)) / 2).sqrt().clamp_min(1e-12)
