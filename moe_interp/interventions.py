@@ -379,10 +379,13 @@ class ForceExpert:
 
 @dataclass
 class SteerRouter:
-    """SteerMoE: (de)activate experts by editing log-softmax router scores before top-k.
+    """SteerMoE: (de)activate experts by editing the router logits before top-k.
 
-    For each token, activated experts get the row's max log-prob ``+ epsilon`` and deactivated ones the row's
-    min ``− epsilon`` (``epsilon >= 0``); the family's routing function then re-runs on these scores.
+    For each token, activated experts get the row's max logit ``+ epsilon`` and deactivated ones the row's
+    min ``− epsilon`` (``epsilon >= 0``; with ``epsilon > 0`` at least one step of the logits' dtype, so the
+    margin survives bf16); the family's routing function then re-runs. For softmax routers this is SteerMoE's
+    edit of log-softmax scores (which differ from the logits by a per-token constant); on sigmoid routers
+    (DeepSeek-V3, Llama 4) editing the logits leaves the other experts' scores as they were.
     """
 
     layer: int
@@ -405,14 +408,16 @@ class SteerRouter:
             m = position_mask(ctx, pos, z.shape)
             if m is None:
                 return z
-            s = torch.log_softmax(z.float(), dim=-1)
-            hi = s.max(-1, keepdim=True).values + eps
-            lo = s.min(-1, keepdim=True).values - eps
-            new = s.clone()
+            top, bottom = z.max(-1, keepdim=True).values, z.min(-1, keepdim=True).values
+            hi, lo = (top.float() + eps).to(z.dtype), (bottom.float() - eps).to(z.dtype)
+            if eps > 0:  # a margin the dtype rounded away becomes one representable step
+                hi = torch.where(hi > top, hi, torch.nextafter(top, torch.full_like(top, math.inf)))
+                lo = torch.where(lo < bottom, lo, torch.nextafter(bottom, torch.full_like(bottom, -math.inf)))
+            new = z.clone()
             if act:
                 new[..., act] = hi.expand(*hi.shape[:-1], len(act))
             if deact:
                 new[..., deact] = lo.expand(*lo.shape[:-1], len(deact))
-            return _where(m, new.to(z.dtype), z)
+            return _where(m, new, z)
 
         return {f"blocks.{self.layer}.mlp.hook_router_logits": fn}

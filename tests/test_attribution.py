@@ -56,12 +56,16 @@ def test_hook_gradient_matches_finite_difference(model) -> None:  # noqa: ANN001
 
 
 def test_ig_is_complete_for_one_hook(model) -> None:  # noqa: ANN001
-    """IG over one whole hook sums to the exact patching difference (Riemann error only)."""
+    """IG over one whole hook sums to the exact patching difference (Riemann error only), and leaves no
+    parameter gradient behind."""
+    for p in model.hf_model.parameters():
+        p.grad = None
     exact = patching_sweep(model, HARM, LESS, "mlp_out", by_position=False, normalize=False, progress=False)
     ig = attribution_patching(
         model, HARM, LESS, kinds=("mlp_out",), method="ig", ig_steps=16, normalize=False, progress=False
     )["mlp_out"]
     torch.testing.assert_close(ig.values, exact.values, atol=2e-3, rtol=2e-2)
+    assert all(p.grad is None for p in model.hf_model.parameters())
 
 
 def test_linear_attribution_tracks_exhaustive(model) -> None:  # noqa: ANN001

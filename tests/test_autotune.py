@@ -86,6 +86,14 @@ def test_search_stops_at_target(fake_eval) -> None:
     assert fake_eval == [1, 2, 4]
 
 
+def test_search_raising_refusal_walks_until_the_rate_reaches_one(fake_eval) -> None:
+    """maximize_refusal: the default target is 1 (a default of 0 would stop at the first candidate)."""
+    res = at.search_candidates(None, cands([3, 2, 0, -1]), ["h"], ["l"], kl_budget=1.0, maximize_refusal=True)
+    assert fake_eval == [3, 2, 0] and res.label == 0 and res.refusal_rate == 1.0 and "target" in res.stopped
+    res = at.search_candidates(None, cands([3, 2, 1]), ["h"], ["l"], kl_budget=1.0, maximize_refusal=True)
+    assert fake_eval[-3:] == [3, 2, 1] and res.label == 1 and "exhausted" in res.stopped
+
+
 def test_search_keep_constraint(fake_eval) -> None:
     res = at.search_candidates(
         None, cands([1, 2, 3, 4]), ["h"], ["l"], kl_budget=1.0, keep=["keep"], keep_min_rate=0.75

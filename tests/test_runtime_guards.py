@@ -50,6 +50,39 @@ def test_steer_router_deactivate_with_valid_epsilon(tiny_model: Callable[[str], 
         assert not (cache[name][real] == e).any()
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "llama4_text"])
+def test_steer_router_leaves_other_tokens_routing_alone(
+    family: str, tiny_model: Callable[[str], Any]
+) -> None:
+    """Sigmoid routers: deactivating an expert changes nothing at tokens that did not route to it (a softmax
+    without renormalisation rescales the kept weights, as SteerMoE's log-softmax edit does)."""
+    model = tiny_model(family)
+    L = next(i for i, layer in enumerate(model.layers) if layer.is_moe)
+    enc = model.tokenize(PROMPTS)
+    real = enc["attention_mask"].bool()
+    names = [f"blocks.{L}.mlp.hook_expert_indices", f"blocks.{L}.mlp.hook_expert_weights"]
+    _, base = model.run_with_cache(enc, names=names)
+    e = int(torch.mode(base[names[0]][real].flatten()).values)
+    with model.intervene(mi.SteerRouter(layer=L, deactivate=[e])):
+        _, cache = model.run_with_cache(enc, names=names)
+    untouched = real & ~(base[names[0]] == e).any(-1)
+    assert untouched.sum() > 0 and not (cache[names[0]][real] == e).any()
+    torch.testing.assert_close(cache[names[0]][untouched], base[names[0]][untouched], rtol=0, atol=0)
+    torch.testing.assert_close(cache[names[1]][untouched], base[names[1]][untouched], rtol=0, atol=1e-6)
+
+
+def test_steer_router_margin_survives_bf16() -> None:
+    """In bf16 an activated expert is routed at every token: the epsilon margin is at least one dtype step."""
+    model = mi.load("tiny:olmoe", dtype=torch.bfloat16)
+    enc = model.tokenize(PROMPTS)
+    real = enc["attention_mask"].bool()
+    name = "blocks.1.mlp.hook_expert_indices"
+    for e in range(model.spec.n_experts):
+        with model.intervene(mi.SteerRouter(layer=1, activate=[e], epsilon=1e-3)):
+            _, cache = model.run_with_cache(enc, names=[name])
+        assert (cache[name][real] == e).any(-1).all(), e
+
+
 # ----------------------------------------------------------------------------------- non-finite outputs
 
 

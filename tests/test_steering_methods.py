@@ -259,6 +259,23 @@ def test_bad_input_errors(olmoe) -> None:
         SteeringVectors({("blocks.1.hook_resid_pre", None): _vec(0, 5)}, SteeringMetadata.from_model(olmoe))
 
 
+def test_ridge_cuts_given_confidences_with_their_prompts(olmoe) -> None:
+    from moe_interp.steering.fit import fit_ridge
+
+    harmful, harmless = HARMFUL + ["rob a store"], HARMLESS + ["name three colours"]
+    conf = [0.9, 0.7, 0.5, 0.3, 0.1, -0.2, -0.4, -0.6, -0.8, -1.0]  # distinct: a shifted cut would show
+    cut = fit_ridge(olmoe, harmful, harmless, confidences=conf, n_max=4, layers=[1])
+    pre = fit_ridge(
+        olmoe, harmful[:4], harmless[:4], confidences=conf[:4] + conf[5:9], n_max=None, layers=[1]
+    )
+    key = ("blocks.1.hook_resid_pre", None)
+    torch.testing.assert_close(cut.vectors[key], pre.vectors[key], rtol=0, atol=0)
+    with pytest.raises(
+        ValueError, match=r"one value per harmful then harmless prompt \(5 \+ 5\), got \(8,\)"
+    ):
+        fit_ridge(olmoe, harmful, harmless, confidences=conf[:8], n_max=4, layers=[1])
+
+
 def test_expert_method_on_dense_layer_errors() -> None:
     ds = mi.load("tiny:deepseek_v3")  # layer 0 is dense
     d = ds.spec.d_model

@@ -137,9 +137,13 @@ def _ig_gradients(
         with model.intervene(*ivs):
             logits = model.forward(batch, grad=True)
         metrics = [call_metric(metric, logits[j * n : (j + 1) * n]) for j in range(k)]
-        sum(metrics[1:], metrics[0]).backward()
+        total = sum(metrics[1:], metrics[0])
+        found = [h for h in per_hook if h in deltas]
+        # gradients of the deltas only (as in hook_gradients): no parameter's .grad is filled
+        got = torch.autograd.grad(total, [deltas[h] for h in found], allow_unused=True) if found else ()
+        by_hook = dict(zip(found, got, strict=True))
         for h, mine in per_hook.items():
-            g = deltas[h].grad
+            g = by_hook.get(h)
             if g is None:  # the metric does not depend on this hook: zero gradient
                 continue
             for j, _ in mine:

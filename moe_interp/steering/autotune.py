@@ -121,7 +121,7 @@ def search_candidates(
     harmless: Sequence[str],
     *,
     kl_budget: float = 0.1,
-    target_rate: float = 0.0,
+    target_rate: float | None = None,
     keep: Sequence[str] | None = None,
     keep_min_rate: float = 0.9,
     patience: int = 3,
@@ -133,8 +133,9 @@ def search_candidates(
 ) -> TuneResult:
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
-    ``keep`` refusal rate ≥ ``keep_min_rate``; ties go to the smaller KL. ``patience`` steps without gain
-    stop the walk only after the rate has moved from the first candidate's.
+    ``keep`` refusal rate ≥ ``keep_min_rate``; a tie keeps the earlier (weaker) candidate. The walk stops at
+    ``target_rate`` (default: 0 when lowering refusal, 1 when raising it); ``patience`` steps without gain
+    stop it only after the rate has moved from the first candidate's.
 
     ``kl_statistic`` (one of :data:`~moe_interp.steering.compare.KL_STATISTICS`) is what the budget applies
     to: the mean per-prompt KL (default), its median or its trimmed mean (steadier under the heavy tail of
@@ -146,6 +147,7 @@ def search_candidates(
     harmless = check_prompt_list(harmless, "harmless")
     base = last_logits(model, harmless, [], batch_size)
     sign = -1.0 if maximize_refusal else 1.0
+    target = (1.0 if maximize_refusal else 0.0) if target_rate is None else float(target_rate)
     best: TuneResult | None = None
     history: list[dict[str, Any]] = []
     stale, stopped = 0, "grid exhausted"
@@ -178,8 +180,8 @@ def search_candidates(
             stale = 0
         elif moved:  # a rate that has not responded yet is not a plateau: keep growing while KL allows
             stale += 1
-        if (not maximize_refusal and rate <= target_rate) or (maximize_refusal and rate >= target_rate):
-            stopped = f"target refusal rate {target_rate} reached at {label}"
+        if sign * rate <= sign * target:
+            stopped = f"target refusal rate {target:g} reached at {label}"
             break
         if stale >= patience:
             stopped = f"no improvement for {patience} steps"

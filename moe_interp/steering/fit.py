@@ -229,28 +229,34 @@ def fit_ridge(
     ``confidences`` (one per harmful then harmless prompt, in [−1, 1]) come from an LLM judge
     (:meth:`moe_interp.refusal.LLMJudge.confidences`); by default the cheap stand-in
     ``tanh(refusal_score / 4)`` of the unsteered model's logit refusal score is used. With
-    ``weighted=False`` the labels (+1 harmful, −1 harmless) replace the confidences. Each vector is
+    ``weighted=False`` the labels (+1 harmful, −1 harmless) replace the confidences (given ones are ignored).
+    ``n_max`` cuts each list and its confidences alike. Each vector is
     ``r̂ · gap`` (gap: refusal minus compliant mean projection), so ``coeff = −1`` removes the gap.
     """
     from moe_interp.refusal.directions import ridge_direction, weighted_moments
 
-    harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
-    harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    harmful, harmless = check_prompt_list(harmful, "harmful"), check_prompt_list(harmless, "harmless")
+    given: Tensor | None = None
+    if confidences is not None and weighted:
+        given = torch.as_tensor(list(confidences), dtype=torch.float64)
+        if given.shape != (len(harmful) + len(harmless),):
+            raise ValueError(
+                f"confidences must have one value per harmful then harmless prompt "
+                f"({len(harmful)} + {len(harmless)}), got {tuple(given.shape)}."
+            )
+    nh = len(harmful)
+    harmful, harmless = subsample(harmful, n_max), subsample(harmless, n_max)
     prompts = harmful + harmless
-    if confidences is None:
-        if weighted:
-            scores = refusal_scores(model, prompts, batch_size=batch_size)
-            conf = torch.tanh(scores / 4.0)
-            source = "tanh(logit refusal score / 4) of the unsteered model"
-        else:
-            conf = torch.tensor([1.0] * len(harmful) + [-1.0] * len(harmless), dtype=torch.float64)
-            source = "labels"
-    else:
-        conf = torch.as_tensor(list(confidences), dtype=torch.float64)[: len(prompts)]
+    if given is not None:  # cut the confidences as the prompts were cut
+        conf = torch.cat([given[: len(harmful)], given[nh : nh + len(harmless)]])
         source = "given (LLM judge)"
-    if conf.shape[0] != len(prompts):
-        raise ValueError(f"confidences must have one value per prompt ({len(prompts)}), got {conf.shape[0]}.")
-    if confidences is None and not (bool((conf > 0).sum() >= 2) and bool((conf < 0).sum() >= 2)):
+    elif weighted:
+        conf = torch.tanh(refusal_scores(model, prompts, batch_size=batch_size) / 4.0)
+        source = "tanh(logit refusal score / 4) of the unsteered model"
+    else:
+        conf = torch.tensor([1.0] * len(harmful) + [-1.0] * len(harmless), dtype=torch.float64)
+        source = "labels"
+    if given is None and not (bool((conf > 0).sum() >= 2) and bool((conf < 0).sum() >= 2)):
         conf = torch.tensor([1.0] * len(harmful) + [-1.0] * len(harmless), dtype=torch.float64)
         source = "labels (the logit refusal scores were one-sided)"
     acts = torch.cat(
