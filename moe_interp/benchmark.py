@@ -262,6 +262,7 @@ def _circuit(
         "faithfulness": f["circuit"],
         "faithfulness_ci": f["circuit_ci"],
         "random": f["random"],
+        "random_same_kinds": f["random_same_kinds"],
         "finding_curve": f["finding_curve"],
         "refined": f.get("refined", []),
         "truth": sorted(truth),

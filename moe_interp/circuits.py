@@ -481,12 +481,21 @@ def locate_refusal_circuit(
     h_gap = float(hb.mean() - hl.mean())
     rng = random.Random(seed)
     rand_sets = [rng.sample(comps, size) for _ in range(n_random)]
-    sc = ablate_components(model, h_harm, [circuit, *rand_sets], means, pos, ids_r, batch_size, progress)
-    per_prompt = (hb[None] - sc) / h_gap  # [1 + n_random, n]
+    # the stricter control: as many components of each kind as the circuit has (layers for layers, ...)
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in {_key(c): c for c in [*comps, *circuit]}.values():
+        by_kind[c["kind"]].append(c)
+    need = {k: sum(c["kind"] == k for c in circuit) for k in by_kind}
+    same_sets = [[c for k, n in need.items() for c in rng.sample(by_kind[k], n)] for _ in range(n_random)]
+    sets = [circuit, *rand_sets, *same_sets]
+    sc = ablate_components(model, h_harm, sets, means, pos, ids_r, batch_size, progress)
+    per_prompt = (hb[None] - sc) / h_gap  # [1 + 2 n_random, n]
     frac = per_prompt.mean(1)
     c_lo, c_hi = bootstrap_ci(per_prompt[0], seed=seed)
-    rand = frac[1:]
+    rand, same = frac[1 : 1 + n_random], frac[1 + n_random :]
     r_lo, r_hi = bootstrap_ci(rand, seed=seed) if n_random > 1 else (rand.mean(), rand.mean())
+    s_lo, s_hi = bootstrap_ci(same, seed=seed) if n_random > 1 else (same.mean(), same.mean())
+    key = {_key(c) for c in circuit}
     faith = {
         "circuit": float(frac[0]),
         "circuit_ci": [float(c_lo), float(c_hi)],
@@ -494,6 +503,12 @@ def locate_refusal_circuit(
         "random_ci": [float(r_lo), float(r_hi)] if n_random else None,
         "random_range": [float(rand.quantile(0.025)), float(rand.quantile(0.975))] if n_random else None,
         "random_draws": [float(x) for x in rand],
+        "random_same_kinds": float(same.mean()) if n_random else float("nan"),
+        "random_same_kinds_ci": [float(s_lo), float(s_hi)] if n_random else None,
+        "random_same_kinds_draws": [float(x) for x in same],
+        # draws that are not the circuit itself (0 when each kind has no more candidates than the circuit uses)
+        "random_same_kinds_distinct": sum({_key(c) for c in st} != key for st in same_sets),
+        "random_same_kinds_sets": [[_key(c) for c in st] for st in same_sets],
         "finding_removed": float(removed[size - 1]),
         "finding_curve": [float(r) for r in removed],
         "reached_target": hit is not None,
@@ -516,7 +531,7 @@ def locate_refusal_circuit(
             "n_experts": s.n_experts,
             "top_k": s.top_k,
             "moe_layers": list(s.moe_layers),
-        },
+        },  # fmt: skip
         "method": method,
         "selection": selection,
         "refine": refine,

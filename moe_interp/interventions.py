@@ -260,8 +260,10 @@ class AblateExpert:
     - ``drop``: zero its routing weight, no renormalisation (the token gets k−1 experts);
     - ``renorm``: zero it and rescale the remaining top-k weights to the original total;
     - ``reroute``: exclude it from the selection (router logit → :func:`~moe_interp.experts.excluded_logit`,
-      masked out of the family's selection score, correction bias and group scores included), so the
-      next-best expert takes its slot;
+      masked out of the family's selection score, correction bias and group scores included) and re-run the
+      family's routing, so the next-best expert takes its slot. That is the model's own routing without the
+      expert, not a slot swap: a softmax without top-k renormalisation (OLMoE, Qwen2-MoE) raises the kept
+      experts' weights by 1/(1 − p_e), and group-limited routing (DeepSeek-V3) can change the group;
     - ``mean``: where it is routed, replace its weighted output with ``mean_output`` (its mean weighted
       output over a reference set, see :func:`moe_interp.patching.ablation.expert_mean_outputs`).
     """

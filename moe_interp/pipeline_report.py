@@ -193,7 +193,8 @@ def write_report(run: Run, figures: list[str]) -> Path:
         f"(mean ablation at the post-instruction positions) removes {f['finding_removed']:.2f} of the refusal-score "
         f"gap on the finding prompts and **{f['circuit']:.2f}** [{f['circuit_ci'][0]:.2f}, {f['circuit_ci'][1]:.2f}] "
         f"on held-back prompts; random sets of the same size remove **{f['random']:.2f}** "
-        f"[{f['random_ci'][0]:.2f}, {f['random_ci'][1]:.2f}] (mean and 95% CI over {len(f['random_draws'])} draws).",
+        f"[{f['random_ci'][0]:.2f}, {f['random_ci'][1]:.2f}] (mean and 95% CI over {len(f['random_draws'])} draws)"
+        + _same_kinds(f),
         "",
         "Effect = fraction of the gap removed by ablating the component alone (ranking estimate).",
         "",
@@ -229,3 +230,15 @@ def write_report(run: Run, figures: list[str]) -> Path:
     path = run.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _same_kinds(f: dict[str, Any]) -> str:
+    """The stricter baseline's sentence: random sets with the circuit's kinds in the circuit's numbers."""
+    if "random_same_kinds" not in f:  # a circuit saved before this baseline existed
+        return "."
+    n, distinct = len(f["random_same_kinds_draws"]), f["random_same_kinds_distinct"]
+    ci = f["random_same_kinds_ci"]
+    return (
+        f"; random sets with the circuit's kinds in its numbers remove **{f['random_same_kinds']:.2f}** "
+        f"[{ci[0]:.2f}, {ci[1]:.2f}] ({distinct} of {n} draws differ from the circuit)."
+    )

@@ -116,6 +116,36 @@ def test_save_load_and_interventions(setup, tmp_path) -> None:  # noqa: ANN001
     assert torch.equal(refusal_flags(m, harm[2:], c2, judge="logit"), flags)
 
 
+def test_same_kind_random_sets_match_the_circuit_kinds_and_their_removal(setup) -> None:  # noqa: ANN001
+    """The stricter baseline: each draw has the circuit's kinds in the circuit's numbers, and its recorded
+    removal is what ablating it through the Circuit interventions removes."""
+    from collections import Counter
+    from dataclasses import replace
+
+    m, harm, less, c = setup
+    f = c.faithfulness
+    by_key = {(x["name"] if "head" not in x else f"{x['name']}[{x['head']}]"): x for x in c.ranking}
+    want = Counter(x["kind"] for x in c.components)
+    from moe_interp.organisms.planted_check import component_means
+
+    keys = sorted({k for ks in f["random_same_kinds_sets"] for k in ks} | set(c.means))
+    means = component_means(
+        m, keys, less[:2]
+    )  # computed anew: every candidate's mean, not the circuit's only
+    for k, v in c.means.items():
+        torch.testing.assert_close(means[k], v.to(means[k].dtype), atol=1e-5, rtol=0)
+    c = replace(c, means=means)
+    base = refusal_scores(m, harm[2:])
+    assert len(f["random_same_kinds_sets"]) == len(f["random_same_kinds_draws"]) == 4
+    for keys, removed in zip(f["random_same_kinds_sets"], f["random_same_kinds_draws"], strict=True):
+        comps = [by_key[k] for k in keys]
+        assert Counter(x["kind"] for x in comps) == want
+        with m.intervene(*replace(c, components=comps).to_interventions(m)):
+            frac = ((base - refusal_scores(m, harm[2:])) / f["gap_heldout"]).mean().item()
+        assert frac == pytest.approx(removed, abs=1e-3)
+    assert f["random_same_kinds"] == pytest.approx(sum(f["random_same_kinds_draws"]) / 4)
+
+
 def test_pool_limits_the_greedy_search_to_the_best_ranked(setup) -> None:  # noqa: ANN001
     """``pool=k``: every greedy step chooses among the k best-ranked components only, at most k steps; with
     ``pool`` at least the number of candidates the result is the unrestricted one."""

@@ -87,3 +87,21 @@ def test_bad_input(model) -> None:  # noqa: ANN001
         patching_sweep(model, HARM, LESS, "neurons", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="direction"):
         patching_sweep(model, HARM, LESS, direction="sideways", progress=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_unpatched_layers_read_as_no_effect_like_attribution(tiny_model, normalize: bool) -> None:  # noqa: ANN001
+    """deepseek_v3's dense layer 0 has no experts to patch: under noising its row is the clean run's own
+    value (1 normalised), the value attribution patching gives it, not a raw 0."""
+    from moe_interp.patching import attribution_patching
+
+    m = tiny_model("deepseek_v3")
+    dense = [L for L, layer in enumerate(m.layers) if not layer.is_moe]
+    assert dense, "the test needs a dense layer among the MoE ones"
+    kw = dict(direction="noising", normalize=normalize, progress=False)
+    ex = patching_sweep(m, HARM, LESS, "experts", **kw)
+    at = attribution_patching(m, HARM, LESS, kinds=("experts",), **kw)["experts"]
+    want = 1.0 if normalize else ex.clean_metric
+    for L in dense:
+        assert ex.values[L].tolist() == pytest.approx([want] * ex.values.shape[1], abs=1e-5)
+        torch.testing.assert_close(ex.values[L], at.values[L], atol=1e-5, rtol=0)

@@ -394,9 +394,12 @@ def patching_sweep(
     vals = run_patches(
         model, pairs.target(direction), src, items, metric, batch_patches, progress, f"patch {kind}"
     )
+    # a component that is not patched (a dense layer among MoE ones, a layer without heads) has no effect:
+    # it gets the target run's own value, as in attribution_patching, not a raw 0
+    fill = torch.tensor([m_corrupt if direction == "denoising" else m_clean], dtype=torch.float32)
     if normalize:
-        vals = normalise(vals, m_clean, m_corrupt)
-    out = torch.zeros(shape)
+        vals, fill = normalise(vals, m_clean, m_corrupt), normalise(fill, m_clean, m_corrupt)
+    out = torch.full(shape, float(fill[0]))
     for c, v in zip(coords, vals, strict=True):
         out[c] = v
     return PatchingResult(
