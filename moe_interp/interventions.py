@@ -38,7 +38,9 @@ def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> 
     ``"generated"`` only the single-token generation steps, ``"after_first"`` every position but each
     prompt's first real token (where decoder LMs keep their attention sink: a token with a massive residual
     norm that an edit of every position also rewrites), and a list of ints those positions (negative
-    indices count from the end, which aligns chat-template tokens across left-padded prompts).
+    indices count from the end, which aligns chat-template tokens across left-padded prompts). A generation
+    step has one position, so a list holding 0 or −1 also edits every generated token; one without them edits
+    the prompt pass only.
     """
     b, p = shape[0], shape[1]
     mask = ctx.attention_mask

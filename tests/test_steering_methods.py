@@ -49,21 +49,23 @@ def _vec(seed: int, d: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------ ExpertConditionedAdd
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "deepseek_v3"])
 @pytest.mark.parametrize("topk", [False, True])
 def test_expert_conditioned_add_matches_hand_computation(family: str, topk: bool) -> None:
+    """deepseek_v3: group-limited, bias-corrected selection, so the routed set is not ``z.topk``."""
     model = mi.load(f"tiny:{family}")
     L, d, c = 1, model.spec.d_model, 2.5
     R = {0: _vec(0, d), 3: _vec(1, d), 5: _vec(2, d)}
     names = [f"blocks.{L}.mlp.hook_router_logits", f"blocks.{L}.hook_mlp_out", f"blocks.{L}.hook_resid_post"]
+    names.append(f"blocks.{L}.mlp.hook_expert_indices")
     _, base = model.run_with_cache(PADDED, names=names)
     with model.intervene(ExpertConditionedAdd(L, R, coeff=c, topk=topk)):
         _, steered = model.run_with_cache(PADDED, names=names)
     z = base[names[0]]
     p = torch.softmax(z.float(), -1)
     if topk:
-        top = z.topk(model.spec.top_k, -1).indices
-        p = p * torch.zeros_like(p).scatter_(-1, top, 1.0)
+        routed = base[names[3]].long()  # the model's own selection, as the adapter reports it
+        p = p * torch.zeros_like(p).scatter_(-1, routed, 1.0)
     delta = c * sum(p[..., e : e + 1] * r for e, r in R.items())
     mask = model.tokenize(PADDED)["attention_mask"].bool()
     expected = torch.where(mask[..., None], base[names[1]] + delta, base[names[1]])
@@ -274,6 +276,13 @@ def test_ridge_cuts_given_confidences_with_their_prompts(olmoe) -> None:
         ValueError, match=r"one value per harmful then harmless prompt \(5 \+ 5\), got \(8,\)"
     ):
         fit_ridge(olmoe, harmful, harmless, confidences=conf[:8], n_max=4, layers=[1])
+
+
+def test_kl_refuses_steering_that_acts_on_generated_tokens_only(olmoe) -> None:
+    sv = fit_dense(olmoe, HARMFUL, HARMLESS, layer=1)
+    assert per_prompt_kl(olmoe, HARMLESS, sv).max() > 0
+    with pytest.raises(ValueError, match="positions='generated' does nothing"):
+        per_prompt_kl(olmoe, HARMLESS, replace(sv, positions="generated"))
 
 
 def test_expert_method_on_dense_layer_errors() -> None:

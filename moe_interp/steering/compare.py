@@ -84,11 +84,20 @@ def per_prompt_kl(
     batch_size: int = 32,
     base_logits: Tensor | None = None,
 ) -> Float[Tensor, " n"]:
-    """``KL(base ‖ steered)`` of the next-token distribution at the last prompt position, per prompt."""
+    """``KL(base ‖ steered)`` of the next-token distribution at the last prompt position, per prompt.
+
+    Steering scoped to generated tokens only (``positions="generated"``) never acts there, so it is refused
+    rather than measured as KL 0 (which would let a strength search accept any strength)."""
     prompts = check_prompt_list(prompts, "prompts")
+    ivs = as_interventions(steer, model)
+    if ivs and all(getattr(iv, "positions", None) == "generated" for iv in ivs):
+        raise ValueError(
+            "per-prompt KL is measured at the last prompt position, where steering with positions='generated' "
+            "does nothing; measure it with positions 'all', 'after_first' or a list of ints."
+        )
     if base_logits is None:
         base_logits = last_logits(model, prompts, [], batch_size)
-    steered = last_logits(model, prompts, as_interventions(steer, model), batch_size)
+    steered = last_logits(model, prompts, ivs, batch_size)
     lp, lq = torch.log_softmax(base_logits.double(), -1), torch.log_softmax(steered.double(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
 

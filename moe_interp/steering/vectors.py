@@ -444,7 +444,9 @@ class ExpertConditionedAdd:
     ``p = softmax(router_logits)`` is read at ``blocks.L.mlp.hook_router_logits`` (returned unchanged) and
     used at ``blocks.L.hook_mlp_out`` in the same forward pass. ``vectors`` maps expert id → ``r_e``
     (experts not listed contribute nothing; one entry is the single-expert form ``h + c·p_e·r_e``).
-    ``topk=True`` zeroes ``p_e`` for experts outside the token's routed top-k (no renormalisation).
+    ``topk=True`` zeroes ``p_e`` for experts the model did not route the token to (read at
+    ``hook_expert_indices``: the family's own selection, group limits and correction bias included; no
+    renormalisation). ``p`` is the softmax of the logits on every family, sigmoid routers included.
     It is its own intervention and a :class:`~moe_interp.steering.protocol.Steering` object; saving it
     needs ``metadata`` (it is stored as a router-conditioned :class:`SteeringVectors` pair).
     """
@@ -484,17 +486,19 @@ class ExpertConditionedAdd:
 
     def edits(self, model: MoEModel) -> dict[str, EditFn]:
         R = self.stacked(model)
-        c, pos, top_k = float(self.coeff), self.positions, model.layers[self.layer].top_k
+        c, pos = float(self.coeff), self.positions
         state: dict[str, Tensor] = {}
 
         def read_router(z: Tensor, ctx: HookContext) -> Tensor:
-            p = torch.softmax(z.float(), dim=-1)
-            if self.topk:
-                keep = torch.zeros_like(p, dtype=torch.bool)
-                keep.scatter_(-1, z.topk(top_k, dim=-1).indices, True)
-                p = p * keep
-            state["p"] = p
+            state["p"] = torch.softmax(z.float(), dim=-1)
             return z
+
+        def read_routed(idx: Tensor, ctx: HookContext) -> Tensor:
+            # the model's own selection (group-limited / bias-corrected routers differ from z.topk)
+            p = state["p"]
+            keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, idx.long().to(p.device), True)
+            state["p"] = p * keep
+            return idx
 
         def add(h: Tensor, ctx: HookContext) -> Tensor:
             p = state.pop("p", None)
@@ -507,7 +511,10 @@ class ExpertConditionedAdd:
             return torch.where(m[..., None], h + delta.to(h.dtype), h)
 
         L = self.layer
-        return {f"blocks.{L}.mlp.hook_router_logits": read_router, f"blocks.{L}.hook_mlp_out": add}
+        edits = {f"blocks.{L}.mlp.hook_router_logits": read_router, f"blocks.{L}.hook_mlp_out": add}
+        if self.topk:
+            edits[f"blocks.{L}.mlp.hook_expert_indices"] = read_routed
+        return edits
 
     # ------------------------------------------------------------ the Steering protocol
 
