@@ -511,7 +511,10 @@ class ExpertConditionedAdd:
             return torch.where(m[..., None], h + delta.to(h.dtype), h)
 
         L = self.layer
-        edits = {f"blocks.{L}.mlp.hook_router_logits": read_router, f"blocks.{L}.hook_mlp_out": add}
+        edits: dict[str, EditFn] = {
+            f"blocks.{L}.mlp.hook_router_logits": read_router,
+            f"blocks.{L}.hook_mlp_out": add,
+        }
         if self.topk:
             edits[f"blocks.{L}.mlp.hook_expert_indices"] = read_routed
         return edits
