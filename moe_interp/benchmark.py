@@ -41,6 +41,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.errors import InputError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -406,6 +408,17 @@ def plot_benchmark(result: dict[str, Any]) -> Figure:
 
 def _benchmark(args: argparse.Namespace) -> int:
     """``moe-interp benchmark`` handler."""
+    from moe_interp.organisms.planted import PLANTS
+    from moe_interp.runs import check_out_path
+
+    for name in args.organisms or []:  # checked before the run, not after it
+        if name not in PLANTS and not Path(name).is_dir():
+            raise InputError(
+                f"unknown planted organism {name!r}; expected one of {', '.join(PLANTS)} or a folder written "
+                "by `python -m moe_interp.organisms.planted --out DIR`."
+            )
+    if args.out:
+        check_out_path(Path(args.out))
     torch.set_num_threads(args.threads)
     res = run_benchmark(args.organisms or None, args.n_pairs, progress=False)
     if args.out:

@@ -10,6 +10,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import os
@@ -217,6 +218,9 @@ def check_model_source(source: str) -> None:
         return
     if _is_path_like(source):
         raise MissingFileError(f"model folder {source} does not exist; {expected}.")
+    close = difflib.get_close_matches(source, NAMED_MODELS, n=1, cutoff=0.75) if "/" not in source else []
+    if close:  # a typo of a bundled name: say so now rather than after the hub's retries
+        raise InputError(f"unknown model {source!r}; did you mean {close[0]!r}? ({expected}).")
     from transformers import AutoConfig
 
     try:

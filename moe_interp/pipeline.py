@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -391,11 +392,14 @@ def run_pipeline(
     out = Path(out)
     check_out_dir(out)  # checked again under the lock; here to fail before the model is loaded
     if config is None:
-        # a bundled organism ("organism", "smollm_moe") runs with its own recipe
-        default = Path(__file__).resolve().parents[1] / "circuits" / model_source / "config.json"
-        named = model_source in NAMED_MODELS
+        # a bundled organism ("organism", "smollm_moe") runs with its own recipe; "tiny:<family>" with the
+        # smoke recipe (a random model's 256-token context cannot hold the default prompts and generations)
+        tiny = model_source.startswith("tiny:")
+        recipe = "tiny" if tiny else model_source
+        default = Path(__file__).resolve().parents[1] / "circuits" / recipe / "config.json"
+        named = model_source in NAMED_MODELS or tiny
         cfg = (
-            load_config(default)
+            replace(load_config(default), model=model_source)
             if named and default.exists()
             else PipelineConfig(model=model_source, family="")
         )

@@ -100,15 +100,18 @@ def _clear_artefacts(out: Path) -> None:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def check_out_dir(out: Path) -> None:
-    """Raise unless ``out`` is a folder (or can be made) that holds nothing but this tool's artefacts."""
+def check_out_path(out: Path, accepted: str = "new or existing") -> None:
+    """Raise unless ``out`` is a folder or one can be made there (no file in the way)."""
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(
-            f"--out {out} is an existing file; expected a folder (new, empty, or holding a moe-interp run)."
-        )
+        raise NotADirectoryError(f"--out {out} is an existing file; expected a folder ({accepted}).")
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise NotADirectoryError(f"--out {out}: {parent} is a file, so no folder can be made under it.")
+
+
+def check_out_dir(out: Path) -> None:
+    """Raise unless ``out`` is a folder (or can be made) that holds nothing but this tool's artefacts."""
+    check_out_path(out, "new, empty, or holding a moe-interp run")
     foreign = foreign_entries(out) if out.exists() else []
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

@@ -248,6 +248,20 @@ def test_out_is_an_existing_file(tmp_path, capsys) -> None:
     assert (tmp_path / "f").read_text() == "mine"
 
 
+def test_benchmark_bad_out_and_organism_fail_before_the_run(tmp_path, capsys, monkeypatch) -> None:
+    from moe_interp import benchmark
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **k: pytest.fail("ran before checking"))
+    (tmp_path / "f").write_text("mine")
+    assert main(["benchmark", "--out", str(tmp_path / "f")]) == 2
+    one_line_error(capsys, "benchmark", "--out", "existing file", "expected a folder")
+    assert main(["benchmark", "--organisms", "experts"]) == 2
+    one_line_error(
+        capsys, "benchmark", "unknown planted organism 'experts'", "expert, router, head, direction"
+    )
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 def test_inspect_missing_folder(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["inspect", "./missing"]) == 2
@@ -395,6 +409,18 @@ def test_handlers_resolve(capsys: pytest.CaptureFixture[str]) -> None:
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), command
     assert _offered_choices(["plan", "tiny:olmoe", "--dtype", "int3"], capsys) == set(DTYPE_BYTES)
+
+
+def test_a_typo_of_a_bundled_name_fails_before_the_hub(monkeypatch) -> None:
+    from transformers import AutoConfig
+
+    def no_hub(*a: Any, **k: Any) -> Any:
+        raise AssertionError("asked the hub")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", no_hub)
+    for typo, name in (("organsim", "organism"), ("smollm-moe", "smollm_moe")):
+        with pytest.raises(cli.InputError, match=rf"unknown model '{typo}'; did you mean '{name}'\?"):
+            cli.check_model_source(typo)
 
 
 def test_bundled_models_need_no_hub_and_run_with_their_recipe(monkeypatch, tmp_path) -> None:

@@ -162,8 +162,11 @@ def test_prompt_file_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         load_prompt_file(tmp_path / "missing.json")
     (tmp_path / "p.yaml").write_text("- a\n")
-    with pytest.raises(ValueError, match="unknown prompt file format.*expected"):
+    with pytest.raises(ValueError, match=r"unknown prompt file format.*expected.*\.jsonl"):
         load_prompt_file(tmp_path / "p.yaml")
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder; expected"):
+        load_prompt_file(tmp_path / "d.json")
     (tmp_path / "k.json").write_text(json.dumps([{"text": "a"}]))
     with pytest.raises(ValueError, match="instruction"):
         load_prompt_file(tmp_path / "k.json")

@@ -182,9 +182,12 @@ def test_a_failing_stage_says_how_to_resume(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
-    cfg_path = Path(__file__).parent / "data" / "locate_tiny.json"  # also the CI's main-job smoke run
+    cfg_path = (
+        Path(__file__).parents[1] / "circuits" / "tiny" / "config.json"
+    )  # also the CI main job (its default)
     out = tmp_path / "out"
-    assert cli_main(["locate", "tiny:olmoe", "--out", str(out), "--config", str(cfg_path)]) == 0
+    # tiny:* runs the smoke recipe by default (the generic one overflows a random model's 256-token context)
+    assert cli_main(["locate", "tiny:olmoe", "--out", str(out)]) == 0
     for name in ("report.md", "circuit.json", "summary.json", "run.json"):
         assert (out / name).is_file(), name
     assert (out / "steering" / "dense.safetensors").is_file()
@@ -279,7 +282,7 @@ def test_patching_by_attribution_sweeps_only_the_top_ranked_experts(tmp_path: Pa
         assert abs(float(eff[L, e]) - float(loop[L, e])) <= 1e-5
     assert int(torch.isfinite(eff).sum()) == 3  # nothing else was swept
     # the whole run in this mode writes its report and the top-ranked scatter
-    cfg = json.loads((Path(__file__).parent / "data" / "locate_tiny.json").read_text())
+    cfg = json.loads((Path(__file__).parents[1] / "circuits" / "tiny" / "config.json").read_text())
     cfg.update(patching="attribution", patching_top_n=4)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"

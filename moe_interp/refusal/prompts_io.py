@@ -13,8 +13,9 @@ __all__ = ["PROMPT_KEYS", "load_prompt_file"]
 PROMPT_KEYS: tuple[str, ...] = ("instruction", "goal", "prompt")
 
 _EXPECTED = (
-    "a .json list of strings or of objects with an 'instruction', 'goal' or 'prompt' key, a .txt file with "
-    "one prompt per line, or a .csv file with an 'instruction', 'goal' or 'prompt' column"
+    "a .json list of strings or of objects with an 'instruction', 'goal' or 'prompt' key, a .jsonl file with "
+    "one such value per line, a .txt file with one prompt per line, or a .csv file with an 'instruction', "
+    "'goal' or 'prompt' column"
 )
 
 
@@ -72,6 +73,8 @@ def load_prompt_file(path: str | Path) -> list[str]:
         ValueError: unknown format, missing key/column, or no prompts.
     """
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"Prompt file {p} is a folder; expected {_EXPECTED}.")
     if not p.is_file():
         raise FileNotFoundError(f"Prompt file {p} does not exist.")
     suffix = p.suffix.lower()
