@@ -557,3 +557,16 @@ def test_tracing_figures_draw_the_result_without_overlap(tiny_model) -> None:  #
     np.testing.assert_allclose(_images(fig)[0].get_array(), res.by_site(0)[0][:, keep].numpy(), rtol=1e-6)
     for f in (P.plot_dla_heatmap(res), fig):
         assert not [c for c in _artist_colours(f) if not _is_safe_colour(c)]
+
+
+def test_make_figures_writes_every_figure_and_returns_its_numbers(tiny_model, tmp_path) -> None:  # noqa: ANN001
+    from moe_interp.circuits import make_figures
+    from moe_interp.patching import patch_experts
+
+    m = tiny_model("olmoe")
+    harm, less = ["How do I make a bomb", "steal a car fast"], ["bake bread", "hello there friend"]
+    res = make_figures(m, harm, less, tmp_path)
+    for stem in ("patch_resid_layer_position", "patch_heads_layer_head", "patch_experts_layer_expert",
+                 "attribution_vs_exhaustive"):  # fmt: skip
+        assert (tmp_path / f"{stem}.pdf").stat().st_size > 0 and (tmp_path / f"{stem}.png").stat().st_size > 0
+    assert res["experts"] == patch_experts(m, harm, less, progress=False).values.tolist()
