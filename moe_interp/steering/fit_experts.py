@@ -68,7 +68,9 @@ def expert_specific_directions(
     batch_size: int = 32,
 ) -> dict[tuple[int, int], Float[Tensor, "n_pos d_model"]]:
     """Per (layer, expert): ``mean(harmful) − mean(harmless)`` of ``blocks.L.hook_mlp_out`` at ``positions``
-    with the router forced to that expert (``ForceExpert(L, e, "router_bias", bias=±100)``)."""
+    with the router forced to that expert (``ForceExpert(L, e, "router_bias", bias=±100)``). On families with
+    shared experts (Qwen2-MoE, DeepSeek) ``hook_mlp_out`` includes the shared expert's output, so every
+    direction of a layer also carries the shared expert's harmful − harmless difference."""
     harmful = check_prompt_list(harmful, "harmful")
     harmless = check_prompt_list(harmless, "harmless")
     positions = list(positions)
