@@ -169,7 +169,11 @@ def expert_entropy(model, tokenizer, prompts: list[str]) -> list[dict[str, Any]]
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: print metrics and write them as JSON."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m moe_interp.organisms.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--path", type=Path, default=None, help="checkpoint dir (default: shipped)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--gen-tokens", type=int, default=12)

@@ -290,7 +290,11 @@ def build_act_lexicon(wordnet_dir: Path, harmless_texts: list[str]) -> dict[str,
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the lexicon from WordNet and write :data:`LEXICON_PATH`."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m moe_interp.organisms.wordnet_lexicon",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"))
     ap.add_argument("--out", type=Path, default=LEXICON_PATH)
     args = ap.parse_args(argv)

@@ -122,7 +122,7 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m moe_interp.refusal.demo", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="organism")
     p.add_argument("--out", default="refusal_demo.json")
     p.add_argument("--organism-path", default=None, help="organism checkpoint dir (default: the shipped one)")

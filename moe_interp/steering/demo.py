@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     import moe_interp as mi
     from moe_interp.organisms import load_prompts
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m moe_interp.steering.demo", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--path", default=None, help="organism checkpoint directory (default: the shipped one)")
     ap.add_argument("--judge", default="logit", choices=["logit", "generation"])
