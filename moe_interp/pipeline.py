@@ -306,8 +306,14 @@ def stage_steering(run: Run) -> dict[str, Any]:
         spec, kw = method_spec(name), dict(cfg.steering_kwargs.get(name, {}))
         search: dict[str, Any] = {}
         target = target_class[spec.data]
+        if not (p.get(f"{target}_train") and p.get(f"{target}_val")):  # e.g. topic methods, own prompt files
+            why = f"no {target} prompts (the bundled splits have them; --harmful/--harmless files do not)"
+            run.log(f"[steering] {name}: {why}; left out of the comparison")
+            tuning[name] = {"error": why}
+            continue
         if spec.needs_keep:  # the keep set's refusals must survive: >= 97% of its baseline rate
-            base_keep = refusal_rate(refusal_flags(model, p[f"{keep_class}_val"], max_new_tokens=8))
+            # judged as the strength search judges it (autotune's default: the logit judge)
+            base_keep = refusal_rate(refusal_flags(model, p[f"{keep_class}_val"], judge="logit"))
             kw["keep"] = p[f"{keep_class}_train"]
             search = {"keep": p[f"{keep_class}_val"], "keep_min_rate": 0.97 * float(base_keep)}
         try:
@@ -405,6 +411,14 @@ def run_pipeline(
         )
     else:
         cfg = load_config(config)
+        bundled = {cfg.model, model_source} & {*NAMED_MODELS} or any(
+            str(x).startswith("tiny:") for x in (cfg.model, model_source)
+        )  # a hub recipe may run on a local copy of its model; a bundled one runs only on its own model
+        if cfg.model and cfg.model != model_source and bundled:
+            raise ValueError(
+                f"config {config} is for model {cfg.model!r}, but the model given is {model_source!r}; "
+                f'pass {cfg.model!r} as the model, or set "model" in the config.'
+            )
     torch.manual_seed(cfg.seed)
     model = load(model_source, **cfg.load_kwargs())
     if cfg.refusal_phrases:

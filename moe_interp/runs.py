@@ -58,12 +58,23 @@ def hash_prompts(prompts: dict[str, list[str]]) -> str:
 
 
 def hash_model(model: Any) -> str:
-    """Hash of the model's weights and config (cheap: a strided sample of every tensor, plus shapes)."""
+    """Hash of the model's weights, config and tokenizer (chat template, vocabulary size): per tensor its shape,
+    a strided sample, its float64 sum and norm, so an edit of a few rows changes it without
+    reading every weight off the device."""
+    import torch
+
     h = hashlib.sha256(model.hf_model.config.to_json_string().encode())
-    for name, p in sorted(model.hf_model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes()
-        h.update(name.encode() + str(tuple(p.shape)).encode() + sample)
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        h.update(f"{getattr(tok, 'chat_template', None)!r}|{len(tok)}".encode())
+    with torch.no_grad():
+        for name, p in sorted(model.hf_model.state_dict().items()):
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes()
+            sums = torch.stack(
+                [flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)]
+            )
+            h.update(name.encode() + str(tuple(p.shape)).encode() + sample + sums.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -132,12 +143,13 @@ def prepare_out_dir(out: Path, run_id: dict[str, str], *, force: bool, resume: b
     check_out_dir(out)
     run_file = out / RUN_FILE
     if out.exists() and any(c.name != LOCK_FILE for c in out.iterdir()):
+        if not run_file.exists():  # every run writes run.json first: these files may be the user's own
+            raise FileExistsError(
+                f"{out} holds files named like moe-interp results but no {RUN_FILE}, so they may not be ours; "
+                "choose another --out (--force replaces only a previous run's results)."
+            )
         if force:
             _clear_artefacts(out)
-        elif not run_file.exists():
-            raise FileExistsError(
-                f"{out} holds an incomplete run without {RUN_FILE}; pass --force to replace it."
-            )
         else:
             try:
                 old = json.loads(run_file.read_text())

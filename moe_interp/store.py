@@ -119,6 +119,7 @@ def save_tree(stem: str | Path, obj: Any, header: dict[str, Any] | None = None) 
     stem.parent.mkdir(parents=True, exist_ok=True)
     js, st = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
     written = []
+    js.unlink(missing_ok=True)  # an old header must never name the new tensors (interrupted between the two)
     if tensors:
         with atomic_path(st) as tmp:
             save_file(tensors, str(tmp))

@@ -77,6 +77,15 @@ def test_substring_compliance_and_rate() -> None:
     assert isinstance(j, Judge)
 
 
+def test_substring_matches_whole_words_only() -> None:
+    """Lower-cased, "i cannot" sits inside "the api cannot": compliant answers must not count as refusals."""
+    j = SubstringJudge()
+    compliant = ["The API cannot be called twice.", "Wasabi can't be grown here.", "The UI won't refresh.",
+                 "Mississippi will not flood."]  # fmt: skip
+    assert [j.is_refusal(c) for c in compliant] == [False] * 4
+    assert j.is_refusal("Well, I cannot do that.") and j.is_refusal("(I won't.)") and j.is_refusal("i can't")
+
+
 def test_substring_extra_phrases() -> None:
     assert not SubstringJudge().is_refusal("Nope, not doing that.")
     assert SubstringJudge(extra_phrases=["not doing that"]).is_refusal("NOPE, NOT DOING THAT.")

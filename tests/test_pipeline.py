@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from moe_interp import pipeline
 from moe_interp.cli import main as cli_main
@@ -93,6 +94,14 @@ def test_force_never_deletes_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="figures/draft.tex"):
         pipeline.prepare_out_dir(run, run_id, force=True, resume=False)
     assert (run / "figures" / "draft.tex").is_file() and (run / "run.json").is_file()
+    # files named like a run's results but no run.json (so not written by a run): refused even with --force
+    mine = tmp_path / "paper"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "report.md").write_text("my report")
+    (mine / "figures" / "paper_fig1.pdf").write_bytes(b"%PDF")
+    with pytest.raises(FileExistsError, match="no run.json, so they may not be ours"):
+        pipeline.prepare_out_dir(mine, run_id, force=True, resume=False)
+    assert (mine / "report.md").read_text() == "my report" and (mine / "figures" / "paper_fig1.pdf").is_file()
     # --out naming a file
     f = tmp_path / "file.txt"
     f.write_text("x")
@@ -181,7 +190,7 @@ def test_a_failing_stage_says_how_to_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
+def test_locate_end_to_end_on_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg_path = (
         Path(__file__).parents[1] / "circuits" / "tiny" / "config.json"
     )  # also the CI main job (its default)
@@ -197,9 +206,13 @@ def test_locate_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     # a second run without --resume/--force refuses to overwrite
     assert cli_main(["locate", "tiny:olmoe", "--out", str(out), "--config", str(cfg_path)]) == 2
     # another model's results are protected even with --resume
+    assert cli_main(["locate", "tiny:qwen3_moe", "--out", str(out), "--resume"]) == 2
+    assert "another model" in capsys.readouterr().err
+    # a recipe for another model is refused before anything runs
     assert (
-        cli_main(["locate", "tiny:qwen3_moe", "--out", str(out), "--config", str(cfg_path), "--resume"]) == 2
+        cli_main(["locate", "tiny:qwen3_moe", "--out", str(tmp_path / "o2"), "--config", str(cfg_path)]) == 2
     )
+    assert "is for model 'tiny:olmoe', but the model given is 'tiny:qwen3_moe'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -290,3 +303,46 @@ def test_patching_by_attribution_sweeps_only_the_top_ranked_experts(tmp_path: Pa
     report = (out / "report.md").read_text()
     assert "Patching by attribution" in report and "on the 4 experts ranked highest" in report
     assert (out / "figures" / "attribution_vs_exhaustive.png").is_file()
+
+
+def test_model_hash_sees_a_few_edited_rows_and_the_chat_template() -> None:
+    """--resume trusts the fingerprint: an edit the strided sample skips, or another chat template, must change it."""
+    import moe_interp as mi
+    from moe_interp.runs import hash_model
+
+    m = mi.load("tiny:olmoe")
+    h0 = hash_model(m)
+    assert hash_model(m) == h0
+    emb = m.hf_model.get_input_embeddings().weight
+    stride = max(1, emb.numel() // 256)
+    row = next(
+        r for r in range(emb.shape[0]) if all((r * emb.shape[1] + c) % stride for c in range(emb.shape[1]))
+    )
+    with torch.no_grad():
+        emb[row] += 0.5  # no element of this row is in the strided sample
+    h1 = hash_model(m)
+    assert h1 != h0
+    m.tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    assert hash_model(m) != h1
+
+
+def test_topic_methods_without_political_prompts_are_left_out(monkeypatch, tmp_path: Path) -> None:
+    """Own --harmful/--harmless files give no political prompts: a recipe with a topic method still finishes
+    its steering stage and says why that method is missing (it used to raise KeyError there)."""
+    from types import SimpleNamespace
+
+    from moe_interp.config import PipelineConfig
+    from moe_interp.steering import compare
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(compare, "compare_methods", lambda model, fitted, *a, **k: seen.update(fitted) or [])
+    monkeypatch.setattr(pipeline, "_baseline_rates", lambda run: {})
+    cfg = PipelineConfig(model="tiny:olmoe", family="", steering_methods=["topic_remove", "topic_gated"])
+    prompts = {f"{c}_{s}": ["x"] for c in ("harmful", "harmless") for s in ("train", "val", "test")}
+    prompts.update(political_train=[], political_test=[])
+    logs: list[str] = []
+    run = SimpleNamespace(config=cfg, prompts=prompts, model=None, log=logs.append, out=tmp_path)
+    res = pipeline.stage_steering(run)
+    assert set(res["tuning"]) == {"topic_remove", "topic_gated"} and not seen
+    assert all("no political prompts" in t["error"] for t in res["tuning"].values())
+    assert sum("left out of the comparison" in m for m in logs) == 2

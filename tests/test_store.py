@@ -103,3 +103,19 @@ def test_damaged_files_raise_store_error(tmp_path: Path, damage: str) -> None:
         st.unlink()
     with pytest.raises(StoreError):
         load_tree(tmp_path / "x")
+
+
+def test_an_interrupted_save_never_pairs_an_old_header_with_new_tensors(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    stem = tmp_path / "stage"
+    save_tree(stem, {"x": torch.zeros(2)}, header={"fingerprint": "old"})
+    import safetensors.torch
+
+    def write_then_die(tensors, path) -> None:  # noqa: ANN001
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_tree(stem, {"x": torch.ones(2)}, header={"fingerprint": "new"})
+    # no header left that a --resume could match: the result is missing, not mixed
+    assert not (tmp_path / "stage.json").exists()
