@@ -43,14 +43,14 @@ def _softmax_topk(
     top = probs.gather(-1, idx)
     if getattr(router, "norm_topk_prob", spec.norm_topk_default):
         top = top / top.sum(dim=-1, keepdim=True)
-    return top.to(logits.dtype), idx
+    return top, idx
 
 
 def _topk_softmax(
     router: nn.Module, logits: Tensor, k: int, spec: FamilySpec, exclude: Exclude = None
 ) -> tuple[Tensor, Tensor]:
     top, idx = torch.topk(_mask(logits, exclude), k, dim=-1)
-    return torch.softmax(top.float(), dim=-1).to(logits.dtype), idx
+    return torch.softmax(top.float(), dim=-1), idx
 
 
 def _sigmoid_group_topk(
@@ -113,7 +113,7 @@ def _topk_sigmoid_dense(
 ) -> tuple[Tensor, Tensor]:
     top, idx = torch.topk(_mask(logits, exclude), k, dim=1)
     dense = torch.full_like(logits, float("-inf")).scatter_(1, idx, top)
-    return torch.sigmoid(dense.float()).to(logits.dtype), idx
+    return torch.sigmoid(dense.float()), idx
 
 
 ROUTERS: dict[RouterKind, Callable[[nn.Module, Tensor, int, FamilySpec, Exclude], tuple[Tensor, Tensor]]] = {
@@ -144,7 +144,11 @@ def materialized(module: nn.Module) -> Iterator[None]:
 
 
 def route(
-    spec: FamilySpec, router: nn.Module, logits: Float[Tensor, "n_tok n_experts"], top_k: int
+    spec: FamilySpec,
+    router: nn.Module,
+    logits: Float[Tensor, "n_tok n_experts"],
+    top_k: int,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Int[Tensor, "n_tok k"]]:
     """Re-run the family's routing function on (edited) router logits.
 
@@ -152,6 +156,8 @@ def route(
     selection, in every routing kind (correction biases and group scores included). Returns
     ``(weights, indices)``: top-k weights ``[n_tok, k]`` for most families, or dense scores
     ``[n_tok, n_experts]`` where the router emits dense scores (:class:`~moe_interp.adapters.DenseScoreRouter`).
+    Weights are computed in float32 and returned in ``dtype`` (default: the routing function's own, float32
+    for most kinds): pass the dtype of the router's own weights to reproduce them bit for bit.
     """
     floor = excluded_logit(logits.dtype)
     exclude = logits <= floor
@@ -166,7 +172,7 @@ def route(
             f"Router logits exclude too many experts: a token has {n_left} selectable experts left (within "
             f"the groups {spec.router_kind} allows), but the router selects top_k={top_k}."
         )
-    return weights, idx
+    return (weights if dtype is None else weights.to(dtype)), idx
 
 
 def excluded_logit(dtype: torch.dtype) -> float:

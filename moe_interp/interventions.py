@@ -31,8 +31,10 @@ SCOPES_TEXT = ", ".join(repr(x) for x in get_args(Scope))
 RESID_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
 
-def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> Tensor | None:
-    """Boolean ``[batch, pos]`` mask of positions to edit in this forward pass (None: edit nothing).
+def position_mask(ctx: HookContext, positions: Positions, value: Tensor | torch.Size) -> Tensor | None:
+    """Boolean ``[batch, pos]`` mask of positions to edit in this forward pass (None: edit nothing), on the
+    device of ``value`` (the hook's tensor; a layer of a ``device_map`` model may sit on another GPU than the
+    attention mask). A bare shape keeps the attention mask's device.
 
     ``"all"`` edits every non-padding position of every forward pass, ``"prompt"`` only the prompt pass,
     ``"generated"`` only the single-token generation steps, ``"after_first"`` every position but each
@@ -42,10 +44,14 @@ def position_mask(ctx: HookContext, positions: Positions, shape: torch.Size) -> 
     step has one position, so a list holding 0 or −1 also edits every generated token; one without them edits
     the prompt pass only.
     """
+    shape = value.shape if isinstance(value, Tensor) else value
     b, p = shape[0], shape[1]
     mask = ctx.attention_mask
+    if isinstance(value, Tensor) and mask is not None:
+        mask = mask.to(value.device)
     if mask is None or mask.shape != (b, p):  # None: no mask known; generation steps add no padding
-        mask = torch.ones(b, p, dtype=torch.bool, device=None if mask is None else mask.device)
+        dev = value.device if isinstance(value, Tensor) else None if mask is None else mask.device
+        mask = torch.ones(b, p, dtype=torch.bool, device=dev)
     mask = mask.bool()
     if isinstance(positions, str):
         if positions == "all":
@@ -138,7 +144,7 @@ class AddVector:
         pos = check_positions(self.positions)
 
         def fn(x: Tensor, ctx: HookContext) -> Tensor:
-            m = position_mask(ctx, pos, x.shape)
+            m = position_mask(ctx, pos, x)
             if m is None:
                 return x
             return _where(m, x + c * v.to(device=x.device, dtype=x.dtype), x)
@@ -185,7 +191,7 @@ def _ablation(direction: Tensor, d_model: int, positions: Positions, coeff: floa
     c = check_coeff(coeff)
 
     def fn(x: Tensor, ctx: HookContext) -> Tensor:
-        m = position_mask(ctx, pos, x.shape)
+        m = position_mask(ctx, pos, x)
         if m is None:
             return x
         rr = r.to(device=x.device, dtype=x.dtype)
@@ -286,7 +292,7 @@ class AblateExpert:
             renorm = self.mode == "renorm"
 
             def weights_fn(w: Tensor, ctx: HookContext) -> Tensor:
-                m = position_mask(ctx, pos, w.shape)
+                m = position_mask(ctx, pos, w)
                 if m is None:
                     return w
                 new = w.clone()
@@ -300,7 +306,7 @@ class AblateExpert:
         if self.mode == "reroute":
 
             def logits_fn(z: Tensor, ctx: HookContext) -> Tensor:
-                m = position_mask(ctx, pos, z.shape)
+                m = position_mask(ctx, pos, z)
                 if m is None:
                     return z
                 new = z.clone()
@@ -315,7 +321,7 @@ class AblateExpert:
         mean = check_vector(self.mean_output, model.spec.d_model, "mean_output")
 
         def mean_fn(y: Tensor, ctx: HookContext) -> Tensor:
-            m = position_mask(ctx, pos, y.shape)
+            m = position_mask(ctx, pos, y)
             if m is None:
                 return y
             routed = (y != 0).any(-1) & m
@@ -356,7 +362,7 @@ class ForceExpert:
         if self.mode == "router_bias":
 
             def logits_fn(z: Tensor, ctx: HookContext) -> Tensor:
-                m = position_mask(ctx, pos, z.shape)
+                m = position_mask(ctx, pos, z)
                 if m is None:
                     return z
                 bias = torch.full_like(z, -self.bias)
@@ -367,7 +373,7 @@ class ForceExpert:
         only = self.mode == "only"
 
         def weights_fn(w: Tensor, ctx: HookContext) -> Tensor:
-            m = position_mask(ctx, pos, w.shape)
+            m = position_mask(ctx, pos, w)
             if m is None:
                 return w
             if only:
@@ -409,7 +415,7 @@ class SteerRouter:
         act, deact = list(self.activate), list(self.deactivate)
 
         def fn(z: Tensor, ctx: HookContext) -> Tensor:
-            m = position_mask(ctx, pos, z.shape)
+            m = position_mask(ctx, pos, z)
             if m is None:
                 return z
             top, bottom = z.max(-1, keepdim=True).values, z.min(-1, keepdim=True).values

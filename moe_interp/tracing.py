@@ -355,17 +355,12 @@ class LayerTracer:
                 if part == "shared" and want_shared and info.shared is not None:
                     shared_raw = getattr(mlp, info.shared).output
                     if info.shared_gate is None:
-                        shared_out = shared_raw * mult
-                        new = self._site(pfx + "hook_shared_out", self._bp(self._flat_any(shared_out)), L)
-                        if new is not None:
-                            shared_delta = new - self._bp(self._flat_any(shared_out))
+                        shared_delta = self._shared_delta(pfx, self._bp(self._flat_any(shared_raw * mult)), L)
                 elif part == "shared_gate" and want_shared and info.shared_gate is not None:
                     assert shared_raw is not None  # "shared" precedes "shared_gate" in moe_order
                     gate = getattr(mlp, info.shared_gate).output
                     shared_out = self._bp(torch.sigmoid(gate) * self._flat_any(shared_raw)) * mult
-                    new = self._site(pfx + "hook_shared_out", shared_out, L)
-                    if new is not None:
-                        shared_delta = new - shared_out
+                    shared_delta = self._shared_delta(pfx, shared_out, L)
                 elif part == "router" and want_router:
                     self._router(info, getattr(mlp, spec.router))
                 elif part == "experts" and want_experts:
@@ -382,6 +377,13 @@ class LayerTracer:
                 first = _first(out)
                 mlp.output = _replace_first(out, (new / mult).reshape(first.shape).to(first.dtype))
 
+    def _shared_delta(self, pfx: str, shared_out: Tensor, L: int) -> Tensor | None:
+        """Edit of ``hook_shared_out`` as a delta to add to the MLP output (None: no edit). The reference is
+        copied first when an edit exists, so an edit made in place is not lost (new − new = 0)."""
+        ref = shared_out.clone() if self.req.edits.get(pfx + "hook_shared_out") else shared_out
+        new = self._site(pfx + "hook_shared_out", shared_out, L)
+        return None if new is None else new - ref
+
     def _flat_any(self, x: Tensor) -> Tensor:
         return x.reshape(self.b * self.p, x.shape[-1])
 
@@ -393,7 +395,11 @@ class LayerTracer:
         new_logits = self._site(pfx + "hook_router_logits", self._bp(routing.logits), L)
         if new_logits is not None:
             logits = self._flat(new_logits)
-            routing = io.rerouted(logits, *route(spec, router._module, logits, info.top_k))
+            # in the router's own weight dtype (Mixtral: fp32 under bf16 logits; Granite: the reverse), so an
+            # edit at some positions leaves the others' weights bit-identical
+            routing = io.rerouted(
+                logits, *route(spec, router._module, logits, info.top_k, routing.weights.dtype)
+            )
             changed = True
         idx_name, w_name = pfx + "hook_expert_indices", pfx + "hook_expert_weights"
         indices = io.selected(routing, info.top_k)

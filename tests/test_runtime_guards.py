@@ -343,3 +343,47 @@ def test_excluding_too_many_experts_is_an_error(tiny_model: Callable[[str], Any]
     with model.intervene(mi.EditHook("blocks.1.mlp.hook_router_logits", keep_one)):
         with pytest.raises(ValueError, match=r"1 selectable experts left .* top_k=2"):
             model.forward(PROMPTS)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_in_place_edit_of_the_shared_expert_counts(family: str, tiny_model: Callable[[str], Any]) -> None:
+    """An edit that zeroes hook_shared_out in place must act as the same edit made out of place (the delta
+    used to be new − new = 0, so it was dropped while the cache showed it)."""
+    model = tiny_model(family)
+    L = next(i for i, layer in enumerate(model.layers) if layer.is_moe)
+    hook = f"blocks.{L}.mlp.hook_shared_out"
+    base = model.forward(PROMPTS)
+    with model.intervene(mi.EditHook(hook, lambda x, ctx: x * 0)):
+        out_of_place = model.forward(PROMPTS)
+    with model.intervene(mi.EditHook(hook, lambda x, ctx: x.mul_(0))):
+        in_place = model.forward(PROMPTS)
+    assert (out_of_place - base).abs().max() > 1e-4
+    torch.testing.assert_close(in_place, out_of_place, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "granitemoe", "deepseek_v3", "olmoe"])
+def test_router_edits_leave_other_positions_bit_identical_in_bf16(family: str) -> None:
+    """Re-routing returns weights in the router's own dtype: an identity edit of the logits changes nothing,
+    and rerouting at the last position changes no earlier position (causality), in bf16."""
+    model = mi.load(f"tiny:{family}", dtype=torch.bfloat16)
+    L = next(i for i, layer in enumerate(model.layers) if layer.is_moe)
+    base = model.forward(PROMPTS)
+    with model.intervene(mi.EditHook(f"blocks.{L}.mlp.hook_router_logits", lambda x, ctx: x.clone())):
+        assert torch.equal(model.forward(PROMPTS), base)
+    with model.intervene(mi.AblateExpert(layer=L, expert=0, mode="reroute", positions=[-1])):
+        assert torch.equal(model.forward(PROMPTS)[:, :-1], base[:, :-1])
+
+
+@pytest.mark.parametrize("positions", ["all", "after_first", [-2, -1]])
+def test_position_mask_follows_the_hook_tensor_device(positions: Any) -> None:
+    """device_map across GPUs: the attention mask sits on the first device, a layer's tensor on another; the
+    mask must come on the tensor's device (here the mask is on the CPU and the tensor on 'meta')."""
+    from moe_interp.interventions import position_mask
+    from moe_interp.tracing import HookContext
+
+    ctx = HookContext("blocks.1.hook_resid_pre", 1, torch.ones(2, 5, dtype=torch.long), True, 0)
+    m = position_mask(ctx, positions, torch.zeros(2, 5, 3, device="meta"))
+    assert m is not None and m.device.type == "meta"
+    assert (
+        position_mask(ctx, positions, torch.Size([2, 5, 3])).device.type == "cpu"
+    )  # a bare shape: as before

@@ -206,6 +206,7 @@ def _affected(model: MoEModel, prefix: PrefixCache, L: int, mode: str, sel: Tens
             router,
             z.index_fill(1, torch.tensor([e], device=z.device), excluded_logit(z.dtype)),
             info.top_k,
+            w.dtype,
         )
         dense = spec.router_adapter.routed_dense(new_w, idx, info.n_experts)
         out.append(((dense.view_as(w) != w).any(-1) & rel).any(1))

@@ -86,7 +86,7 @@ class AddSteering:
 
     def __call__(self, x: Tensor, ctx: HookContext) -> Tensor:
         """Return ``x`` with ``coeff * vector`` added at the selected positions."""
-        mask = position_mask(ctx, self.positions, x.shape)
+        mask = position_mask(ctx, self.positions, x)
         if mask is None:
             return x
         mask = mask.to(x.device)

@@ -504,7 +504,7 @@ class ExpertConditionedAdd:
             p = state.pop("p", None)
             if p is None:
                 raise RuntimeError(f"ExpertConditionedAdd: no router probabilities for layer {self.layer}.")
-            m = position_mask(ctx, pos, h.shape)
+            m = position_mask(ctx, pos, h)
             if m is None:
                 return h
             delta = c * (p @ R.to(p.device))  # [batch, pos, d_model]
