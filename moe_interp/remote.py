@@ -89,10 +89,13 @@ def _trace(
     b, p = ids.shape
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     kw = {"logits_to_keep": 1} if last_only else {}
-    with nn.trace(input_ids=ids, attention_mask=mask, position_ids=pos, remote=remote, **kw):
-        store: dict[str, list[Tensor]] = {}
-        LayerTracer(nn, spec, layers, request, store, b, p, mask).run()
-        result = nnsight.save((store, nn.output.logits))
+    # attention weights need eager attention: switched here for the local dry run (a served model keeps its own)
+    eager = remote == "local" and any(n.endswith("attn.hook_pattern") for n in request.reads)
+    with model._eager_attention(eager), torch.no_grad():  # no autograd graph kept on what comes back
+        with nn.trace(input_ids=ids, attention_mask=mask, position_ids=pos, remote=remote, **kw):
+            store: dict[str, list[Tensor]] = {}
+            LayerTracer(nn, spec, layers, request, store, b, p, mask).run()
+            result = nnsight.save((store, nn.output.logits))
     return result
 
 
@@ -109,10 +112,15 @@ def run_with_cache(
 
     ``remote``: ``True`` (the configured NDIF host), a host URL, or ``"local"`` (nnsight's serialise /
     deserialise dry run, executed here). Everything saved is downloaded: keep ``names`` and ``positions`` small.
+    ``names=None`` reads every hook but ``attn.hook_pattern`` (it needs eager attention; ask for it by name).
     """
     from moe_interp.model import MoECache
 
     resolved = model._resolve_names(names)
+    if (
+        names is None
+    ):  # attention patterns need eager attention, which a served model may not run: by name only
+        resolved = [n for n in resolved if not n.endswith("attn.hook_pattern")]
     if isinstance(positions, int):
         positions = [positions]
     ids, mask = _encode(model, prompts, chat)

@@ -223,7 +223,9 @@ class TLCacheMixin:
                 )
             comps.append(ps.apply(self.cache_dict[name], dim=-3))
             labels += [f"L{info.index}H{h}" for h in range(info.n_heads)]
-        ref = ps.apply(self.cache_dict[f"blocks.{max(layer - 1, 0)}.hook_resid_post"], dim=-2)
+        # the residual the heads below ``layer`` write into: the input of block 0 when there are none
+        ref_name = f"blocks.{layer - 1}.hook_resid_post" if layer > 0 else "blocks.0.hook_resid_pre"
+        ref = ps.apply(self.cache_dict[ref_name], dim=-2)
         if comps:
             stack = einops.rearrange(torch.cat(comps, dim=-2), "... c d -> c ... d")
         else:

@@ -58,3 +58,20 @@ def test_connect_builds_a_meta_model(tmp_path) -> None:  # noqa: ANN001
     logits = remote.forward(model, PROMPTS, remote="local")
     torch.testing.assert_close(logits, src.forward(PROMPTS), atol=0, rtol=0)
     assert remote.payload_bytes(model, PROMPTS, NAMES) < 1 << 20
+
+
+def test_default_names_and_patterns_by_name_and_no_graph(tiny_model) -> None:  # noqa: ANN001
+    """names=None runs (every hook but the attention pattern), a pattern asked for by name is read with
+    eager attention in the local dry run and equals the local one, and nothing carries an autograd graph."""
+    model = tiny_model("olmoe")
+    impl = model.hf_model.config._attn_implementation
+    logits, cache = remote.run_with_cache(model, PROMPTS, remote="local")
+    assert not logits.requires_grad and not any(cache[k].requires_grad for k in cache.keys())
+    assert "blocks.1.hook_resid_pre" in cache.keys() and not any(
+        k.endswith("hook_pattern") for k in cache.keys()
+    )
+    name = "blocks.1.attn.hook_pattern"
+    _, got = remote.run_with_cache(model, PROMPTS, [name], remote="local")
+    _, ref = model.run_with_cache(PROMPTS, names=[name])
+    torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=0)
+    assert model.hf_model.config._attn_implementation == impl  # switched for the read only

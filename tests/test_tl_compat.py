@@ -116,6 +116,10 @@ def test_stack_head_results() -> None:
         )
     with_rest = cache.stack_head_results(layer=2, incl_remainder=True)
     torch.testing.assert_close(with_rest.sum(0), cache["blocks.1.hook_resid_post"], rtol=0, atol=ATOL)
+    # below layer 0 there are no heads: the remainder is the residual block 0 reads, not block 0's output
+    only_rest = cache.stack_head_results(layer=0, incl_remainder=True)
+    assert only_rest.shape[0] == 1
+    torch.testing.assert_close(only_rest[0], cache["blocks.0.hook_resid_pre"], rtol=0, atol=0)
 
 
 def test_stack_head_results_hybrid(tiny_model) -> None:  # noqa: ANN001
