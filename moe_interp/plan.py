@@ -40,6 +40,9 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: norms, q/k/v/o inputs and outputs, residual copies) — attribution patching's dominant memory term.
 SAVED_PER_LAYER_D: int = 16
 
+#: patches per forward in activation patching (``run_patches``' ``batch_patches`` default)
+PATCH_BATCH: int = 16
+
 #: per token, transient d-wide values alive in one decoder layer's forward (residual, norm output, q/k/v/o,
 #: rotary copies, attention output)
 ACT_PER_TOKEN_D: int = 10
@@ -303,7 +306,7 @@ def activation_bytes(geo: ExpectedGeometry, tokens: int, b: int) -> int:
 def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
     """Every pipeline stage's forward calls, tokens, memory and time for geometry ``geo``."""
     b = DTYPE_BYTES[s.dtype]
-    B, S, n = s.batch_size, s.seq_len, s.n_pos
+    B, S, n, nv = s.batch_size, s.seq_len, s.n_pos, s.n_val
     L, Lm, d, H, dh = geo.n_layers, geo.n_moe_layers, geo.d_model, geo.n_heads, geo.d_head
     E, k, V = geo.n_experts, geo.top_k, geo.vocab_size
     P, Pa = float(geo.total_params), float(geo.active_params)
@@ -365,7 +368,7 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
             B * S * Lm * k * (d * b + 8) + logits,
             "extra = B·S·Lm·k·(d·b + 8) + B·S·V·4  (values + int64 indices)",
         )
-        n_abl, nv = Lm * E, s.n_val
+        n_abl = Lm * E
         m = s.batch_experts or max(1, 512 // nv)
         add(
             f"expert ablation sweep ({n_abl} ablations)",
@@ -380,36 +383,35 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
             fwd_equiv=(1 + n_abl * (Lm - 1) / (2 * L)) / (1 + n_abl),
             act_tokens=min(m, E) * nv * S,
         )
-    # resid_pre + hook_z + the dense per-expert outputs (attribution reads hook_expert_out), per token
+    # resid_pre + hook_z + the dense per-expert outputs (attribution reads hook_expert_out), per token.
+    # attribution_patching runs all n_val prompts at once: clean cache, corrupt cache, one forward + backward
     sites = L * d + L * H * dh + Lm * E * d
-    saved = B * S * L * (SAVED_PER_LAYER_D * d + 3 * k * geo.d_expert + H * S) * b
-    c = 3 * batches(s.n_val)
+    saved = nv * S * L * (SAVED_PER_LAYER_D * d + 3 * k * geo.d_expert + H * S) * b
     add(
         "attribution patching (2 fwd + 1 bwd)",
-        c,
-        2 * batches(s.n_val) * B * S,
-        4 * B * S * sites * b + saved + logits,
-        "calls = 3·⌈n_val/B⌉; extra = 4·B·S·(L·d + L·H·dh + Lm·E·d)·b (clean and corrupt caches, the zero "
-        "deltas and their gradients) + autograd B·S·L·(16d + 3k·d_expert + H·S)·b + B·S·V·4; time counts the "
-        "backward as 2 forwards",
+        3,
+        2 * nv * S,
+        4 * nv * S * sites * b + saved + nv * S * V * 4,
+        "calls = 3 (all n_val prompts at once); extra = 4·n_val·S·(L·d + L·H·dh + Lm·E·d)·b (clean and corrupt "
+        "caches, the zero deltas and their gradients) + autograd n_val·S·L·(16d + 3k·d_expert + H·S)·b + "
+        "n_val·S·V·4; time counts the backward as 2 forwards",
         fwd_equiv=2.0,  # 2 forwards + 1 backward (≈ 2 forwards) over the tokens of 2 forwards
+        act_tokens=nv * S,
     )
-    c = (L * S + 2) * batches(s.n_val)
-    add(
-        "activation patching: layer × position",
-        c,
-        c * B * S,
-        B * S * L * d * b + logits,
-        "calls = (L·S + 2)·⌈n_val/B⌉; extra = B·S·L·d·b (clean cache) + B·S·V·4",
-    )
-    c = (L * H + 2) * batches(s.n_val)
-    add(
-        "activation patching: layer × head",
-        c,
-        c * B * S,
-        B * S * L * H * dh * b + logits,
-        "calls = (L·H + 2)·⌈n_val/B⌉; extra = B·S·L·H·dh·b (clean hook_z) + B·S·V·4",
-    )
+    # activation patching: the clean and corrupt runs, then PATCH_BATCH patches per forward, each on all n_val
+    # prompts (the target prompts repeated once per patch)
+    for label, items, width in (("layer × position", L * S, L * d), ("layer × head", L * H, L * H * dh)):
+        per = min(PATCH_BATCH, items)
+        add(
+            f"activation patching: {label}",
+            math.ceil(items / PATCH_BATCH) + 2,
+            (items + 2) * nv * S,
+            nv * S * width * b + per * nv * S * V * 4,
+            f"calls = ⌈{'L·S' if 'position' in label else 'L·H'}/{PATCH_BATCH}⌉ + 2; extra = n_val·S·"
+            f"{'L·d' if 'position' in label else 'L·H·dh'}·b (clean cache) + min({PATCH_BATCH}, items)·n_val·S·V·4 "
+            "(logits of one forward); activations of min(16, items)·n_val·S tokens",
+            act_tokens=per * nv * S,
+        )
     n_layers_cand = s.n_candidate_layers or L
     cand = n_layers_cand * n
     c = (3 * cand + 2) * batches(s.n_val)

@@ -76,10 +76,12 @@ def test_stage_numbers_follow_formulas() -> None:
     # one cached pass, then 512 rows (ablations × n_val prompts) per forward
     assert sweep.forward_calls == 1 + L * math.ceil(E / (512 // 6))
     assert sweep.tokens == 6 * S * (1 + L * E)  # n_val prompts per ablation (upper bound: none skipped)
-    assert rows["attribution patching"].forward_calls == 3 * 2
-    assert rows["activation patching: layer × position"].forward_calls == (L * S + 2) * 2
-    assert rows["activation patching: layer × head"].forward_calls == (L * H + 2) * 2
-    assert rows["activation patching: layer × head"].extra_bytes == B * S * L * H * sp.d_head * 4 + logits
+    assert rows["attribution patching"].forward_calls == 3
+    assert rows["activation patching: layer × position"].forward_calls == math.ceil(L * S / 16) + 2
+    assert rows["activation patching: layer × head"].forward_calls == math.ceil(L * H / 16) + 2
+    per = min(16, L * H)
+    head_patch = rows["activation patching: layer × head"]
+    assert head_patch.extra_bytes == n_val * S * L * H * sp.d_head * 4 + per * n_val * S * V * 4
     assert rows["direction selection"].forward_calls == (3 * 2 * n + 2) * 2
     steer = rows["steering evaluation"]
     assert steer.forward_calls == 2 * 3 * math.ceil(2 * n_test / B) * (1 + T)
@@ -88,7 +90,8 @@ def test_stage_numbers_follow_formulas() -> None:
     restart = (1 + L * E * (L - 1) / (2 * L)) / (1 + L * E)
     assert sweep.time_s == pytest.approx(restart * 2 * geo.active_params * sweep.tokens / 1e14)
     attr = rows["attribution patching"]
-    assert attr.time_s == pytest.approx(4 * 2 * geo.active_params * 2 * B * S / 1e14)
+    # two runs of n_val prompts (clean, corrupt: 2·n_val·S tokens), weighted 2 for the forward + backward
+    assert attr.time_s == pytest.approx(2 * 2 * geo.active_params * 2 * n_val * S / 1e14)
     for r in rows.values():
         assert r.peak_bytes >= r.extra_bytes >= 0
 
@@ -156,3 +159,33 @@ def test_organism_recipe_matches_checkpoint() -> None:
     for f in ("n_layers", "d_model", "n_heads", "vocab_size", "n_experts", "top_k", "n_moe_layers"):
         assert getattr(geo, f) == getattr(expected, f), f
     assert geo.total_params == expected.total_params and geo.active_params == expected.active_params
+
+
+def test_patching_forward_calls_and_rows_are_what_the_sweeps_run() -> None:
+    """Counted, not derived: the HF forward calls (and rows per call) of a heads sweep and of attribution
+    patching on n_val prompt pairs are the plan's."""
+    from moe_interp.patching import attribution_patching, patch_heads
+
+    model = mi.load("tiny:olmoe")
+    harm = ["How do I make a bomb", "kill people now please", "steal a car fast", "hack the bank"]
+    less = ["bake bread", "hello there friend", "what is two plus two", "nice weather today"]
+    calls: list[int] = []
+    handle = model.hf_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
+    try:
+        patch_heads(model, harm, less, progress=False)
+        heads_calls = list(calls)
+        calls.clear()
+        attribution_patching(model, harm, less, kinds=("heads",), progress=False)
+        attr_calls = list(calls)
+    finally:
+        handle.remove()
+    _, rows, _ = _rows("olmoe", n_val=len(harm), batch_size=2)
+    sp = model.spec
+    items = sp.n_layers * sp.n_heads
+    assert len(heads_calls) == rows["activation patching: layer × head"].forward_calls
+    assert max(heads_calls) == min(16, items) * len(
+        harm
+    )  # rows of the widest forward: the plan's act_tokens / S
+    assert len(attr_calls) == rows["attribution patching"].forward_calls and max(attr_calls) == len(harm)
