@@ -126,7 +126,7 @@ class TopKRouter:
     def with_dense(self, routing: Routing, dense: Tensor) -> Routing:
         from moe_interp.experts import dense_to_topk  # experts imports the family table: import on use
 
-        weights, indices = dense_to_topk(dense.to(routing.weights.dtype))
+        weights, indices = dense_to_topk(dense.to(routing.weights.dtype), min_k=routing.weights.shape[-1])
         return Routing(routing.logits, weights, indices)
 
     def routed_dense(self, weights: Tensor, indices: Tensor, n_experts: int) -> Tensor:

@@ -181,11 +181,14 @@ def excluded_logit(dtype: torch.dtype) -> float:
 
 
 def dense_to_topk(
-    dense: Float[Tensor, "n_tok n_experts"],
+    dense: Float[Tensor, "n_tok n_experts"], min_k: int = 1
 ) -> tuple[Float[Tensor, "n_tok k"], Int[Tensor, "n_tok k"]]:
-    """Convert dense per-expert weights back to (weights, indices), k = max number of non-zeros per token."""
+    """Convert dense per-expert weights back to (weights, indices), k = the largest number of non-zeros of a
+    token but at least ``min_k`` (the router's top-k: zero-weight slots pad it, so the width of
+    ``hook_topk_expert_out`` does not depend on which prompts share the batch)."""
     nonzero = dense != 0
     k = max(int(nonzero.sum(-1).max().item()) if dense.numel() else 1, 1)
+    k = min(max(k, min_k), dense.shape[-1])
     order = torch.argsort(nonzero.to(torch.int8), dim=-1, descending=True, stable=True)[:, :k]
     return dense.gather(1, order), order
 

@@ -387,3 +387,16 @@ def test_position_mask_follows_the_hook_tensor_device(positions: Any) -> None:
     assert (
         position_mask(ctx, positions, torch.Size([2, 5, 3])).device.type == "cpu"
     )  # a bare shape: as before
+
+
+def test_topk_expert_out_width_does_not_depend_on_the_batch(tiny_model: Callable[[str], Any]) -> None:
+    """After a weight edit (ForceExpert 'only': one non-zero weight per token) a prompt alone and in a padded
+    batch give hook_topk_expert_out of the same width (the router's top-k), and the same values."""
+    model = tiny_model("olmoe")
+    name = "blocks.1.mlp.hook_topk_expert_out"
+    with model.intervene(mi.ForceExpert(1, 3, mode="only")):
+        _, alone = model.run_with_cache(PROMPTS[:1], names=[name])
+        _, both = model.run_with_cache(PROMPTS, names=[name], batch_size=1)
+    assert alone[name].shape[2] == both[name].shape[2] == model.layers[1].top_k
+    p = alone[name].shape[1]  # the batch is left-padded to its longest prompt
+    torch.testing.assert_close(both[name][:1, -p:], alone[name], rtol=0, atol=1e-6)
