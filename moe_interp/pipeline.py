@@ -401,8 +401,11 @@ def run_pipeline(
         # a bundled organism ("organism", "smollm_moe") runs with its own recipe; "tiny:<family>" with the
         # smoke recipe (a random model's 256-token context cannot hold the default prompts and generations)
         tiny = model_source.startswith("tiny:")
-        recipe = "tiny" if tiny else model_source
-        default = Path(__file__).resolve().parents[1] / "circuits" / recipe / "config.json"
+        default = (
+            Path(__file__).resolve().parent / "data" / "locate_tiny.json"
+            if tiny
+            else Path(__file__).resolve().parents[1] / "circuits" / model_source / "config.json"
+        )
         named = model_source in NAMED_MODELS or tiny
         cfg = (
             replace(load_config(default), model=model_source)

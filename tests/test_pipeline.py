@@ -192,7 +192,7 @@ def test_a_failing_stage_says_how_to_resume(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_locate_end_to_end_on_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg_path = (
-        Path(__file__).parents[1] / "circuits" / "tiny" / "config.json"
+        Path(__file__).parents[1] / "moe_interp" / "data" / "locate_tiny.json"
     )  # also the CI main job (its default)
     out = tmp_path / "out"
     # tiny:* runs the smoke recipe by default (the generic one overflows a random model's 256-token context)
@@ -295,7 +295,7 @@ def test_patching_by_attribution_sweeps_only_the_top_ranked_experts(tmp_path: Pa
         assert abs(float(eff[L, e]) - float(loop[L, e])) <= 1e-5
     assert int(torch.isfinite(eff).sum()) == 3  # nothing else was swept
     # the whole run in this mode writes its report and the top-ranked scatter
-    cfg = json.loads((Path(__file__).parents[1] / "circuits" / "tiny" / "config.json").read_text())
+    cfg = json.loads((Path(__file__).parents[1] / "moe_interp" / "data" / "locate_tiny.json").read_text())
     cfg.update(patching="attribution", patching_top_n=4)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
@@ -322,8 +322,12 @@ def test_model_hash_sees_a_few_edited_rows_and_the_chat_template() -> None:
         emb[row] += 0.5  # no element of this row is in the strided sample
     h1 = hash_model(m)
     assert h1 != h0
-    m.tokenizer.chat_template = "{{ messages[0]['content'] }}"
-    assert hash_model(m) != h1
+    old = m.tokenizer.chat_template  # the tiny tokenizer is shared by every tiny model: restore it
+    try:
+        m.tokenizer.chat_template = "{{ messages[0]['content'] }}"
+        assert hash_model(m) != h1
+    finally:
+        m.tokenizer.chat_template = old
 
 
 def test_topic_methods_without_political_prompts_are_left_out(monkeypatch, tmp_path: Path) -> None:

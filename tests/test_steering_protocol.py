@@ -190,6 +190,9 @@ class _EJudge(SubstringJudge):
     def __init__(self) -> None:
         super().__init__(phrases=["e"])
 
+    def match_count(self, completion: str) -> int:  # the letter anywhere (phrases match whole words only)
+        return int("e" in completion.lower())
+
 
 def test_comparison_baseline_matches_evaluate_at_the_same_length(olmoe: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(ev, "SubstringJudge", _EJudge)
