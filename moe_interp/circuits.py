@@ -535,7 +535,7 @@ def locate_refusal_circuit(
             "n_experts": s.n_experts,
             "top_k": s.top_k,
             "moe_layers": list(s.moe_layers),
-        },  # fmt: skip
+        },
         "method": method,
         "selection": selection,
         "refine": refine,

@@ -44,14 +44,13 @@ def position_mask(ctx: HookContext, positions: Positions, value: Tensor | torch.
     step has one position, so a list holding 0 or −1 also edits every generated token; one without them edits
     the prompt pass only.
     """
-    shape = value.shape if isinstance(value, Tensor) else value
+    shape, device = (value.shape, value.device) if isinstance(value, Tensor) else (value, None)
     b, p = shape[0], shape[1]
     mask = ctx.attention_mask
-    if isinstance(value, Tensor) and mask is not None:
-        mask = mask.to(value.device)
+    if mask is not None and device is not None:
+        mask = mask.to(device)
     if mask is None or mask.shape != (b, p):  # None: no mask known; generation steps add no padding
-        dev = value.device if isinstance(value, Tensor) else None if mask is None else mask.device
-        mask = torch.ones(b, p, dtype=torch.bool, device=dev)
+        mask = torch.ones(b, p, dtype=torch.bool, device=device if mask is None else mask.device)
     mask = mask.bool()
     if isinstance(positions, str):
         if positions == "all":

@@ -397,27 +397,27 @@ def run_pipeline(
 
     out = Path(out)
     check_out_dir(out)  # checked again under the lock; here to fail before the model is loaded
+
+    def bundled(source: str) -> bool:  # a model that ships with its recipe (a named organism or tiny:*)
+        return source in NAMED_MODELS or source.startswith("tiny:")
+
     if config is None:
         # a bundled organism ("organism", "smollm_moe") runs with its own recipe; "tiny:<family>" with the
         # smoke recipe (a random model's 256-token context cannot hold the default prompts and generations)
-        tiny = model_source.startswith("tiny:")
         default = (
             Path(__file__).resolve().parent / "data" / "locate_tiny.json"
-            if tiny
+            if model_source.startswith("tiny:")
             else Path(__file__).resolve().parents[1] / "circuits" / model_source / "config.json"
         )
-        named = model_source in NAMED_MODELS or tiny
         cfg = (
             replace(load_config(default), model=model_source)
-            if named and default.exists()
+            if bundled(model_source) and default.exists()
             else PipelineConfig(model=model_source, family="")
         )
     else:
         cfg = load_config(config)
-        bundled = {cfg.model, model_source} & {*NAMED_MODELS} or any(
-            str(x).startswith("tiny:") for x in (cfg.model, model_source)
-        )  # a hub recipe may run on a local copy of its model; a bundled one runs only on its own model
-        if cfg.model and cfg.model != model_source and bundled:
+        # a hub recipe may run on a local copy of its model; a bundled one runs only on its own model
+        if cfg.model and cfg.model != model_source and (bundled(cfg.model) or bundled(model_source)):
             raise ValueError(
                 f"config {config} is for model {cfg.model!r}, but the model given is {model_source!r}; "
                 f'pass {cfg.model!r} as the model, or set "model" in the config.'

@@ -400,16 +400,19 @@ def plan(geo: ExpectedGeometry, s: PlanSettings) -> list[Stage]:
     )
     # activation patching: the clean and corrupt runs, then PATCH_BATCH patches per forward, each on all n_val
     # prompts (the target prompts repeated once per patch)
-    for label, items, width in (("layer × position", L * S, L * d), ("layer × head", L * H, L * H * dh)):
+    for label, items, width, items_f, width_f in (
+        ("layer × position", L * S, L * d, "L·S", "L·d"),
+        ("layer × head", L * H, L * H * dh, "L·H", "L·H·dh"),
+    ):
         per = min(PATCH_BATCH, items)
         add(
             f"activation patching: {label}",
             math.ceil(items / PATCH_BATCH) + 2,
             (items + 2) * nv * S,
             nv * S * width * b + per * nv * S * V * 4,
-            f"calls = ⌈{'L·S' if 'position' in label else 'L·H'}/{PATCH_BATCH}⌉ + 2; extra = n_val·S·"
-            f"{'L·d' if 'position' in label else 'L·H·dh'}·b (clean cache) + min({PATCH_BATCH}, items)·n_val·S·V·4 "
-            "(logits of one forward); activations of min(16, items)·n_val·S tokens",
+            f"calls = ⌈{items_f}/{PATCH_BATCH}⌉ + 2; extra = n_val·S·{width_f}·b (clean cache) + "
+            f"min({PATCH_BATCH}, {items_f})·n_val·S·V·4 (logits of one forward); activations of "
+            f"min({PATCH_BATCH}, {items_f})·n_val·S tokens",
             act_tokens=per * nv * S,
         )
     n_layers_cand = s.n_candidate_layers or L

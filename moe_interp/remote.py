@@ -117,9 +117,8 @@ def run_with_cache(
     from moe_interp.model import MoECache
 
     resolved = model._resolve_names(names)
-    if (
-        names is None
-    ):  # attention patterns need eager attention, which a served model may not run: by name only
+    # attention patterns need eager attention, which a served model may not run: read by name only
+    if names is None:
         resolved = [n for n in resolved if not n.endswith("attn.hook_pattern")]
     if isinstance(positions, int):
         positions = [positions]

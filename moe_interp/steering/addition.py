@@ -89,7 +89,6 @@ class AddSteering:
         mask = position_mask(ctx, self.positions, x)
         if mask is None:
             return x
-        mask = mask.to(x.device)
         delta = (self.coeff * self.vector.to(device=x.device, dtype=torch.float32)).to(x.dtype)
         if self.expert is not None:
             if x.ndim != 4:
