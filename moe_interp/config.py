@@ -421,6 +421,13 @@ def _v_steering_kwargs(v: Any, c: PipelineConfig) -> dict[str, dict[str, Any]]:
     unknown = sorted(set(v) - set(c.steering_methods))
     if unknown:
         raise _fail("steering_kwargs", f"keys among steering_methods {list(c.steering_methods)}", unknown)
+    from moe_interp.steering.registry import method_spec
+
+    for name, kw in v.items():
+        try:
+            method_spec(name).check_kwargs(kw)
+        except ValueError as err:
+            raise ValueError(f"config field 'steering_kwargs': {err}") from None
     return v
 
 

@@ -92,14 +92,22 @@ class MoEModel:
         emb = hf_model.get_input_embeddings()
         self._n_embed = int(getattr(emb, "num_embeddings", 0) or hf_model.config.vocab_size)
         guards.check_vocab(tokenizer, self._n_embed)
+        # everything that can fail runs before the two changes made to the user's objects (eval mode, and a pad
+        # token where the tokenizer has none: batched prompts are padded)
+        try:
+            self.layers = resolve_layers(hf_model, self.family)
+        except AttributeError as err:
+            raise ValueError(
+                f"This {type(hf_model).__name__} does not have the module layout of family "
+                f"{self.family.model_type!r} ({err}); pass an unmodified transformers model of a supported family."
+            ) from None
+        self.spec = make_spec(hf_model, self.family, self.layers)
         self.hf_model = hf_model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or hf_model.config.model_type
         self.nnsight = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
-        self.layers = resolve_layers(hf_model, self.family)
-        self.spec = make_spec(hf_model, self.family, self.layers)
         self._hook_names = enumerate_hooks(self.family, self.layers)
         self._hook_set = set(self._hook_names)
         self._active: list[Any] = []
@@ -461,6 +469,11 @@ def load(
     """
     torch_dtype: torch.dtype | None = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if isinstance(source, PreTrainedModel):
+        if torch_dtype is not None and torch_dtype != source.dtype:
+            raise ValueError(
+                f"dtype={torch_dtype} is for models load() reads; this in-memory model is {source.dtype} and "
+                "load() does not convert your model in place: call .to(dtype) on it first, or leave dtype out."
+            )
         model = MoEModel(source, tokenizer, name=kwargs.pop("name", None))
     elif isinstance(source, str) and source.startswith("tiny:"):
         model = _load_tiny(source.split(":", 1)[1], dtype=torch_dtype, **kwargs)

@@ -96,10 +96,11 @@ class PlanSettings:
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig, n_layers: int, **overrides: Any) -> PlanSettings:
-        """Settings of a pipeline config (candidate layers: ``layers`` minus the pruned last fraction)."""
-        layers = cfg.layer_range(n_layers)
-        keep_below = math.ceil(n_layers * (1 - cfg.prune_last_frac))
-        n_cand = max(1, len([L for L in layers if L < keep_below]))
+        """Settings of a pipeline config. Candidate layers: all of ``layers`` but layer 0 — selection scores
+        the pruned last fraction too (it only excludes it from the choice), while layer 0's candidates are zero
+        vectors (at ``blocks.0.hook_resid_pre`` a post-instruction position holds the same template token's
+        embedding in every prompt) and are skipped."""
+        n_cand = max(1, len([L for L in cfg.layer_range(n_layers) if L > 0]))
         base: dict[str, Any] = dict(
             dtype=cfg.dtype,
             batch_size=cfg.batch_size,

@@ -117,6 +117,21 @@ def _scaled(x: Tensor, factor: float) -> Tensor:
     return x if factor == 1.0 else x * factor
 
 
+def _exact(x: Tensor) -> bool:
+    """fp32/fp64: a re-summation equals the module's own result to rounding; in half precision it does not."""
+    return x.dtype in (torch.float32, torch.float64)
+
+
+def _unscale(orig: Tensor, ref: Tensor, new: Tensor, mult: float) -> Tensor:
+    """The module tensor to write back for an edit ``ref → new`` of a hook read as ``orig · mult``.
+
+    With a multiplier (Granite) the edit goes back as a delta, ``orig + (new − ref) / mult``: where nothing
+    was edited the delta is exactly 0 and ``orig`` keeps its bits (``x · m / m`` is not ``x`` in bf16)."""
+    if mult == 1.0:
+        return new.to(orig.dtype)
+    return (orig + (new - ref).reshape(orig.shape) / mult).to(orig.dtype)
+
+
 class LayerTracer:
     """Runs inside a trace: visits hook points of one forward pass in order, saving and editing them."""
 
@@ -186,6 +201,13 @@ class LayerTracer:
     def _flat(self, x: Tensor) -> Tensor:
         return x.reshape(self.b * self.p, *x.shape[2:])
 
+    def _ref(self, value: Tensor, *names: str, always: bool = False) -> Tensor:
+        """``value`` as read, kept for a delta write-back: copied when one of ``names`` is edited (an edit may
+        work in place), and only where a delta is needed (``always``, or ``value`` is a scaled copy)."""
+        if always and any(self.req.edits.get(n) for n in names):
+            return value.clone()
+        return value
+
     def _site(self, name: str, value: Tensor, layer: int | None, pos_dim: int = 1) -> Tensor | None:
         """Edit then save one hook value; returns the edited tensor or None if unedited."""
         new = self._edit(name, value, layer)
@@ -199,9 +221,12 @@ class LayerTracer:
             # in residual units, like blocks.0.hook_resid_pre (Granite scales embeddings after the module)
             attr = self.spec.embedding_multiplier
             mult = float(getattr(self.nn.config, attr, None) or 1.0) if attr else 1.0
-            new = self._site("hook_embed", emb.output * mult if mult != 1.0 else emb.output, None)
+            raw = emb.output
+            val = _scaled(raw, mult)
+            ref = self._ref(val, "hook_embed", always=mult != 1.0)
+            new = self._site("hook_embed", val, None)
             if new is not None:
-                emb.output = new / mult if mult != 1.0 else new
+                emb.output = _unscale(raw, ref, new, mult)
         for info in self.layers:
             if self.req.any_prefix(f"blocks.{info.index}."):
                 self._layer(info)
@@ -280,24 +305,27 @@ class LayerTracer:
                             info.residual_multiplier,
                         )
                         bias = o._module.bias  # a reference stays valid after offloading
-                    new = self._site(r_name, result, L)
                     # The output projection is the sum of the per-head results (+ bias). When the module is a
-                    # plain Linear, that sum replaces it (nnsight skip) so o_proj's matmul is not done twice
-                    # (bench/bench_hooks.py) — if the result was edited, or in fp32/fp64, where the sum equals
-                    # o_proj to rounding. Unedited in half precision, o_proj runs as usual: observing must not
-                    # change the forward by the per-head roundings.
+                    # plain Linear in fp32/fp64, that sum replaces it (nnsight skip), so o_proj's matmul is not
+                    # done twice (bench/bench_hooks.py); the sum equals o_proj to rounding. Otherwise o_proj runs
+                    # as usual and an edit is added to its output as a delta: observing must not change the
+                    # forward by the per-head roundings, nor an edit the positions it leaves alone.
                     plain = type(o._module) is torch.nn.Linear
-                    exact = z.dtype in (torch.float32, torch.float64)
-                    if new is not None or (plain and exact):
+                    fast = plain and _exact(z)
+                    ref = self._ref(result, r_name, always=not fast)
+                    new = self._site(r_name, result, L)
+                    if fast:
                         out = (result if new is None else new).sum(dim=2)
                         if info.residual_multiplier != 1.0:
                             out = out / info.residual_multiplier
                         if bias is not None:
                             out = out + bias
-                        if plain:
-                            o.skip(out.to(z.dtype))
-                        else:
-                            o.output = out.to(z.dtype)
+                        o.skip(out.to(z.dtype))
+                    elif new is not None:
+                        delta = (new - ref).sum(dim=2)
+                        if info.residual_multiplier != 1.0:
+                            delta = delta / info.residual_multiplier
+                        o.output = (o.output + delta).to(z.dtype)
         else:
             attn = getattr(layer, info.linear_attn) if info.linear_attn else None
         if attn is None:
@@ -319,18 +347,19 @@ class LayerTracer:
                 )
             self._save(p_name, pattern, pos_dim=2)
         mult = info.residual_multiplier
-        attn_out = _first(out) * mult
+        raw = _first(out)
+        attn_out = raw * mult
+        ref = self._ref(attn_out, a_name, always=mult != 1.0)
         new_attn = self._site(a_name, attn_out, L)
-        if new_attn is not None:
-            attn_out = new_attn
         if self.req.wants(m_name):
             assert resid_pre is not None  # read by _layer whenever resid_mid is wanted
-            mid = resid_pre + attn_out
+            mid = resid_pre + (attn_out if new_attn is None else new_attn)
+            ref_mid = self._ref(mid, m_name, always=True)
             new_mid = self._site(m_name, mid, L)
-            if new_mid is not None:
-                new_attn = new_mid - resid_pre
+            if new_mid is not None:  # as a delta: (pre + a) − pre is not a in half precision
+                new_attn = (attn_out if new_attn is None else new_attn) + (new_mid - ref_mid)
         if new_attn is not None:
-            attn.output = _replace_first(out, new_attn / mult if mult != 1.0 else new_attn)
+            attn.output = _replace_first(out, _unscale(raw, ref, new_attn, mult))
 
     def _mlp(self, info: LayerInfo, layer: Any) -> None:
         L = info.index
@@ -368,14 +397,15 @@ class LayerTracer:
         mo_name = f"blocks.{L}.hook_mlp_out"
         if self.req.wants(mo_name) or shared_delta is not None:
             out = mlp.output
-            mlp_out = _first(out).reshape(self.b, self.p, -1) * mult
+            first = _first(out)
+            mlp_out = first.reshape(self.b, self.p, -1) * mult
+            ref = self._ref(mlp_out, mo_name, always=mult != 1.0)
             new = mlp_out + shared_delta if shared_delta is not None else None
             edited = self._site(mo_name, new if new is not None else mlp_out, L)
             if edited is not None:
                 new = edited
             if new is not None:
-                first = _first(out)
-                mlp.output = _replace_first(out, (new / mult).reshape(first.shape).to(first.dtype))
+                mlp.output = _replace_first(out, _unscale(first, ref, new, mult).reshape(first.shape))
 
     def _shared_delta(self, pfx: str, shared_out: Tensor, L: int) -> Tensor | None:
         """Edit of ``hook_shared_out`` as a delta to add to the MLP output (None: no edit). The reference is
@@ -424,52 +454,69 @@ class LayerTracer:
 
     def _experts(self, info: LayerInfo, experts: Any) -> None:
         L, pfx, spec = info.index, f"blocks.{info.index}.mlp.", self.spec
-        E = info.n_experts
+        E, mult = info.n_experts, info.residual_multiplier
         per_expert_names = [f"{pfx}experts.{e}.hook_out" for e in range(E)]
+        edit_names = (pfx + "hook_expert_out", *per_expert_names)
         want_dense = self.req.wants(pfx + "hook_expert_out") or any(
             self.req.wants(n) for n in per_expert_names
         )
-        computed: Tensor | None = None
         io = spec.router_adapter
-        dense = io.expert_outputs(experts, E)  # None: the module returns only the sum of the routed experts
-        if dense is not None:
-            dense = dense * info.residual_multiplier
+        raw = io.expert_outputs(experts, E)  # None: the module returns only the sum of the routed experts
+        if raw is not None:
             if self.req.wants(pfx + "hook_topk_expert_out"):
                 raise ValueError(
                     f"{pfx}hook_topk_expert_out is not available for this family; use hook_expert_out."
                 )
-        else:
-            args, kwargs = experts.inputs
-            x, indices, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
-            module = experts._module
-            want_topk = self.req.wants(pfx + "hook_topk_expert_out")
-            if want_dense or want_topk:
-                # One pass over the routed experts (the sparse form), with the same per-expert ops as the HF
-                # module; the dense form is its scatter. The HF module then runs on zero tokens and its
-                # output is set to the sum of these contributions, so experts are computed once, not twice.
-                mult = info.residual_multiplier
-                topk = _scaled(topk_expert_outputs(spec, module, x, weights, indices), mult)
-                if len(args) == 3:
-                    experts.inputs = ((x[:0], indices[:0], weights[:0]), kwargs)
-                    computed = topk.sum(dim=1) if mult == 1.0 else topk.sum(dim=1) / mult
-                if want_dense:
-                    # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~2x cheaper on CPU than an
-                    # element-wise scatter_add over d, zero-fill included (bench/README.md); duplicates
-                    # still accumulate. The buffer comes from a pool (moe_interp.buffers): reused once the
-                    # previous call's cache is dropped, so no fresh pages are faulted in on every call.
-                    n_tok, d = topk.shape[0], topk.shape[-1]
-                    rows = (torch.arange(n_tok, device=topk.device)[:, None] * E + indices.long()).reshape(-1)
-                    dense = BUFFERS.zeros((n_tok * E, d), topk.dtype, topk.device)
-                    dense.index_add_(0, rows, topk.reshape(-1, d))
-                    dense = dense.view(n_tok, E, d)
-            if want_topk:  # read-only (hooks.READ_ONLY_SITES): edits are refused before the trace
-                self._save(pfx + "hook_topk_expert_out", self._bp(topk))
-        if dense is None:
-            if computed is not None:
-                experts.output = computed.to(x.dtype)
+            read = self._bp(_scaled(raw, mult))
+            before = self._ref(read, *edit_names, always=mult != 1.0)
+            after, changed = self._expert_sites(read, per_expert_names, L)
+            if changed:
+                experts.output = io.combine(_unscale(raw, self._flat(before), self._flat(after), mult))
             return
-        dense_bp = self._bp(dense)
-        new = self._site(pfx + "hook_expert_out", dense_bp, L)
+        args, kwargs = experts.inputs
+        x, indices, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
+        want_topk = self.req.wants(pfx + "hook_topk_expert_out")
+        if not (want_dense or want_topk):
+            return
+        # One pass over the routed experts (the sparse form), with the same per-expert ops as the HF module;
+        # the dense form is its scatter.
+        topk = _scaled(topk_expert_outputs(spec, experts._module, x, weights, indices), mult)
+        fast = len(args) == 3 and _exact(x)
+        if want_topk:  # read-only (hooks.READ_ONLY_SITES): edits are refused before the trace
+            self._save(pfx + "hook_topk_expert_out", self._bp(topk))
+        cur: Tensor | None = None
+        ref: Tensor | None = None
+        edited = False
+        if want_dense:
+            # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~2x cheaper on CPU than an element-wise
+            # scatter_add over d, zero-fill included (bench/README.md); duplicates still accumulate. The buffer
+            # comes from a pool (moe_interp.buffers): reused once the previous call's cache is dropped, so no
+            # fresh pages are faulted in on every call.
+            n_tok, d = topk.shape[0], topk.shape[-1]
+            rows = (torch.arange(n_tok, device=topk.device)[:, None] * E + indices.long()).reshape(-1)
+            dense = BUFFERS.zeros((n_tok * E, d), topk.dtype, topk.device)
+            dense.index_add_(0, rows, topk.reshape(-1, d))
+            dense_bp = self._bp(dense.view(n_tok, E, d))
+            ref = self._ref(dense_bp, *edit_names, always=not fast)
+            cur, edited = self._expert_sites(dense_bp, per_expert_names, L)
+        if fast:
+            # fp32/fp64: the HF module runs on zero tokens and its output is set to the sum computed here, so
+            # the experts run once, not twice (the sums agree to rounding).
+            experts.inputs = ((x[:0], indices[:0], weights[:0]), kwargs)
+            total = io.combine(self._flat(cur)) if edited and cur is not None else topk.sum(dim=1)
+            experts.output = (total if mult == 1.0 else total / mult).to(x.dtype)
+        elif edited:
+            # half precision: the module's own sum is kept (it may accumulate in fp32) and an edit is added as
+            # a delta, exactly 0 where nothing was edited — observing must not change the forward.
+            assert cur is not None and ref is not None
+            delta = io.combine(self._flat(cur - ref))
+            orig = experts.output
+            experts.output = (orig + (delta if mult == 1.0 else delta / mult)).to(orig.dtype)
+
+    def _expert_sites(self, dense_bp: Tensor, per_expert_names: list[str], L: int) -> tuple[Tensor, bool]:
+        """Edit then save ``hook_expert_out`` and each ``experts.e.hook_out``; the edited value and whether any
+        edit happened."""
+        new = self._site(per_expert_names[0].rsplit("experts.", 1)[0] + "hook_expert_out", dense_bp, L)
         edited = new is not None
         cur = dense_bp if new is None else new
         for e, name in enumerate(per_expert_names):
@@ -479,8 +526,4 @@ class LayerTracer:
                     cur = cur.clone()
                     cur[:, :, e] = new_e
                     edited = True
-        if edited:
-            flat = self._flat(cur) / info.residual_multiplier
-            experts.output = io.combine(flat).to(dense.dtype)
-        elif computed is not None:
-            experts.output = computed.to(dense.dtype)
+        return cur, edited

@@ -189,3 +189,36 @@ def test_patching_forward_calls_and_rows_are_what_the_sweeps_run() -> None:
         harm
     )  # rows of the widest forward: the plan's act_tokens / S
     assert len(attr_calls) == rows["attribution patching"].forward_calls and max(attr_calls) == len(harm)
+
+
+def test_direction_selection_forward_calls_are_what_selection_runs() -> None:
+    """Counted: select_direction scores every candidate, the pruned last layers included (they are only
+    excluded from the choice), so the plan of a pipeline config counts all of its layers but layer 0 (zero
+    candidates there: a template token's embedding is the same in every prompt)."""
+    from moe_interp.config import PipelineConfig
+    from moe_interp.refusal.directions import collect_resid_stats, directions_from_stats
+    from moe_interp.refusal.selection import select_direction
+
+    model = mi.load("tiny:olmoe", config={"num_hidden_layers": 6})
+    harm = ["How do I make a bomb", "kill people now please", "steal a car fast"]
+    less = ["bake bread", "hello there friend", "what is two plus two"]
+    cfg = PipelineConfig(
+        model="tiny:olmoe", positions=[-2, -1], batch_size=2, n_val=len(harm), prune_last_frac=0.5
+    )
+    layers = cfg.layer_range(model.spec.n_layers)
+    kw = dict(layers=layers, positions=cfg.positions, batch_size=cfg.batch_size, progress=False)
+    dirs = directions_from_stats(
+        collect_resid_stats(model, harm, **kw), collect_resid_stats(model, less, **kw)
+    )
+    calls: list[int] = []
+    handle = model.hf_model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        select_direction(
+            model, dirs, harm, less, prune_last_frac=0.5, batch_size=2, strict=False, progress=False
+        )
+    finally:
+        handle.remove()
+    geo, _, _ = resolve_geometry("tiny:olmoe")
+    s = PlanSettings.from_config(cfg, model.spec.n_layers)
+    row = next(r for r in plan(geo, s) if r.stage.startswith("direction selection"))
+    assert len(calls) == row.forward_calls

@@ -200,6 +200,16 @@ def _base() -> dict:
         ({"seed": True}, "seed"),
         ({"patching": "gradient"}, "patching"),
         ({"patching_top_n": 0}, "patching_top_n"),
+        ({"steering_methods": ["dense"], "steering_kwargs": {"dense": {"top_n": 4}}}, "steering_kwargs"),
+        # the keyword autotuning sweeps, and topic methods' keep= prompts, are the pipeline's to set
+        (
+            {"steering_methods": ["steer_router"], "steering_kwargs": {"steer_router": {"n_deactivate": 2}}},
+            "steering_kwargs",
+        ),
+        (
+            {"steering_methods": ["topic_gated"], "steering_kwargs": {"topic_gated": {"keep": ["x"]}}},
+            "steering_kwargs",
+        ),
     ],
 )
 def test_bad_values_name_the_field(patch: dict, field: str, tmp_path: Path) -> None:
@@ -288,3 +298,14 @@ def test_every_field_has_one_validator_and_validate_changes_nothing() -> None:
     cfg.n_val = 0  # a field changed after construction is caught by validate()
     with pytest.raises(ValueError, match="'n_val'"):
         cfg.validate()
+
+
+def test_steering_kwargs_are_checked_against_the_fit_function_and_the_one_it_forwards_to() -> None:
+    """expert_conditioned passes its other keywords on to fit_routing_experts: top_n is accepted there."""
+    data = {**_base(), "steering_methods": ["expert_conditioned", "topic_induce"]}
+    ok = {"expert_conditioned": {"top_n": 8, "topk": True}, "topic_induce": {"layer": 1, "coeff": 2.0}}
+    assert PipelineConfig.from_dict({**data, "steering_kwargs": ok}).steering_kwargs == ok
+    with pytest.raises(
+        ValueError, match=r"'expert_conditioned' does not take \['top_m'\].*takes \[.*'top_n'"
+    ):
+        PipelineConfig.from_dict({**data, "steering_kwargs": {"expert_conditioned": {"top_m": 8}}})

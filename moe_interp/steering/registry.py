@@ -10,7 +10,8 @@ strength is tuned, so callers (the pipeline, autotuning, the demo) need no per-m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,11 +48,34 @@ class MethodSpec:
     fit: Callable[..., Steering]
     data: Data = "harmful"
     tuning: str = "coefficient"
+    #: the fit function that ``fit`` passes its other keywords (``**kw``) on to, if any
+    forwards_to: Callable[..., Steering] | None = None
 
     @property
     def needs_keep(self) -> bool:
         """Whether the fit takes ``keep=`` prompts (topic methods)."""
         return self.data == "topic"
+
+    def check_kwargs(self, kw: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for fit keywords this method does not take, or that the caller sets itself
+        (``keep=`` of topic methods, the keyword that autotuning sweeps) — so a recipe fails when it is read,
+        not at its steering stage."""
+        accepted: list[str] = []
+        for fn in (self.fit, self.forwards_to):
+            if fn is not None:
+                params = inspect.signature(fn).parameters.items()
+                accepted += [n for n, p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and n[0] != "_"]
+        reserved = {"keep"} if self.needs_keep else set()
+        if self.tuning != "coefficient":
+            reserved.add(self.tuning)
+        allowed = [n for n in dict.fromkeys(accepted) if n not in reserved]
+        bad = sorted(k for k in kw if k not in allowed)
+        if bad:
+            raise ValueError(
+                f"steering method {self.name!r} does not take {bad} here; it takes {allowed}"
+                + (f" ({sorted(reserved)} set by the pipeline)" if reserved else "")
+                + "."
+            )
 
     def __call__(
         self, model: MoEModel, harmful: Sequence[str], harmless: Sequence[str], **kw: Any
@@ -66,13 +90,13 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("dense", fit_dense),
         MethodSpec("dense_multi", fit_dense_multi),
         MethodSpec("routing_experts", fit_routing_experts),
-        MethodSpec("expert_conditioned", fit_expert_conditioned),
+        MethodSpec("expert_conditioned", fit_expert_conditioned, forwards_to=fit_routing_experts),
         MethodSpec("expert_conditioned_all", fit_expert_conditioned_all),
         MethodSpec("single_expert", fit_single_expert),
         MethodSpec("steer_router", fit_steer_router, tuning="n_deactivate"),
         MethodSpec("ridge", fit_ridge),
         MethodSpec("topic_remove", fit_topic_remove, data="topic"),
-        MethodSpec("topic_induce", fit_topic_induce, data="topic"),
+        MethodSpec("topic_induce", fit_topic_induce, data="topic", forwards_to=fit_topic_remove),
         MethodSpec("topic_gated", fit_topic_gated, data="topic"),
     )
 }
