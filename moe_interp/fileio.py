@@ -45,8 +45,8 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
         raise MissingFileError(f"{path} not found; expected {what}")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path} is not valid JSON ({err}); expected {what}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise InputError(f"{path} is not valid JSON ({err!s:.120}); expected {what}") from None
     if not isinstance(doc, dict):
         raise InputError(f"{path} holds a JSON {type(doc).__name__}; expected {what} (a JSON object)")
     return doc

@@ -108,7 +108,8 @@ def _freeze(key: Any) -> Any:
 def save_tree(stem: str | Path, obj: Any, header: dict[str, Any] | None = None) -> list[Path]:
     """Write ``obj`` to ``<stem>.json`` (+ ``<stem>.safetensors`` when it holds tensors); returns the paths.
 
-    The tensors file is written first and the JSON last, so a JSON file that exists names a complete result.
+    The tensors file is written first and the JSON last, so a JSON file that exists names a complete result;
+    the previous result is removed only once the new tensors are written.
     """
     from safetensors.torch import save_file
 
@@ -119,12 +120,17 @@ def save_tree(stem: str | Path, obj: Any, header: dict[str, Any] | None = None) 
     stem.parent.mkdir(parents=True, exist_ok=True)
     js, st = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
     written = []
-    js.unlink(missing_ok=True)  # an old header must never name the new tensors (interrupted between the two)
     if tensors:
         with atomic_path(st) as tmp:
-            save_file(tensors, str(tmp))
+            try:
+                save_file(tensors, str(tmp))  # a failure here leaves the previous result whole
+            except (KeyError, TypeError, ValueError) as err:
+                dtypes = sorted({str(t.dtype) for t in tensors.values()})
+                raise StoreError(f"cannot store tensors of dtypes {dtypes} in {st} ({err!r})") from None
+            js.unlink(missing_ok=True)  # an old header must never name the new tensors (interrupted next)
         written.append(st)
     else:
+        js.unlink(missing_ok=True)
         st.unlink(missing_ok=True)
     with atomic_path(js) as tmp:
         tmp.write_text(text)

@@ -22,7 +22,15 @@ from moe_interp.fileio import atomic_path, read_json_object
 from moe_interp.hooks import parse_hook
 from moe_interp.interventions import Positions, SteerRouter, check_coeff, check_epsilon, check_positions
 from moe_interp.steering.addition import check_steering_vector
-from moe_interp.steering.files import ROUTER_FORMAT, gate_base, layer_experts, read_gate, write_gate
+from moe_interp.steering.files import (
+    ROUTER_FORMAT,
+    check_gate,
+    gate_base,
+    layer_experts,
+    read_gate,
+    router_json,
+    write_gate,
+)
 from moe_interp.steering.metadata import SteeringMetadata, model_mismatches
 from moe_interp.steering.vectors import SteeringVectors
 from moe_interp.tracing import EditFn, HookContext
@@ -105,8 +113,8 @@ class RouterSteering:
             yield handle
 
     def save(self, path: str | Path) -> list[Path]:
-        """Write ``<path>.json`` (atomically)."""
-        p = Path(path).with_suffix(".json")
+        """Write ``<path>.json`` (atomically; a ``.json`` already on ``path`` is not doubled)."""
+        p = router_json(path)
         doc = {
             "format": ROUTER_FORMAT,
             "deactivate": {str(k): list(v) for k, v in self.deactivate.items()},
@@ -124,7 +132,7 @@ class RouterSteering:
     @classmethod
     def load(cls, path: str | Path) -> RouterSteering:
         """Read what :meth:`save` wrote; ``ValueError`` naming the file and field for malformed content."""
-        p = Path(path).with_suffix(".json")
+        p = router_json(path)
         doc = read_json_object(p, f"a {ROUTER_FORMAT} file")
         if doc.get("format") != ROUTER_FORMAT:
             raise InputError(f"{p}: 'format' is {doc.get('format')!r}; expected {ROUTER_FORMAT!r}")
@@ -159,6 +167,10 @@ class TopicGatedSteering:
     gate: Float[Tensor, " d_model"]
     threshold: float
     metadata: SteeringMetadata | None = None
+
+    def __post_init__(self) -> None:
+        """Checked when built, so :meth:`save` never writes a set that :meth:`load` would refuse."""
+        check_gate(self.gate, self.gate_layer, self.threshold)
 
     @property
     def layers(self) -> list[int]:

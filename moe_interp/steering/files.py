@@ -23,8 +23,11 @@ __all__ = [
     "ROUTER_FORMAT",
     "gate_base",
     "gate_file",
+    "check_gate",
     "layer_experts",
     "read_gate",
+    "remove_stale_gate",
+    "router_json",
     "write_gate",
 ]
 
@@ -41,6 +44,40 @@ def layer_experts(d: Any, what: str) -> dict[int, tuple[int, ...]]:
     if not ok:
         raise InputError(f"'{what}' must be an object {{\"layer\": [expert ids]}}, got {d!r:.80}")
     return {int(k): tuple(v) for k, v in d.items()}
+
+
+def router_json(path: str | Path) -> Path:
+    """``<path>.json`` (``path`` itself when it already ends in ``.json``): ``a.v1`` → ``a.v1.json``."""
+    p = Path(path)
+    return p if p.suffix == ".json" else p.with_name(p.name + ".json")
+
+
+def check_gate(gate: Any, layer: Any, threshold: Any, where: str = "topic gate") -> None:
+    """A 1-D finite floating-point ``gate``, an int ``layer`` ≥ 0 and a finite ``threshold``, or
+    :class:`InputError` naming ``where``."""
+    ok_gate = (
+        isinstance(gate, Tensor)
+        and gate.ndim == 1
+        and gate.is_floating_point()
+        and bool(gate.isfinite().all())
+    )
+    ok_layer = type(layer) is int and layer >= 0
+    ok_threshold = (
+        isinstance(threshold, int | float) and not isinstance(threshold, bool) and math.isfinite(threshold)
+    )
+    if not (ok_gate and ok_layer and ok_threshold):
+        got = tuple(gate.shape) if isinstance(gate, Tensor) else type(gate).__name__
+        raise InputError(
+            f"{where}: 'gate' must be a finite 1-D float tensor (got {got}), 'gate_layer' an int >= 0 (got "
+            f"{layer!r}) and 'threshold' a finite number (got {threshold!r})"
+        )
+
+
+def remove_stale_gate(path: str | Path) -> None:
+    """Remove a topic gate left at ``path`` by an earlier save, once a plain pair has been saved there."""
+    p = gate_base(path)
+    for suffix in (GATE_SUFFIX, LEGACY_GATE_SUFFIX):
+        p.with_name(p.name + suffix).unlink(missing_ok=True)
 
 
 def gate_base(path: str | Path) -> Path:
@@ -68,7 +105,7 @@ def write_gate(path: str | Path, gate: Tensor, layer: int, threshold: float) -> 
     meta = {"format": GATE_FORMAT, "gate_layer": str(int(layer)), "threshold": repr(float(threshold))}
     target = p.with_name(p.name + GATE_SUFFIX)
     with atomic_path(target) as tmp:
-        save_file({"gate": gate.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+        save_file({"gate": gate.detach().cpu().contiguous()}, str(tmp), metadata=meta)
         yield target
     p.with_name(p.name + LEGACY_GATE_SUFFIX).unlink(missing_ok=True)
 
@@ -86,10 +123,12 @@ def read_gate(path: str | Path) -> tuple[Tensor, int, float]:
     if not isinstance(g, dict) or not {"gate", "gate_layer", "threshold"} <= set(g):
         found = sorted(g) if isinstance(g, dict) else type(g).__name__
         raise InputError(f"{src}: expected 'gate', 'gate_layer' and 'threshold', found {found}")
-    try:
-        layer, threshold = int(g["gate_layer"]), float(g["threshold"])
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{src}: 'gate_layer' must be an int and 'threshold' a number ({err})") from err
-    if not isinstance(g["gate"], Tensor) or g["gate"].ndim != 1 or not math.isfinite(threshold):
-        raise InputError(f"{src}: 'gate' must be a 1-D tensor and 'threshold' finite")
-    return g["gate"], layer, threshold
+    layer, threshold = g["gate_layer"], g["threshold"]
+    if isinstance(layer, str):  # the safetensors header holds strings; a legacy .gate.pt holds numbers
+        layer = int(layer) if layer.isdigit() else layer
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass
+    check_gate(g["gate"], layer, threshold, str(src))
+    return g["gate"], layer, float(threshold)

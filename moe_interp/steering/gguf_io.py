@@ -20,12 +20,15 @@ position, so the position scope cannot be exported; a non-``"all"`` scope raises
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.errors import InputError, MissingFileError
+from moe_interp.fileio import atomic_path
 from moe_interp.steering.keys import encode_key, parse_hook_name
 from moe_interp.steering.vectors import SteeringVectors
 
@@ -92,26 +95,39 @@ def export_control_vector_gguf(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), ARCH)
-    writer.add_string(f"{ARCH}.model_hint", sv.metadata.family)
-    writer.add_uint32(f"{ARCH}.layer_count", len(directions))
-    for n in sorted(directions):
-        writer.add_tensor(f"direction.{n}", directions[n].numpy().astype(np.float32, copy=True))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with atomic_path(path) as tmp:  # a failed write leaves the user's file at ``path`` as it was
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer.add_string(f"{ARCH}.model_hint", sv.metadata.family)
+        writer.add_uint32(f"{ARCH}.layer_count", len(directions))
+        for n in sorted(directions):
+            writer.add_tensor(f"direction.{n}", directions[n].numpy().astype(np.float32, copy=True))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path
 
 
-def read_control_vector_gguf(path: str | Path) -> dict[int, Float[Tensor, " d_model"]]:
-    """Read a llama.cpp control vector: ``{N: direction.N}`` as float32 tensors."""
+_EXPECTED = "expected a llama.cpp control-vector GGUF (direction.<layer> float32 tensors)"
+
+
+def _reader(path: str | Path) -> Any:
+    """A ``GGUFReader`` of ``path``; a missing or unreadable file is a one-line error naming it."""
     import gguf
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"control vector file not found: {path}")
-    reader = gguf.GGUFReader(str(path))
+        raise MissingFileError(f"control vector file not found: {path}; {_EXPECTED}")
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError) as err:
+        raise InputError(f"{path} is not a readable GGUF ({err}); {_EXPECTED}") from None
+
+
+def read_control_vector_gguf(path: str | Path) -> dict[int, Float[Tensor, " d_model"]]:
+    """Read a llama.cpp control vector: ``{N: direction.N}`` as float32 tensors."""
+    path = Path(path)
+    reader = _reader(path)
     arch_field = reader.get_field("general.architecture")
     if arch_field is not None and arch_field.contents() != ARCH:
         raise ValueError(f"{path}: general.architecture is {arch_field.contents()!r}, expected {ARCH!r}")
@@ -120,7 +136,10 @@ def read_control_vector_gguf(path: str | Path) -> dict[int, Float[Tensor, " d_mo
         prefix, _, idx = t.name.partition(".")
         if prefix != "direction" or not idx.isdigit():
             raise ValueError(f"{path}: unexpected tensor {t.name!r}, expected direction.<layer>")
-        data = np.asarray(t.data)
+        try:
+            data = np.asarray(t.data)
+        except (ValueError, IndexError) as err:  # a truncated file: the tensor data does not fit
+            raise InputError(f"{path}: tensor {t.name} cannot be read ({err}); {_EXPECTED}") from None
         if data.dtype != np.float32:
             raise ValueError(f"{path}: {t.name} has dtype {data.dtype}, expected float32")
         out[int(idx)] = torch.from_numpy(data.reshape(-1).copy())
@@ -129,7 +148,5 @@ def read_control_vector_gguf(path: str | Path) -> dict[int, Float[Tensor, " d_mo
 
 def read_control_vector_model_hint(path: str | Path) -> str | None:
     """``controlvector.model_hint`` of a control-vector GGUF, or ``None``."""
-    import gguf
-
-    f = gguf.GGUFReader(str(path)).get_field(f"{ARCH}.model_hint")
+    f = _reader(path).get_field(f"{ARCH}.model_hint")
     return None if f is None else str(f.contents())

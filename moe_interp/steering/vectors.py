@@ -39,6 +39,7 @@ from moe_interp.interventions import (
     position_mask,
 )
 from moe_interp.steering.addition import AddSteering, check_steering_vector
+from moe_interp.steering.files import remove_stale_gate
 from moe_interp.steering.keys import (
     EXPERT_SEP,
     ParsedHook,
@@ -311,7 +312,8 @@ class SteeringVectors:
         }
 
     def save(self, path: str | Path) -> list[Path]:
-        """Write ``<path>.safetensors`` and ``<path>.json`` (each atomically: on error neither is touched)."""
+        """Write ``<path>.safetensors`` and ``<path>.json`` (each atomically: on error neither is touched). A
+        topic gate an earlier save left at ``path`` is removed, so the path loads back as what was saved."""
         st_path, js_path = _paths(path)
         st_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {encode_key(k): self.vectors[k].contiguous() for k in self.keys}
@@ -319,6 +321,7 @@ class SteeringVectors:
         with atomic_path(st_path) as st_tmp, atomic_path(js_path) as js_tmp:
             save_file(tensors, str(st_tmp), metadata={"format": FORMAT_NAME})
             js_tmp.write_text(text)
+        remove_stale_gate(js_path)  # TopicGatedSteering.save moves its new gate in after this
         return [st_path, js_path]
 
     @classmethod
