@@ -476,8 +476,8 @@ the figure objects (colour maps, artist colours, image data, labels, title overl
    `OKABE_ITO[top_expert % 7]` with opacity for the weight, so experts e and e + 7 shared a colour. Now every
    expert has its own colour (`categorical_colours`: Okabe–Ito up to eight experts, evenly sampled `viridis`
    beyond), solid fills (weights are printed in the cell), cell text in black or white by contrast, and a
-   legend from colour to expert. **Open:** the HTML view's chips (`RoutingView._repr_html_` in
-   `moe_interp/views.py`) still use `OKABE_ITO[e % 7]`; `categorical_colours(n_experts)` is the drop-in fix.
+   legend from colour to expert. The HTML view's chips (`RoutingView._repr_html_` in `moe_interp/views.py`)
+   use the same `categorical_colours(n_experts)`.
 4. **`plot_circuit` / `Circuit.plot`** — the faithfulness axis now reads "fraction of the refusal-score gap
    removed". **Open** (by design of the circuit search, not the figure): with `method="attribution"` marker
    sizes and the printed `(+0.04)` labels are the first-order estimates used for ranking, not measured effects.

@@ -122,6 +122,9 @@ def attention_view(
     if name not in model.hook_names():
         raise ValueError(f"Layer {layer} has no attention heads ({name} is not a hook of this model).")
     hs = list(range(info.n_heads)) if heads is None else [int(h) for h in heads]
+    bad = [h for h in hs if not 0 <= h < info.n_heads]
+    if bad or not hs:
+        raise ValueError(f"heads {bad or '[]'} out of range: layer {layer} has heads 0..{info.n_heads - 1}.")
     enc = model.tokenize([prompt], chat=chat)
     with torch.no_grad():
         _, cache = model.run_with_cache(enc, names=[name])
@@ -219,4 +222,6 @@ def dla_view(result: DLAResult, batch: int = 0, k: int = 3) -> DLAView:
     """View one prompt of a :class:`~moe_interp.dla.DLAResult` per token."""
     if not 0 <= batch < result.values.shape[1]:
         raise ValueError(f"batch {batch} is out of range: the result has {result.values.shape[1]} prompt(s).")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int (contributions shown per token), got {k!r}.")
     return DLAView(result, batch, k)

@@ -570,3 +570,74 @@ def test_make_figures_writes_every_figure_and_returns_its_numbers(tiny_model, tm
                  "attribution_vs_exhaustive"):  # fmt: skip
         assert (tmp_path / f"{stem}.pdf").stat().st_size > 0 and (tmp_path / f"{stem}.png").stat().st_size > 0
     assert res["experts"] == patch_experts(m, harm, less, progress=False).values.tolist()
+
+
+# --------------------------------------------------------------------------- saving, scales and labels
+
+
+def test_a_failed_save_leaves_no_folders_and_no_half_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_interp.errors import InputError
+
+    fig = P.plot_routing_difference(RNG.normal(size=(3, 8)))
+    with pytest.raises(InputError, match="cannot save the figure") as err:
+        P.save_figure(fig, tmp_path / "a" / "b" / ("x" * 300))
+    assert "\n" not in str(err.value) and not (tmp_path / "a").exists()
+    old = P.save_figure(fig, tmp_path / "fig")
+    before = [p.read_bytes() for p in old]
+    real = Figure.savefig
+
+    def png_fails(self: Figure, fname: Any, *a: Any, **k: Any) -> None:
+        if k.get("format") == "png":
+            raise OSError(28, "No space left on device")
+        real(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", png_fails)
+    with pytest.raises(InputError, match="No space left"):
+        P.save_figure(P.plot_routing_difference(RNG.normal(size=(3, 8))), tmp_path / "fig")
+    assert [p.read_bytes() for p in old] == before  # the PDF was not replaced without its PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.pdf", "fig.png"]
+
+
+@pytest.mark.parametrize("vmax", [-1.0, 0.0, float("nan"), float("inf"), "1"])
+def test_a_bad_vmax_is_refused_not_replaced(vmax: Any) -> None:
+    _raises_one_line(lambda: P.plot_routing_difference(RNG.normal(size=(3, 8)), vmax=vmax), "vmax must be")
+    assert (
+        _images(P.plot_routing_difference(RNG.normal(size=(3, 8)), vmax=np.float32(2.0)))[0].norm.vmax == 2.0
+    )
+
+
+def test_unnormalised_patching_is_not_labelled_as_recovery() -> None:
+    hook = "blocks.{L}.mlp.hook_expert_out"
+    raw = PatchingResult(
+        torch.randn(3, 4),
+        "experts",
+        hook,
+        ("layer", "expert"),
+        "denoising",
+        [-1],
+        clean_metric=2.5,
+        corrupt_metric=-1.0,
+        normalized=False,
+    )
+    ax = P.plot_attribution_vs_exhaustive(raw, raw).axes[0]
+    assert "normalised" not in ax.get_xlabel() + ax.get_ylabel() and "metric value" in ax.get_xlabel()
+    assert "metric value, patched run (clean 2.5, corrupt -1)" in _colourbar_labels(raw.plot())[0]
+    assert _colourbar_labels(raw.plot(metric_label="my metric"))[0] == "my metric"
+    normed = _patching(torch.randn(3, 4), "experts", hook, ("layer", "expert"))
+    assert "normalised recovery" in P.plot_attribution_vs_exhaustive(normed, normed).axes[0].get_xlabel()
+
+
+def test_dollar_signs_in_a_dla_label_are_not_mathtext(tiny_model) -> None:  # noqa: ANN001
+    from dataclasses import replace
+
+    from moe_interp.dla import direct_logit_attribution
+    from tests.conftest import PROMPTS
+
+    res = direct_logit_attribution(tiny_model("olmoe"), PROMPTS[:1])
+    res = replace(res, direction=replace(res.direction, label="'$' + ' $' − ' USD'"))
+    for fig in (P.plot_dla_heatmap(res), P.plot_dla_tokens(res, batch=0)):
+        label = _colourbar_labels(fig)[0]
+        assert r"'\$' + ' \$'" in label
+        fig.draw_without_rendering()  # mathtext would parse "$' + ' $" and fail or render maths

@@ -37,6 +37,9 @@ def test_attention_view(tiny_model, tmp_path: Path) -> None:  # noqa: ANN001
     _written(view.save(tmp_path / "attention"))
     with pytest.raises(ValueError, match="no attention heads"):
         attention_view(tiny_model("qwen3_next"), "Hi", layer=0)
+    for heads in ([7], [-1], []):  # -1 would show head 3 titled "head -1"
+        with pytest.raises(ValueError, match=r"out of range: layer 1 has heads 0\.\.3"):
+            attention_view(model, "Hi", layer=1, heads=heads)
 
 
 def test_views_escape_token_text() -> None:
@@ -88,6 +91,9 @@ def test_dla_view(tiny_model, tmp_path: Path) -> None:  # noqa: ANN001
     _written(view.save(tmp_path / "dla"))
     with pytest.raises(ValueError, match="out of range"):
         dla_view(res, batch=5)
+    for k in (0, -1, 1.5):  # k=-1 silently dropped the last contribution
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            dla_view(res, batch=0, k=k)
 
 
 def test_circuitsvis_is_optional() -> None:

@@ -175,15 +175,20 @@ def _fmt_corr(v: float | None) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
 
-def _scatter_values(x: Any, name: str, mask: Any | None) -> tuple[np.ndarray, str | None]:
-    """Flat values of a result (selected by ``mask``) or a 1-D array, and the result's hook."""
-    hook = None
+def _scatter_values(x: Any, name: str, mask: Any | None) -> tuple[np.ndarray, str | None, bool | None]:
+    """Flat values of a result (selected by ``mask``) or a 1-D array, the result's hook, and whether it is
+    normalised (None for an array: the default label assumes it)."""
+    hook, normalized = None, None
     if is_instance(x, *_PATCHING):
-        hook, x = x.hook, x.values
+        hook, normalized, x = x.hook, bool(x.normalized), x.values
         x = x[mask] if mask is not None else x.flatten()
     elif mask is not None:
         raise ValueError(f"mask: only applies to PatchingResult inputs, {name} is an array")
-    return as_array(x, name, 1), hook
+    return as_array(x, name, 1), hook, normalized
+
+
+def _scatter_unit(normalized: bool | None) -> str:
+    return "(normalised recovery, 1 = clean)" if normalized in (None, True) else "(metric value, patched run)"
 
 
 def plot_attribution_vs_exhaustive(
@@ -206,8 +211,8 @@ def plot_attribution_vs_exhaustive(
     (:func:`moe_interp.refusal.stats.spearman`) and Pearson r are computed when not given (NaN pairs
     dropped). With ``labels`` the ``n_annotate`` components of largest |exhaustive| effect are annotated.
     """
-    a, hook_a = _scatter_values(attrib, "attrib", mask)
-    e, hook_e = _scatter_values(exhaustive, "exhaustive", mask)
+    a, hook_a, norm_a = _scatter_values(attrib, "attrib", mask)
+    e, hook_e, norm_e = _scatter_values(exhaustive, "exhaustive", mask)
     check_same_shape(a, e, "attrib", "exhaustive")
     if labels is not None and len(labels) != len(a):
         raise ValueError(f"labels has {len(labels)} entries but attrib/exhaustive have {len(a)}")
@@ -264,7 +269,7 @@ def plot_attribution_vs_exhaustive(
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_aspect("equal", adjustable="box")
-        ax.set_xlabel(xlabel or f"attribution-patching estimate{where}\n(normalised recovery, 1 = clean)")
-        ax.set_ylabel(ylabel or f"exhaustive activation patching{where}\n(normalised recovery, 1 = clean)")
+        ax.set_xlabel(xlabel or f"attribution-patching estimate{where}\n{_scatter_unit(norm_a)}")
+        ax.set_ylabel(ylabel or f"exhaustive activation patching{where}\n{_scatter_unit(norm_e)}")
         ax.legend(loc="upper left")
         return finish(fig, title, save_to)

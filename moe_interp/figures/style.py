@@ -8,7 +8,9 @@ beyond its eight colours (:func:`categorical_colours`); NaN cells are light grey
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,9 @@ import numpy as np
 from cycler import cycler
 from matplotlib.colors import Colormap, TwoSlopeNorm, to_hex, to_rgb
 from matplotlib.figure import Figure
+
+from moe_interp.errors import InputError
+from moe_interp.fileio import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -129,9 +134,13 @@ def cmap(name: str) -> Colormap:
 
 
 def diverging_norm(data: np.ndarray, vmax: float | None = None) -> TwoSlopeNorm:
-    """Symmetric norm centred at 0 (an honest colour scale for signed effects)."""
-    if vmax is None:
-        vmax = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
+    """Symmetric norm centred at 0 (an honest colour scale for signed effects). A ``vmax`` given must be a
+    finite number > 0; one taken from the data falls back to 1 where the data are all zero or NaN."""
+    if vmax is not None:
+        if isinstance(vmax, bool) or not isinstance(vmax, numbers.Real) or not (0 < vmax < math.inf):
+            raise ValueError(f"vmax must be a finite number > 0 (or None: from the data), got {vmax!r}")
+        return TwoSlopeNorm(vcenter=0.0, vmin=-float(vmax), vmax=float(vmax))
+    vmax = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
     if not (vmax > 0 and math.isfinite(vmax)):
         vmax = 1.0
     return TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax)
@@ -147,12 +156,25 @@ def save_figure(fig: Figure, path_stem: str | Path) -> list[Path]:
         stem = stem.with_suffix("")
     if not stem.name:
         raise ValueError(f"save_figure: invalid path stem {str(path_stem)!r}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.parent / f"{stem.name}.pdf", stem.parent / f"{stem.name}.png"]
-    with style():
-        for p in paths:
-            fig.savefig(p, dpi=200, bbox_inches="tight", pad_inches=0.05)
-    return paths
+    pdf, png = stem.parent / f"{stem.name}.pdf", stem.parent / f"{stem.name}.png"
+    created = [d for d in (stem.parent, *stem.parent.parents) if not d.exists()]
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        # both files land together, or neither: a failure leaves the user's earlier pair as it was
+        with style(), atomic_path(pdf) as t_pdf, atomic_path(png) as t_png:
+            fig.savefig(t_pdf, format="pdf", dpi=200, bbox_inches="tight", pad_inches=0.05)
+            fig.savefig(t_png, format="png", dpi=200, bbox_inches="tight", pad_inches=0.05)
+    except BaseException as err:
+        for d in created:  # deepest first: only the folders this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if not isinstance(err, OSError):
+            raise
+        raise InputError(
+            f"cannot save the figure as {stem}.pdf / .png ({err.strerror or err}); pass a writable folder and a "
+            "file-name stem"
+        ) from None
+    return [pdf, png]
 
 
 def finish(fig: Figure, title: str | None, save_to: str | Path | None) -> Figure:

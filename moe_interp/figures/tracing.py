@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 __all__ = ["plot_attention", "plot_dla_heatmap", "plot_dla_tokens", "plot_logit_lens"]
 
 
+def _mathsafe(text: str) -> str:
+    """``text`` with ``$`` escaped, so two dollar signs in a token label are not drawn as mathtext."""
+    return text.replace("$", r"\$")
+
+
 def _token_axis(ax: Axes, tokens: Sequence[str], axis: str = "x") -> None:
     ticks, labels = np.arange(len(tokens)), [clean_token(t) for t in tokens]
     if axis == "x":
@@ -72,7 +77,9 @@ def plot_dla_heatmap(
             ax.set_xlabel(xlabel)
             ax.set_ylabel("layer L")
         assert im is not None
-        fig.colorbar(im, ax=list(axes), label=f"DLA of {result.direction.label}\n(logits)", shrink=0.9)
+        fig.colorbar(
+            im, ax=list(axes), label=f"DLA of {_mathsafe(result.direction.label)}\n(logits)", shrink=0.9
+        )
         where = "mean over prompts" if batch is None else f"prompt {batch}"
         return finish(fig, title or f"Direct logit attribution at position {pos} ({where})", save_to)
 
@@ -104,7 +111,9 @@ def plot_dla_tokens(
         _token_axis(ax, tokens)
         ax.set_xlabel("token")
         ax.set_ylabel("residual write (hook)")
-        fig.colorbar(im, ax=[ax_top, ax], label=f"DLA of {result.direction.label} (logits)", shrink=0.8)
+        fig.colorbar(
+            im, ax=[ax_top, ax], label=f"DLA of {_mathsafe(result.direction.label)} (logits)", shrink=0.8
+        )
         return finish(fig, title or "Direct logit attribution per token", save_to)
 
 

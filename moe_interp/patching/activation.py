@@ -254,7 +254,9 @@ class PatchingResult:
         """The matching figure from :mod:`moe_interp.plotting`."""
         from moe_interp import plotting
 
-        label = "normalised metric (patched − corrupt)/(clean − corrupt)" if self.normalized else "metric"
+        raw = f"metric value, patched run (clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g})"
+        default = "normalised metric (patched − corrupt)/(clean − corrupt)" if self.normalized else raw
+        label = kwargs.pop("metric_label", None) or default
         v = self.values
         if self.dims == ("layer", "position"):
             return plotting.plot_layer_position_heatmap(
