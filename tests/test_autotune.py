@@ -50,8 +50,12 @@ def fake_eval(monkeypatch: pytest.MonkeyPatch):
         n = 100
         return torch.arange(n) < round(rate * n)
 
+    def scores(model, prompts, steer):  # the logit judge: refused = score > 0; every tie has equal scores
+        return flags(model, prompts, steer).double() * 2.0 - 1.0
+
     monkeypatch.setattr(at, "harmless_kl", kl)
     monkeypatch.setattr(at, "refusal_flags", flags)
+    monkeypatch.setattr(at, "steered_refusal_scores", scores)
     monkeypatch.setattr(at, "last_logits", lambda *a, **k: None)
     calls_stats.clear()
     calls_stats.append(stats)
@@ -115,6 +119,28 @@ def test_search_patience_waits_for_the_rate_to_move(fake_eval) -> None:
         None, cands([0.4, 0.4, 0.4, 1, 2, 2, 2, 2]), ["h"], ["l"], kl_budget=1.0, target_rate=-1, patience=2
     )
     assert fake_eval == [0.4, 0.4, 0.4, 1, 2, 2, 2] and res.label == 2 and "no improvement" in res.stopped
+
+
+def test_a_rate_tie_goes_to_the_lower_mean_score_with_the_logit_judge(
+    fake_eval, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rate 0.5 at every strength, mean score falling with it: the logit judge takes the strongest candidate
+    inside the KL budget (KL = s / 10); the generation judge, which has no score, keeps the weakest."""
+
+    def scores(model, prompts, steer):
+        return torch.cat([torch.full((50,), 2.0), torch.full((50,), -1.0)]).double() - steer
+
+    monkeypatch.setattr(at, "steered_refusal_scores", scores)
+    monkeypatch.setattr(
+        at, "refusal_flags", lambda model, p, steer, judge, max_new_tokens: torch.arange(4) < 2
+    )
+    res = at.search_candidates(None, cands([0.5, 1, 1.5, 4]), ["h"], ["l"], kl_budget=0.35, target_rate=-1)
+    assert res.label == 1.5 and res.refusal_rate == 0.5 and math.isclose(res.refusal_score, 0.5 - 1.5)
+    assert [h["refusal_score"] for h in res.history[:3]] == [0.0, -0.5, -1.0] and "KL" in res.stopped
+    res = at.search_candidates(
+        None, cands([0.5, 1, 1.5, 4]), ["h"], ["l"], kl_budget=0.35, target_rate=-1, judge="generation"
+    )
+    assert res.label == 0.5 and res.refusal_rate == 0.5 and res.refusal_score is None
 
 
 def test_search_nothing_feasible(fake_eval) -> None:

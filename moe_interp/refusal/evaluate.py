@@ -158,6 +158,16 @@ def refusal_scores(
 
 
 @torch.no_grad()
+def steered_refusal_scores(
+    model: MoEModel, prompts: Sequence[str], interventions: Any = (), *, batch_size: int = 32
+) -> Float[Tensor, " n"]:
+    """:func:`refusal_scores` under ``interventions`` (anything :func:`as_interventions` takes): the logit
+    judge's continuous confidence, of which ``judge="logit"`` refusal flags are the sign."""
+    with model.intervene(*as_interventions(interventions, model)):
+        return refusal_scores(model, check_prompts(prompts), batch_size=batch_size)
+
+
+@torch.no_grad()
 def refusal_flags(
     model: MoEModel,
     prompts: Sequence[str],
@@ -175,10 +185,9 @@ def refusal_flags(
     :func:`~moe_interp.refusal.judges.refusal_rate` for the rate.
     """
     prompts = check_prompts(prompts)
-    ivs = as_interventions(interventions, model)
     if judge == "logit":
-        with model.intervene(*ivs):
-            return refusal_scores(model, prompts, batch_size=batch_size) > 0
+        return steered_refusal_scores(model, prompts, interventions, batch_size=batch_size) > 0
+    ivs = as_interventions(interventions, model)
     if judge != "generation":
         raise ValueError(f"judge must be 'generation' or 'logit', got {judge!r}.")
     res = evaluate(

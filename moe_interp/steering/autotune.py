@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from moe_interp.refusal.evaluate import refusal_flags
+from moe_interp.refusal.evaluate import refusal_flags, steered_refusal_scores
 from moe_interp.refusal.judges import refusal_rate
 from moe_interp.steering.compare import check_kl_statistic, harmless_kl, last_logits
 from moe_interp.steering.fit import check_prompt_list
@@ -102,11 +102,14 @@ class TuneResult:
     keep_rate: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = ""
+    #: mean logit refusal score on the harmful prompts (None with the generation judge)
+    refusal_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "refusal_rate": self.refusal_rate,
+            "refusal_score": self.refusal_score,
             "kl": self.kl,
             "keep_rate": self.keep_rate,
             "stopped": self.stopped,
@@ -133,7 +136,10 @@ def search_candidates(
 ) -> TuneResult:
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
-    ``keep`` refusal rate ≥ ``keep_min_rate``; a tie keeps the earlier (weaker) candidate. The walk stops at
+    ``keep`` refusal rate ≥ ``keep_min_rate``. A rate over n prompts moves in steps of 1/n, so with the logit
+    judge a tie on the rate goes to the lower mean refusal score (higher with ``maximize_refusal``): the
+    judge's continuous confidence, as "Refusal Steering" tunes on; with the generation judge a tie keeps the
+    earlier (weaker) candidate. The walk stops at
     ``target_rate`` (default: 0 when lowering refusal, 1 when raising it); ``patience`` steps without gain
     stop it only after the rate has moved from the first candidate's.
 
@@ -160,10 +166,17 @@ def search_candidates(
         if not kl <= kl_budget:  # NaN counts as over budget
             stopped = f"KL ({kl_statistic}) {kl:.3g} > budget {kl_budget} at {label}"
             break
-        rate = float(
-            refusal_rate(refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens))
-        )
+        score: float | None = None
+        if judge == "logit":
+            scores = steered_refusal_scores(model, harmful, steer)
+            rate, score = float(refusal_rate(scores > 0)), float(scores.mean())
+        else:
+            rate = float(
+                refusal_rate(refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens))
+            )
         step["refusal_rate"] = rate
+        if score is not None:
+            step["refusal_score"] = score
         keep_rate = None
         if keep is not None:
             keep_rate = float(
@@ -175,8 +188,18 @@ def search_candidates(
                 break
         first = rate if first is None else first
         moved = moved or abs(rate - first) > 1e-9
-        if best is None or sign * rate < sign * best.refusal_rate - 1e-9:
-            best = TuneResult(steer, label, rate, kl, keep_rate)
+        tie = best is not None and abs(rate - best.refusal_rate) <= 1e-9
+        if (
+            best is None
+            or sign * rate < sign * best.refusal_rate - 1e-9
+            or (
+                tie
+                and score is not None
+                and best.refusal_score is not None
+                and sign * score < sign * best.refusal_score
+            )
+        ):
+            best = TuneResult(steer, label, rate, kl, keep_rate, refusal_score=score)
             stale = 0
         elif moved:  # a rate that has not responded yet is not a plateau: keep growing while KL allows
             stale += 1
