@@ -94,9 +94,16 @@ COSINE_MATCH = 0.9
 
 
 def rank_of(scores: dict[str, float], plant: str) -> int:
-    """Pessimistic 1-based rank of ``plant`` (candidates scoring at least as high, itself included)."""
+    """Pessimistic 1-based rank of ``plant`` (candidates scoring at least as high, itself included). NaN is the
+    worst score: a NaN plant ranks last, a NaN rival ranks below it."""
     s = scores[plant]
+    if s != s:
+        return len(scores)
     return sum(1 for v in scores.values() if v >= s)
+
+
+def _merge(*grids: dict[str, float]) -> dict[str, float]:
+    return {k: v for g in grids for k, v in g.items()}
 
 
 def _grid(values: Float[Tensor, "n_layers width"], fmt: str, layers: Sequence[int]) -> dict[str, float]:
@@ -108,10 +115,12 @@ def _expert_key() -> str:
 
 
 def _scores(
-    model: MoEModel, kind: str, harmful: list[str], harmless: list[str], progress: bool
+    model: MoEModel, harmful: list[str], harmless: list[str], progress: bool
 ) -> dict[str, Callable[[], dict[str, float]]]:
-    """Lazy score functions ``{method: () -> {candidate: score}}`` for candidates of ``kind``
-    ("experts", "heads" or "layers" for routing patching); higher = more important."""
+    """Lazy score functions ``{method: () -> {candidate: score}}``; higher = more important. Each method's
+    candidates are fixed by the method, never by the plant (blind): patching and attribution rank every head
+    and every routed expert together, the expert methods every routed expert, routing patching every MoE
+    layer's router."""
     from moe_interp.interventions import SteerRouter
     from moe_interp.patching import (
         attribution_patching,
@@ -126,42 +135,27 @@ def _scores(
 
     s = model.spec
     moe = list(s.moe_layers)
-    if kind == "heads":
-        fmt, layers = "blocks.{L}.attn.hook_z[{i}]", list(range(s.n_layers))
-        return {
-            "activation_patching": lambda: _grid(
-                patch_heads(model, harmful, harmless, progress=progress).values, fmt, layers
-            ),
-            "attribution_linear": lambda: _grid(
-                attribution_patching(model, harmful, harmless, ("heads",), progress=progress)["heads"].values,
-                fmt,
-                layers,
-            ),
-            "attribution_ig": lambda: _grid(
-                attribution_patching(model, harmful, harmless, ("heads",), method="ig", progress=progress)[
-                    "heads"
-                ].values,
-                fmt,
-                layers,
-            ),
-        }
+    hfmt, all_layers = "blocks.{L}.attn.hook_z[{i}]", list(range(s.n_layers))
     fmt = _expert_key()
+
+    def attribution(method: str) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            res = attribution_patching(
+                model, harmful, harmless, ("heads", "experts"), method=method, progress=progress
+            )
+            return _merge(
+                _grid(res["heads"].values, hfmt, all_layers), _grid(res["experts"].values, fmt, moe)
+            )
+
+        return run
+
     out: dict[str, Callable[[], dict[str, float]]] = {
-        "activation_patching": lambda: _grid(
-            patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe
+        "activation_patching": lambda: _merge(
+            _grid(patch_heads(model, harmful, harmless, progress=progress).values, hfmt, all_layers),
+            _grid(patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe),
         ),
-        "attribution_linear": lambda: _grid(
-            attribution_patching(model, harmful, harmless, ("experts",), progress=progress)["experts"].values,
-            fmt,
-            moe,
-        ),
-        "attribution_ig": lambda: _grid(
-            attribution_patching(model, harmful, harmless, ("experts",), method="ig", progress=progress)[
-                "experts"
-            ].values,
-            fmt,
-            moe,
-        ),
+        "attribution_linear": attribution("linear"),
+        "attribution_ig": attribution("ig"),
         "routing_risk_difference": lambda: _grid(routing_risk_difference(model, harmful, harmless), fmt, moe),
         "routing_patching": lambda: {
             f"blocks.{L}.mlp.hook_router_logits": float(v)
@@ -302,8 +296,9 @@ def benchmark_organism(
     h, s = prompts["harmful"], prompts["harmless"]
     out: dict[str, Any] = {}
     plant = spec.planted[0]
-    kind = {"expert": "experts", "router": "experts", "head": "heads"}.get(spec.kind)
-    fns = _scores(model, kind, h, s, progress) if kind else {}
+    # every method runs on every organism, with its own candidates (direction selection too; only its score
+    # needs the plant's direction, so it is scored on the direction plant alone)
+    fns = _scores(model, h, s, progress)
     for m in methods:
         t1 = time.time()
         row: dict[str, Any] = {"matches": m in MATCHES[spec.kind], "rank": None, "top1": None}
@@ -316,7 +311,9 @@ def benchmark_organism(
                 row["rank"] = rank_of(sc, target)
                 row["top1"] = row["rank"] == 1
                 row["n_candidates"] = len(sc)
-                best = max(sc, key=lambda k: sc[k])
+                # the top is the plant only when it ranks first; under a tie it is the rival that ties it
+                rivals = [k for k in sc if k != target and sc[k] == sc[k]]
+                best = target if row["rank"] == 1 or not rivals else max(rivals, key=lambda k: sc[k])
                 row["top"], row["top_score"], row["plant_score"] = best, sc[best], sc[target]
         row["seconds"] = round(time.time() - t1, 1)
         out[m] = row
@@ -376,8 +373,11 @@ def format_table(result: dict[str, Any]) -> str:
         ("circuit recall", "recall", "{:.2f}"),
         ("circuit faithfulness (held-out)", "faithfulness", "{:.2f}"),
         ("circuit random sets", "random", "{:.2f}"),
+        ("circuit random sets of the circuit's kinds", "random_same_kinds", "{:.2f}"),
     ):
         lines.append(f"| {label} | " + " | ".join(fmt.format(o["circuit"][key]) for o in orgs) + " |")
+    cis = " | ".join("[{:.2f}, {:.2f}]".format(*o["circuit"]["faithfulness_ci"]) for o in orgs)
+    lines.append(f"| circuit faithfulness, 95% CI | {cis} |")
     lines.append("| circuit | " + " | ".join("<br>".join(o["circuit"]["components"]) for o in orgs) + " |")
     for label, key in (("precision", "precision"), ("recall", "recall")):
         cells = " | ".join(f"{o['circuit_unrefined'][key]:.2f}" for o in orgs)
@@ -386,7 +386,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"| circuit without refinement | {cells} |")
     lines.append("")
     lines.append(
-        "Rank of the planted component among the method's candidates (1 = top, bold); `·` = the method does not "
+        "Rank of the planted component among the method's candidates (1 = top, bold; ties count against the "
+        "plant); every method runs blind, with candidates of its own kinds (patching and attribution: every head "
+        "and routed expert together); `·` = the method does not "
         "match this plant (reported anyway); `–` = the plant is not a candidate of the method's kind; `miss` = "
         "a matching method whose candidates do not contain the plant (direction: no candidate with cosine >= 0.9). "
         "Circuit: `locate_refusal_circuit` (attribution ranking, greedy selection, target 0.8) with `refine=True`; "

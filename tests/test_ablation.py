@@ -64,3 +64,14 @@ def test_bad_input(model) -> None:  # noqa: ANN001
         expert_ablation_sweep(model, PROMPTS, "drop", experts=[(0, 99)], progress=False)
     with pytest.raises(ValueError, match="out of range"):
         expert_ablation_sweep(model, PROMPTS, "drop", experts=[(9, 0)], progress=False)
+
+
+def test_sweep_repr_names_the_largest_finite_effect(tiny_model) -> None:  # noqa: ANN001
+    """Dense layers (and experts left out) hold NaN; the summary names the largest measured effect."""
+    from moe_interp.patching import expert_ablation_sweep
+
+    model = tiny_model("deepseek_v3")  # layer 0 is dense
+    res = expert_ablation_sweep(model, ["hello there", "tell me a story"], "drop", progress=False, n_boot=10)
+    assert res.effect[0].isnan().all()
+    L, e = divmod(int(res.effect.nan_to_num(0.0).abs().argmax()), res.effect.shape[1])
+    assert f"largest |effect| at blocks.{L}.mlp.experts.{e}:" in repr(res) and "nan" not in repr(res)

@@ -82,6 +82,19 @@ def test_plant_recovered_blind(name, methods):
     for m in methods:
         assert res["methods"][m]["top1"], (m, res["methods"][m])
     assert res["circuit"]["recall"] == 1.0 and res["circuit"]["precision"] >= 0.5, res["circuit"]
+    # blind: patching ranks every head and every routed expert of the model, whatever the plant's kind
+    model, _ = load_planted(name)
+    n_heads = model.spec.n_layers * model.spec.n_heads
+    n_experts = len(model.spec.moe_layers) * model.spec.n_experts
+    assert res["methods"]["activation_patching"]["n_candidates"] == n_heads + n_experts
+
+
+def test_rank_is_pessimistic_under_ties_and_nan_ranks_last() -> None:
+    from moe_interp.benchmark import rank_of
+
+    assert rank_of({"p": 1.0, "a": 1.0, "b": 0.5}, "p") == 2
+    assert rank_of({"p": float("nan"), "a": 0.1, "b": 0.5}, "p") == 3
+    assert rank_of({"p": 0.2, "a": float("nan"), "b": 0.5}, "p") == 2
 
 
 def test_recipe_runs(tmp_path):

@@ -107,7 +107,7 @@ class ExpertAblationResult:
 
     def __repr__(self) -> str:
         flat = self.effect.flatten()
-        i = int(flat.abs().argmax())
+        i = int(flat.abs().nan_to_num(-1.0).argmax())  # NaN: dense layers, experts left out of the sweep
         L, e = divmod(i, self.effect.shape[1])
         return (
             f"ExpertAblationResult(mode={self.mode}, {tuple(self.effect.shape)} layers × experts, "
