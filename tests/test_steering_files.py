@@ -140,3 +140,10 @@ def test_deeply_nested_json_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="deep.json is not valid JSON"):
         read_json_object(p, "a steering file")
     json.loads("[[1]]")  # the module still works afterwards
+
+
+def test_router_steering_round_trips_equal(olmoe: Any, tmp_path: Path) -> None:
+    meta = SteeringMetadata.from_model(olmoe)
+    r = RouterSteering(meta, deactivate={1: [0, 1]}, activate={2: (3,)}, positions=(0, 1))
+    r.save(tmp_path / "r")
+    assert RouterSteering.load(tmp_path / "r") == r

@@ -66,7 +66,10 @@ class RouterSteering:
         if not self.deactivate and not self.activate:
             raise ValueError("RouterSteering needs at least one expert to activate or deactivate.")
         check_epsilon(self.epsilon)
-        check_positions(self.positions)
+        # normalised as load() reads them back, so a save/load round trip compares equal
+        object.__setattr__(self, "positions", check_positions(self.positions))
+        for name in ("deactivate", "activate"):
+            object.__setattr__(self, name, {int(k): tuple(v) for k, v in getattr(self, name).items()})
 
     @property
     def layers(self) -> list[int]:
