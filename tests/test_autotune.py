@@ -124,23 +124,28 @@ def test_search_patience_waits_for_the_rate_to_move(fake_eval) -> None:
 def test_a_rate_tie_goes_to_the_lower_mean_score_with_the_logit_judge(
     fake_eval, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rate 0.5 at every strength, mean score falling with it: the logit judge takes the strongest candidate
-    inside the KL budget (KL = s / 10); the generation judge, which has no score, keeps the weakest."""
+    """Rate 0.75 at the first strength, 0.5 from the second on, mean score falling with strength: once the
+    rate has moved, the logit judge takes the strongest tied candidate inside the KL budget (KL = s / 10); the
+    generation judge, which has no score, keeps the weakest; a rate that never moves keeps the weakest too."""
 
-    def scores(model, prompts, steer):
-        return torch.cat([torch.full((50,), 2.0), torch.full((50,), -1.0)]).double() - steer
+    def scores(model, prompts, steer, n_refused=None):
+        k = (75 if steer < 0.5 else 50) if n_refused is None else n_refused
+        return torch.cat([torch.full((k,), 2.0), torch.full((100 - k,), -1.0)]).double() - steer
+
+    def flags(model, p, steer, judge, max_new_tokens):
+        return torch.arange(4) < (3 if steer < 0.5 else 2)
 
     monkeypatch.setattr(at, "steered_refusal_scores", scores)
-    monkeypatch.setattr(
-        at, "refusal_flags", lambda model, p, steer, judge, max_new_tokens: torch.arange(4) < 2
-    )
-    res = at.search_candidates(None, cands([0.5, 1, 1.5, 4]), ["h"], ["l"], kl_budget=0.35, target_rate=-1)
+    monkeypatch.setattr(at, "refusal_flags", flags)
+    grid = cands([0.25, 0.5, 1, 1.5, 4])
+    res = at.search_candidates(None, grid, ["h"], ["l"], kl_budget=0.35, target_rate=-1)
     assert res.label == 1.5 and res.refusal_rate == 0.5 and math.isclose(res.refusal_score, 0.5 - 1.5)
-    assert [h["refusal_score"] for h in res.history[:3]] == [0.0, -0.5, -1.0] and "KL" in res.stopped
-    res = at.search_candidates(
-        None, cands([0.5, 1, 1.5, 4]), ["h"], ["l"], kl_budget=0.35, target_rate=-1, judge="generation"
-    )
+    assert [h["refusal_score"] for h in res.history[1:4]] == [0.0, -0.5, -1.0] and "KL" in res.stopped
+    res = at.search_candidates(None, grid, ["h"], ["l"], kl_budget=0.35, target_rate=-1, judge="generation")
     assert res.label == 0.5 and res.refusal_rate == 0.5 and res.refusal_score is None
+    monkeypatch.setattr(at, "steered_refusal_scores", lambda m, p, steer: scores(m, p, steer, n_refused=50))
+    res = at.search_candidates(None, grid, ["h"], ["l"], kl_budget=0.35, target_rate=-1)
+    assert res.label == 0.25 and res.refusal_rate == 0.5  # the rate never moved: the weakest is kept
 
 
 def test_search_nothing_feasible(fake_eval) -> None:

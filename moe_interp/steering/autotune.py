@@ -137,9 +137,10 @@ def search_candidates(
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
     ``keep`` refusal rate ≥ ``keep_min_rate``. A rate over n prompts moves in steps of 1/n, so with the logit
-    judge a tie on the rate goes to the lower mean refusal score (higher with ``maximize_refusal``): the
-    judge's continuous confidence, as "Refusal Steering" tunes on; with the generation judge a tie keeps the
-    earlier (weaker) candidate. The walk stops at
+    judge, once the rate has moved from the first candidate's, a tie on the rate goes to the lower mean refusal
+    score (higher with ``maximize_refusal``): the judge's continuous confidence, as "Refusal Steering" tunes on.
+    Otherwise (a rate that has not responded, or the generation judge) a tie keeps the earlier (weaker)
+    candidate. The walk stops at
     ``target_rate`` (default: 0 when lowering refusal, 1 when raising it); ``patience`` steps without gain
     stop it only after the rate has moved from the first candidate's.
 
@@ -188,7 +189,9 @@ def search_candidates(
                 break
         first = rate if first is None else first
         moved = moved or abs(rate - first) > 1e-9
-        tie = best is not None and abs(rate - best.refusal_rate) <= 1e-9
+        # a tie on the rate is broken by the score only once the rate has responded: a score that falls while
+        # no prompt flips buys no change in behaviour, and the weaker edit costs less
+        tie = moved and best is not None and abs(rate - best.refusal_rate) <= 1e-9
         if (
             best is None
             or sign * rate < sign * best.refusal_rate - 1e-9
