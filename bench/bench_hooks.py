@@ -45,7 +45,7 @@ TARGETS = {"resid": 1.05, "all": 1.3}
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
-def build(quick: bool, seed: int = 0) -> Any:
+def build(quick: bool, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     """A seeded random-init OLMoE at the bench (or quick) geometry, wrapped as an MoEModel."""
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +71,7 @@ def build(quick: bool, seed: int = 0) -> Any:
     cfg = tiny_config("olmoe", **geo)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+        hf = AutoModelForCausalLM.from_config(cfg).float().to(dtype).eval()
     return mi.load(hf, tokenizer=build_tiny_tokenizer(cfg.vocab_size), name="bench:olmoe")
 
 
@@ -147,6 +147,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: reading per-expert hooks runs the routed experts twice (docs/API_CONTRACT.md)",
+    )
     ap.add_argument("--no-bridge", action="store_true", help="skip TransformerBridge")
     ap.add_argument("--profile", default=None, help="cProfile this configuration once and print the top")
     ap.add_argument(
@@ -167,8 +173,9 @@ def main() -> None:
     seq = args.seq or (32 if args.quick else 128)
     repeats = args.repeats or (3 if args.quick else 7)
 
-    model = build(args.quick)
-    bridge = None if args.no_bridge else boot_bridge(build(args.quick))
+    dtype = getattr(torch, args.dtype)
+    model = build(args.quick, dtype=dtype)
+    bridge = None if args.no_bridge else boot_bridge(build(args.quick, dtype=dtype))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.spec.vocab_size, (batch, seq), generator=gen)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -197,7 +204,7 @@ def main() -> None:
             "top_k": model.spec.top_k,
             "batch": batch,
             "seq": seq,
-            "dtype": "float32",
+            "dtype": args.dtype,
         },
         "threads": args.threads,
         "repeats": repeats,
