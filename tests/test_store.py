@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,6 +106,12 @@ def test_damaged_files_raise_store_error(tmp_path: Path, damage: str) -> None:
         load_tree(tmp_path / "x")
 
 
+def load_file_x(stem: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return next(iter(load_file(str(stem) + ".safetensors").values()))
+
+
 def test_an_interrupted_save_never_pairs_an_old_header_with_new_tensors(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     stem = tmp_path / "stage"
     save_tree(stem, {"x": torch.zeros(2)}, header={"fingerprint": "old"})
@@ -117,5 +124,20 @@ def test_an_interrupted_save_never_pairs_an_old_header_with_new_tensors(tmp_path
     monkeypatch.setattr(safetensors.torch, "save_file", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_tree(stem, {"x": torch.ones(2)}, header={"fingerprint": "new"})
+    # interrupted while the new tensors are written: the previous result is still whole (its header, its tensors)
+    assert read_header(stem)["fingerprint"] == "old" and torch.equal(load_tree(stem)["x"], torch.zeros(2))
+    monkeypatch.undo()
+
+    import moe_interp.store as store
+
+    def die_writing_json(path: Path) -> Any:  # the new tensors are in place, the new header is not yet
+        raise KeyboardInterrupt
+
+    real_atomic = store.atomic_path
+    monkeypatch.setattr(
+        store, "atomic_path", lambda p: die_writing_json(p) if p.suffix == ".json" else real_atomic(p)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        save_tree(stem, {"x": torch.ones(2)}, header={"fingerprint": "new"})
     # no header left that a --resume could match: the result is missing, not mixed
-    assert not (tmp_path / "stage.json").exists()
+    assert not (tmp_path / "stage.json").exists() and torch.equal(load_file_x(stem), torch.ones(2))
