@@ -102,10 +102,6 @@ def rank_of(scores: dict[str, float], plant: str) -> int:
     return sum(1 for v in scores.values() if v >= s)
 
 
-def _merge(*grids: dict[str, float]) -> dict[str, float]:
-    return {k: v for g in grids for k, v in g.items()}
-
-
 def _grid(values: Float[Tensor, "n_layers width"], fmt: str, layers: Sequence[int]) -> dict[str, float]:
     return {fmt.format(L=L, i=i): float(values[L, i]) for L in layers for i in range(values.shape[1])}
 
@@ -143,17 +139,15 @@ def _scores(
             res = attribution_patching(
                 model, harmful, harmless, ("heads", "experts"), method=method, progress=progress
             )
-            return _merge(
-                _grid(res["heads"].values, hfmt, all_layers), _grid(res["experts"].values, fmt, moe)
-            )
+            return {**_grid(res["heads"].values, hfmt, all_layers), **_grid(res["experts"].values, fmt, moe)}
 
         return run
 
     out: dict[str, Callable[[], dict[str, float]]] = {
-        "activation_patching": lambda: _merge(
-            _grid(patch_heads(model, harmful, harmless, progress=progress).values, hfmt, all_layers),
-            _grid(patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe),
-        ),
+        "activation_patching": lambda: {
+            **_grid(patch_heads(model, harmful, harmless, progress=progress).values, hfmt, all_layers),
+            **_grid(patch_experts(model, harmful, harmless, progress=progress).values, fmt, moe),
+        },
         "attribution_linear": attribution("linear"),
         "attribution_ig": attribution("ig"),
         "routing_risk_difference": lambda: _grid(routing_risk_difference(model, harmful, harmless), fmt, moe),

@@ -410,7 +410,7 @@ class LayerTracer:
     def _shared_delta(self, pfx: str, shared_out: Tensor, L: int) -> Tensor | None:
         """Edit of ``hook_shared_out`` as a delta to add to the MLP output (None: no edit). The reference is
         copied first when an edit exists, so an edit made in place is not lost (new − new = 0)."""
-        ref = shared_out.clone() if self.req.edits.get(pfx + "hook_shared_out") else shared_out
+        ref = self._ref(shared_out, pfx + "hook_shared_out", always=True)
         new = self._site(pfx + "hook_shared_out", shared_out, L)
         return None if new is None else new - ref
 
@@ -469,7 +469,7 @@ class LayerTracer:
                 )
             read = self._bp(_scaled(raw, mult))
             before = self._ref(read, *edit_names, always=mult != 1.0)
-            after, changed = self._expert_sites(read, per_expert_names, L)
+            after, changed = self._expert_sites(pfx, read, per_expert_names, L)
             if changed:
                 experts.output = io.combine(_unscale(raw, self._flat(before), self._flat(after), mult))
             return
@@ -498,7 +498,7 @@ class LayerTracer:
             dense.index_add_(0, rows, topk.reshape(-1, d))
             dense_bp = self._bp(dense.view(n_tok, E, d))
             ref = self._ref(dense_bp, *edit_names, always=not fast)
-            cur, edited = self._expert_sites(dense_bp, per_expert_names, L)
+            cur, edited = self._expert_sites(pfx, dense_bp, per_expert_names, L)
         if fast:
             # fp32/fp64: the HF module runs on zero tokens and its output is set to the sum computed here, so
             # the experts run once, not twice (the sums agree to rounding).
@@ -513,10 +513,12 @@ class LayerTracer:
             orig = experts.output
             experts.output = (orig + (delta if mult == 1.0 else delta / mult)).to(orig.dtype)
 
-    def _expert_sites(self, dense_bp: Tensor, per_expert_names: list[str], L: int) -> tuple[Tensor, bool]:
+    def _expert_sites(
+        self, pfx: str, dense_bp: Tensor, per_expert_names: list[str], L: int
+    ) -> tuple[Tensor, bool]:
         """Edit then save ``hook_expert_out`` and each ``experts.e.hook_out``; the edited value and whether any
         edit happened."""
-        new = self._site(per_expert_names[0].rsplit("experts.", 1)[0] + "hook_expert_out", dense_bp, L)
+        new = self._site(pfx + "hook_expert_out", dense_bp, L)
         edited = new is not None
         cur = dense_bp if new is None else new
         for e, name in enumerate(per_expert_names):
