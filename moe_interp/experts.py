@@ -236,6 +236,50 @@ def expert_forward(
     return EXPERT_FNS[spec.expert_kind](experts, e, x)
 
 
+#: transformers experts implementations (``config._experts_implementation``) whose output is the sum, over the
+#: top-k slots in slot order, of the weighted per-pair outputs (``view(n, k, d).sum(1)``): for these the sum of
+#: :func:`module_pair_outputs` is the module's own output, bit for bit, in every dtype.
+SLOT_SUM_IMPLEMENTATIONS: frozenset[str] = frozenset({"grouped_mm", "batched_mm"})
+
+
+def sums_like_module(experts: nn.Module) -> bool:
+    """Whether the experts module dispatches (transformers' ``use_experts_implementation``) to an
+    implementation in :data:`SLOT_SUM_IMPLEMENTATIONS`."""
+    impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    dispatched = getattr(type(experts).forward, "__wrapped__", None) is not None
+    return dispatched and impl in SLOT_SUM_IMPLEMENTATIONS
+
+
+def module_pair_outputs(
+    spec: FamilySpec,
+    experts: nn.Module,
+    x: Float[Tensor, "n_tok d"],
+    weights: Float[Tensor, "n_tok k"],
+    indices: Int[Tensor, "n_tok k"],
+) -> Float[Tensor, "n_tok k d"]:
+    """The weighted output of each (token, slot) pair, computed by the experts module itself.
+
+    The module's class ``forward`` (not the instance's: no nnsight or accelerate hooks) is called once with each
+    pair as a token of its own routed to one expert, with weight 1. The flattened expert ids are those of the
+    module's own call, so it sorts, gathers and multiplies the same rows with the same kernels; the routing
+    weight is then applied as the module applies it (``proj * w`` in the promoted dtype: fp32 for bf16 outputs
+    and fp32 weights), so each pair's output is the one the module sums inside its own call. Returned in that
+    promoted dtype; where the weight scales the expert's input (:data:`INPUT_SCALED`) it goes in with the input.
+    """
+    n, k = indices.shape
+    scale_input = spec.expert_kind in INPUT_SCALED
+    w = weights.reshape(n * k, 1)
+    with materialized(experts):
+        out = type(experts).forward(
+            experts,
+            x.repeat_interleave(k, dim=0),
+            indices.reshape(n * k, 1),
+            w if scale_input else torch.ones_like(w),
+        )
+    out = out.view(n, k, -1)
+    return out if scale_input else out * weights.unsqueeze(-1)
+
+
 def topk_expert_outputs(
     spec: FamilySpec,
     experts: nn.Module,
@@ -243,19 +287,42 @@ def topk_expert_outputs(
     weights: Float[Tensor, "n_tok k"],
     indices: Int[Tensor, "n_tok k"],
 ) -> Float[Tensor, "n_tok k d"]:
-    """Sparse form: the weighted outputs of each token's top-k experts, aligned with ``indices``.
+    """Sparse form: the weighted outputs of each token's top-k experts, aligned with ``indices``."""
+    ys, order = routed_expert_outputs(spec, experts, x, weights, indices)
+    return unsort_routed(ys, order, indices.shape[1])
 
-    The (token, slot) pairs are sorted by expert once (stable: each expert sees its tokens in order), gathered
-    in one ``index_select``, each expert runs on its contiguous slice, and one ``index_copy_`` puts the
-    results back in slot order — per expert the same rows and ops as a per-expert ``nonzero`` loop.
+
+def unsort_routed(
+    ys: Float[Tensor, "n_pairs d"], order: Int[Tensor, " n_pairs"], k: int
+) -> Float[Tensor, "n_tok k d"]:
+    """Put the expert-sorted outputs of :func:`routed_expert_outputs` back in (token, slot) order."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return ys.index_select(0, inverse).view(-1, k, ys.shape[-1])  # a row gather: cheaper than index_copy_
+
+
+def routed_expert_outputs(
+    spec: FamilySpec,
+    experts: nn.Module,
+    x: Float[Tensor, "n_tok d"],
+    weights: Float[Tensor, "n_tok k"],
+    indices: Int[Tensor, "n_tok k"],
+) -> tuple[Float[Tensor, "n_pairs d"], Int[Tensor, " n_pairs"]]:
+    """The weighted output of every routed (token, slot) pair, sorted by expert, and the sort ``order``.
+
+    Pair ``i`` of the result is flat slot ``order[i]`` (token ``order[i] // k``, expert
+    ``indices.flatten()[order[i]]``). The pairs are sorted by expert once (stable: each expert sees its tokens
+    in order), gathered in one ``index_select``, and each expert runs on its contiguous slice — per expert the
+    same rows and ops as a per-expert ``nonzero`` loop. Callers that scatter the pairs (the dense
+    ``hook_expert_out``, the per-token sum) use this order directly and skip the unsort.
     """
     with materialized(experts):
-        return _topk_expert_outputs(spec, experts, x, weights, indices)
+        return _routed_expert_outputs(spec, experts, x, weights, indices)
 
 
-def _topk_expert_outputs(
+def _routed_expert_outputs(
     spec: FamilySpec, experts: nn.Module, x: Tensor, weights: Tensor, indices: Tensor
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     n_tok, k = indices.shape
     d = x.shape[-1]
     flat = indices.reshape(-1).long()
@@ -281,4 +348,4 @@ def _topk_expert_outputs(
             else:
                 dst.copy_(y * w)
         start += c
-    return x.new_empty(n_tok * k, d).index_copy_(0, order, ys).view(n_tok, k, d)
+    return ys, order

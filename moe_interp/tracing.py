@@ -17,7 +17,13 @@ import torch
 from torch import Tensor
 
 from moe_interp.buffers import BUFFERS
-from moe_interp.experts import materialized, route, topk_expert_outputs
+from moe_interp.experts import (
+    materialized,
+    module_pair_outputs,
+    route,
+    sums_like_module,
+    topk_expert_outputs,
+)
 from moe_interp.families import FamilySpec
 from moe_interp.hooks import check_writable
 
@@ -478,12 +484,25 @@ class LayerTracer:
         want_topk = self.req.wants(pfx + "hook_topk_expert_out")
         if not (want_dense or want_topk):
             return
-        # One pass over the routed experts (the sparse form), with the same per-expert ops as the HF module;
-        # the dense form is its scatter.
-        topk = _scaled(topk_expert_outputs(spec, experts._module, x, weights, indices), mult)
-        fast = len(args) == 3 and _exact(x)
+        # The experts' weighted output per (token, slot) pair, computed once. fp32/fp64: by the adapter's
+        # per-expert loop (the cheapest on a CPU), whose sum replaces the skipped module's output to rounding.
+        # Half precision: by the module itself (experts.module_pair_outputs); where its implementation sums the
+        # pairs over the slots (experts.sums_like_module) that sum is its output bit for bit and the module is
+        # skipped, otherwise the module runs as well and an edit is added to its output as a delta.
+        module = experts._module
+        per_pair = len(args) == 3  # the module takes (x, indices, weights)
+        by_module = per_pair and not _exact(x)
+        own = by_module and sums_like_module(module)
+        fast = own or (per_pair and _exact(x))
+        own_pairs = (
+            module_pair_outputs(spec, module, x, weights, indices)
+            if by_module
+            else topk_expert_outputs(spec, module, x, weights, indices)
+        )
+        pairs = _scaled(own_pairs.to(x.dtype), mult)
+        n_tok, k, d = pairs.shape
         if want_topk:  # read-only (hooks.READ_ONLY_SITES): edits are refused before the trace
-            self._save(pfx + "hook_topk_expert_out", self._bp(topk))
+            self._save(pfx + "hook_topk_expert_out", self._bp(pairs))
         cur: Tensor | None = None
         ref: Tensor | None = None
         edited = False
@@ -491,23 +510,25 @@ class LayerTracer:
             # Row-wise index_add_ into the flattened [n_tok * E, d] buffer: ~2x cheaper on CPU than an element-wise
             # scatter_add over d, zero-fill included (bench/README.md); duplicates still accumulate. The buffer
             # comes from a pool (moe_interp.buffers): reused once the previous call's cache is dropped, so no
-            # fresh pages are faulted in on every call.
-            n_tok, d = topk.shape[0], topk.shape[-1]
-            rows = (torch.arange(n_tok, device=topk.device)[:, None] * E + indices.long()).reshape(-1)
-            dense = BUFFERS.zeros((n_tok * E, d), topk.dtype, topk.device)
-            dense.index_add_(0, rows, topk.reshape(-1, d))
+            # fresh pages are faulted in on every call, and told which rows were written, so that reuse
+            # zeroes only those (k of every E rows) while no in-place op has touched the buffer since.
+            rows = (torch.arange(n_tok, device=pairs.device)[:, None] * E + indices.long()).reshape(-1)
+            dense = BUFFERS.zeros((n_tok * E, d), pairs.dtype, pairs.device)
+            dense.index_add_(0, rows, pairs.reshape(-1, d))
+            BUFFERS.written(dense, rows)
             dense_bp = self._bp(dense.view(n_tok, E, d))
-            ref = self._ref(dense_bp, *edit_names, always=not fast)
+            ref = self._ref(dense_bp, *edit_names, always=own or not fast)
             cur, edited = self._expert_sites(pfx, dense_bp, per_expert_names, L)
         if fast:
-            # fp32/fp64: the HF module runs on zero tokens and its output is set to the sum computed here, so
-            # the experts run once, not twice (the sums agree to rounding).
-            experts.inputs = ((x[:0], indices[:0], weights[:0]), kwargs)
-            total = io.combine(self._flat(cur)) if edited and cur is not None else topk.sum(dim=1)
-            experts.output = (total if mult == 1.0 else total / mult).to(x.dtype)
+            total = own_pairs.sum(dim=1).to(x.dtype)
+            if edited:  # as a delta: exactly 0 where nothing was edited
+                assert cur is not None and ref is not None
+                if own:
+                    total = total + io.combine(self._flat(cur - ref)) / mult
+                else:
+                    total = io.combine(self._flat(cur)) / mult
+            experts.skip(total.to(x.dtype))
         elif edited:
-            # half precision: the module's own sum is kept (it may accumulate in fp32) and an edit is added as
-            # a delta, exactly 0 where nothing was edited — observing must not change the forward.
             assert cur is not None and ref is not None
             delta = io.combine(self._flat(cur - ref))
             orig = experts.output
