@@ -8,7 +8,8 @@ caller drops its cache and hands them out again, zeroed and with no page faults.
 A writer that fills only some rows (the dense expert outputs: k of every E rows) reports them with
 :meth:`BufferPool.written`; on reuse only those rows are zeroed, unless the buffer's version counter shows an
 in-place operation since (an edit, a user's ``fill_``), in which case all of it is. Writes that bypass the
-version counter (through ``.data`` or a NumPy view) are outside this contract, as they are for autograd.
+version counter (through ``.data``, ``untyped_storage()``, ``set_``, DLPack or a NumPy view) are outside this
+contract, as they are for autograd.
 
 A buffer is reused only when nothing outside the pool holds its storage (no live cache entry or view of it),
 so cached values are never overwritten. The pool applies on the CPU without autograd (the CUDA caching
@@ -86,7 +87,13 @@ class BufferPool:
         if not usable or self._use_count is None:
             return torch.zeros(shape, dtype=dtype, device=device)
         for slot in self._slots:
-            if slot.buf.numel() == numel and slot.buf.dtype == dtype and self._free(slot):
+            if (
+                slot.buf.numel() == numel
+                and slot.buf.dtype == dtype
+                and self._free(slot)
+                # an inference-mode buffer cannot be written in place outside inference mode
+                and (torch.is_inference_mode_enabled() or not slot.buf.is_inference())
+            ):
                 self._zero(slot)
                 return slot.buf.view(shape)
         buf = torch.zeros(numel, dtype=dtype, device=device)

@@ -242,12 +242,42 @@ def expert_forward(
 SLOT_SUM_IMPLEMENTATIONS: frozenset[str] = frozenset({"grouped_mm", "batched_mm"})
 
 
-def sums_like_module(experts: nn.Module) -> bool:
-    """Whether the experts module dispatches (transformers' ``use_experts_implementation``) to an
-    implementation in :data:`SLOT_SUM_IMPLEMENTATIONS`."""
+def _slot_sum_functions() -> tuple[Callable[..., Tensor], ...]:
+    try:
+        from transformers.integrations import moe as hf_moe
+    except ImportError:
+        return ()
+    return tuple(
+        f
+        for f in (
+            getattr(hf_moe, "grouped_mm_experts_forward", None),
+            getattr(hf_moe, "batched_mm_experts_forward", None),
+        )
+        if f is not None
+    )
+
+
+def sums_like_module(experts: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the sum over slots of :func:`module_pair_outputs` (on inputs of ``dtype``) is the experts
+    module's own output bit for bit.
+
+    True only when the class ``forward`` is transformers' ``use_experts_implementation`` dispatcher, the function
+    it dispatches to is transformers' own ``grouped_mm`` or ``batched_mm`` (not another function registered under
+    that name, e.g. a quantised backend's), and every floating-point weight has the activations' dtype (the
+    module casts its output to that dtype, which must not round a pair before it is weighted). Anything else
+    answers False, and the adapter then keeps the module's own output.
+    """
     impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    dispatched = getattr(type(experts).forward, "__wrapped__", None) is not None
-    return dispatched and impl in SLOT_SUM_IMPLEMENTATIONS
+    fwd = type(experts).forward
+    if impl not in SLOT_SUM_IMPLEMENTATIONS or getattr(fwd, "__wrapped__", None) is None:
+        return False
+    code, closure = getattr(fwd, "__code__", None), getattr(fwd, "__closure__", None) or ()
+    cells = dict(zip(code.co_freevars, closure, strict=False)) if code is not None else {}
+    interface = getattr(cells.get("experts_interface"), "cell_contents", None)
+    get = getattr(interface, "get_interface", None)
+    if get is None or get(impl, None) not in _slot_sum_functions():
+        return False
+    return all(p.dtype == dtype for p in experts.parameters() if p.is_floating_point())
 
 
 def module_pair_outputs(

@@ -492,7 +492,7 @@ class LayerTracer:
         module = experts._module
         per_pair = len(args) == 3  # the module takes (x, indices, weights)
         by_module = per_pair and not _exact(x)
-        own = by_module and sums_like_module(module)
+        own = by_module and sums_like_module(module, x.dtype)
         fast = own or (per_pair and _exact(x))
         own_pairs = (
             module_pair_outputs(spec, module, x, weights, indices)

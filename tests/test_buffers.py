@@ -119,3 +119,15 @@ def test_pooled_expert_out_equals_a_fresh_one(tiny_model, pooled_small_buffers, 
     if got.data_ptr() != ptr:
         pytest.skip("the pool did not reuse the buffer (no storage use count in this torch)")
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_an_inference_mode_buffer_is_not_reused_outside_inference_mode() -> None:
+    pool = _pool()
+    with torch.inference_mode():
+        a = pool.zeros((6, 3), torch.float32, CPU)
+        a.fill_(3.0)
+        del a
+    with torch.no_grad():
+        b = pool.zeros((6, 3), torch.float32, CPU)  # in place on an inference tensor would raise here
+        b.add_(1.0)
+    assert torch.equal(b, torch.ones(6, 3))

@@ -30,7 +30,7 @@ def _slot_sum_families() -> list[str]:
     out = []
     for fam in tiny_families():
         model = mi.load(f"tiny:{fam}")
-        if any(i.is_moe for i in model.layers) and sums_like_module(_experts(model)):
+        if any(i.is_moe for i in model.layers) and sums_like_module(_experts(model), torch.float32):
             out.append(fam)
     return out
 
@@ -53,7 +53,7 @@ def test_pair_sum_is_the_module_output_bit_for_bit(family: str, impl: str, dtype
     model = mi.load(f"tiny:{family}", dtype=x_dtype)
     model.hf_model.set_experts_implementation(impl)
     experts = _experts(model)
-    assert sums_like_module(experts)
+    assert sums_like_module(experts, x_dtype)
     gen = torch.Generator().manual_seed(0)
     info = next(i for i in model.layers if i.is_moe)
     n, d, k, n_exp = 13, model.spec.d_model, info.top_k, info.n_experts
@@ -70,7 +70,7 @@ def test_pair_sum_is_the_module_output_bit_for_bit(family: str, impl: str, dtype
 def test_eager_experts_do_not_count_as_slot_sums() -> None:
     model = mi.load("tiny:olmoe")
     model.hf_model.set_experts_implementation("eager")
-    assert not sums_like_module(_experts(model))
+    assert not sums_like_module(_experts(model), torch.float32)
 
 
 @pytest.mark.parametrize("family", SLOT_SUM)
@@ -98,3 +98,36 @@ def test_eager_experts_in_bf16_keep_the_module_output(family: str) -> None:
     with model.intervene(mi.EditHook(edit, lambda x, ctx: x)):
         edited, _ = model.run_with_cache(enc, names=[])
     assert torch.equal(plain, edited)
+
+
+def test_experts_in_another_dtype_keep_the_module_output() -> None:
+    """fp32 experts in a bf16 model: the module rounds each pair to bf16 before the weight would apply, so the
+    pair sum is not its output; reading the hooks must still leave the logits alone."""
+    model = mi.load("tiny:mixtral", dtype=torch.bfloat16)
+    for name, mod in model.hf_model.named_modules():
+        if name.endswith(f".{model.family.mlp}.{model.family.experts}"):
+            mod.float()
+    assert not sums_like_module(_experts(model), torch.bfloat16)
+    names = [n for n in model.hook_names() if n.endswith("hook_expert_out")]
+    enc = model.tokenize(PROMPTS)
+    plain, _ = model.run_with_cache(enc, names=[])
+    observed, _ = model.run_with_cache(enc, names=names)
+    assert torch.equal(plain, observed)
+
+
+def test_another_function_under_a_slot_sum_name_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function registered as ``grouped_mm`` that weights differently (as a quantised backend's does)."""
+    from transformers.integrations import moe as hf_moe
+
+    def weights_in_bf16(self: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return hf_moe.grouped_mm_experts_forward(self, x, idx, w.to(torch.bfloat16))
+
+    interface = hf_moe.ALL_EXPERTS_FUNCTIONS
+    monkeypatch.setattr(interface, "get_interface", lambda impl, default: weights_in_bf16)
+    model = mi.load("tiny:mixtral", dtype=torch.bfloat16)
+    assert not sums_like_module(_experts(model), torch.bfloat16)
+    names = [n for n in model.hook_names() if n.endswith("hook_expert_out")]
+    enc = model.tokenize(PROMPTS)
+    plain, _ = model.run_with_cache(enc, names=[])
+    observed, _ = model.run_with_cache(enc, names=names)
+    assert torch.equal(plain, observed)
