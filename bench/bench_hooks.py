@@ -151,7 +151,7 @@ def main() -> None:
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="bfloat16: reading per-expert hooks runs the routed experts twice (docs/API_CONTRACT.md)",
+        help="bfloat16: reading hooks keeps the logits bit-identical (docs/API_CONTRACT.md)",
     )
     ap.add_argument("--no-bridge", action="store_true", help="skip TransformerBridge")
     ap.add_argument("--profile", default=None, help="cProfile this configuration once and print the top")
