@@ -521,11 +521,11 @@ class LayerTracer:
             cur, edited = self._expert_sites(pfx, dense_bp, per_expert_names, L)
         if fast:
             total = own_pairs.sum(dim=1).to(x.dtype)
-            if edited:  # as a delta: exactly 0 where nothing was edited
+            if edited:
                 assert cur is not None and ref is not None
-                if own:
+                if own:  # as a delta, exactly 0 where nothing was edited: those positions keep their bits
                     total = total + io.combine(self._flat(cur - ref)) / mult
-                else:
+                else:  # fp32/fp64: the sum of the edited outputs (equal to the module's to rounding)
                     total = io.combine(self._flat(cur)) / mult
             experts.skip(total.to(x.dtype))
         elif edited:
