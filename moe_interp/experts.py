@@ -8,6 +8,7 @@ data (:attr:`FamilySpec.expert_kind`, :attr:`FamilySpec.router_kind`), never a b
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -242,6 +243,7 @@ def expert_forward(
 SLOT_SUM_IMPLEMENTATIONS: frozenset[str] = frozenset({"grouped_mm", "batched_mm"})
 
 
+@functools.cache
 def _slot_sum_functions() -> tuple[Callable[..., Tensor], ...]:
     try:
         from transformers.integrations import moe as hf_moe
@@ -317,42 +319,19 @@ def topk_expert_outputs(
     weights: Float[Tensor, "n_tok k"],
     indices: Int[Tensor, "n_tok k"],
 ) -> Float[Tensor, "n_tok k d"]:
-    """Sparse form: the weighted outputs of each token's top-k experts, aligned with ``indices``."""
-    ys, order = routed_expert_outputs(spec, experts, x, weights, indices)
-    return unsort_routed(ys, order, indices.shape[1])
+    """Sparse form: the weighted outputs of each token's top-k experts, aligned with ``indices``.
 
-
-def unsort_routed(
-    ys: Float[Tensor, "n_pairs d"], order: Int[Tensor, " n_pairs"], k: int
-) -> Float[Tensor, "n_tok k d"]:
-    """Put the expert-sorted outputs of :func:`routed_expert_outputs` back in (token, slot) order."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return ys.index_select(0, inverse).view(-1, k, ys.shape[-1])  # a row gather: cheaper than index_copy_
-
-
-def routed_expert_outputs(
-    spec: FamilySpec,
-    experts: nn.Module,
-    x: Float[Tensor, "n_tok d"],
-    weights: Float[Tensor, "n_tok k"],
-    indices: Int[Tensor, "n_tok k"],
-) -> tuple[Float[Tensor, "n_pairs d"], Int[Tensor, " n_pairs"]]:
-    """The weighted output of every routed (token, slot) pair, sorted by expert, and the sort ``order``.
-
-    Pair ``i`` of the result is flat slot ``order[i]`` (token ``order[i] // k``, expert
-    ``indices.flatten()[order[i]]``). The pairs are sorted by expert once (stable: each expert sees its tokens
-    in order), gathered in one ``index_select``, and each expert runs on its contiguous slice — per expert the
-    same rows and ops as a per-expert ``nonzero`` loop. Callers that scatter the pairs (the dense
-    ``hook_expert_out``, the per-token sum) use this order directly and skip the unsort.
+    The (token, slot) pairs are sorted by expert once (stable: each expert sees its tokens in order), gathered
+    in one ``index_select``, each expert runs on its contiguous slice, and one row gather puts the results back
+    in slot order — per expert the same rows and ops as a per-expert ``nonzero`` loop.
     """
     with materialized(experts):
-        return _routed_expert_outputs(spec, experts, x, weights, indices)
+        return _topk_expert_outputs(spec, experts, x, weights, indices)
 
 
-def _routed_expert_outputs(
+def _topk_expert_outputs(
     spec: FamilySpec, experts: nn.Module, x: Tensor, weights: Tensor, indices: Tensor
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     n_tok, k = indices.shape
     d = x.shape[-1]
     flat = indices.reshape(-1).long()
@@ -378,4 +357,6 @@ def _routed_expert_outputs(
             else:
                 dst.copy_(y * w)
         start += c
-    return ys, order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return ys.index_select(0, inverse).view(n_tok, k, d)  # a row gather: cheaper than index_copy_

@@ -520,13 +520,15 @@ class LayerTracer:
             ref = self._ref(dense_bp, *edit_names, always=own or not fast)
             cur, edited = self._expert_sites(pfx, dense_bp, per_expert_names, L)
         if fast:
-            total = own_pairs.sum(dim=1).to(x.dtype)
-            if edited:
-                assert cur is not None and ref is not None
-                if own:  # as a delta, exactly 0 where nothing was edited: those positions keep their bits
+            if edited and not own:
+                # fp32/fp64: the sum of the edited outputs, equal to the module's to rounding
+                assert cur is not None
+                total = io.combine(self._flat(cur)) / mult
+            else:
+                total = own_pairs.sum(dim=1).to(x.dtype)
+                if edited:  # as a delta, exactly 0 where nothing was edited: those positions keep their bits
+                    assert cur is not None and ref is not None
                     total = total + io.combine(self._flat(cur - ref)) / mult
-                else:  # fp32/fp64: the sum of the edited outputs (equal to the module's to rounding)
-                    total = io.combine(self._flat(cur)) / mult
             experts.skip(total.to(x.dtype))
         elif edited:
             assert cur is not None and ref is not None
