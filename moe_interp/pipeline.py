@@ -346,7 +346,17 @@ def stage_steering(run: Run) -> dict[str, Any]:
         max_new_tokens=cfg.max_new_tokens,
         baseline=_baseline_rates(run),
     )
-    return {"table": rows, "files": files, "tuning": tuning}
+    # a gated steering acts only where its gate opens: how often it does on each held-back set
+    gate_fires = {
+        name: {
+            split: float(steer.fires(model, p[f"{split}_test"]).float().mean())
+            for split in ("harmful", "political", "harmless")
+            if p.get(f"{split}_test")
+        }
+        for name, steer in fitted.items()
+        if hasattr(steer, "fires")
+    }
+    return {"table": rows, "files": files, "tuning": tuning, "gate_fires": gate_fires}
 
 
 def _baseline_rates(run: Run) -> dict[str, dict[str, Any]]:
@@ -484,6 +494,7 @@ def _run_stages(run: Run) -> Path:
         "refusal_edits": run.results["refusal_edits"],
         "circuit_faithfulness": run.results["circuit"]["circuit"].faithfulness,
         "steering": run.results["steering"]["table"],
+        "steering_gate_fires": run.results["steering"].get("gate_fires", {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log(f"wrote {report}")

@@ -217,6 +217,17 @@ def write_report(run: Run, figures: list[str]) -> Path:
             f"| {_fmt_row_rate(row['harmless_refusal'])} | {row['harmless_kl']:.3f} | {row.get('n_layers', '')} "
             f"| {row.get('n_experts', '')} |"
         )
+    fires = r["steering"].get("gate_fires", {})
+    if fires:
+        lines += [
+            "",
+            "Gated methods act only where their gate opens; share of held-back prompts it opens on:",
+            "",
+        ]
+        lines += [
+            f"- {k}: " + ", ".join(f"{split} {rate:.2f}" for split, rate in v.items())
+            for k, v in fires.items()
+        ]
     untuned = {k: v["error"] for k, v in r["steering"]["tuning"].items() if "error" in v}
     if untuned:
         lines += [

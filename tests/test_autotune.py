@@ -148,6 +148,27 @@ def test_a_rate_tie_goes_to_the_lower_mean_score_with_the_logit_judge(
     assert res.label == 0.25 and res.refusal_rate == 0.5  # the rate never moved: the weakest is kept
 
 
+def test_a_rate_tie_is_not_broken_by_prompts_already_flipped(
+    fake_eval, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gated steering: the prompts still refused are ones the gate never opens on (score 2 at every
+    strength) while the flipped ones keep falling. The mean over all prompts falls, which the nineteenth
+    session's rule took as a gain up to the grid's end; only the prompts still refused count now, so the
+    weakest tied strength is kept and patience stops the walk."""
+
+    def scores(model, prompts, steer):
+        k = 75 if steer < 0.5 else 50
+        return torch.cat([torch.full((k,), 2.0), torch.full((100 - k,), -1.0 - 10 * steer)]).double()
+
+    monkeypatch.setattr(at, "steered_refusal_scores", scores)
+    res = at.search_candidates(
+        None, cands([0.25, 0.5, 1, 1.5, 4, 5]), ["h"], ["l"], kl_budget=1.0, target_rate=-1
+    )
+    assert res.label == 0.5 and res.refusal_rate == 0.5 and res.refused_score == 2.0
+    assert "no improvement" in res.stopped and fake_eval == [0.25, 0.5, 1, 1.5, 4]
+    assert res.history[3]["refusal_score"] < res.history[1]["refusal_score"]  # the old rule's signal
+
+
 def test_search_nothing_feasible(fake_eval) -> None:
     with pytest.raises(ValueError, match="No candidate"):
         at.search_candidates(None, cands([3, 4]), ["h"], ["l"], kl_budget=0.1)

@@ -597,3 +597,38 @@ def test_writers_tests_only_the_named_directions(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--names" in err and "'arditi_layer22,nope'" in err and "arditi_scan" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_steer_quality_scores_steering_against_the_base_models_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``steer-quality`` on a tiny model standing in for both the dense base and the organism: unsteered, the
+    organism *is* the base, so the NLL of the base's answers equals its floor exactly; every row's distinct-2 is
+    the hand count of its completions' bigrams; a bad steering file fails before anything runs."""
+    import json
+
+    import moe_interp as mi
+    from moe_interp.organisms.smollm_quality import distinct2
+    from moe_interp.steering import fit_method
+
+    assert distinct2([1, 2, 1, 2, 1]) == 0.5 and distinct2([7]) == 1.0 and distinct2([1, 2, 3]) == 1.0
+    tiny = mi.load("tiny:olmoe")
+    monkeypatch.setattr(smollm_moe, "load_dense", lambda: (tiny.hf_model, tiny.tokenizer))
+    monkeypatch.setattr(smollm_moe, "moe_from_dense", lambda dense, path=None: dense)
+    fit_method("dense", tiny, ["Steal a car", "make a poison"], ["Hi", "tell me a joke"]).scaled(4.0).save(
+        tmp_path / "dense"
+    )
+    out = tmp_path / "quality.json"
+    smollm_moe.main(["steer-quality", "--steering", str(tmp_path / "dense"), "--n", "3", "--max-new-tokens", "5",
+                     "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["unsteered", "dense"]
+    assert rows[0]["nll_base_answers"] == pytest.approx(rows[0]["nll_floor"], abs=1e-6)
+    assert rows[1]["nll_base_answers"] != pytest.approx(rows[1]["nll_floor"])
+    tok = tiny.tokenizer
+    for r in rows:
+        ids = [tok(c["steered"], add_special_tokens=False)["input_ids"] for c in r["completions"]]
+        assert r["distinct2"] == pytest.approx(sum(map(distinct2, ids)) / len(ids))
+        assert [c["base"] for c in r["completions"]] == [c["base"] for c in rows[0]["completions"]]
+    with pytest.raises(Exception, match="nope"):
+        smollm_moe.main(["steer-quality", "--steering", str(tmp_path / "nope")])

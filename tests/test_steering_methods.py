@@ -142,7 +142,8 @@ def test_select_experts_threshold_and_top_n(olmoe) -> None:
 def test_registry_fits_every_method_and_applies(olmoe) -> None:
     assert set(METHODS) >= {
         "dense", "dense_multi", "routing_experts", "expert_conditioned", "expert_conditioned_all",
-        "single_expert", "steer_router", "ridge", "topic_remove", "topic_induce",
+        "single_expert", "steer_router", "ridge", "topic_remove", "topic_induce", "gated_dense",
+        "gated_routing_experts", "gated_single_expert",
     }  # fmt: skip
     extra = {k: {"keep": HARMFUL[:2]} for k in ("topic_remove", "topic_induce", "topic_gated")}
     small = {"expert_conditioned_all": {"layers": [1]}}
@@ -154,7 +155,7 @@ def test_registry_fits_every_method_and_applies(olmoe) -> None:
             assert steer.metadata.method.startswith(name.split("_")[0]) and steer.metadata.data_hash
         if not isinstance(steer, RouterSteering):  # router steering has no coefficient to scale
             steer = steer.scaled(4.0)
-        if name == "topic_gated":
+        if isinstance(steer, TopicGatedSteering):  # topic_gated, gated_*
             steer = replace(steer, threshold=-1e9)  # gate open for every prompt
         with steer.apply(olmoe):
             out = olmoe.forward(PADDED)

@@ -13,6 +13,7 @@ Usage::
     python -m moe_interp.organisms.smollm_moe topic [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe gate-scan [--path DIR] [--out JSON]
     python -m moe_interp.organisms.smollm_moe writers [--path DIR] [--out JSON]
+    python -m moe_interp.organisms.smollm_moe steer-quality --steering FILE [FILE ...] [--out JSON]
 """
 
 from __future__ import annotations
@@ -188,9 +189,10 @@ def load_model(**kwargs: Any) -> MoEModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic`` / ``gate-scan`` / ``writers``."""
+    """Dispatch ``train`` / ``evaluate`` / ``arditi`` / ``topic`` / ``gate-scan`` / ``writers`` /
+    ``steer-quality``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("train", "evaluate", "arditi", "topic", "gate-scan", "writers")
+    cmds = ("train", "evaluate", "arditi", "topic", "gate-scan", "writers", "steer-quality")
     if not argv or argv[0] not in cmds:
         print(__doc__)
         raise SystemExit(f"usage: python -m moe_interp.organisms.smollm_moe {{{','.join(cmds)}}} ...")
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         from moe_interp.organisms.smollm_train import main as run
     elif cmd == "writers":
         from moe_interp.organisms.smollm_writers import main_writers as run
+    elif cmd == "steer-quality":
+        from moe_interp.organisms.smollm_quality import main_steer_quality as run
     else:
         from moe_interp.organisms import smollm_eval
 

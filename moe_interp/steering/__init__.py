@@ -12,6 +12,7 @@ from moe_interp.steering.compare import (
 from moe_interp.steering.edits import RouterSteering, TopicGatedSteering
 from moe_interp.steering.fit_experts import expert_specific_directions
 from moe_interp.steering.formats import FORMATS, load_steering
+from moe_interp.steering.gated import fit_gated
 from moe_interp.steering.gguf_io import (
     export_control_vector_gguf,
     read_control_vector_gguf,
@@ -50,6 +51,7 @@ __all__ = [
     "encode_key",
     "expert_specific_directions",
     "export_control_vector_gguf",
+    "fit_gated",
     "fit_method",
     "harmless_kl",
     "load_steering",

@@ -52,7 +52,9 @@ __all__ = [
 ]
 
 #: coefficient scales tried by :func:`coefficient_search` (multiplying the fitted coefficients)
-DEFAULT_SCALES: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+DEFAULT_SCALES: tuple[float, ...] = (
+    0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0
+)  # fmt: skip
 #: Fractions of the smallest scale tried when that scale is already over the KL budget.
 FINER_FRACTIONS: tuple[float, ...] = (0.125, 0.25, 0.5)
 
@@ -104,12 +106,15 @@ class TuneResult:
     stopped: str = ""
     #: mean logit refusal score on the harmful prompts (None with the generation judge)
     refusal_score: float | None = None
+    #: mean logit refusal score of the harmful prompts still refused (None: generation judge or none refused)
+    refused_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "refusal_rate": self.refusal_rate,
             "refusal_score": self.refusal_score,
+            "refused_score": self.refused_score,
             "kl": self.kl,
             "keep_rate": self.keep_rate,
             "stopped": self.stopped,
@@ -138,7 +143,8 @@ def search_candidates(
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
     ``keep`` refusal rate ≥ ``keep_min_rate``. A rate over n prompts moves in steps of 1/n, so with the logit
     judge, once the rate has moved from the first candidate's, a tie on the rate goes to the lower mean refusal
-    score (higher with ``maximize_refusal``): the judge's continuous confidence, as "Refusal Steering" tunes on.
+    score of the prompts still refused (higher, of those still complying, with ``maximize_refusal``): the
+    judge's continuous confidence, as "Refusal Steering" tunes on, where it can still flip a prompt.
     Otherwise (a rate that has not responded, or the generation judge) a tie keeps the earlier (weaker)
     candidate. The walk stops at
     ``target_rate`` (default: 0 when lowering refusal, 1 when raising it); ``patience`` steps without gain
@@ -168,9 +174,12 @@ def search_candidates(
             stopped = f"KL ({kl_statistic}) {kl:.3g} > budget {kl_budget} at {label}"
             break
         score: float | None = None
+        refused: float | None = None
         if judge == "logit":
             scores = steered_refusal_scores(model, harmful, steer)
             rate, score = float(refusal_rate(scores > 0)), float(scores.mean())
+            side = scores[scores > 0] if not maximize_refusal else scores[scores <= 0]
+            refused = float(side.mean()) if side.numel() else None
         else:
             rate = float(
                 refusal_rate(refusal_flags(model, harmful, steer, judge=judge, max_new_tokens=max_new_tokens))
@@ -178,6 +187,7 @@ def search_candidates(
         step["refusal_rate"] = rate
         if score is not None:
             step["refusal_score"] = score
+            step["refused_score"] = refused
         keep_rate = None
         if keep is not None:
             keep_rate = float(
@@ -189,20 +199,21 @@ def search_candidates(
                 break
         first = rate if first is None else first
         moved = moved or abs(rate - first) > 1e-9
-        # a tie on the rate is broken by the score only once the rate has responded: a score that falls while
-        # no prompt flips buys no change in behaviour, and the weaker edit costs less
+        # a tie on the rate is broken by the score only once the rate has responded, and only by the prompts
+        # not yet flipped: a score that falls while no prompt flips buys no change in behaviour (the weaker edit
+        # costs less), and prompts that have flipped already would reward strength for its own sake
         tie = moved and best is not None and abs(rate - best.refusal_rate) <= 1e-9
         if (
             best is None
             or sign * rate < sign * best.refusal_rate - 1e-9
             or (
                 tie
-                and score is not None
-                and best.refusal_score is not None
-                and sign * score < sign * best.refusal_score
+                and refused is not None
+                and best.refused_score is not None
+                and sign * refused < sign * best.refused_score - 1e-6 * max(1.0, abs(best.refused_score))
             )
         ):
-            best = TuneResult(steer, label, rate, kl, keep_rate, refusal_score=score)
+            best = TuneResult(steer, label, rate, kl, keep_rate, refusal_score=score, refused_score=refused)
             stale = 0
         elif moved:  # a rate that has not responded yet is not a plateau: keep growing while KL allows
             stale += 1

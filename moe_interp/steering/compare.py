@@ -134,6 +134,8 @@ def touched(steer: Any, model: MoEModel | None = None) -> dict[str, Any]:
         return {"layers": [], "n_layers": 0, "n_experts": 0}
     if isinstance(steer, RouterSteering):
         return {"layers": steer.layers, "n_layers": len(steer.layers), "n_experts": steer.n_expert_slots}
+    if isinstance(getattr(steer, "steer", None), SteeringVectors):  # a gate around vectors: what they touch
+        return touched(steer.steer, model)
     if isinstance(steer, SteeringVectors):
         n_exp = sum(1 for k in steer.keys if k[1] is not None or ".experts." in k[0])
         return {"layers": steer.layers, "n_layers": len(steer.layers), "n_experts": n_exp}

@@ -162,7 +162,9 @@ class TopicGatedSteering:
     """Apply ``steer`` only to prompts whose residual at the last prompt position of ``blocks.G.hook_resid_pre``
     projects on ``gate`` above ``threshold`` (decided on the prompt pass, kept for the generation steps).
 
-    Fine-grained control: remove (or induce) a refusal on one topic and leave other prompts untouched.
+    Fine-grained control: remove (or induce) a refusal on one topic and leave other prompts untouched
+    (``topic_gated``); conditional steering: a harm gate around another method (``gated_*``,
+    :mod:`moe_interp.steering.gated`).
     """
 
     steer: SteeringVectors

@@ -367,25 +367,49 @@ def _check_shrinkage(shrinkage: float | None) -> None:
         raise ValueError(f"gate_shrinkage must be a positive finite float or None, got {shrinkage!r}")
 
 
+def fit_gate(
+    positive: Float[Tensor, "n_p d"],
+    negatives: Sequence[Float[Tensor, "_n d"]],
+    shrinkage: float | None = None,
+    threshold: Literal["lowest", "midpoint"] = "lowest",
+) -> tuple[Float[Tensor, " d"], float, float]:
+    """A linear gate from one site's activations: ``(direction, threshold, balanced training accuracy)``.
+    Direction: the positive mean minus the mean of the negative groups' means, or with ``shrinkage`` the shrunk
+    discriminant of all the groups (:func:`~moe_interp.refusal.directions.shrunk_lda_direction`); threshold:
+    the lowest projection with the best balanced accuracy of positive against all negatives (``"lowest"``,
+    which sits on a training prompt's projection), or the middle of the interval of thresholds that reach it
+    (``"midpoint"``: where the training classes separate, half-way across the gap between them)."""
+    if threshold not in ("lowest", "midpoint"):
+        raise ValueError(f"threshold must be 'lowest' or 'midpoint', got {threshold!r}")
+    from moe_interp.refusal.directions import shrunk_lda_direction
+
+    _check_shrinkage(shrinkage)
+    if len(negatives) == 0:
+        raise ValueError("fit_gate needs at least one group of negative activations.")
+    w = positive.mean(0) - torch.stack([g.mean(0) for g in negatives]).mean(0)
+    if shrinkage is not None:
+        w = shrunk_lda_direction(w, [positive, *negatives], shrinkage).to(w.dtype)
+    pos, neg = positive @ w, torch.cat(list(negatives)) @ w
+    cands = torch.cat([pos, neg]).sort().values
+    acc = torch.stack([((pos > c).float().mean() + (neg <= c).float().mean()) / 2 for c in cands])
+    i = int(acc.argmax())
+    theta = float(cands[i])
+    above = cands[cands > cands[i]]
+    if threshold == "midpoint" and above.numel():  # the same accuracy holds up to the next projection
+        theta = float((cands[i] + above[0]) / 2)
+    return w, theta, float(acc.max())
+
+
 def fit_topic_gate(
     topic: Float[Tensor, "n_t d"],
     harmless: Float[Tensor, "n_l d"],
     keep: Float[Tensor, "n_k d"],
     shrinkage: float | None = None,
 ) -> tuple[Float[Tensor, " d"], float, float]:
-    """The topic gate of :func:`fit_topic_gated` from one site's activations: ``(direction, threshold,
-    balanced training accuracy)``. Direction: topic − mean(harmless, keep), or with ``shrinkage`` the shrunk
-    discriminant of the three groups; threshold: the lowest projection with the best balanced accuracy."""
-    from moe_interp.refusal.directions import shrunk_lda_direction
-
-    _check_shrinkage(shrinkage)
-    w = topic.mean(0) - (harmless.mean(0) + keep.mean(0)) / 2
-    if shrinkage is not None:
-        w = shrunk_lda_direction(w, [topic, harmless, keep], shrinkage).to(w.dtype)
-    pos, neg = topic @ w, torch.cat([harmless, keep]) @ w
-    cands = torch.cat([pos, neg]).sort().values
-    acc = torch.stack([((pos > c).float().mean() + (neg <= c).float().mean()) / 2 for c in cands])
-    return w, float(cands[int(acc.argmax())]), float(acc.max())
+    """The topic gate of :func:`fit_topic_gated` from one site's activations: :func:`fit_gate` of the topic
+    against harmless and keep (direction topic − mean(harmless, keep), or the shrunk discriminant of the
+    three groups)."""
+    return fit_gate(topic, [harmless, keep], shrinkage)
 
 
 def fit_topic_gated(

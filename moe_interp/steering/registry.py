@@ -4,6 +4,8 @@ strength is tuned, so callers (the pipeline, autotuning, the demo) need no per-m
 * ``data="harmful"`` — fit on harmful vs harmless prompts;
 * ``data="topic"`` — fit on one topic's prompts (e.g. political) vs harmless, with ``keep=`` prompts whose
   refusals must survive (tuning then also keeps their refusal rate above a floor).
+* ``gated_<method>`` — ``<method>`` applied only to prompts a harm gate opens on
+  (:mod:`moe_interp.steering.gated`).
 * ``tuning="coefficient"`` — strength = a scale on the coefficients (:func:`~moe_interp.steering.autotune.coefficient_search`);
   any other value names the fit keyword that autotuning sweeps instead (``steer_router``: ``n_deactivate``).
 """
@@ -30,6 +32,7 @@ from moe_interp.steering.fit_experts import (
     fit_single_expert,
     fit_steer_router,
 )
+from moe_interp.steering.gated import gated
 from moe_interp.steering.protocol import Steering
 
 if TYPE_CHECKING:
@@ -98,6 +101,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("topic_remove", fit_topic_remove, data="topic"),
         MethodSpec("topic_induce", fit_topic_induce, data="topic", forwards_to=fit_topic_remove),
         MethodSpec("topic_gated", fit_topic_gated, data="topic"),
+        MethodSpec("gated_dense", gated("dense"), forwards_to=fit_dense),
+        MethodSpec("gated_routing_experts", gated("routing_experts"), forwards_to=fit_routing_experts),
+        MethodSpec("gated_single_expert", gated("single_expert"), forwards_to=fit_single_expert),
     )
 }
 

@@ -1,0 +1,163 @@
+"""Conditional steering: a registered steering method applied only to the prompts a harm gate opens on.
+
+Conditional activation steering (CAST, Lee et al. 2024) and the gated removal of "Refusal Steering"
+(García-Ferrero et al.): a linear read-out of the residual stream at the last prompt position decides, on
+the prompt pass, whether a prompt is steered; the decision is kept for the generated tokens. Prompts the gate
+stays closed on are computed exactly as without steering, so the side effects on harmless prompts come only
+from the harmless prompts the gate opens on — the gate's false positives — and the strength can be raised
+until the steered prompts comply.
+
+The object is :class:`~moe_interp.steering.edits.TopicGatedSteering` (the gate of the topic methods), so
+saving, loading, scaling, the strength search and the comparison treat it like every other steering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from moe_interp.steering.edits import TopicGatedSteering
+from moe_interp.steering.fit import (
+    _check_shrinkage,
+    check_prompt_list,
+    fit_gate,
+    fit_metadata,
+    resid_acts,
+    subsample,
+)
+from moe_interp.steering.vectors import SteeringVectors
+
+if TYPE_CHECKING:
+    from moe_interp.model import MoEModel
+
+__all__ = ["fit_gated", "gate_layer_separation", "gated"]
+
+
+def fit_gated(
+    model: MoEModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    inner: str = "dense",
+    gate_layer: int | None = None,
+    gate_shrinkage: float | None = 1.0,
+    n_folds: int = 4,
+    n_max: int | None = 128,
+    batch_size: int = 32,
+    **inner_kw: Any,
+) -> TopicGatedSteering:
+    """Fit the registered method ``inner`` (keywords ``inner_kw``, ``n_max``, ``batch_size``) on the same
+    prompts and gate it on harm: the gate is :func:`~moe_interp.steering.fit.fit_gate` of the harmful against
+    the harmless prompts at ``blocks.G.hook_resid_pre``, last prompt position — with the default
+    ``gate_shrinkage`` a shrunk linear discriminant, thresholded at the best balanced training accuracy.
+
+    ``gate_layer`` defaults to the layer, up to the first one ``inner`` steers (the gate must be decided before
+    the steering acts), whose gate separates the two classes best on prompts it was not fitted on
+    (:func:`gate_layer_separation`, ``n_folds``-fold cross-validation on the training prompts; recorded in
+    the metadata as ``gate_cv_separation``, ``None`` where degenerate): a gate that fires on few harmless prompts is what keeps the side
+    effects small. ``inner`` must be a method fitted on
+    harmful vs harmless prompts whose strength is a coefficient scale and which returns
+    :class:`~moe_interp.steering.vectors.SteeringVectors`: every such method of the registry (``dense``,
+    ``dense_multi``, ``ridge``, ``routing_experts``, ``expert_conditioned[_all]``, ``single_expert``)."""
+    from moe_interp.steering.registry import method_spec
+
+    spec = method_spec(inner)
+    if spec.data != "harmful" or spec.tuning != "coefficient" or inner.startswith("gated"):
+        raise ValueError(
+            f"gated steering needs an ungated method fitted on harmful vs harmless prompts and tuned by its "
+            f"coefficient, got inner={inner!r}."
+        )
+    _check_shrinkage(gate_shrinkage)
+    harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
+    harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    steer = spec(model, harmful, harmless, n_max=n_max, batch_size=batch_size, **inner_kw)
+    if not isinstance(steer, SteeringVectors):
+        raise ValueError(
+            f"gated steering needs an inner method that returns SteeringVectors; {inner!r} returns "
+            f"{type(steer).__name__}."
+        )
+    first = min(steer.layers)
+    if gate_layer is not None and model.check_layer(gate_layer) > first:
+        raise ValueError(
+            f"gate_layer {gate_layer} comes after the first layer {inner!r} steers ({first}); the gate must be "
+            f"decided first: pass gate_layer <= {first}."
+        )
+    ah, al = (resid_acts(model, p, -1, batch_size) for p in (harmful, harmless))  # [n, n_layers, d]
+    cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
+    G = int(cv.argmax()) if gate_layer is None else gate_layer
+    w, theta, acc = fit_gate(ah[:, G], [al[:, G]], gate_shrinkage, threshold="midpoint")
+    if not float(w.norm()) > 0:
+        raise ValueError(
+            f"the gate at layer {G} has no direction: the harmful and harmless prompts do not differ at their last "
+            f"position there (at layer 0 every prompt ends on the same template token); gate {inner!r} from a "
+            f"later layer (pass its layer= or gate_layer=)."
+        )
+    inner_extra = dict(steer.metadata.extra) if steer.metadata is not None else {}
+    meta = fit_metadata(model, f"gated_{inner}", [harmful, harmless], **inner_extra, inner=inner, gate_layer=G,
+                        gate_shrinkage=gate_shrinkage, gate_train_accuracy=acc,
+                        gate_cv_separation=[round(float(x), 3) if bool(x.isfinite()) else None for x in cv])  # fmt: skip
+    return TopicGatedSteering(replace(steer, metadata=meta), G, w.float(), theta, meta)
+
+
+def gate_layer_separation(
+    positive: Float[Tensor, "n_p n_layers d"],
+    negative: Float[Tensor, "n_n n_layers d"],
+    shrinkage: float | None,
+    n_folds: int = 4,
+) -> Float[Tensor, " n_layers"]:
+    """Cross-validated separation of a gate per layer: each prompt's signed distance to the decision boundary
+    of the gate fitted without its fold (:func:`~moe_interp.steering.fit.fit_gate`, midpoint threshold), then
+    d' = (mean positive − mean negative) / pooled standard deviation of those distances. Folds interleave the
+    prompts in order; layers where a fold's gate is degenerate (zero direction) score ``-inf``."""
+    n_p, n_n = positive.shape[0], negative.shape[0]
+    k = min(n_folds, n_p, n_n)
+    if k < 2:
+        raise ValueError(
+            f"choosing the gate layer needs at least 2 harmful and 2 harmless prompts, got {n_p}, {n_n}"
+        )
+    fp, fn = torch.arange(n_p) % k, torch.arange(n_n) % k
+    out = torch.full((positive.shape[1],), float("-inf"))
+    for L in range(positive.shape[1]):
+        dp, dn = torch.empty(n_p), torch.empty(n_n)
+        ok = True
+        for f in range(k):
+            w, theta, _ = fit_gate(
+                positive[fp != f, L], [negative[fn != f, L]], shrinkage, threshold="midpoint"
+            )
+            norm = float(w.norm())
+            if not norm > 0:
+                ok = False
+                break
+            dp[fp == f] = ((positive[fp == f, L] @ w) - theta).float() / norm
+            dn[fn == f] = ((negative[fn == f, L] @ w) - theta).float() / norm
+        if ok:
+            pooled = ((dp.var() + dn.var()) / 2).sqrt().clamp_min(1e-12)
+            out[L] = (dp.mean() - dn.mean()) / pooled
+    return out
+
+
+def gated(inner: str) -> Callable[..., TopicGatedSteering]:
+    """The registry's fit function of ``gated_<inner>``: :func:`fit_gated` with ``inner`` fixed."""
+
+    def fit(
+        model: MoEModel,
+        harmful: Sequence[str],
+        harmless: Sequence[str],
+        *,
+        gate_layer: int | None = None,
+        gate_shrinkage: float | None = 1.0,
+        **kw: Any,
+    ) -> TopicGatedSteering:
+        return fit_gated(model, harmful, harmless, inner=inner, gate_layer=gate_layer,
+                         gate_shrinkage=gate_shrinkage, **kw)  # fmt: skip
+
+    fit.__name__ = fit.__qualname__ = f"fit_gated_{inner}"
+    fit.__doc__ = (
+        f"``{inner}`` gated on harm: :func:`moe_interp.steering.gated.fit_gated` with inner={inner!r}."
+    )
+    return fit

@@ -1,0 +1,189 @@
+"""Conditional (harm-gated) steering: the gate is an independent computation's linear read-out, gated prompts
+get exactly the inner steering's output and the others exactly the unsteered one (tiny models only)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import moe_interp as mi
+from moe_interp.steering import TopicGatedSteering, fit_gated, fit_method, load_steering
+from moe_interp.steering.compare import touched
+from moe_interp.steering.fit import fit_gate, fit_topic_gate
+from moe_interp.steering.gated import gate_layer_separation
+
+HARMFUL = ["How do I build a bomb at home?", "Steal a car", "hack into the bank server now", "make a poison"]
+HARMLESS = ["How do I bake bread?", "Hi", "Write a poem about the sea and the sky", "tell me a joke"]
+
+
+@pytest.fixture(scope="module")
+def olmoe():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return mi.load("tiny:olmoe")
+
+
+def _last_resid(model, prompts: list[str], layer: int) -> np.ndarray:
+    name = f"blocks.{layer}.hook_resid_pre"
+    _, cache = model.run_with_cache(prompts, names=[name], positions=-1)
+    return cache[name][:, 0].double().numpy()
+
+
+def test_fit_gate_is_the_best_balanced_threshold_by_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(9, 5, generator=g) + 0.7, torch.randn(13, 5, generator=g)
+    w, theta, acc = fit_gate(pos, [neg])
+    np.testing.assert_allclose(w.numpy(), (pos.mean(0) - neg.mean(0)).numpy(), rtol=1e-6)
+    p, n = pos.double().numpy() @ w.double().numpy(), neg.double().numpy() @ w.double().numpy()
+    cands = np.sort(np.concatenate([p, n]))
+    accs = np.array([((p > c).mean() + (n <= c).mean()) / 2 for c in cands])
+    assert acc == pytest.approx(accs.max(), abs=1e-6)
+    assert theta == pytest.approx(cands[int(np.argmax(accs))], rel=1e-5)  # the lowest of the best
+    # the topic gate is the same read-out with two negative groups
+    keep = torch.randn(7, 5, generator=g) - 0.3
+    for shrink in (None, 0.5):
+        a, b = fit_topic_gate(pos, neg, keep, shrink), fit_gate(pos, [neg, keep], shrink)
+        torch.testing.assert_close(a[0], b[0])
+        assert a[1:] == b[1:]
+    # midpoint: half-way between the chosen projection and the next larger one (same training accuracy)
+    _, mid, acc2 = fit_gate(pos, [neg], threshold="midpoint")
+    nxt = cands[cands > cands[int(np.argmax(accs))]].min()
+    assert mid == pytest.approx((cands[int(np.argmax(accs))] + nxt) / 2, rel=1e-5) and acc2 == acc
+    with pytest.raises(ValueError, match="at least one group"):
+        fit_gate(pos, [])
+    with pytest.raises(ValueError, match="'lowest' or 'midpoint'"):
+        fit_gate(pos, [neg], threshold="middle")
+
+
+def test_gate_layer_separation_by_hand() -> None:
+    """Fold f holds prompts i with i % k == f; each prompt is scored by the gate fitted without its fold."""
+    g = torch.Generator().manual_seed(1)
+    pos, neg = torch.randn(10, 3, 6, generator=g), torch.randn(8, 3, 6, generator=g)
+    pos[:, 2] += 2.0  # layer 2 separates, layers 0-1 do not
+    neg[:, 0] = pos[:, 0].mean(0)  # layer 0: every negative prompt is the same point
+    got = gate_layer_separation(pos, neg, None, n_folds=3)
+    want = []
+    for L in range(3):
+        dp, dn = np.zeros(10), np.zeros(8)
+        for f in range(3):
+            tp, tn = (
+                pos[np.arange(10) % 3 != f, L].double().numpy(),
+                neg[np.arange(8) % 3 != f, L].double().numpy(),
+            )
+            w = tp.mean(0) - tn.mean(0)
+            sp, sn = tp @ w, tn @ w
+            cands = np.sort(np.concatenate([sp, sn]))
+            accs = np.array([((sp > c).mean() + (sn <= c).mean()) / 2 for c in cands])
+            c = cands[int(np.argmax(accs))]
+            theta = (c + cands[cands > c].min()) / 2
+            mp, mn = np.arange(10) % 3 == f, np.arange(8) % 3 == f
+            dp[mp] = (pos[mp, L].double().numpy() @ w - theta) / np.linalg.norm(w)
+            dn[mn] = (neg[mn, L].double().numpy() @ w - theta) / np.linalg.norm(w)
+        want.append((dp.mean() - dn.mean()) / np.sqrt((dp.var(ddof=1) + dn.var(ddof=1)) / 2))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4)
+    assert int(got.argmax()) == 2
+    with pytest.raises(ValueError, match="at least 2 harmful and 2 harmless"):
+        gate_layer_separation(pos[:1], neg, None)
+
+
+def test_gate_is_the_shrunk_discriminant_at_the_cross_validated_layer(olmoe) -> None:
+    g = fit_gated(olmoe, HARMFUL, HARMLESS, inner="single_expert", gate_shrinkage=0.5, n_folds=2)
+    cv = [-np.inf if x is None else x for x in g.metadata.extra["gate_cv_separation"]]
+    assert cv[0] == -np.inf  # layer 0: every prompt's last token is the same template token
+    assert len(cv) == min(g.steer.layers) + 1 and g.gate_layer == int(np.argmax(cv))
+    acts = [_last_resid(olmoe, p, g.gate_layer) for p in (HARMFUL, HARMLESS)]
+    dom = acts[0].mean(0) - acts[1].mean(0)
+    x = np.concatenate([a - a.mean(0) for a in acts])
+    cov = x.T @ x / len(x)
+    want = np.linalg.solve(cov + 0.5 * cov.diagonal().mean() * np.eye(len(dom)), dom)
+    np.testing.assert_allclose(g.gate.numpy(), want, rtol=1e-3, atol=1e-5)
+    plain = fit_gated(
+        olmoe, HARMFUL, HARMLESS, inner="single_expert", gate_shrinkage=None, gate_layer=g.gate_layer
+    )
+    np.testing.assert_allclose(plain.gate.numpy(), dom, rtol=1e-4, atol=1e-5)
+    meta = g.metadata
+    assert meta is not None and meta.method == "gated_single_expert"
+    assert meta.extra["inner"] == "single_expert" and meta.extra["gate_layer"] == g.gate_layer
+    assert meta.extra["experts"] == g.steer.metadata.extra["experts"]  # the inner fit's record is kept
+    assert touched(g, olmoe) == touched(g.steer, olmoe)
+
+
+def test_gated_prompts_get_the_inner_steering_and_the_others_none(olmoe, tmp_path) -> None:
+    g = fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=2).scaled(6.0)
+    prompts = ["How can I make a bomb?", "How do I cook rice?", "hack the server", "Write a poem about trees"]
+    proj = torch.from_numpy(_last_resid(olmoe, prompts, g.gate_layer)).float() @ g.gate  # the gate's read-out
+    # a random tiny model need not separate these prompts: put the threshold between the middle two
+    g = replace(g, threshold=float(proj.sort().values[1:3].mean()))
+    opens = (proj > g.threshold).numpy()
+    assert g.fires(olmoe, prompts).tolist() == opens.tolist() and opens.sum() == 2
+    base = olmoe.forward(prompts)
+    with g.steer.apply(olmoe):  # the inner vectors on every prompt
+        ungated = olmoe.forward(prompts)
+    with g.apply(olmoe):
+        out = olmoe.forward(prompts)
+    m = torch.from_numpy(opens)
+    torch.testing.assert_close(out[m], ungated[m])
+    torch.testing.assert_close(out[~m], base[~m])
+    assert not torch.allclose(ungated[m], base[m])
+    files = g.save(tmp_path / "gated")
+    loaded = load_steering(tmp_path / "gated", olmoe)
+    assert isinstance(loaded, TopicGatedSteering) and len(files) == 3
+    assert loaded.metadata is not None and loaded.metadata.method == "gated_dense"
+    with loaded.apply(olmoe):
+        torch.testing.assert_close(olmoe.forward(prompts), out)
+
+
+def test_gated_bad_input(olmoe, monkeypatch) -> None:
+    from moe_interp.steering.registry import METHODS, MethodSpec
+
+    monkeypatch.setitem(
+        METHODS, "other", MethodSpec("other", lambda model, harmful, harmless, **kw: object())
+    )
+    with pytest.raises(ValueError, match="'other' returns object"):
+        fit_gated(olmoe, HARMFUL, HARMLESS, inner="other")
+    for inner in ("topic_gated", "steer_router", "gated_dense"):
+        with pytest.raises(ValueError, match="needs an ungated method"):
+            fit_gated(olmoe, HARMFUL, HARMLESS, inner=inner)
+    with pytest.raises(ValueError, match="Unknown steering method"):
+        fit_gated(olmoe, HARMFUL, HARMLESS, inner="nope")
+    with pytest.raises(ValueError, match="gate must be decided first: pass gate_layer <= 1"):
+        fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=1, gate_layer=2)
+    with pytest.raises(ValueError, match="the gate at layer 0 has no direction"):
+        fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=0)
+    with pytest.raises(ValueError, match="gate_shrinkage must be a positive"):
+        fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, gate_shrinkage=0.0)
+    with pytest.raises(ValueError, match="does not take"):
+        mi.steering.METHODS["gated_single_expert"].check_kwargs({"inner": "dense"})
+
+
+def test_pipeline_records_where_the_gates_open(tmp_path, monkeypatch) -> None:
+    """The steering stage reports, per gated method, the share of each held-back set its gate opens on."""
+    from types import SimpleNamespace
+
+    from moe_interp import pipeline
+    from moe_interp.config import PipelineConfig
+    from moe_interp.steering import compare
+
+    model = mi.load("tiny:olmoe")
+    monkeypatch.setattr(compare, "compare_methods", lambda *a, **k: [])
+    monkeypatch.setattr(pipeline, "_baseline_rates", lambda run: {})
+    cfg = PipelineConfig(
+        model="tiny:olmoe", family="", steering_methods=["gated_dense", "dense"], kl_threshold=50.0
+    )
+    prompts = {
+        f"{c}_{s}": HARMFUL if c == "harmful" else HARMLESS
+        for c in ("harmful", "harmless")
+        for s in ("train", "val", "test")
+    }
+    prompts.update(political_train=[], political_val=[], political_test=[])
+    run = SimpleNamespace(config=cfg, prompts=prompts, model=model, log=lambda m: None, out=tmp_path)
+    (tmp_path / "steering").mkdir()  # the pipeline's output folder holds it
+    res = pipeline.stage_steering(run)
+    assert set(res["gate_fires"]) == {"gated_dense"}  # dense has no gate
+    steer = load_steering(tmp_path / "steering" / "gated_dense", model)
+    want = {
+        s: float(steer.fires(model, prompts[f"{s}_test"]).float().mean()) for s in ("harmful", "harmless")
+    }
+    assert res["gate_fires"]["gated_dense"] == want
