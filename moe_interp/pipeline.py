@@ -349,7 +349,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
     # a gated steering acts only where its gate opens: how often it does on each held-back set
     gate_fires = {
         name: {
-            split: float(steer.fires(model, p[f"{split}_test"]).float().mean())
+            split: float(steer.fires(model, p[f"{split}_test"], cfg.batch_size).double().mean())
             for split in ("harmful", "political", "harmless")
             if p.get(f"{split}_test")
         }

@@ -13,6 +13,7 @@ import moe_interp as mi
 from moe_interp.steering import TopicGatedSteering, fit_gated, fit_method, load_steering
 from moe_interp.steering.compare import touched
 from moe_interp.steering.fit import fit_gate, fit_topic_gate
+from moe_interp.steering.fit_experts import fit_single_expert
 from moe_interp.steering.gated import gate_layer_separation
 
 HARMFUL = ["How do I build a bomb at home?", "Steal a car", "hack into the bank server now", "make a poison"]
@@ -62,10 +63,12 @@ def test_gate_layer_separation_by_hand() -> None:
     g = torch.Generator().manual_seed(1)
     pos, neg = torch.randn(10, 3, 6, generator=g), torch.randn(8, 3, 6, generator=g)
     pos[:, 2] += 2.0  # layer 2 separates, layers 0-1 do not
-    neg[:, 0] = pos[:, 0].mean(0)  # layer 0: every negative prompt is the same point
+    v = torch.randn(6, generator=g) * 3.7
+    pos[:, 0], neg[:, 0] = v, v  # layer 0: every prompt is the same point (10 vs 8: the means round apart)
     got = gate_layer_separation(pos, neg, None, n_folds=3)
-    want = []
-    for L in range(3):
+    assert got[0] == -np.inf
+    want = [-np.inf]
+    for L in (1, 2):
         dp, dn = np.zeros(10), np.zeros(8)
         for f in range(3):
             tp, tn = (
@@ -106,7 +109,10 @@ def test_gate_is_the_shrunk_discriminant_at_the_cross_validated_layer(olmoe) -> 
     meta = g.metadata
     assert meta is not None and meta.method == "gated_single_expert"
     assert meta.extra["inner"] == "single_expert" and meta.extra["gate_layer"] == g.gate_layer
-    assert meta.extra["experts"] == g.steer.metadata.extra["experts"]  # the inner fit's record is kept
+    inner = fit_single_expert(
+        olmoe, HARMFUL, HARMLESS
+    )  # the inner fit's record is kept in the gate's metadata
+    assert meta.extra["experts"] == inner.metadata.extra["experts"] and g.steer.metadata.extra == meta.extra
     assert touched(g, olmoe) == touched(g.steer, olmoe)
 
 
@@ -150,12 +156,14 @@ def test_gated_bad_input(olmoe, monkeypatch) -> None:
         fit_gated(olmoe, HARMFUL, HARMLESS, inner="nope")
     with pytest.raises(ValueError, match="gate must be decided first: pass gate_layer <= 1"):
         fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=1, gate_layer=2)
-    with pytest.raises(ValueError, match="the gate at layer 0 has no direction"):
-        fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=0)
+    for n_harmful in (4, 3):  # equal or unequal group sizes: rounding of the means must not make a direction
+        with pytest.raises(ValueError, match="the gate at layer 0 has no direction"):
+            fit_method("gated_dense", olmoe, HARMFUL[:n_harmful], HARMLESS + ["Say hi"], layer=0)
     with pytest.raises(ValueError, match="gate_shrinkage must be a positive"):
         fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, gate_shrinkage=0.0)
     with pytest.raises(ValueError, match="does not take"):
         mi.steering.METHODS["gated_single_expert"].check_kwargs({"inner": "dense"})
+    mi.steering.METHODS["gated_single_expert"].check_kwargs({"n_folds": 2, "gate_layer": 1, "layer": 2})
 
 
 def test_pipeline_records_where_the_gates_open(tmp_path, monkeypatch) -> None:

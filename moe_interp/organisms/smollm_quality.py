@@ -52,6 +52,11 @@ def main_steer_quality(argv: list[str] | None = None) -> None:
     ap.add_argument("--path", type=Path, default=None, help="organism checkpoint (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    names = [Path(p).name for p in args.steering]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--steering: two files share a name ({names}); each row is named after its file")
+    if args.n < 1 or args.max_new_tokens < 1:
+        raise SystemExit(f"--n and --max-new-tokens must be >= 1, got {args.n} and {args.max_new_tokens}")
     torch.set_num_threads(2)
     t0 = time.time()
     dense, tok = load_dense()

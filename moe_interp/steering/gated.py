@@ -63,7 +63,9 @@ def fit_gated(
     effects small. ``inner`` must be a method fitted on
     harmful vs harmless prompts whose strength is a coefficient scale and which returns
     :class:`~moe_interp.steering.vectors.SteeringVectors`: every such method of the registry (``dense``,
-    ``dense_multi``, ``ridge``, ``routing_experts``, ``expert_conditioned[_all]``, ``single_expert``)."""
+    ``dense_multi``, ``ridge``, ``routing_experts``, ``expert_conditioned[_all]``, ``single_expert``). An inner
+    steering that starts at layer 0 cannot be gated (nothing before it tells the prompts apart): fix its layers
+    (``layer=`` / ``layers=``) to start later."""
     from moe_interp.steering.registry import method_spec
 
     spec = method_spec(inner)
@@ -90,18 +92,25 @@ def fit_gated(
     ah, al = (resid_acts(model, p, -1, batch_size) for p in (harmful, harmless))  # [n, n_layers, d]
     cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
     G = int(cv.argmax()) if gate_layer is None else gate_layer
-    w, theta, acc = fit_gate(ah[:, G], [al[:, G]], gate_shrinkage, threshold="midpoint")
-    if not float(w.norm()) > 0:
+    if _degenerate(ah[:, G], al[:, G]):
         raise ValueError(
             f"the gate at layer {G} has no direction: the harmful and harmless prompts do not differ at their last "
             f"position there (at layer 0 every prompt ends on the same template token); gate {inner!r} from a "
-            f"later layer (pass its layer= or gate_layer=)."
+            f"later layer (pass its layer=, or another gate_layer=)."
         )
+    w, theta, acc = fit_gate(ah[:, G], [al[:, G]], gate_shrinkage, threshold="midpoint")
     inner_extra = dict(steer.metadata.extra) if steer.metadata is not None else {}
     meta = fit_metadata(model, f"gated_{inner}", [harmful, harmless], **inner_extra, inner=inner, gate_layer=G,
                         gate_shrinkage=gate_shrinkage, gate_train_accuracy=acc,
                         gate_cv_separation=[round(float(x), 3) if bool(x.isfinite()) else None for x in cv])  # fmt: skip
     return TopicGatedSteering(replace(steer, metadata=meta), G, w.float(), theta, meta)
+
+
+def _degenerate(positive: Float[Tensor, "n_p d"], negative: Float[Tensor, "n_n d"]) -> bool:
+    """Whether the two groups' means coincide up to rounding (relative 1e-5): e.g. at layer 0, where every
+    prompt's last position is the same template token, whatever the group sizes."""
+    mp, mn = positive.double().mean(0), negative.double().mean(0)
+    return float((mp - mn).norm()) <= 1e-5 * max(float(mp.norm()), float(mn.norm()), 1e-30)
 
 
 def gate_layer_separation(
@@ -113,7 +122,8 @@ def gate_layer_separation(
     """Cross-validated separation of a gate per layer: each prompt's signed distance to the decision boundary
     of the gate fitted without its fold (:func:`~moe_interp.steering.fit.fit_gate`, midpoint threshold), then
     d' = (mean positive − mean negative) / pooled standard deviation of those distances. Folds interleave the
-    prompts in order; layers where a fold's gate is degenerate (zero direction) score ``-inf``."""
+    prompts in order; layers where the groups' means coincide, or a fold's gate has a zero direction, score
+    ``-inf``."""
     n_p, n_n = positive.shape[0], negative.shape[0]
     k = min(n_folds, n_p, n_n)
     if k < 2:
@@ -123,6 +133,8 @@ def gate_layer_separation(
     fp, fn = torch.arange(n_p) % k, torch.arange(n_n) % k
     out = torch.full((positive.shape[1],), float("-inf"))
     for L in range(positive.shape[1]):
+        if _degenerate(positive[:, L], negative[:, L]):
+            continue
         dp, dn = torch.empty(n_p), torch.empty(n_n)
         ok = True
         for f in range(k):
@@ -151,10 +163,11 @@ def gated(inner: str) -> Callable[..., TopicGatedSteering]:
         *,
         gate_layer: int | None = None,
         gate_shrinkage: float | None = 1.0,
+        n_folds: int = 4,
         **kw: Any,
     ) -> TopicGatedSteering:
         return fit_gated(model, harmful, harmless, inner=inner, gate_layer=gate_layer,
-                         gate_shrinkage=gate_shrinkage, **kw)  # fmt: skip
+                         gate_shrinkage=gate_shrinkage, n_folds=n_folds, **kw)  # fmt: skip
 
     fit.__name__ = fit.__qualname__ = f"fit_gated_{inner}"
     fit.__doc__ = (
