@@ -136,13 +136,16 @@ def fit_metadata(
 # ------------------------------------------------------------------------------------------- methods
 
 
+def dprime(pos: Tensor, neg: Tensor) -> Tensor:
+    """d' along the first dimension: (mean pos − mean neg) / pooled standard deviation (unbiased variances)."""
+    return (pos.mean(0) - neg.mean(0)) / ((pos.var(0) + neg.var(0)) / 2).sqrt().clamp_min(1e-12)
+
+
 def _layer_separation(acts_h: Tensor, acts_l: Tensor) -> Tensor:
     """d' of the projection on the mean difference, per layer (acts ``[n, n_layers, d]``)."""
     diff = acts_h.mean(0) - acts_l.mean(0)
     r = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    ph, pl = (acts_h * r).sum(-1), (acts_l * r).sum(-1)
-    pooled = ((ph.var(0) + pl.var(0)) / 2).sqrt().clamp_min(1e-12)
-    return (ph.mean(0) - pl.mean(0)) / pooled
+    return dprime((acts_h * r).sum(-1), (acts_l * r).sum(-1))
 
 
 def resid_acts(
@@ -322,7 +325,7 @@ def _topic_direction_of(
     t_perp = orthogonal_to(t, s)
     r = (t_perp / t_perp.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()
     pt, pl = (at * r).sum(-1), (al * r).sum(-1)
-    sep = (pt.mean(0) - pl.mean(0)) / ((pt.var(0) + pl.var(0)) / 2).sqrt().clamp_min(1e-12)
+    sep = dprime(pt, pl)
     return t_perp.float(), sep
 
 

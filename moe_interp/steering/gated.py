@@ -25,6 +25,7 @@ from moe_interp.steering.edits import TopicGatedSteering
 from moe_interp.steering.fit import (
     _check_shrinkage,
     check_prompt_list,
+    dprime,
     fit_gate,
     fit_metadata,
     resid_acts,
@@ -148,8 +149,7 @@ def gate_layer_separation(
             dp[fp == f] = ((positive[fp == f, L] @ w) - theta).float() / norm
             dn[fn == f] = ((negative[fn == f, L] @ w) - theta).float() / norm
         if ok:
-            pooled = ((dp.var() + dn.var()) / 2).sqrt().clamp_min(1e-12)
-            out[L] = (dp.mean() - dn.mean()) / pooled
+            out[L] = dprime(dp, dn)
     return out
 
 
