@@ -55,17 +55,18 @@ def _split3(prompts: list[str], n_train: int, n_val: int, n_test: int, seed: int
 def choose_prompts(
     model: Any, harmful_file: str | None, harmless_file: str | None, cfg: Any
 ) -> dict[str, list[str]]:
-    """Prompt sets of the run: the organism's bundled splits, or the given files split train/val/test."""
+    """Prompt sets of the run: the organism's bundled splits (drawn evenly across their benchmark sources),
+    or the given files split train/val/test."""
     from moe_interp.refusal.prompts_io import load_prompt_file
 
     sets: dict[str, list[str]] = {}
     if harmful_file is None or harmless_file is None:
-        from moe_interp.organisms import load_prompts
+        from moe_interp.organisms import balanced_prompts
 
         limits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
         for cls in ("harmful", "harmless", "political"):
             for split, n in limits.items():
-                sets[f"{cls}_{split}"] = load_prompts(f"{cls}_{split}")[:n]
+                sets[f"{cls}_{split}"] = balanced_prompts(f"{cls}_{split}", n)
     for cls, path in (("harmful", harmful_file), ("harmless", harmless_file)):
         if path is not None:
             tr, va, te = _split3(load_prompt_file(path), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
@@ -295,6 +296,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
     from moe_interp.refusal.judges import refusal_rate
     from moe_interp.steering.autotune import NoCandidateError, autotune
     from moe_interp.steering.compare import compare_methods
+    from moe_interp.steering.gated import UngateableError
     from moe_interp.steering.registry import method_spec
 
     cfg, p, model = run.config, run.prompts, run.model
@@ -332,6 +334,10 @@ def stage_steering(run: Run) -> dict[str, Any]:
             run.log(
                 f"[steering] {name}: no strength within the constraints ({err}); left out of the comparison"
             )
+            tuning[name] = {"error": str(err)}
+            continue
+        except UngateableError as err:  # e.g. the single expert sits in layer 0: nothing can gate it
+            run.log(f"[steering] {name}: left out of the comparison: {err}")
             tuning[name] = {"error": str(err)}
             continue
         fitted[name], tuning[name] = res.steer, res.to_dict()

@@ -15,6 +15,7 @@ import torch
 from moe_interp.organisms import (
     REQUIRED_FILES,
     RETRAIN_COMMAND,
+    balanced_prompts,
     checkpoint_dir,
     load_organism,
     load_prompts,
@@ -119,6 +120,30 @@ def test_load_prompts_splits() -> None:
     }
     # Held-out validation prompts (HarmBench) never leak into training, not even as synthetic prompts.
     assert "harmbench" not in {r["source"] for r in load_split_records("harmful_train")}
+
+
+@pytest.mark.parametrize("split", ["harmful_train", "harmful_test", "harmful_val", "harmless_train"])
+@pytest.mark.parametrize("n", [0, 1, 5, 32, 100, None])
+def test_balanced_prompts_take_sources_in_turn(split: str, n: int | None) -> None:
+    """Against a sort: record i of its source comes after every record < i of every source (ties: source order)."""
+    records = [r for r in load_split_records(split) if r["source"] != "synthetic"]
+    order = list(dict.fromkeys(r["source"] for r in records))
+    rank: dict[str, int] = {}
+    keyed = []
+    for j, r in enumerate(records):
+        i = rank[r["source"]] = rank.get(r["source"], -1) + 1
+        keyed.append(((i, order.index(r["source"]), j), r["instruction"]))
+    expected = [x for _, x in sorted(keyed)][:n]
+    got = balanced_prompts(split, n)
+    assert got == expected
+    assert len(balanced_prompts(split, None, synthetic=True)) == len(load_split_records(split))
+
+
+def test_balanced_prompts_bad_input() -> None:
+    with pytest.raises(ValueError, match="valid splits"):
+        balanced_prompts("nope", 3)
+    with pytest.raises(ValueError, match="n must be"):
+        balanced_prompts("harmful_train", -1)
 
 
 def test_synthetic_prompts_classes_and_determinism() -> None:

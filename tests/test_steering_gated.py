@@ -195,3 +195,14 @@ def test_pipeline_records_where_the_gates_open(tmp_path, monkeypatch) -> None:
         s: float(steer.fires(model, prompts[f"{s}_test"]).float().mean()) for s in ("harmful", "harmless")
     }
     assert res["gate_fires"]["gated_dense"] == want
+    # a method no gate can precede (steering at layer 0) is reported and left out; the others still run
+    run.config = PipelineConfig(
+        model="tiny:olmoe",
+        family="",
+        steering_methods=["gated_dense", "dense"],
+        steering_kwargs={"gated_dense": {"layer": 0}},
+        kl_threshold=50.0,
+    )
+    res = pipeline.stage_steering(run)
+    assert "the gate at layer 0 has no direction" in res["tuning"]["gated_dense"]["error"]
+    assert set(res["files"]) == {"dense"} and res["gate_fires"] == {}

@@ -21,6 +21,7 @@ __all__ = [
     "check_device",
     "checkpoint_dir",
     "load_organism",
+    "balanced_prompts",
     "load_prompts",
 ]
 
@@ -121,3 +122,30 @@ def load_prompts(split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     return [r["instruction"] for r in load_split_records(split)]
+
+
+def balanced_prompts(split: str, n: int | None = None, *, synthetic: bool = False) -> list[str]:
+    """Up to ``n`` instructions of a split drawn evenly across its benchmark sources.
+
+    The split files list each source as one block (AdvBench first), so a plain ``[:n]`` slice fits and
+    tests everything on one benchmark. This takes the sources in turn (round-robin, file order within a
+    source, no randomness) until ``n`` are taken or all are used. Templated ``synthetic`` records (long
+    runs of one template) are left out unless ``synthetic=True``.
+
+    Raises:
+        ValueError: unknown split, or ``n`` negative.
+    """
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0 or None, got {n}")
+    by_source: dict[str, list[str]] = {}
+    for r in load_split_records(split):
+        if synthetic or r["source"] != "synthetic":
+            by_source.setdefault(r["source"], []).append(r["instruction"])
+    queues = list(by_source.values())
+    out: list[str] = []
+    limit = sum(map(len, queues)) if n is None else n
+    depth = 0
+    while len(out) < limit and any(depth < len(q) for q in queues):
+        out += [q[depth] for q in queues if depth < len(q)][: limit - len(out)]
+        depth += 1
+    return out

@@ -42,7 +42,7 @@ def run_demo(
     """Run the pipeline and return a JSON-ready dict of every figure."""
     from moe_interp.interventions import AddVector, DirectionalAblation
     from moe_interp.model import load
-    from moe_interp.organisms import load_prompts
+    from moe_interp.organisms import balanced_prompts, load_prompts
     from moe_interp.refusal.directions import collect_resid_stats, directions_from_stats
     from moe_interp.refusal.evaluate import evaluate
     from moe_interp.refusal.orthogonalize import orthogonalize
@@ -51,8 +51,8 @@ def run_demo(
     t0 = time.time()
     torch.manual_seed(0)
     model = load(model_name, **({"path": organism_path} if organism_path else {}))
-    harmful_tr = load_prompts("harmful_train")[:n_train]
-    harmless_tr = load_prompts("harmless_train")[:n_train]
+    harmful_tr = balanced_prompts("harmful_train", n_train)
+    harmless_tr = balanced_prompts("harmless_train", n_train)
     harmful_val = load_prompts("harmful_val")
     harmless_val = load_prompts("harmless_val")[:n_val_harmless]
     political_val = load_prompts("political_val")

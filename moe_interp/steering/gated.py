@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from moe_interp.errors import InputError
 from moe_interp.steering.edits import TopicGatedSteering
 from moe_interp.steering.fit import (
     _check_shrinkage,
@@ -36,7 +37,12 @@ from moe_interp.steering.vectors import SteeringVectors
 if TYPE_CHECKING:
     from moe_interp.model import MoEModel
 
-__all__ = ["fit_gated", "gate_layer_separation", "gated"]
+__all__ = ["UngateableError", "fit_gated", "gate_layer_separation", "gated"]
+
+
+class UngateableError(InputError):
+    """No gate can precede the inner steering: the prompts do not differ at any layer up to its first one (a
+    steering at layer 0). The pipeline reports such a method and leaves it out instead of failing the run."""
 
 
 def fit_gated(
@@ -94,7 +100,7 @@ def fit_gated(
     cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
     G = int(cv.argmax()) if gate_layer is None else gate_layer
     if _degenerate(ah[:, G], al[:, G]):
-        raise ValueError(
+        raise UngateableError(
             f"the gate at layer {G} has no direction: the harmful and harmless prompts do not differ at their last "
             f"position there (at layer 0 every prompt ends on the same template token); gate {inner!r} from a "
             f"later layer (pass its layer=, or another gate_layer=)."
