@@ -129,8 +129,8 @@ def balanced_prompts(split: str, n: int | None = None, *, synthetic: bool = Fals
 
     The split files list each source as one block (AdvBench first), so a plain ``[:n]`` slice fits and
     tests everything on one benchmark. This takes the sources in turn (round-robin, file order within a
-    source, no randomness) until ``n`` are taken or all are used. Templated ``synthetic`` records (long
-    runs of one template) are left out unless ``synthetic=True``.
+    source, no randomness) until ``n`` are taken or all are used; a prompt listed under two sources is taken
+    once. Templated ``synthetic`` records (long runs of one template) are left out unless ``synthetic=True``.
 
     Raises:
         ValueError: unknown split, or ``n`` negative.
@@ -143,9 +143,13 @@ def balanced_prompts(split: str, n: int | None = None, *, synthetic: bool = Fals
             by_source.setdefault(r["source"], []).append(r["instruction"])
     queues = list(by_source.values())
     out: list[str] = []
+    seen: set[str] = set()
     limit = sum(map(len, queues)) if n is None else n
     depth = 0
     while len(out) < limit and any(depth < len(q) for q in queues):
-        out += [q[depth] for q in queues if depth < len(q)][: limit - len(out)]
+        for q in queues:
+            if depth < len(q) and q[depth] not in seen and len(out) < limit:
+                out.append(q[depth])
+                seen.add(q[depth])
         depth += 1
     return out

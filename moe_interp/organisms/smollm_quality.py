@@ -37,7 +37,7 @@ def distinct2(ids: list[int]) -> float:
 def main_steer_quality(argv: list[str] | None = None) -> None:
     """``steer-quality --steering FILE ... [--split harmful_test] [--n 32] [--max-new-tokens 24] [--out JSON]``."""
     from moe_interp.model import MoEModel
-    from moe_interp.organisms.smollm_eval import _prompts
+    from moe_interp.organisms import balanced_prompts
     from moe_interp.organisms.smollm_moe import load_dense, moe_from_dense, refusal_phrases
     from moe_interp.refusal.evaluate import as_interventions, evaluate
     from moe_interp.steering import load_steering
@@ -46,7 +46,10 @@ def main_steer_quality(argv: list[str] | None = None) -> None:
     ap.add_argument("--steering", nargs="+", required=True, help="steering files (any `load_steering` reads)")
     ap.add_argument("--split", default="harmful_test", help="bundled prompt split (default: harmful_test)")
     ap.add_argument(
-        "--n", type=int, default=32, help="first N prompts of the split (the main job's test set)"
+        "--n",
+        type=int,
+        default=32,
+        help="N prompts of the split, drawn evenly across its sources as the main job draws them",
     )
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--path", type=Path, default=None, help="organism checkpoint (default: the shipped one)")
@@ -64,7 +67,7 @@ def main_steer_quality(argv: list[str] | None = None) -> None:
     m_base = MoEModel(dense, tok, name="smollm2_dense")
     m_moe.refusal_phrases = m_base.refusal_phrases = refusal_phrases()
     steers = {Path(p).name: load_steering(p, m_moe) for p in args.steering}  # bad files fail before any run
-    prompts = _prompts(args.split)[: args.n]
+    prompts = balanced_prompts(args.split, args.n)  # the main job's held-back prompts
 
     def d2(texts: list[str]) -> float:
         return sum(distinct2(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)
