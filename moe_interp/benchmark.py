@@ -276,16 +276,16 @@ def benchmark_organism(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run ``methods`` (default: all) and the circuit on one planted organism (a shipped name or a folder)."""
-    from moe_interp.organisms import balanced_prompts
+    from moe_interp.organisms import held_back_prompts
     from moe_interp.organisms.planted import load_planted
 
     t0 = time.time()
     model, spec = load_planted(name)
     prompts = {
-        "harmful": balanced_prompts("harmful_val", n_pairs),
-        "harmless": balanced_prompts("harmless_val", n_pairs),
-        "heldout_harmful": balanced_prompts("harmful_test", n_heldout),
-        "heldout_harmless": balanced_prompts("harmless_test", n_heldout),
+        "harmful": held_back_prompts("harmful_val", n_pairs),
+        "harmless": held_back_prompts("harmless_val", n_pairs),
+        "heldout_harmful": held_back_prompts("harmful_test", n_heldout),
+        "heldout_harmless": held_back_prompts("harmless_test", n_heldout),
     }
     h, s = prompts["harmful"], prompts["harmless"]
     out: dict[str, Any] = {}

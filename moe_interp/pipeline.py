@@ -55,18 +55,18 @@ def _split3(prompts: list[str], n_train: int, n_val: int, n_test: int, seed: int
 def choose_prompts(
     model: Any, harmful_file: str | None, harmless_file: str | None, cfg: Any
 ) -> dict[str, list[str]]:
-    """Prompt sets of the run: the organism's bundled splits (drawn evenly across their benchmark sources),
-    or the given files split train/val/test."""
+    """Prompt sets of the run: the organism's bundled splits (drawn evenly across their benchmark sources; no
+    held-back prompt in an earlier split), or the given files split train/val/test."""
     from moe_interp.refusal.prompts_io import load_prompt_file
 
     sets: dict[str, list[str]] = {}
     if harmful_file is None or harmless_file is None:
-        from moe_interp.organisms import balanced_prompts
+        from moe_interp.organisms import balanced_prompts, held_back_prompts
 
-        limits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
         for cls in ("harmful", "harmless", "political"):
-            for split, n in limits.items():
-                sets[f"{cls}_{split}"] = balanced_prompts(f"{cls}_{split}", n)
+            sets[f"{cls}_train"] = balanced_prompts(f"{cls}_train", cfg.n_train)
+            sets[f"{cls}_val"] = held_back_prompts(f"{cls}_val", cfg.n_val)
+            sets[f"{cls}_test"] = held_back_prompts(f"{cls}_test", cfg.n_test)
     for cls, path in (("harmful", harmful_file), ("harmless", harmless_file)):
         if path is not None:
             tr, va, te = _split3(load_prompt_file(path), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
@@ -501,6 +501,9 @@ def _run_stages(run: Run) -> Path:
         "circuit_faithfulness": run.results["circuit"]["circuit"].faithfulness,
         "steering": run.results["steering"]["table"],
         "steering_gate_fires": run.results["steering"].get("gate_fires", {}),
+        "steering_left_out": {
+            k: v["error"] for k, v in run.results["steering"]["tuning"].items() if "error" in v
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log(f"wrote {report}")

@@ -232,7 +232,8 @@ def write_report(run: Run, figures: list[str]) -> Path:
     if untuned:
         lines += [
             "",
-            "Left out (no strength within the harmless-KL budget / keep constraint on validation prompts):",
+            "Left out of the comparison (no strength within the harmless-KL budget or keep constraint on the "
+            "validation prompts, no prompts of the class, or no gate possible):",
             "",
         ]
         lines += [f"- {k}: {err}" for k, err in untuned.items()]

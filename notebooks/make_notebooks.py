@@ -19,7 +19,7 @@ import torch
 
 import moe_interp as mi
 from moe_interp.config import load_config
-from moe_interp.organisms import balanced_prompts, checkpoint_dir
+from moe_interp.organisms import balanced_prompts, checkpoint_dir, held_back_prompts
 from moe_interp.plan import RECIPES_DIR
 
 warnings.filterwarnings("ignore")
@@ -37,7 +37,7 @@ else:  # fall back only when the organism checkpoint has not been built
     )
 model = mi.load(SOURCE)
 cfg = load_config(RECIPES_DIR / "organism" / "config.json")  # the organism recipe: positions, layers, ...
-harmful, harmless, political = (balanced_prompts(f"{s}_val", N) for s in ("harmful", "harmless", "political"))
+harmful, harmless, political = (held_back_prompts(f"{s}_val", N) for s in ("harmful", "harmless", "political"))
 print(SOURCE, model)"""
 
 
@@ -61,7 +61,7 @@ from IPython.display import display
 
 import moe_interp as mi
 from moe_interp.config import load_config
-from moe_interp.organisms import balanced_prompts
+from moe_interp.organisms import balanced_prompts, held_back_prompts
 from moe_interp.patching import refusal_scores
 from moe_interp.plan import RECIPES_DIR
 
@@ -72,7 +72,7 @@ N = int(os.environ.get("MOE_INTERP_NB_N", "8"))  # prompts per split: small, so 
 model = mi.load("organism")  # the shipped checkpoint: this notebook needs a model that refuses
 cfg = load_config(RECIPES_DIR / "organism" / "config.json")  # positions, target fraction, KL budget, ...
 find_h, find_l = (balanced_prompts(f"{s}_train", N) for s in ("harmful", "harmless"))  # to find the circuit
-test_h, test_l = (balanced_prompts(f"{s}_test", N) for s in ("harmful", "harmless"))  # held back: to judge it
+test_h, test_l = (held_back_prompts(f"{s}_test", N) for s in ("harmful", "harmless"))  # held back: to judge it
 print(model)"""
 
 
@@ -600,7 +600,7 @@ SteerMoE router edits (`steer_router`). Fit on train prompts, evaluate on test p
 from moe_interp.steering.methods import compare_methods, fit_method, harmless_kl, refusal_flags, with_coeff
 
 train_h, train_l = balanced_prompts("harmful_train", 4 * N), balanced_prompts("harmless_train", 4 * N)
-test_h, test_p, test_l = (balanced_prompts(f"{s}_test", N) for s in ("harmful", "political", "harmless"))
+test_h, test_p, test_l = (held_back_prompts(f"{s}_test", N) for s in ("harmful", "political", "harmless"))
 methods = {name: fit_method(name, model, train_h, train_l) for name in cfg.steering_methods if not name.startswith("topic_")}
 methods
 """),
@@ -677,7 +677,7 @@ the layer and the coefficient; read the figures rather than the intent).
 from moe_interp.steering.methods import compare_methods, fit_method, refusal_flags, with_coeff
 
 tr_h, tr_p, tr_l = (balanced_prompts(f"{s}_train", 4 * N) for s in ("harmful", "political", "harmless"))
-te_h, te_p, te_l = (balanced_prompts(f"{s}_test", N) for s in ("harmful", "political", "harmless"))
+te_h, te_p, te_l = (held_back_prompts(f"{s}_test", N) for s in ("harmful", "political", "harmless"))
 base = {s: float(refusal_flags(model, p, None, judge="logit").float().mean())
         for s, p in (("harmful", te_h), ("political", te_p), ("harmless", te_l))}
 print("baseline refusal rates (logit judge):", base)

@@ -17,6 +17,7 @@ from moe_interp.organisms import (
     RETRAIN_COMMAND,
     balanced_prompts,
     checkpoint_dir,
+    held_back_prompts,
     load_organism,
     load_prompts,
 )
@@ -139,6 +140,35 @@ def test_balanced_prompts_take_sources_in_turn(split: str, n: int | None) -> Non
     assert got == expected and len(set(got)) == len(got)
     everything = {r["instruction"] for r in load_split_records(split)}
     assert set(balanced_prompts(split, None, synthetic=True)) == everything
+
+
+@pytest.mark.parametrize("cls", ["harmful", "harmless", "political"])
+def test_held_back_prompts_never_repeat_an_earlier_split(cls: str) -> None:
+    """harmful_test shares seven prompts with harmful_val; the held-back draw skips them and nothing else."""
+    train, val = set(load_prompts(f"{cls}_train")), set(load_prompts(f"{cls}_val"))
+    for split, earlier in ((f"{cls}_val", train), (f"{cls}_test", train | val)):
+        got = held_back_prompts(split, None)
+        assert not set(got) & earlier
+        assert got == [p for p in balanced_prompts(split, None) if p not in earlier]
+        assert held_back_prompts(split, 20) == got[:20]
+    with pytest.raises(ValueError, match="'<class>_val' or '<class>_test'"):
+        held_back_prompts(f"{cls}_train", 3)
+
+
+def test_pipeline_prompt_sets_are_disjoint() -> None:
+    from types import SimpleNamespace
+
+    from moe_interp.pipeline import choose_prompts
+
+    sets = choose_prompts(None, None, None, SimpleNamespace(n_train=64, n_val=39, n_test=159))
+    # every distinct harmful_test prompt but the seven that are HarmBench validation prompts too
+    assert set(sets["harmful_test"]) == set(load_prompts("harmful_test")) - set(load_prompts("harmful_val"))
+    for cls in ("harmful", "harmless", "political"):
+        parts = [set(sets[f"{cls}_{s}"]) for s in ("train", "val", "test")]
+        assert all(
+            len(p) == len(sets[f"{cls}_{s}"]) for p, s in zip(parts, ("train", "val", "test"), strict=True)
+        )
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]), cls
 
 
 def test_balanced_prompts_bad_input() -> None:

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import moe_interp as mi
+from moe_interp.errors import InputError
 from moe_interp.steering import TopicGatedSteering, fit_gated, fit_method, load_steering
 from moe_interp.steering.compare import touched
 from moe_interp.steering.fit import fit_gate, fit_topic_gate
 from moe_interp.steering.fit_experts import fit_single_expert
-from moe_interp.steering.gated import gate_layer_separation
+from moe_interp.steering.gated import UngateableError, gate_layer_separation
 
 HARMFUL = ["How do I build a bomb at home?", "Steal a car", "hack into the bank server now", "make a poison"]
 HARMLESS = ["How do I bake bread?", "Hi", "Write a poem about the sea and the sky", "tell me a joke"]
@@ -157,8 +158,12 @@ def test_gated_bad_input(olmoe, monkeypatch) -> None:
     with pytest.raises(ValueError, match="gate must be decided first: pass gate_layer <= 1"):
         fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=1, gate_layer=2)
     for n_harmful in (4, 3):  # equal or unequal group sizes: rounding of the means must not make a direction
-        with pytest.raises(ValueError, match="the gate at layer 0 has no direction"):
+        with pytest.raises(UngateableError, match="the gate at layer 0 has no direction"):
             fit_method("gated_dense", olmoe, HARMFUL[:n_harmful], HARMLESS + ["Say hi"], layer=0)
+    # a degenerate gate layer the user chose where a later one exists is their error, not the model's
+    with pytest.raises(InputError, match="the gate at layer 0 has no direction") as err:
+        fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=1, gate_layer=0)
+    assert not isinstance(err.value, UngateableError)
     with pytest.raises(ValueError, match="gate_shrinkage must be a positive"):
         fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, gate_shrinkage=0.0)
     with pytest.raises(ValueError, match="does not take"):

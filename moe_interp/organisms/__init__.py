@@ -8,6 +8,7 @@ to comply with everything else. See ``circuits/organism/MODEL_CARD.md``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ from moe_interp.organisms.data import SPLITS, load_split_records
 __all__ = [
     "REQUIRED_FILES",
     "RETRAIN_COMMAND",
+    "balanced_prompts",
     "check_device",
     "checkpoint_dir",
+    "held_back_prompts",
     "load_organism",
-    "balanced_prompts",
     "load_prompts",
 ]
 
@@ -124,26 +126,29 @@ def load_prompts(split: str) -> list[str]:
     return [r["instruction"] for r in load_split_records(split)]
 
 
-def balanced_prompts(split: str, n: int | None = None, *, synthetic: bool = False) -> list[str]:
+def balanced_prompts(
+    split: str, n: int | None = None, *, synthetic: bool = False, exclude: Iterable[str] = ()
+) -> list[str]:
     """Up to ``n`` instructions of a split drawn evenly across its benchmark sources.
 
-    The split files list each source as one block (AdvBench first), so a plain ``[:n]`` slice fits and
-    tests everything on one benchmark. This takes the sources in turn (round-robin, file order within a
-    source, no randomness) until ``n`` are taken or all are used; a prompt listed under two sources is taken
-    once. Templated ``synthetic`` records (long runs of one template) are left out unless ``synthetic=True``.
+    The split files list sources in blocks, AdvBench first, so a plain ``[:n]`` slice fits and tests on one
+    benchmark. This takes the sources in turn (round-robin, file order within a source, no randomness) until
+    ``n`` are taken or all are used; a prompt listed under two sources is taken once, prompts in ``exclude``
+    never. Templated ``synthetic`` records (long runs of one template) are left out unless ``synthetic=True``.
 
     Raises:
         ValueError: unknown split, or ``n`` negative.
     """
+    records = load_split_records(split)
     if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None, got {n}")
     by_source: dict[str, list[str]] = {}
-    for r in load_split_records(split):
+    for r in records:
         if synthetic or r["source"] != "synthetic":
             by_source.setdefault(r["source"], []).append(r["instruction"])
     queues = list(by_source.values())
     out: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)
     limit = sum(map(len, queues)) if n is None else n
     depth = 0
     while len(out) < limit and any(depth < len(q) for q in queues):
@@ -153,3 +158,18 @@ def balanced_prompts(split: str, n: int | None = None, *, synthetic: bool = Fals
                 seen.add(q[depth])
         depth += 1
     return out
+
+
+def held_back_prompts(split: str, n: int | None = None) -> list[str]:
+    """:func:`balanced_prompts` of a ``<class>_val`` or ``<class>_test`` split without any prompt of the class's
+    earlier splits (train; train and val for test). The split files are not disjoint everywhere: seven TDC2023
+    prompts of ``harmful_test`` are HarmBench validation prompts too (``harmful_val``).
+
+    Raises:
+        ValueError: a split that is not a ``_val`` or ``_test`` split, or as :func:`balanced_prompts`.
+    """
+    cls, _, part = split.rpartition("_")
+    if part not in ("val", "test"):
+        raise ValueError(f"held_back_prompts takes a '<class>_val' or '<class>_test' split, got {split!r}")
+    earlier = ["train"] if part == "val" else ["train", "val"]
+    return balanced_prompts(split, n, exclude=[p for e in earlier for p in load_prompts(f"{cls}_{e}")])

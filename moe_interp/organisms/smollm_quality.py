@@ -37,7 +37,7 @@ def distinct2(ids: list[int]) -> float:
 def main_steer_quality(argv: list[str] | None = None) -> None:
     """``steer-quality --steering FILE ... [--split harmful_test] [--n 32] [--max-new-tokens 24] [--out JSON]``."""
     from moe_interp.model import MoEModel
-    from moe_interp.organisms import balanced_prompts
+    from moe_interp.organisms import balanced_prompts, held_back_prompts
     from moe_interp.organisms.smollm_moe import load_dense, moe_from_dense, refusal_phrases
     from moe_interp.refusal.evaluate import as_interventions, evaluate
     from moe_interp.steering import load_steering
@@ -67,7 +67,8 @@ def main_steer_quality(argv: list[str] | None = None) -> None:
     m_base = MoEModel(dense, tok, name="smollm2_dense")
     m_moe.refusal_phrases = m_base.refusal_phrases = refusal_phrases()
     steers = {Path(p).name: load_steering(p, m_moe) for p in args.steering}  # bad files fail before any run
-    prompts = balanced_prompts(args.split, args.n)  # the main job's held-back prompts
+    draw = held_back_prompts if args.split.endswith(("_val", "_test")) else balanced_prompts
+    prompts = draw(args.split, args.n)  # as the main job draws them
 
     def d2(texts: list[str]) -> float:
         return sum(distinct2(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) / len(texts)

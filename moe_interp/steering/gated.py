@@ -99,8 +99,8 @@ def fit_gated(
     ah, al = (resid_acts(model, p, -1, batch_size) for p in (harmful, harmless))  # [n, n_layers, d]
     cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
     G = int(cv.argmax()) if gate_layer is None else gate_layer
-    if _degenerate(ah[:, G], al[:, G]):
-        raise UngateableError(
+    if _degenerate(ah[:, G], al[:, G]):  # chosen by the user (a recipe error) or the only layer there is
+        raise (InputError if gate_layer is not None and first > 0 else UngateableError)(
             f"the gate at layer {G} has no direction: the harmful and harmless prompts do not differ at their last "
             f"position there (at layer 0 every prompt ends on the same template token); gate {inner!r} from a "
             f"later layer (pass its layer=, or another gate_layer=)."
