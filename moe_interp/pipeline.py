@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import moe_interp
-from moe_interp.pipeline_report import write_figures, write_report
+from moe_interp.pipeline_report import left_out, write_figures, write_report
 from moe_interp.runs import (  # re-exported: the pipeline's run state and output-folder safety
     RUN_FILE,
     Run,
@@ -501,9 +501,7 @@ def _run_stages(run: Run) -> Path:
         "circuit_faithfulness": run.results["circuit"]["circuit"].faithfulness,
         "steering": run.results["steering"]["table"],
         "steering_gate_fires": run.results["steering"].get("gate_fires", {}),
-        "steering_left_out": {
-            k: v["error"] for k, v in run.results["steering"]["tuning"].items() if "error" in v
-        },
+        "steering_left_out": left_out(run.results["steering"]),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     log(f"wrote {report}")

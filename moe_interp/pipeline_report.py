@@ -10,7 +10,7 @@ import torch
 import moe_interp
 from moe_interp.runs import Run
 
-__all__ = ["write_figures", "write_report"]
+__all__ = ["left_out", "write_figures", "write_report"]
 
 
 def write_figures(run: Run) -> list[str]:
@@ -104,6 +104,11 @@ def _fmt_rate(d: dict[str, Any]) -> str:
 
 def _fmt_row_rate(d: dict[str, Any]) -> str:
     return f"{d['rate']:.2f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
+
+
+def left_out(steering: dict[str, Any]) -> dict[str, str]:
+    """Steering methods the steering stage left out of the comparison, with the reason it recorded."""
+    return {k: v["error"] for k, v in steering["tuning"].items() if "error" in v}
 
 
 def write_report(run: Run, figures: list[str]) -> Path:
@@ -228,7 +233,7 @@ def write_report(run: Run, figures: list[str]) -> Path:
             f"- {k}: " + ", ".join(f"{split} {rate:.2f}" for split, rate in v.items())
             for k, v in fires.items()
         ]
-    untuned = {k: v["error"] for k, v in r["steering"]["tuning"].items() if "error" in v}
+    untuned = left_out(r["steering"])
     if untuned:
         lines += [
             "",

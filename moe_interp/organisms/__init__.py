@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -146,17 +147,16 @@ def balanced_prompts(
     for r in records:
         if synthetic or r["source"] != "synthetic":
             by_source.setdefault(r["source"], []).append(r["instruction"])
-    queues = list(by_source.values())
     out: list[str] = []
     seen: set[str] = set(exclude)
-    limit = sum(map(len, queues)) if n is None else n
-    depth = 0
-    while len(out) < limit and any(depth < len(q) for q in queues):
-        for q in queues:
-            if depth < len(q) and q[depth] not in seen and len(out) < limit:
-                out.append(q[depth])
-                seen.add(q[depth])
-        depth += 1
+    for turn in zip_longest(*by_source.values()):  # one prompt of each source in turn
+        for p in turn:
+            if p is None or p in seen:
+                continue
+            if len(out) == n:
+                return out
+            out.append(p)
+            seen.add(p)
     return out
 
 

@@ -13,6 +13,7 @@ saving, loading, scaling, the strength search and the comparison treat it like e
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -160,21 +161,16 @@ def gate_layer_separation(
 
 
 def gated(inner: str) -> Callable[..., TopicGatedSteering]:
-    """The registry's fit function of ``gated_<inner>``: :func:`fit_gated` with ``inner`` fixed."""
+    """The registry's fit function of ``gated_<inner>``: :func:`fit_gated` with ``inner`` fixed (its signature is
+    :func:`fit_gated`'s without ``inner``, so the registry's keyword check reads the gate's keywords from there)."""
 
     def fit(
-        model: MoEModel,
-        harmful: Sequence[str],
-        harmless: Sequence[str],
-        *,
-        gate_layer: int | None = None,
-        gate_shrinkage: float | None = 1.0,
-        n_folds: int = 4,
-        **kw: Any,
+        model: MoEModel, harmful: Sequence[str], harmless: Sequence[str], **kw: Any
     ) -> TopicGatedSteering:
-        return fit_gated(model, harmful, harmless, inner=inner, gate_layer=gate_layer,
-                         gate_shrinkage=gate_shrinkage, n_folds=n_folds, **kw)  # fmt: skip
+        return fit_gated(model, harmful, harmless, inner=inner, **kw)
 
+    sig = inspect.signature(fit_gated)
+    fit.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "inner"])  # type: ignore[attr-defined]
     fit.__name__ = fit.__qualname__ = f"fit_gated_{inner}"
     fit.__doc__ = (
         f"``{inner}`` gated on harm: :func:`moe_interp.steering.gated.fit_gated` with inner={inner!r}."
