@@ -213,6 +213,10 @@ class PipelineConfig:
     n_train: int = 128
     n_val: int = 32
     n_test: int = 100
+    #: training prompts per class that gated steering methods fit their harm gate on (``None``: ``n_train``);
+    #: the first ``n_train`` are the steering's own. A gate is a read-out in ``d_model`` dimensions: it needs
+    #: more prompts than a difference of means to stay closed on harmless prompts.
+    n_gate_train: int | None = None
     batch_size: int = 16
     kl_threshold: float = 0.1
     prune_last_frac: float = 0.2
@@ -348,6 +352,12 @@ def _v_chat_template(v: Any, c: PipelineConfig) -> str | None:
     return v
 
 
+def _v_n_gate_train(v: Any, c: PipelineConfig) -> int | None:
+    if v is not None and (not _is_int(v) or v < c.n_train):
+        raise _fail("n_gate_train", f"an integer >= n_train ({c.n_train}), or null (the n_train prompts)", v)
+    return v
+
+
 def _v_post_instruction_tokens(v: Any, c: PipelineConfig) -> int | None:
     if v is not None:
         _check_int("post_instruction_tokens", v, lo=1)
@@ -457,6 +467,7 @@ _FIELD_VALIDATORS: tuple[tuple[str, Callable[[Any, PipelineConfig], Any]], ...] 
     ("n_train", _v_int("n_train", 1)),
     ("n_val", _v_int("n_val", 1)),
     ("n_test", _v_int("n_test", 1)),
+    ("n_gate_train", _v_n_gate_train),
     ("batch_size", _v_int("batch_size", 1)),
     ("max_new_tokens", _v_int("max_new_tokens", 1)),
     ("seed", _v_int("seed", 0)),

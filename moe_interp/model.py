@@ -21,6 +21,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformers import BatchEncoding, PreTrainedModel
 
 from moe_interp import guards
+from moe_interp.errors import InputError
 from moe_interp.families import FamilySpec, get_family
 from moe_interp.guards import check_prompts as _check_prompts
 from moe_interp.hooks import BLOCK_SITES, check_writable, validate_names
@@ -348,16 +349,32 @@ class MoEModel:
         return_scores: bool = False,
         chat: bool = True,
         seed: int | None = None,
+        force: Sequence[Sequence[int]] | None = None,
     ) -> list[str] | list[list[Generation]]:
         """Generate completions (text after the prompt) with the active interventions applied at every step.
 
         ``return_scores=True`` returns, per prompt, ``num_return_sequences`` :class:`Generation` objects with
         the log-probability of each generated token (up to and including the first end-of-sequence token).
+        ``force`` (one token list per prompt, greedy, one sequence each) emits those tokens instead of the
+        model's choice — teacher forcing through the generation loop, so every intervention sees the prompt pass
+        and the steps exactly as when generating (a gate decided on the prompt, a ``"generated"`` scope), and
+        the log-probabilities are the model's own for the forced tokens. ``max_new_tokens`` is then the longest
+        list's length; a shorter list is followed by end-of-sequence tokens, which its Generation leaves out.
         """
+        forced = None if force is None else [[int(t) for t in f] for f in force]
+        if forced is not None:
+            if do_sample or num_return_sequences != 1:
+                raise InputError("generate(force=...) teacher-forces one greedy sequence per prompt; got "
+                                 f"do_sample={do_sample}, num_return_sequences={num_return_sequences}.")  # fmt: skip
+            max_new_tokens = max([len(f) for f in forced] + [1])
         guards.check_count("max_new_tokens", max_new_tokens)
         n_ret = guards.check_count("num_return_sequences", num_return_sequences)
         assert n_ret is not None  # check_count returns None only with allow_none
         ids, mask = self._encode(prompts, chat, new_tokens=max_new_tokens)
+        if forced is not None and len(forced) != ids.shape[0]:
+            raise InputError(
+                f"generate(force=...) needs one token list per prompt: {len(forced)} for {ids.shape[0]}."
+            )
         active = self._collect_edits()
         b, p = ids.shape
         gen_kwargs: dict[str, Any] = dict(
@@ -368,6 +385,11 @@ class MoEModel:
             return_dict_in_generate=True,
             output_logits=return_scores,
         )
+        if forced is not None:
+            eos = self.tokenizer.eos_token_id
+            gen_kwargs["logits_processor"] = _forced(
+                forced, p, self.tokenizer.pad_token_id if eos is None else eos
+            )
         if do_sample:
             gen_kwargs["temperature"] = temperature
             gen_kwargs["top_p"] = top_p if top_p is not None else 1.0
@@ -397,7 +419,9 @@ class MoEModel:
         results: list[Generation] = []
         for r in range(seqs.shape[0]):
             toks = seqs[r].tolist()
-            if eos is not None and eos in toks:
+            if forced is not None:
+                toks = toks[: len(forced[r])]
+            elif eos is not None and eos in toks:
                 toks = toks[: toks.index(eos) + 1]
             lps: list[float] = []
             if return_scores:
@@ -408,6 +432,21 @@ class MoEModel:
         if not return_scores and n_ret == 1:
             return [g.text for g in results]
         return [results[i * n_ret : (i + 1) * n_ret] for i in range(b)]
+
+
+def _forced(force: list[list[int]], prompt_len: int, filler: int) -> Any:
+    """A logits processor for :meth:`MoEModel.generate`'s ``force``: at each step only the forced token (past a
+    list's end, ``filler``) is allowed. ``output_logits`` keeps the unprocessed logits, so scores stay the model's."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Force(LogitsProcessor):
+        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+            t = input_ids.shape[1] - prompt_len
+            tok = torch.tensor([f[t] if t < len(f) else filler for f in force], device=scores.device)
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter(1, tok[:, None], 0.0)
+
+    return LogitsProcessorList([_Force()])
 
 
 def _edits_of(iv: Any, model: MoEModel) -> dict[str, EditFn]:

@@ -56,10 +56,12 @@ def choose_prompts(
     model: Any, harmful_file: str | None, harmless_file: str | None, cfg: Any
 ) -> dict[str, list[str]]:
     """Prompt sets of the run: the organism's bundled splits (drawn evenly across their benchmark sources; no
-    held-back prompt in an earlier split), or the given files split train/val/test."""
+    held-back prompt in an earlier split), or the given files split train/val/test. With ``n_gate_train`` set,
+    ``harmful_gate`` / ``harmless_gate`` are that many training prompts, the ``n_train`` ones first."""
     from moe_interp.refusal.prompts_io import load_prompt_file
 
     sets: dict[str, list[str]] = {}
+    n_gate = cfg.n_gate_train
     if harmful_file is None or harmless_file is None:
         from moe_interp.organisms import balanced_prompts, held_back_prompts
 
@@ -67,10 +69,16 @@ def choose_prompts(
             sets[f"{cls}_train"] = balanced_prompts(f"{cls}_train", cfg.n_train)
             sets[f"{cls}_val"] = held_back_prompts(f"{cls}_val", cfg.n_val)
             sets[f"{cls}_test"] = held_back_prompts(f"{cls}_test", cfg.n_test)
+            if n_gate is not None and cls != "political":
+                sets[f"{cls}_gate"] = balanced_prompts(f"{cls}_train", n_gate)
     for cls, path in (("harmful", harmful_file), ("harmless", harmless_file)):
         if path is not None:
-            tr, va, te = _split3(load_prompt_file(path), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed)
-            sets.update({f"{cls}_train": tr, f"{cls}_val": va, f"{cls}_test": te})
+            tr, va, te = _split3(
+                load_prompt_file(path), max(cfg.n_train, n_gate or 0), cfg.n_val, cfg.n_test, cfg.seed
+            )
+            sets.update({f"{cls}_train": tr[: cfg.n_train], f"{cls}_val": va, f"{cls}_test": te})
+            if n_gate is not None:
+                sets[f"{cls}_gate"] = tr
     return sets
 
 
@@ -318,6 +326,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
             base_keep = refusal_rate(refusal_flags(model, p[f"{keep_class}_val"], judge="logit"))
             kw["keep"] = p[f"{keep_class}_train"]
             search = {"keep": p[f"{keep_class}_val"], "keep_min_rate": 0.97 * float(base_keep)}
+        if spec.fits_gate and p.get("harmful_gate"):  # the recipe's n_gate_train prompts
+            kw["gate_harmful"], kw["gate_harmless"] = p["harmful_gate"], p["harmless_gate"]
         try:
             res = autotune(
                 name,

@@ -96,7 +96,7 @@ def test_reused_baseline_generations_give_the_same_result(tiny_model, monkeypatc
     generate = model.generate
 
     def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202
-        scored.append(bool(k.get("return_scores")))
+        scored.append(bool(k.get("return_scores")) and k.get("force") is None)  # forced: the NLL passes
         return generate(*a, **k)
 
     monkeypatch.setattr(model, "generate", counting)
@@ -252,3 +252,25 @@ def test_position_offset_interventions_act_on_the_prompt(tiny_model) -> None:
     expected = float(first_token_kl(base, edited).mean())
     assert expected > 1e-3
     assert abs(res.kl_to_baseline - expected) < 1e-5
+
+
+def test_forced_generation_scores_are_teacher_forced_logprobs(tiny_model) -> None:
+    """generate(force=...): the forced tokens come back, with the log-probabilities a plain forward over
+    prompt + tokens gives (one prompt at a time, no padding); a shorter list is cut at its own length."""
+    from moe_interp.errors import InputError
+
+    model = tiny_model("olmoe")
+    force = [[11, 12, 13], [7], []]
+    gens = model.generate(PROMPTS, force=force, return_scores=True)
+    for p, f, g in zip(PROMPTS, force, gens, strict=True):
+        assert g[0].token_ids == f and len(g[0].token_logprobs) == len(f)
+        if not f:
+            continue
+        ids = torch.cat([model.tokenize([p])["input_ids"][0], torch.tensor(f)])[None]
+        logits = model.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0].double()
+        want = torch.log_softmax(logits[-len(f) - 1 : -1], -1).gather(-1, torch.tensor(f)[:, None])[:, 0]
+        assert g[0].token_logprobs == pytest.approx(want.tolist(), rel=1e-4, abs=1e-5)
+    with pytest.raises(InputError, match="one token list per prompt"):
+        model.generate(PROMPTS, force=force[:2])
+    with pytest.raises(InputError, match="one greedy sequence"):
+        model.generate(PROMPTS, force=force, do_sample=True)

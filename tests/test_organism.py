@@ -160,15 +160,46 @@ def test_pipeline_prompt_sets_are_disjoint() -> None:
 
     from moe_interp.pipeline import choose_prompts
 
-    sets = choose_prompts(None, None, None, SimpleNamespace(n_train=64, n_val=39, n_test=159))
+    cfg = SimpleNamespace(n_train=64, n_val=39, n_test=159, n_gate_train=None)
+    sets = choose_prompts(None, None, None, cfg)
     # every distinct harmful_test prompt but the seven that are HarmBench validation prompts too
     assert set(sets["harmful_test"]) == set(load_prompts("harmful_test")) - set(load_prompts("harmful_val"))
+    assert not any(k.endswith("_gate") for k in sets)
     for cls in ("harmful", "harmless", "political"):
         parts = [set(sets[f"{cls}_{s}"]) for s in ("train", "val", "test")]
         assert all(
             len(p) == len(sets[f"{cls}_{s}"]) for p, s in zip(parts, ("train", "val", "test"), strict=True)
         )
         assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]), cls
+    # a harm gate's prompts: more training prompts, the steering's own first, none held back
+    cfg.n_gate_train = 150
+    gated = choose_prompts(None, None, None, cfg)
+    assert {k for k in gated if k not in sets} == {"harmful_gate", "harmless_gate"}
+    for cls in ("harmful", "harmless"):
+        gate = gated[f"{cls}_gate"]
+        assert (
+            len(set(gate)) == len(gate) == 150 and gate[:64] == gated[f"{cls}_train"] == sets[f"{cls}_train"]
+        )
+        assert set(gate) <= set(load_prompts(f"{cls}_train"))
+        assert not set(gate) & (set(gated[f"{cls}_val"]) | set(gated[f"{cls}_test"]))
+
+
+def test_pipeline_gate_prompts_from_files(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from moe_interp.pipeline import choose_prompts
+
+    for cls in ("harmful", "harmless"):
+        (tmp_path / f"{cls}.txt").write_text("\n".join(f"{cls} prompt {i}" for i in range(40)) + "\n")
+    files = [str(tmp_path / f"{c}.txt") for c in ("harmful", "harmless")]
+    cfg = SimpleNamespace(n_train=5, n_val=4, n_test=6, n_gate_train=12, seed=0)
+    sets = choose_prompts(None, *files, cfg)
+    plain = choose_prompts(None, *files, SimpleNamespace(**{**vars(cfg), "n_gate_train": None}))
+    for cls in ("harmful", "harmless"):
+        gate, rest = sets[f"{cls}_gate"], sets[f"{cls}_val"] + sets[f"{cls}_test"]
+        assert len(gate) == 12 and gate[:5] == sets[f"{cls}_train"] and len(rest) == 10
+        assert set(gate) | set(rest) <= {f"{cls} prompt {i}" for i in range(40)} and not set(gate) & set(rest)
+        assert f"{cls}_gate" not in plain and len(plain[f"{cls}_train"]) == 5
 
 
 def test_balanced_prompts_bad_input() -> None:

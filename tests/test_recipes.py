@@ -180,6 +180,8 @@ def _base() -> dict:
     ("patch", "field"),
     [
         ({"n_val": 0}, "n_val"),
+        ({"n_train": 32, "n_gate_train": 31}, "n_gate_train"),  # fewer than the steering's own prompts
+        ({"n_gate_train": "all"}, "n_gate_train"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"layers": [5, 3]}, "layers"),
         ({"layers": [0, 99]}, "layers"),
@@ -208,6 +210,13 @@ def _base() -> dict:
         ),
         (
             {"steering_methods": ["topic_gated"], "steering_kwargs": {"topic_gated": {"keep": ["x"]}}},
+            "steering_kwargs",
+        ),
+        (  # a gate's prompts too: a recipe gives their number, n_gate_train
+            {
+                "steering_methods": ["gated_dense"],
+                "steering_kwargs": {"gated_dense": {"gate_harmless": ["x"]}},
+            },
             "steering_kwargs",
         ),
     ],

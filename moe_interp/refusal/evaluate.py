@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -81,50 +81,14 @@ def first_token_kl(
     return (lb.exp() * (lb - le)).sum(-1)
 
 
-def _concat_left_padded(
-    prompt_ids: Int[Tensor, "batch pos"],
-    prompt_mask: Tensor,
-    completions: Sequence[Sequence[int]],
-    pad_id: int,
-) -> tuple[Tensor, Tensor, list[int]]:
-    """Prompt (padding stripped) + completion tokens per row, left padded; returns lengths of prompts."""
-    rows, plens = [], []
-    for i, comp in enumerate(completions):
-        p = prompt_ids[i][prompt_mask[i].bool()].tolist()
-        plens.append(len(p))
-        rows.append(p + list(comp))
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(prompt_ids.device), mask.to(prompt_ids.device), plens
-
-
-def _last_and_ce(
-    model: MoEModel,
-    ids: Tensor,
-    mask: Tensor,
-    completions: Sequence[Sequence[int]],
-) -> tuple[Tensor, list[float], list[int]]:
-    """Logits at the last prompt position and summed NLL of each completion (teacher forced)."""
-    logits = model.forward({"input_ids": ids, "attention_mask": mask}).float()
-    width = ids.shape[1]
-    last, nll, ntok = [], [], []
-    for i, comp in enumerate(completions):
-        n = len(comp)
-        start = width - n - 1  # position of the last prompt token
-        last.append(logits[i, start])
-        if n == 0:
-            nll.append(0.0)
-            ntok.append(0)
-            continue
-        lp = torch.log_softmax(logits[i, start : width - 1].double(), -1)
-        tgt = ids[i, start + 1 :]
-        nll.append(float(-lp.gather(-1, tgt[:, None]).sum()))
-        ntok.append(n)
-    return torch.stack(last), nll, ntok
+def _forced_nll(model: MoEModel, batch: list[str], comps: list[list[int]]) -> tuple[list[float], list[int]]:
+    """Summed NLL of each completion under ``model`` and the active interventions, and its length: the
+    completion teacher-forced through the generation loop, so each intervention acts as when generating (a
+    gate decided at the last prompt position, position scopes counted on the prompt) — a single forward over
+    prompt + completion would show them the completion as prompt."""
+    gens = model.generate(batch, force=comps, return_scores=True)
+    lps = [cast("Generation", g[0]).token_logprobs for g in gens]
+    return [-float(sum(x)) for x in lps], [len(c) for c in comps]
 
 
 def as_interventions(edits: Any, model: MoEModel | None = None) -> list[Any]:
@@ -245,7 +209,6 @@ def evaluate(
         raise TypeError(f"judge must have judge(instructions, completions); got {type(judge).__name__}.")
     base = model if base_model is None else base_model
     tok_ids = resolve_refusal_ids(model, refusal_token_ids)
-    pad_id = int(model.tokenizer.pad_token_id)
 
     details: list[dict[str, Any]] = []
     all_base_gens: list[Generation] = []
@@ -272,13 +235,12 @@ def evaluate(
             # circuit's post-instruction positions) act where they were meant to
             last = model.forward(enc, last_only=True).float()[:, -1]
             if base_gens is not None:
-                comps = [g.token_ids for g in base_gens]
-                ids, mask, _ = _concat_left_padded(enc["input_ids"], enc["attention_mask"], comps, pad_id)
-                _, nll, ntok = _last_and_ce(model, ids, mask, comps)
+                comps = [list(g.token_ids) for g in base_gens]
+                nll, ntok = _forced_nll(model, batch, comps)
         scores = refusal_score(last, tok_ids)
         if base_gens is not None:
             last_b = base.forward(enc, last_only=True).float()[:, -1]
-            _, nll_b, _ = _last_and_ce(base, ids, mask, comps)
+            nll_b, _ = _forced_nll(base, batch, comps)
             kls = first_token_kl(last_b, last)
             tot_nll += sum(nll)
             tot_nll_base += sum(nll_b)

@@ -54,6 +54,8 @@ def fit_gated(
     inner: str = "dense",
     gate_layer: int | None = None,
     gate_shrinkage: float | None = 1.0,
+    gate_harmful: Sequence[str] | None = None,
+    gate_harmless: Sequence[str] | None = None,
     n_folds: int = 4,
     n_max: int | None = 128,
     batch_size: int = 32,
@@ -63,6 +65,9 @@ def fit_gated(
     prompts and gate it on harm: the gate is :func:`~moe_interp.steering.fit.fit_gate` of the harmful against
     the harmless prompts at ``blocks.G.hook_resid_pre``, last prompt position — with the default
     ``gate_shrinkage`` a shrunk linear discriminant, thresholded at the best balanced training accuracy.
+    ``gate_harmful`` / ``gate_harmless`` fit the gate on other (typically more) prompts than the steering,
+    all of them (``n_max`` caps the steering's): a read-out in ``d_model`` dimensions fitted on a few dozen
+    prompts opens on more harmless prompts than one fitted on a few hundred.
 
     ``gate_layer`` defaults to the layer, up to the first one ``inner`` steers (the gate must be decided before
     the steering acts), whose gate separates the two classes best on prompts it was not fitted on
@@ -85,6 +90,8 @@ def fit_gated(
     _check_shrinkage(gate_shrinkage)
     harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
+    gh = harmful if gate_harmful is None else check_prompt_list(gate_harmful, "gate_harmful")
+    gl = harmless if gate_harmless is None else check_prompt_list(gate_harmless, "gate_harmless")
     steer = spec(model, harmful, harmless, n_max=n_max, batch_size=batch_size, **inner_kw)
     if not isinstance(steer, SteeringVectors):
         raise ValueError(
@@ -97,7 +104,7 @@ def fit_gated(
             f"gate_layer {gate_layer} comes after the first layer {inner!r} steers ({first}); the gate must be "
             f"decided first: pass gate_layer <= {first}."
         )
-    ah, al = (resid_acts(model, p, -1, batch_size) for p in (harmful, harmless))  # [n, n_layers, d]
+    ah, al = (resid_acts(model, p, -1, batch_size) for p in (gh, gl))  # [n, n_layers, d]
     cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
     G = int(cv.argmax()) if gate_layer is None else gate_layer
     if _degenerate(ah[:, G], al[:, G]):  # chosen by the user (a recipe error) or the only layer there is
@@ -108,8 +115,9 @@ def fit_gated(
         )
     w, theta, acc = fit_gate(ah[:, G], [al[:, G]], gate_shrinkage, threshold="midpoint")
     inner_extra = dict(steer.metadata.extra) if steer.metadata is not None else {}
-    meta = fit_metadata(model, f"gated_{inner}", [harmful, harmless], **inner_extra, inner=inner, gate_layer=G,
-                        gate_shrinkage=gate_shrinkage, gate_train_accuracy=acc,
+    data = [harmful, harmless] + ([] if gate_harmful is None and gate_harmless is None else [gh, gl])
+    meta = fit_metadata(model, f"gated_{inner}", data, **inner_extra, inner=inner, gate_layer=G,
+                        gate_shrinkage=gate_shrinkage, gate_train_accuracy=acc, gate_n_prompts=[len(gh), len(gl)],
                         gate_cv_separation=[round(float(x), 3) if bool(x.isfinite()) else None for x in cv])  # fmt: skip
     return TopicGatedSteering(replace(steer, metadata=meta), G, w.float(), theta, meta)
 

@@ -59,16 +59,23 @@ class MethodSpec:
         """Whether the fit takes ``keep=`` prompts (topic methods)."""
         return self.data == "topic"
 
+    @property
+    def fits_gate(self) -> bool:
+        """Whether the fit takes ``gate_harmful=`` / ``gate_harmless=`` prompts for a harm gate (``gated_*``)."""
+        return "gate_harmful" in inspect.signature(self.fit).parameters
+
     def check_kwargs(self, kw: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` for fit keywords this method does not take, or that the caller sets itself
-        (``keep=`` of topic methods, the keyword that autotuning sweeps) — so a recipe fails when it is read,
-        not at its steering stage."""
+        (``keep=`` of topic methods, a gate's prompts — the recipe's ``n_gate_train`` —, the keyword that
+        autotuning sweeps) — so a recipe fails when it is read, not at its steering stage."""
         accepted: list[str] = []
         for fn in (self.fit, self.forwards_to):
             if fn is not None:
                 params = inspect.signature(fn).parameters.items()
                 accepted += [n for n, p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and n[0] != "_"]
         reserved = {"keep"} if self.needs_keep else set()
+        if self.fits_gate:
+            reserved |= {"gate_harmful", "gate_harmless"}
         if self.tuning != "coefficient":
             reserved.add(self.tuning)
         allowed = [n for n in dict.fromkeys(accepted) if n not in reserved]
