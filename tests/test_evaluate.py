@@ -274,3 +274,24 @@ def test_forced_generation_scores_are_teacher_forced_logprobs(tiny_model) -> Non
         model.generate(PROMPTS, force=force[:2])
     with pytest.raises(InputError, match="one greedy sequence"):
         model.generate(PROMPTS, force=force, do_sample=True)
+
+
+def test_unedited_ce_from_generation_scores_or_forced(tiny_model) -> None:
+    """The unedited NLL of the baseline completions is read from their generation log-probabilities; completions
+    without them (built by hand) are scored by teacher forcing, to the same figure."""
+    from dataclasses import replace
+
+    model = tiny_model("qwen2_moe")
+    iv = AddVector("blocks.1.hook_resid_pre", _vec(model.spec.d_model), coeff=1.0)
+    kw = dict(refusal_token_ids=TOKS, max_new_tokens=3, batch_size=2)
+    first = evaluate(model, PROMPTS, [iv], **kw)
+    assert all(len(g.token_logprobs) == len(g.token_ids) for g in first.baseline_generations)
+    bare = [replace(g, token_logprobs=[]) for g in first.baseline_generations]
+    again = evaluate(model, PROMPTS, [iv], baseline_generations=bare, **kw)
+    assert again.ce_of_baseline_completions_unedited == pytest.approx(
+        first.ce_of_baseline_completions_unedited, rel=1e-5
+    )
+    assert again.ce_of_baseline_completions == pytest.approx(first.ce_of_baseline_completions, rel=1e-5)
+    nll = -sum(lp for g in first.baseline_generations for lp in g.token_logprobs)
+    ntok = sum(len(g.token_ids) for g in first.baseline_generations)
+    assert first.ce_of_baseline_completions_unedited == pytest.approx(nll / ntok, rel=1e-6)

@@ -185,13 +185,13 @@ def evaluate(
     With ``baseline=True`` the unedited model (``base_model``, default ``model`` with no interventions)
     also generates greedily, giving ``kl_to_baseline`` (mean first-token ``KL(p_base ‖ p_edited)`` at the
     last prompt position) and ``ce_of_baseline_completions`` (token-mean NLL of the unedited completions
-    under the edited model; ``ce_of_baseline_completions_unedited`` is the same under the unedited model).
-    The CE forward appends the completions, so position-offset interventions (a circuit's) shift onto
-    completion tokens there: read CE for such edits with care. ``interventions`` may also be a steering
+    under the edited model, teacher-forced through the generation loop so that every edit acts as when
+    generating; ``ce_of_baseline_completions_unedited`` is the same under the unedited model, read from the
+    baseline completions' own log-probabilities). ``interventions`` may also be a steering
     object (see :func:`as_interventions`). The rate and its CI come from
     :func:`~moe_interp.refusal.judges.refusal_rate` (``n_boot`` resamples). ``baseline_generations`` (an
-    earlier result's ``baseline_generations`` for the same prompts and ``max_new_tokens``) skips generating
-    the baseline again when several edits are evaluated on one prompt set.
+    earlier result's ``baseline_generations`` for the same prompts, ``max_new_tokens`` and base model) skips
+    generating the baseline again when several edits are evaluated on one prompt set.
     """
     prompts = check_prompts(prompts)
     interventions = as_interventions(interventions, model)
@@ -240,7 +240,10 @@ def evaluate(
         scores = refusal_score(last, tok_ids)
         if base_gens is not None:
             last_b = base.forward(enc, last_only=True).float()[:, -1]
-            nll_b, _ = _forced_nll(base, batch, comps)
+            if all(len(g.token_logprobs) == len(g.token_ids) for g in base_gens):  # scored when generated
+                nll_b = [-float(sum(g.token_logprobs)) for g in base_gens]
+            else:  # e.g. completions built by hand
+                nll_b, _ = _forced_nll(base, batch, comps)
             kls = first_token_kl(last_b, last)
             tot_nll += sum(nll)
             tot_nll_base += sum(nll_b)
