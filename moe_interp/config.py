@@ -219,6 +219,11 @@ class PipelineConfig:
     n_gate_train: int | None = None
     batch_size: int = 16
     kl_threshold: float = 0.1
+    #: each steering strength search keeps the steered harmful completions' mean distinct-2 at least this
+    #: share of the unedited model's on harmless prompts (``None``: no check); see
+    #: :func:`~moe_interp.steering.autotune.search_candidates`. A gated edit's harmless KL is ~0 whatever its
+    #: strength, so without it the search grows the strength until refusal is gone, even into loops.
+    distinct2_floor: float | None = None
     prune_last_frac: float = 0.2
     #: "exhaustive": activation-patch every resid position, head and expert, sweep every expert;
     #: "attribution": attribution patching ranks them all (one forward + backward) and only the
@@ -413,6 +418,14 @@ def _v_kl_threshold(v: Any, c: PipelineConfig) -> float:
     return v
 
 
+def _v_distinct2_floor(v: Any, c: PipelineConfig) -> float | None:
+    if v is not None and (not _is_num(v) or not 0 < v <= 1):
+        raise _fail(
+            "distinct2_floor", "a share in (0, 1] of the unedited model's distinct-2, or null (no check)", v
+        )
+    return v
+
+
 def _v_prune_last_frac(v: Any, c: PipelineConfig) -> float:
     if not _is_num(v) or not 0 <= v < 1:
         raise _fail("prune_last_frac", "a number in [0, 1)", v)
@@ -472,6 +485,7 @@ _FIELD_VALIDATORS: tuple[tuple[str, Callable[[Any, PipelineConfig], Any]], ...] 
     ("max_new_tokens", _v_int("max_new_tokens", 1)),
     ("seed", _v_int("seed", 0)),
     ("kl_threshold", _v_kl_threshold),
+    ("distinct2_floor", _v_distinct2_floor),
     ("prune_last_frac", _v_prune_last_frac),
     ("patching", _v_patching),
     ("patching_top_n", _v_int("patching_top_n", 1)),

@@ -297,18 +297,27 @@ def stage_steering(run: Run) -> dict[str, Any]:
     """Fit every configured steering method, tune its strength, save it, and compare all on held-back prompts.
 
     Strength is tuned on validation prompts ("Refusal Steering" autotuning): the smallest refusal rate
-    under the harmless-KL budget (``kl_threshold``); topic methods must also keep >= 97% of the baseline
-    harmful refusal rate.
+    under the harmless-KL budget (``kl_threshold``) and, with ``distinct2_floor``, with harmful completions that
+    do not degenerate into loops; topic methods must also keep >= 97% of the baseline harmful refusal rate.
     """
     from moe_interp.refusal.evaluate import refusal_flags
     from moe_interp.refusal.judges import refusal_rate
-    from moe_interp.steering.autotune import NoCandidateError, autotune
-    from moe_interp.steering.compare import compare_methods
+    from moe_interp.steering.autotune import QUALITY_TOKENS, NoCandidateError, autotune
+    from moe_interp.steering.compare import compare_methods, completion_distinct2
     from moe_interp.steering.gated import UngateableError
     from moe_interp.steering.registry import method_spec
 
     cfg, p, model = run.config, run.prompts, run.model
     fitted, files, tuning = {}, {}, {}
+    quality: dict[str, Any] = {}
+    if cfg.distinct2_floor is not None and p.get("harmless_val"):  # one reference for every method's search
+        ref = completion_distinct2(
+            model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS, batch_size=cfg.batch_size
+        )
+        quality = {"distinct2_floor": cfg.distinct2_floor, "distinct2_reference": ref}
+        run.log(
+            f"[steering] distinct-2 of the unedited model on harmless_val: {ref:.3f} (floor x{cfg.distinct2_floor:g})"
+        )
     #: the prompt class of each kind of training data a registry entry declares (``MethodSpec.data``)
     target_class, keep_class = {"harmful": "harmful", "topic": "political"}, "harmful"
     for i, name in enumerate(cfg.steering_methods, 1):
@@ -339,6 +348,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
                 fit_kwargs=kw,
                 kl_budget=cfg.kl_threshold,
                 **search,
+                **quality,
             )
         except NoCandidateError as err:  # no strength satisfies the constraints: reported, not compared
             run.log(
@@ -372,7 +382,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
         for name, steer in fitted.items()
         if hasattr(steer, "fires")
     }
-    return {"table": rows, "files": files, "tuning": tuning, "gate_fires": gate_fires}
+    return {"table": rows, "files": files, "tuning": tuning, "gate_fires": gate_fires, **quality}
 
 
 def _baseline_rates(run: Run) -> dict[str, dict[str, Any]]:
@@ -511,6 +521,7 @@ def _run_stages(run: Run) -> Path:
         "circuit_faithfulness": run.results["circuit"]["circuit"].faithfulness,
         "steering": run.results["steering"]["table"],
         "steering_gate_fires": run.results["steering"].get("gate_fires", {}),
+        "steering_distinct2_reference": run.results["steering"].get("distinct2_reference"),
         "steering_left_out": left_out(run.results["steering"]),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

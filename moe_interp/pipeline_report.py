@@ -233,12 +233,27 @@ def write_report(run: Run, figures: list[str]) -> Path:
             f"- {k}: " + ", ".join(f"{split} {rate:.2f}" for split, rate in v.items())
             for k, v in fires.items()
         ]
+    floor = r["steering"].get("distinct2_floor")
+    if floor is not None:
+        ref = r["steering"]["distinct2_reference"]
+        lines += [
+            "",
+            f"Fluency floor of the strength search: the steered harmful validation prompts' greedy completions "
+            f"keep a mean distinct-2 >= {floor:g} x {ref:.3f} (the unedited model's on harmless validation "
+            "prompts); distinct-2 at the strength chosen:",
+            "",
+        ]
+        lines += [
+            f"- {k}: strength {t['label']}, distinct-2 {t['distinct2']:.3f}"
+            for k, t in r["steering"]["tuning"].items()
+            if t.get("distinct2") is not None
+        ]
     untuned = left_out(r["steering"])
     if untuned:
         lines += [
             "",
-            "Left out of the comparison (no strength within the harmless-KL budget or keep constraint on the "
-            "validation prompts, no prompts of the class, or no gate possible):",
+            "Left out of the comparison (no strength within the harmless-KL budget, keep constraint or fluency "
+            "floor on the validation prompts, no prompts of the class, or no gate possible):",
             "",
         ]
         lines += [f"- {k}: {err}" for k, err in untuned.items()]

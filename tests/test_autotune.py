@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -210,3 +211,63 @@ def test_coefficient_search_retries_finer_scales_when_first_is_over_budget(fake_
         at.coefficient_search(
             None, _Scalable(), ["h"], ["l"], scales=[1.0], kl_budget=1.0, keep=["keep"], keep_min_rate=0.99
         )
+
+
+@pytest.fixture
+def fake_distinct2(fake_eval, monkeypatch: pytest.MonkeyPatch):
+    """Distinct-2 of the steered harmful completions falls with strength: 1 − s / 10; unedited (``()``): 0.9."""
+    seen: list[tuple[Any, list[str]]] = []
+
+    def d2(model, prompts, steer=(), *, max_new_tokens=24, batch_size=32):
+        seen.append((steer, list(prompts)))
+        assert max_new_tokens == at.QUALITY_TOKENS
+        return 0.9 if steer == () else 1.0 - steer / 10.0
+
+    monkeypatch.setattr(at, "completion_distinct2", d2)
+    return seen
+
+
+def test_fluency_floor_keeps_the_strongest_best_so_far_that_does_not_degenerate(fake_distinct2) -> None:
+    """Rates 0.75, 0.5, 0.25, 0 at s = 1..4 (each a new best); distinct-2 0.9 .. 0.6 against 0.75 × 1.0: the
+    walk ends at 4 (target), 4 fails, the bisection checks 2 (passes) then 3 (fails) and keeps 2."""
+    kw = {"kl_budget": 1.0, "distinct2_floor": 0.75, "distinct2_reference": 1.0}
+    res = at.search_candidates(None, cands([1, 2, 3, 4, 5]), ["h"], ["l"], **kw)
+    assert [s for s, _ in fake_distinct2] == [4, 2, 3]  # only the bests so far, last first, then bisected
+    assert res.label == 2 and res.refusal_rate == 0.5 and res.distinct2 == pytest.approx(0.8)
+    assert res.distinct2_reference == 1.0 and res.to_dict()["distinct2"] == pytest.approx(0.8)
+    assert (
+        "target refusal rate 0 reached at 4; distinct-2 0.6 < 0.75 x 1" in res.stopped
+        and "kept 2" in res.stopped
+    )
+    assert [h.get("distinct2") for h in res.history] == [
+        None,
+        pytest.approx(0.8),
+        pytest.approx(0.7),
+        pytest.approx(0.6),
+    ]
+    # a best that passes is kept with one check; the reference is the unedited model's on the harmless prompts
+    fake_distinct2.clear()
+    res = at.search_candidates(None, cands([1, 2]), ["h"], ["harmless"], kl_budget=1.0, distinct2_floor=0.5)
+    assert fake_distinct2 == [((), ["harmless"]), (2, ["h"])]
+    assert res.label == 2 and res.distinct2_reference == 0.9 and "distinct-2" not in res.stopped
+
+
+def test_fluency_floor_that_no_candidate_meets_and_bad_floors(fake_distinct2) -> None:
+    with pytest.raises(
+        at.NoCandidateError, match="keeps the steered completions fluent.*distinct-2 0.6 < 0.95"
+    ):
+        at.search_candidates(
+            None,
+            cands([1, 2, 3, 4]),
+            ["h"],
+            ["l"],
+            kl_budget=1.0,
+            distinct2_floor=0.95,
+            distinct2_reference=1.0,
+        )
+    for bad in (0, 1.5, float("nan"), -0.1):
+        with pytest.raises(ValueError, match="distinct2_floor must be a share in \\(0, 1\\]"):
+            at.search_candidates(None, cands([1]), ["h"], ["l"], kl_budget=1.0, distinct2_floor=bad)
+    fake_distinct2.clear()
+    at.search_candidates(None, cands([1, 2, 3]), ["h"], ["l"], kl_budget=1.0)  # no floor: no generation
+    assert fake_distinct2 == []

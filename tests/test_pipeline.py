@@ -230,7 +230,11 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
     logs: list[str] = []
     run = SimpleNamespace(
         config=SimpleNamespace(
-            steering_methods=["dense"], steering_kwargs={}, kl_threshold=1e-12, max_new_tokens=8
+            steering_methods=["dense"],
+            steering_kwargs={},
+            kl_threshold=1e-12,
+            max_new_tokens=8,
+            distinct2_floor=None,
         ),
         prompts=prompts,
         model=model,
@@ -249,6 +253,7 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
         steering_kwargs={"dense": {"layer": 99}},
         kl_threshold=0.1,
         max_new_tokens=8,
+        distinct2_floor=None,
     )
     with pytest.raises(ValueError, match="Layer 99 is out of range"):
         pipeline.stage_steering(run)  # type: ignore[arg-type]

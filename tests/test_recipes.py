@@ -182,6 +182,9 @@ def _base() -> dict:
         ({"n_val": 0}, "n_val"),
         ({"n_train": 32, "n_gate_train": 31}, "n_gate_train"),  # fewer than the steering's own prompts
         ({"n_gate_train": "all"}, "n_gate_train"),
+        ({"distinct2_floor": 0}, "distinct2_floor"),
+        ({"distinct2_floor": 1.2}, "distinct2_floor"),
+        ({"distinct2_floor": "0.8"}, "distinct2_floor"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"layers": [5, 3]}, "layers"),
         ({"layers": [0, 99]}, "layers"),

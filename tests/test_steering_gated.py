@@ -12,7 +12,8 @@ import torch
 import moe_interp as mi
 from moe_interp.errors import InputError
 from moe_interp.steering import TopicGatedSteering, fit_gated, fit_method, load_steering
-from moe_interp.steering.compare import touched
+from moe_interp.steering import autotune as at
+from moe_interp.steering.compare import completion_distinct2, touched
 from moe_interp.steering.fit import fit_gate, fit_topic_gate
 from moe_interp.steering.fit_experts import fit_single_expert
 from moe_interp.steering.gated import UngateableError, gate_layer_separation
@@ -296,3 +297,23 @@ def test_pipeline_records_where_the_gates_open(tmp_path, monkeypatch) -> None:
     assert set(res["files"]) == {"gated_dense", "dense"}
     meta = load_steering(tmp_path / "steering" / "gated_dense", model).metadata
     assert meta is not None and meta.extra["gate_n_prompts"] == [5, 5]
+    assert (
+        "distinct2_reference" not in res and res["tuning"]["dense"]["distinct2"] is None
+    )  # no floor: no check
+    # the recipe's distinct2_floor: one reference on harmless_val, every search checks its chosen strength
+    run.config = PipelineConfig(
+        model="tiny:olmoe", family="", steering_methods=["gated_dense", "dense"], kl_threshold=50.0,
+        distinct2_floor=0.05,
+    )  # fmt: skip
+    res = pipeline.stage_steering(run)
+    assert res["distinct2_floor"] == 0.05
+    assert res["distinct2_reference"] == pytest.approx(
+        completion_distinct2(model, prompts["harmless_val"], max_new_tokens=at.QUALITY_TOKENS)
+    )
+    for name in ("gated_dense", "dense"):
+        tuned = res["tuning"][name]
+        assert tuned["distinct2_reference"] == res["distinct2_reference"]
+        saved = load_steering(tmp_path / "steering" / name, model)  # the strength chosen, as saved
+        assert tuned["distinct2"] == pytest.approx(
+            completion_distinct2(model, prompts["harmful_val"], saved, max_new_tokens=at.QUALITY_TOKENS)
+        )

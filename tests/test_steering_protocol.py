@@ -262,7 +262,11 @@ def test_pipeline_takes_data_and_tuning_from_the_registry(tmp_path: Path, monkey
         for s in ("train", "val", "test")
     }
     cfg = SimpleNamespace(
-        steering_methods=["dense", "topic_remove"], steering_kwargs={}, kl_threshold=0.1, max_new_tokens=5
+        steering_methods=["dense", "topic_remove"],
+        steering_kwargs={},
+        kl_threshold=0.1,
+        max_new_tokens=5,
+        distinct2_floor=None,
     )
     rate = {"refusal_rate": 0.5, "refusal_rate_ci": [0.0, 1.0], "n": 2}
     run = SimpleNamespace(
@@ -292,3 +296,42 @@ def test_pipeline_takes_data_and_tuning_from_the_registry(tmp_path: Path, monkey
     assert res["table"] == [
         {"max_new_tokens": 5, "baseline": dict.fromkeys(("harmful", "political", "harmless"), given)}
     ]
+
+
+# ------------------------------------------------------------------------------------ fluency of steered text
+
+
+def test_distinct2_counts_distinct_bigrams() -> None:
+    from moe_interp.steering.compare import distinct2
+
+    assert distinct2([1, 2, 1, 2, 1]) == 0.5 and distinct2([7]) == 1.0 and distinct2([]) == 1.0
+    assert distinct2([3, 3, 3, 3]) == pytest.approx(1 / 3) and distinct2([1, 2, 3, 1, 2]) == 0.75
+
+
+def test_completion_distinct2_is_the_mean_over_greedy_completions_under_the_steering(olmoe: Any) -> None:
+    """Against an independent count (torch.unique over stacked bigrams of each generated sequence, EOS cut) on
+    the model's own greedy generations, unedited and under a steering that changes them."""
+    from moe_interp.steering.compare import completion_distinct2
+
+    def by_hand(steer: Any) -> float:
+        with olmoe.intervene(*ev.as_interventions(steer, olmoe)):
+            gens = olmoe.generate(PROMPTS, max_new_tokens=10, return_scores=True)
+        vals = []
+        for g in gens:
+            ids = torch.tensor(g[0].token_ids)
+            ids = ids[ids != olmoe.tokenizer.eos_token_id] if len(ids) else ids
+            if len(ids) < 2:
+                vals.append(1.0)
+                continue
+            pairs = torch.stack([ids[:-1], ids[1:]], 1)
+            vals.append(torch.unique(pairs, dim=0).shape[0] / pairs.shape[0])
+        return sum(vals) / len(vals)
+
+    sv = _objects(olmoe)["vectors"].scaled(20.0)
+    got = [completion_distinct2(olmoe, PROMPTS, s, max_new_tokens=10, batch_size=2) for s in ((), sv)]
+    assert got == [pytest.approx(by_hand(())), pytest.approx(by_hand(sv))]
+    with olmoe.intervene(*ev.as_interventions(sv, olmoe)):
+        steered = olmoe.generate(PROMPTS, max_new_tokens=10)
+    assert steered != olmoe.generate(PROMPTS, max_new_tokens=10)  # the steering did change the text
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 2"):
+        completion_distinct2(olmoe, PROMPTS, max_new_tokens=1)

@@ -25,13 +25,9 @@ from typing import Any
 
 import torch
 
+from moe_interp.steering.compare import distinct2
+
 __all__ = ["distinct2", "main_steer_quality"]
-
-
-def distinct2(ids: list[int]) -> float:
-    """Share of distinct bigrams among a token sequence's bigrams (1.0 when it has fewer than two tokens)."""
-    pairs = list(zip(ids, ids[1:], strict=False))
-    return len(set(pairs)) / len(pairs) if pairs else 1.0
 
 
 def main_steer_quality(argv: list[str] | None = None) -> None:

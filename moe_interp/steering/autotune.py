@@ -10,6 +10,8 @@
   grow with the scale), once the target refusal rate is reached, or after ``patience`` steps without gain
   once the rate has started to move (a rate that has not responded yet keeps the search going: on a model
   whose refusal only gives way at larger scales the search would otherwise stop inside the budget).
+  With ``distinct2_floor`` the chosen strength must also leave non-degenerate completions on the steered
+  prompts (mean distinct-2 of greedy completions ≥ the floor × the unedited model's on harmless prompts).
 * :func:`search_candidates` — the same selection over any list of steering objects (e.g. SteerMoE with
   more and more deactivated experts).
 * :func:`autotune` — fit a registered method on training prompts and tune it on validation prompts, the way
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from moe_interp.refusal.evaluate import refusal_flags, steered_refusal_scores
 from moe_interp.refusal.judges import refusal_rate
-from moe_interp.steering.compare import check_kl_statistic, harmless_kl, last_logits
+from moe_interp.steering.compare import check_kl_statistic, completion_distinct2, harmless_kl, last_logits
 from moe_interp.steering.fit import check_prompt_list
 from moe_interp.steering.protocol import Steering
 from moe_interp.steering.registry import METHODS, fit_method
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SCALES",
+    "QUALITY_TOKENS",
     "FINER_FRACTIONS",
     "NoCandidateError",
     "TuneResult",
@@ -57,6 +60,8 @@ DEFAULT_SCALES: tuple[float, ...] = (
 )  # fmt: skip
 #: Fractions of the smallest scale tried when that scale is already over the KL budget.
 FINER_FRACTIONS: tuple[float, ...] = (0.125, 0.25, 0.5)
+#: Greedy completion length on which :func:`search_candidates`' ``distinct2_floor`` is checked.
+QUALITY_TOKENS: int = 24
 
 
 def layer_correlation(
@@ -108,6 +113,10 @@ class TuneResult:
     refusal_score: float | None = None
     #: mean logit refusal score of the harmful prompts still refused (None: generation judge or none refused)
     refused_score: float | None = None
+    #: mean distinct-2 of the steered harmful completions (None: no ``distinct2_floor``)
+    distinct2: float | None = None
+    #: the unedited model's mean distinct-2 on the harmless prompts, the floor's reference
+    distinct2_reference: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +126,8 @@ class TuneResult:
             "refused_score": self.refused_score,
             "kl": self.kl,
             "keep_rate": self.keep_rate,
+            "distinct2": self.distinct2,
+            "distinct2_reference": self.distinct2_reference,
             "stopped": self.stopped,
             "history": self.history,
         }
@@ -138,6 +149,8 @@ def search_candidates(
     maximize_refusal: bool = False,
     batch_size: int = 32,
     kl_statistic: str = "mean",
+    distinct2_floor: float | None = None,
+    distinct2_reference: float | None = None,
 ) -> TuneResult:
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
@@ -152,9 +165,20 @@ def search_candidates(
 
     ``kl_statistic`` (one of :data:`~moe_interp.steering.compare.KL_STATISTICS`) is what the budget applies
     to: the mean per-prompt KL (default), its median or its trimmed mean (steadier under the heavy tail of
-    per-prompt KLs)."""
+    per-prompt KLs).
+
+    ``distinct2_floor`` (a share in (0, 1]; default: no check) guards against an edit strong enough to break
+    the model on the prompts it steers — which a refusal rate counts as compliance, and a harmless-KL budget
+    does not see when a gate keeps the edit off harmless prompts. The chosen candidate's greedy
+    :data:`QUALITY_TOKENS`-token completions of the harmful prompts must keep a mean
+    :func:`~moe_interp.steering.compare.distinct2` of at least ``distinct2_floor`` × ``distinct2_reference``
+    (default: the unedited model's on the harmless prompts, which the pipeline computes once). Checked after
+    the walk, on the candidates that were each in turn the best so far: the last one first, and if it fails, a
+    bisection over the earlier ones (degeneration grows with strength), so a few generations per search."""
     if not kl_budget > 0:
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
+    if distinct2_floor is not None and not 0 < distinct2_floor <= 1:
+        raise ValueError(f"distinct2_floor must be a share in (0, 1] or None, got {distinct2_floor!r}.")
     check_kl_statistic(kl_statistic, "kl_statistic")
     harmful = check_prompt_list(harmful, "harmful")
     harmless = check_prompt_list(harmless, "harmless")
@@ -162,6 +186,7 @@ def search_candidates(
     sign = -1.0 if maximize_refusal else 1.0
     target = (1.0 if maximize_refusal else 0.0) if target_rate is None else float(target_rate)
     best: TuneResult | None = None
+    chain: list[tuple[TuneResult, dict[str, Any]]] = []  # each best so far (and its step), weakest first
     history: list[dict[str, Any]] = []
     stale, stopped = 0, "grid exhausted"
     first: float | None = None  # the first candidate's rate; patience counts only once the rate has moved
@@ -214,6 +239,7 @@ def search_candidates(
             )
         ):
             best = TuneResult(steer, label, rate, kl, keep_rate, refusal_score=score, refused_score=refused)
+            chain.append((best, step))
             stale = 0
         elif moved:  # a rate that has not responded yet is not a plateau: keep growing while KL allows
             stale += 1
@@ -231,8 +257,62 @@ def search_candidates(
             history,
             kl_budget,
         )
+    if distinct2_floor is not None:
+        best, stopped = _quality_check(
+            model, chain, harmful, harmless, stopped, distinct2_floor, distinct2_reference, batch_size
+        )
+        if best is None:
+            raise NoCandidateError(
+                f"No candidate keeps the steered completions fluent: {stopped}.", history, kl_budget
+            )
     best.history, best.stopped = history, stopped
     return best
+
+
+def _quality_check(
+    model: MoEModel,
+    chain: list[tuple[TuneResult, dict[str, Any]]],
+    harmful: list[str],
+    harmless: list[str],
+    stopped: str,
+    floor: float,
+    reference: float | None,
+    batch_size: int,
+) -> tuple[TuneResult | None, str]:
+    """The strongest of ``chain`` whose harmful completions keep distinct-2 ≥ ``floor`` × ``reference``
+    (the last one checked first, then a bisection), and the reason the walk stopped; None when none does."""
+    if reference is None:
+        reference = completion_distinct2(
+            model, harmless, max_new_tokens=QUALITY_TOKENS, batch_size=batch_size
+        )
+
+    def passes(i: int) -> bool:
+        res, step = chain[i]
+        if res.distinct2 is None:
+            res.distinct2 = step["distinct2"] = completion_distinct2(
+                model, harmful, res.steer, max_new_tokens=QUALITY_TOKENS, batch_size=batch_size
+            )
+        res.distinct2_reference = reference
+        return res.distinct2 >= floor * reference
+
+    if passes(len(chain) - 1):
+        return chain[-1][0], stopped
+    lo, hi = -1, len(chain) - 1  # chain[hi] fails; chain[lo] passes (lo = -1: none known to)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    last = chain[-1][0]
+    why = (
+        f"distinct-2 {last.distinct2:.3g} < {floor:g} x {reference:.3g} (the unedited model's on the harmless "
+        f"prompts) at {last.label}"
+    )
+    if lo < 0:
+        return None, why
+    kept = chain[lo][0]
+    return kept, f"{stopped}; {why}: kept {kept.label} (distinct-2 {kept.distinct2:.3g})"
 
 
 def coefficient_search(

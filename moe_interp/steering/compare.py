@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Float
@@ -24,13 +24,15 @@ from moe_interp.steering.fit import check_prompt_list
 from moe_interp.steering.vectors import SteeringVectors
 
 if TYPE_CHECKING:
-    from moe_interp.model import MoEModel
+    from moe_interp.model import Generation, MoEModel
 
 __all__ = [
     "KL_STATISTICS",
     "KL_TRIM",
     "check_kl_statistic",
     "compare_methods",
+    "completion_distinct2",
+    "distinct2",
     "harmless_kl",
     "last_logits",
     "per_prompt_kl",
@@ -126,6 +128,43 @@ def last_logits(
                 for s in range(0, len(prompts), batch_size)
             ]
         )
+
+
+def distinct2(ids: Sequence[int]) -> float:
+    """Share of distinct bigrams among a token sequence's bigrams (Li et al. 2016's distinct-2 of one
+    completion; 1.0 when it has fewer than two tokens): degenerate loops such as ``A: A: A: …`` score low."""
+    pairs = list(zip(ids, ids[1:], strict=False))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+@torch.no_grad()
+def completion_distinct2(
+    model: MoEModel,
+    prompts: Sequence[str],
+    steer: Any = (),
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> float:
+    """Mean :func:`distinct2` of the greedy ``max_new_tokens``-token completions of ``prompts`` under ``steer``
+    (anything :func:`~moe_interp.refusal.evaluate.as_interventions` takes; ``()``: unedited), counted on the
+    generated token ids up to, not including, the end-of-sequence token. A refusal rate counts a degenerate
+    completion as compliance and a harmless-KL budget does not see an edit that a gate keeps off harmless
+    prompts; this is the check on what the steered prompts get instead."""
+    prompts = check_prompt_list(prompts, "prompts")
+    if max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be >= 2 for a bigram statistic, got {max_new_tokens}.")
+    eos = model.tokenizer.eos_token_id
+    tot = 0.0
+    with model.intervene(*as_interventions(steer, model)):
+        for s in range(0, len(prompts), batch_size):
+            gens = model.generate(
+                prompts[s : s + batch_size], max_new_tokens=max_new_tokens, return_scores=True
+            )
+            for g in gens:  # return_scores=True: one list of Generation per prompt
+                ids = list(cast("Generation", g[0]).token_ids)
+                tot += distinct2(ids[:-1] if ids and ids[-1] == eos else ids)
+    return tot / len(prompts)
 
 
 def touched(steer: Any, model: MoEModel | None = None) -> dict[str, Any]:
