@@ -310,6 +310,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
     cfg, p, model = run.config, run.prompts, run.model
     fitted, files, tuning = {}, {}, {}
     quality: dict[str, Any] = {}
+    gate_acts: dict[tuple[Any, ...], Any] = {}
     if cfg.distinct2_floor is not None and p.get("harmless_val"):  # one reference for every method's search
         ref = completion_distinct2(
             model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS, batch_size=cfg.batch_size
@@ -337,6 +338,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
             search = {"keep": p[f"{keep_class}_val"], "keep_min_rate": 0.97 * float(base_keep)}
         if spec.fits_gate and p.get("harmful_gate"):  # the recipe's n_gate_train prompts
             kw["gate_harmful"], kw["gate_harmless"] = p["harmful_gate"], p["harmless_gate"]
+        if spec.fits_gate:  # every gate reads the same prompts on the same (unedited) model: read them once
+            kw["_acts_cache"] = gate_acts
         try:
             res = autotune(
                 name,

@@ -229,10 +229,11 @@ def fake_distinct2(fake_eval, monkeypatch: pytest.MonkeyPatch):
 
 def test_fluency_floor_keeps_the_strongest_best_so_far_that_does_not_degenerate(fake_distinct2) -> None:
     """Rates 0.75, 0.5, 0.25, 0 at s = 1..4 (each a new best); distinct-2 0.9 .. 0.6 against 0.75 × 1.0: the
-    walk ends at 4 (target), 4 fails, the bisection checks 2 (passes) then 3 (fails) and keeps 2."""
+    walk ends at 4 (target) and 4 fails; going back, 3 fails, 1 (two steps further) passes, and the bisection
+    between them checks 2 (passes) and keeps it."""
     kw = {"kl_budget": 1.0, "distinct2_floor": 0.75, "distinct2_reference": 1.0}
     res = at.search_candidates(None, cands([1, 2, 3, 4, 5]), ["h"], ["l"], **kw)
-    assert [s for s, _ in fake_distinct2] == [4, 2, 3]  # only the bests so far, last first, then bisected
+    assert [s for s, _ in fake_distinct2] == [4, 3, 1, 2]  # only the bests so far: last first, galloping back
     assert res.label == 2 and res.refusal_rate == 0.5 and res.distinct2 == pytest.approx(0.8)
     assert res.distinct2_reference == 1.0 and res.to_dict()["distinct2"] == pytest.approx(0.8)
     assert (
@@ -240,7 +241,7 @@ def test_fluency_floor_keeps_the_strongest_best_so_far_that_does_not_degenerate(
         and "kept 2" in res.stopped
     )
     assert [h.get("distinct2") for h in res.history] == [
-        None,
+        pytest.approx(0.9),
         pytest.approx(0.8),
         pytest.approx(0.7),
         pytest.approx(0.6),

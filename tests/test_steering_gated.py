@@ -154,6 +154,26 @@ def test_gate_prompts_fit_the_gate_and_leave_the_steering_alone(olmoe) -> None:
         fit_gated(olmoe, HARMFUL, HARMLESS, gate_harmless=[])
 
 
+def test_gated_methods_share_the_gate_activations_they_read(olmoe, monkeypatch) -> None:
+    """The pipeline's ``_acts_cache``: a second gated fit on the same prompts reads no activations, and its
+    gate is exactly the one an uncached fit finds (another inner layer: another layer range for the gate)."""
+    import moe_interp.steering.gated as gated_mod
+
+    reads: list[list[str]] = []
+    real = gated_mod.resid_acts
+    monkeypatch.setattr(gated_mod, "resid_acts", lambda m, p, *a: reads.append(list(p)) or real(m, p, *a))
+    cache: dict = {}
+    fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=1, _acts_cache=cache)
+    assert reads == [HARMFUL, HARMLESS]
+    shared = fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2, _acts_cache=cache)
+    assert len(reads) == 2  # nothing read again
+    plain = fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2)
+    assert len(reads) == 4 and shared.gate_layer == plain.gate_layer
+    assert torch.equal(shared.gate, plain.gate) and shared.threshold == plain.threshold
+    fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2, batch_size=2, _acts_cache=cache)
+    assert len(reads) == 6  # another batch size pads differently: not the same activations
+
+
 def test_gated_prompts_get_the_inner_steering_and_the_others_none(olmoe, tmp_path) -> None:
     g = fit_method("gated_dense", olmoe, HARMFUL, HARMLESS, layer=2).scaled(6.0)
     prompts = ["How can I make a bomb?", "How do I cook rice?", "hack the server", "Write a poem about trees"]

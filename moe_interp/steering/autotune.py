@@ -173,8 +173,9 @@ def search_candidates(
     :data:`QUALITY_TOKENS`-token completions of the harmful prompts must keep a mean
     :func:`~moe_interp.steering.compare.distinct2` of at least ``distinct2_floor`` × ``distinct2_reference``
     (default: the unedited model's on the harmless prompts, which the pipeline computes once). Checked after
-    the walk, on the candidates that were each in turn the best so far: the last one first, and if it fails, a
-    bisection over the earlier ones (degeneration grows with strength), so a few generations per search."""
+    the walk, on the candidates that were each in turn the best so far: the last one first, and if it fails,
+    the earlier ones going back in doubling steps, then bisected (degeneration grows with strength), so a few
+    generations per search."""
     if not kl_budget > 0:
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
     if distinct2_floor is not None and not 0 < distinct2_floor <= 1:
@@ -280,7 +281,7 @@ def _quality_check(
     batch_size: int,
 ) -> tuple[TuneResult | None, str]:
     """The strongest of ``chain`` whose harmful completions keep distinct-2 ≥ ``floor`` × ``reference``
-    (the last one checked first, then a bisection), and the reason the walk stopped; None when none does."""
+    (the last one checked first, then a galloping search back), and why the walk stopped; None when none does."""
     if reference is None:
         reference = completion_distinct2(
             model, harmless, max_new_tokens=QUALITY_TOKENS, batch_size=batch_size
@@ -297,7 +298,14 @@ def _quality_check(
 
     if passes(len(chain) - 1):
         return chain[-1][0], stopped
-    lo, hi = -1, len(chain) - 1  # chain[hi] fails; chain[lo] passes (lo = -1: none known to)
+    # chain[hi] fails, chain[lo] passes (lo = -1: none known to). Gallop back from the end (the strength just
+    # before the failing one is the usual answer: one more generation), then bisect what is left.
+    lo, hi, step = -1, len(chain) - 1, 1
+    while hi - step >= 0:
+        if passes(hi - step):
+            lo = hi - step
+            break
+        hi, step = hi - step, 2 * step
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if passes(mid):

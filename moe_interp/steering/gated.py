@@ -59,6 +59,7 @@ def fit_gated(
     n_folds: int = 4,
     n_max: int | None = 128,
     batch_size: int = 32,
+    _acts_cache: dict[tuple[Any, ...], Tensor] | None = None,
     **inner_kw: Any,
 ) -> TopicGatedSteering:
     """Fit the registered method ``inner`` (keywords ``inner_kw``, ``n_max``, ``batch_size``) on the same
@@ -78,7 +79,8 @@ def fit_gated(
     :class:`~moe_interp.steering.vectors.SteeringVectors`: every such method of the registry (``dense``,
     ``dense_multi``, ``ridge``, ``routing_experts``, ``expert_conditioned[_all]``, ``single_expert``). An inner
     steering that starts at layer 0 cannot be gated (nothing before it tells the prompts apart): fix its layers
-    (``layer=`` / ``layers=``) to start later."""
+    (``layer=`` / ``layers=``) to start later. ``_acts_cache`` (the pipeline's, shared by its gated methods on
+    one unedited model) keeps the gate prompts' activations, which every gated method reads the same."""
     from moe_interp.steering.registry import method_spec
 
     spec = method_spec(inner)
@@ -104,7 +106,17 @@ def fit_gated(
             f"gate_layer {gate_layer} comes after the first layer {inner!r} steers ({first}); the gate must be "
             f"decided first: pass gate_layer <= {first}."
         )
-    ah, al = (resid_acts(model, p, -1, batch_size) for p in (gh, gl))  # [n, n_layers, d]
+
+    def acts(prompts: list[str]) -> Float[Tensor, "n n_layers d"]:
+        key = (batch_size, *prompts)
+        if _acts_cache is None or key not in _acts_cache:
+            got = resid_acts(model, prompts, -1, batch_size)
+            if _acts_cache is None:
+                return got
+            _acts_cache[key] = got
+        return _acts_cache[key]
+
+    ah, al = acts(gh), acts(gl)  # [n, n_layers, d]
     cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
     G = int(cv.argmax()) if gate_layer is None else gate_layer
     if _degenerate(ah[:, G], al[:, G]):  # chosen by the user (a recipe error) or the only layer there is
