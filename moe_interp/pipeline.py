@@ -312,9 +312,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
     quality: dict[str, Any] = {}
     gate_acts: dict[tuple[Any, ...], Any] = {}
     if cfg.distinct2_floor is not None and p.get("harmless_val"):  # one reference for every method's search
-        ref = completion_distinct2(
-            model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS, batch_size=cfg.batch_size
-        )
+        # at the strength search's default batch size (padding as the steered completions get it)
+        ref = completion_distinct2(model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS)
         quality = {"distinct2_floor": cfg.distinct2_floor, "distinct2_reference": ref}
         run.log(
             f"[steering] distinct-2 of the unedited model on harmless_val: {ref:.3f} (floor x{cfg.distinct2_floor:g})"

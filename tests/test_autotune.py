@@ -269,6 +269,11 @@ def test_fluency_floor_that_no_candidate_meets_and_bad_floors(fake_distinct2) ->
     for bad in (0, 1.5, float("nan"), -0.1):
         with pytest.raises(ValueError, match="distinct2_floor must be a share in \\(0, 1\\]"):
             at.search_candidates(None, cands([1]), ["h"], ["l"], kl_budget=1.0, distinct2_floor=bad)
+    for ref, floor in ((0.0, 0.5), (float("nan"), 0.5), (1.5, 0.5), (0.9, None)):
+        with pytest.raises(ValueError, match="distinct2_reference must be a distinct-2 in \\(0, 1\\]"):
+            at.search_candidates(
+                None, cands([1]), ["h"], ["l"], kl_budget=1.0, distinct2_floor=floor, distinct2_reference=ref
+            )
     fake_distinct2.clear()
     at.search_candidates(None, cands([1, 2, 3]), ["h"], ["l"], kl_budget=1.0)  # no floor: no generation
     assert fake_distinct2 == []

@@ -335,3 +335,22 @@ def test_completion_distinct2_is_the_mean_over_greedy_completions_under_the_stee
     assert steered != olmoe.generate(PROMPTS, max_new_tokens=10)  # the steering did change the text
     with pytest.raises(ValueError, match="max_new_tokens must be >= 2"):
         completion_distinct2(olmoe, PROMPTS, max_new_tokens=1)
+
+
+def test_completion_distinct2_drops_trailing_end_and_pad_tokens() -> None:
+    """A finished sequence padded to the batch's length (pad id 0), or ended on the generation config's other
+    end-of-sequence id (7), is scored on its text tokens: no (pad, pad) bigrams counted as a loop."""
+    from contextlib import nullcontext
+
+    from moe_interp.model import Generation
+    from moe_interp.steering.compare import completion_distinct2
+
+    comps = [[1, 2, 3, 9, 0, 0, 0], [4, 5, 7, 0, 0], [1, 1, 1, 9]]
+    fake = SimpleNamespace(
+        tokenizer=SimpleNamespace(eos_token_id=9, pad_token_id=0),
+        hf_model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 7])),
+        intervene=lambda *ivs: nullcontext(),
+        generate=lambda prompts, **kw: [[Generation("", c)] for c in comps[: len(prompts)]],
+    )
+    got = completion_distinct2(fake, ["a", "b", "c"], max_new_tokens=8)  # type: ignore[arg-type]
+    assert got == pytest.approx((1.0 + 1.0 + 0.5) / 3)

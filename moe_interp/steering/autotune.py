@@ -180,6 +180,11 @@ def search_candidates(
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
     if distinct2_floor is not None and not 0 < distinct2_floor <= 1:
         raise ValueError(f"distinct2_floor must be a share in (0, 1] or None, got {distinct2_floor!r}.")
+    if distinct2_reference is not None and (distinct2_floor is None or not 0 < distinct2_reference <= 1):
+        raise ValueError(
+            f"distinct2_reference must be a distinct-2 in (0, 1] given with distinct2_floor; got "
+            f"{distinct2_reference!r} with distinct2_floor={distinct2_floor!r}."
+        )
     check_kl_statistic(kl_statistic, "kl_statistic")
     harmful = check_prompt_list(harmful, "harmful")
     harmless = check_prompt_list(harmless, "harmless")
@@ -349,7 +354,7 @@ def coefficient_search(
         return search_candidates(model, ((s, sv.scaled(s)) for s in scales), harmful, harmless, **kw)
     except NoCandidateError as err:
         if not err.first_over_kl_budget:
-            raise  # the first step fit the KL budget: a smaller one cannot help
+            raise  # the first step fit the KL budget (a fluency-floor failure is not retried at finer scales)
         finer = [scales[0] * f for f in FINER_FRACTIONS]
         res = search_candidates(model, ((s, sv.scaled(s)) for s in finer), harmful, harmless, **kw)
         res.history = err.history + res.history
