@@ -151,6 +151,14 @@ class MoEModel:
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 
+    @property
+    def end_token_ids(self) -> frozenset[int]:
+        """Token ids that end a generation: the tokenizer's end-of-sequence id and the generation config's
+        (a list for chat models with several, e.g. an end-of-turn token besides end-of-text)."""
+        gen = getattr(getattr(self.hf_model, "generation_config", None), "eos_token_id", None)
+        ids = [self.tokenizer.eos_token_id, *(gen if isinstance(gen, list) else [gen])]
+        return frozenset(i for i in ids if isinstance(i, int))
+
     def __repr__(self) -> str:
         s = self.spec
         moe = (
@@ -354,7 +362,8 @@ class MoEModel:
         """Generate completions (text after the prompt) with the active interventions applied at every step.
 
         ``return_scores=True`` returns, per prompt, ``num_return_sequences`` :class:`Generation` objects with
-        the log-probability of each generated token (up to and including the first end-of-sequence token).
+        the log-probability of each generated token (up to and including the first end token,
+        :attr:`end_token_ids`).
         ``force`` (one token list per prompt, greedy, one sequence each) emits those tokens instead of the
         model's choice — teacher forcing through the generation loop, so every intervention sees the prompt pass
         and the steps exactly as when generating (a gate decided on the prompt, a ``"generated"`` scope), and
@@ -415,14 +424,14 @@ class MoEModel:
         guards.check_generation(self, flags, ids, mask, active)
         out = res["out"]
         seqs = out.sequences[:, p:]
-        eos = self.tokenizer.eos_token_id
+        ends = self.end_token_ids
         results: list[Generation] = []
         for r in range(seqs.shape[0]):
             toks = seqs[r].tolist()
             if forced is not None:
                 toks = toks[: len(forced[r])]
-            elif eos is not None and eos in toks:
-                toks = toks[: toks.index(eos) + 1]
+            else:  # up to the first end token (generation pads a finished sequence after it)
+                toks = toks[: next((i + 1 for i, t in enumerate(toks) if t in ends), len(toks))]
             lps: list[float] = []
             if return_scores:
                 for t, tok in enumerate(toks):

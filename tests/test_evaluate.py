@@ -276,6 +276,30 @@ def test_forced_generation_scores_are_teacher_forced_logprobs(tiny_model) -> Non
         model.generate(PROMPTS, force=force, do_sample=True)
 
 
+def test_generation_ends_at_any_end_token_of_the_generation_config(tiny_model) -> None:
+    """A chat model's generation config can list several end tokens; a completion that ends on one the tokenizer
+    does not name stops there (it used to carry the padding that follows while the batch's other completion goes
+    on, with its log-probabilities)."""
+    model = tiny_model("olmoe")
+    first = [g[0] for g in model.generate(PROMPTS[:2], max_new_tokens=8, return_scores=True)]
+    a, b = first[0].token_ids, first[1].token_ids
+    k = next(
+        i for i, t in enumerate(a[:-1]) if t not in b
+    )  # the first token of one that the other never emits
+    assert a[k] not in model.end_token_ids and len(b) == 8
+    cfg = model.hf_model.generation_config
+    saved = cfg.eos_token_id
+    try:
+        cfg.eos_token_id = [model.tokenizer.eos_token_id, a[k]]
+        assert model.end_token_ids == {model.tokenizer.eos_token_id, a[k]}
+        ends = [g[0] for g in model.generate(PROMPTS[:2], max_new_tokens=8, return_scores=True)]
+    finally:
+        cfg.eos_token_id = saved
+    assert ends[0].token_ids == a[: k + 1]
+    assert ends[0].token_logprobs == pytest.approx(first[0].token_logprobs[: k + 1])
+    assert ends[1].token_ids == b  # the other completion is unchanged
+
+
 def test_unedited_ce_from_generation_scores_or_forced(tiny_model) -> None:
     """The unedited NLL of the baseline completions is read from their generation log-probabilities; completions
     without them (built by hand) are scored by teacher forcing, to the same figure."""

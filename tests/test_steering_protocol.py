@@ -338,8 +338,8 @@ def test_completion_distinct2_is_the_mean_over_greedy_completions_under_the_stee
 
 
 def test_completion_distinct2_drops_trailing_end_and_pad_tokens() -> None:
-    """A finished sequence padded to the batch's length (pad id 0), or ended on the generation config's other
-    end-of-sequence id (7), is scored on its text tokens: no (pad, pad) bigrams counted as a loop."""
+    """A finished sequence padded to the batch's length (pad id 0), or ended on another end token (7, e.g. the
+    generation config's), is scored on its text tokens: no (pad, pad) bigrams counted as a loop."""
     from contextlib import nullcontext
 
     from moe_interp.model import Generation
@@ -348,7 +348,7 @@ def test_completion_distinct2_drops_trailing_end_and_pad_tokens() -> None:
     comps = [[1, 2, 3, 9, 0, 0, 0], [4, 5, 7, 0, 0], [1, 1, 1, 9]]
     fake = SimpleNamespace(
         tokenizer=SimpleNamespace(eos_token_id=9, pad_token_id=0),
-        hf_model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 7])),
+        end_token_ids=frozenset({9, 7}),
         intervene=lambda *ivs: nullcontext(),
         generate=lambda prompts, **kw: [[Generation("", c)] for c in comps[: len(prompts)]],
     )

@@ -148,15 +148,14 @@ def completion_distinct2(
 ) -> float:
     """Mean :func:`distinct2` of the greedy ``max_new_tokens``-token completions of ``prompts`` under ``steer``
     (anything :func:`~moe_interp.refusal.evaluate.as_interventions` takes; ``()``: unedited), counted on the
-    generated token ids without the trailing end-of-sequence and padding tokens (the tokenizer's and the
-    generation config's end-of-sequence ids, the pad id: a finished sequence padded to the batch's length must not
-    count as a loop). A refusal rate counts a degenerate
+    generated token ids without the trailing end and padding tokens (:attr:`MoEModel.end_token_ids`, the pad id:
+    a finished sequence padded to the batch's length must not count as a loop). A refusal rate counts a degenerate
     completion as compliance and a harmless-KL budget does not see an edit that a gate keeps off harmless
     prompts; this is the check on what the steered prompts get instead."""
     prompts = check_prompt_list(prompts, "prompts")
     if max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be >= 2 for a bigram statistic, got {max_new_tokens}.")
-    stop = _stop_ids(model)
+    stop = model.end_token_ids | {model.tokenizer.pad_token_id}
     tot = 0.0
     with model.intervene(*as_interventions(steer, model)):
         for s in range(0, len(prompts), batch_size):
@@ -169,15 +168,6 @@ def completion_distinct2(
                     ids.pop()
                 tot += distinct2(ids)
     return tot / len(prompts)
-
-
-def _stop_ids(model: MoEModel) -> set[int]:
-    """End-of-sequence and pad token ids of ``model``'s tokenizer and generation config."""
-    tok = model.tokenizer
-    ids: set[int] = {i for i in (tok.eos_token_id, tok.pad_token_id) if isinstance(i, int)}
-    gen_eos = getattr(getattr(model.hf_model, "generation_config", None), "eos_token_id", None)
-    ids |= {i for i in (gen_eos if isinstance(gen_eos, list) else [gen_eos]) if isinstance(i, int)}
-    return ids
 
 
 def touched(steer: Any, model: MoEModel | None = None) -> dict[str, Any]:
