@@ -108,12 +108,11 @@ def fit_gated(
         )
 
     def acts(prompts: list[str]) -> Float[Tensor, "n n_layers d"]:
+        if _acts_cache is None:
+            return resid_acts(model, prompts, -1, batch_size)
         key = (batch_size, *prompts)
-        if _acts_cache is None or key not in _acts_cache:
-            got = resid_acts(model, prompts, -1, batch_size)
-            if _acts_cache is None:
-                return got
-            _acts_cache[key] = got
+        if key not in _acts_cache:
+            _acts_cache[key] = resid_acts(model, prompts, -1, batch_size)
         return _acts_cache[key]
 
     ah, al = acts(gh), acts(gl)  # [n, n_layers, d]
