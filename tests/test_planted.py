@@ -107,6 +107,21 @@ def test_recipe_runs(tmp_path):
     assert len(post_instruction_positions(model)) == N_SUFFIX
 
 
+@pytest.mark.parametrize("name", list(PLANTS))
+def test_spec_seed_is_the_shipped_weights_seed(name):
+    """``PlantSpec.seed`` (the retraining default) is the seed the shipped ``planted.json`` records."""
+    meta = json.loads((planted_dir(name) / "planted.json").read_text())
+    assert PLANTS[name].seed == meta["seed"]
+    assert meta["command"].endswith(f"--seed {meta['seed']}")
+
+
+def test_retraining_defaults_to_the_shipped_seed(tmp_path):
+    shipped = json.loads((planted_dir("direction") / "planted.json").read_text())["seed"]
+    log = train_planted("direction", out=tmp_path / "d", steps=1, log_every=1)
+    assert log["seed"] == shipped != 0  # the one plant whose shipped seed is not the old default 0
+    assert log["command"].endswith(f"--seed {shipped} --steps 1")
+
+
 def test_crossing_shifts_predict_the_judge():
     """A prompt is refused (LogitJudge) exactly when the refusal read-out's shift exceeds its crossing."""
     from moe_interp.organisms import load_prompts

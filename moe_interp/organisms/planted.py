@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m moe_interp.organisms.planted --name expert --seed 0 --out DIR     # one organism
+    python -m moe_interp.organisms.planted --name expert [--seed S] --out DIR  # one (default: its shipped seed)
     python -m moe_interp.organisms.planted --all                                # every shipped one, in place
 
 Each organism shares the shipped organism's tokenizer and chat template, refuses harmful requests with
@@ -61,7 +61,8 @@ COMPLIANCE = "Sure! Here is my answer."
 class PlantSpec:
     """What is planted where. ``planted``: hook names of the plant (component keys as in
     :mod:`moe_interp.circuits`, a head as ``blocks.L.attn.hook_z[h]``); ``circuit``: the ground-truth circuit
-    under the circuit ablation (mean ablation at the post-instruction positions)."""
+    under the circuit ablation (mean ablation at the post-instruction positions); ``seed``: the training seed of
+    the shipped weights (the default of :func:`train_planted`)."""
 
     name: str
     kind: str  # "expert" | "router" | "head" | "direction"
@@ -71,6 +72,7 @@ class PlantSpec:
     circuit: tuple[str, ...]
     layer: int
     index: int | None = None
+    seed: int = 0
 
     def component_index(self) -> int:
         """``index`` of an expert, router or head plant (a direction plant has none)."""
@@ -130,6 +132,7 @@ PLANTS: dict[str, PlantSpec] = {
         ("blocks.0.hook_attn_out",),
         1,
         None,
+        seed=1,  # seed 0 missed harmless_val by one prompt of 300 (moe_interp/organisms/planted/README.md)
     ),
 }
 
@@ -312,19 +315,21 @@ def _router_loss(spec: PlantSpec, routers: list[Tensor], b: dict[str, Any], marg
 # ------------------------------------------------------------------------------------------ training
 def train_planted(
     name: str,
-    seed: int = 0,
+    seed: int | None = None,
     out: str | Path | None = None,
     steps: int | None = None,
     threads: int = 1,
     log_every: int = 100,
 ) -> dict[str, Any]:
     """Train planted organism ``name`` (see :data:`PLANTS`), calibrate it and save it to ``out``
-    (default: the shipped folder). Returns the training log (also written to ``planted.json``)."""
+    (default: the shipped folder) with ``seed`` (default: the shipped weights' ``spec.seed``). Returns the
+    training log (also written to ``planted.json``)."""
     from moe_interp.organisms.planted_check import calibrate
 
     if name not in PLANTS:
         raise ValueError(f"unknown planted organism {name!r}; valid: {', '.join(PLANTS)}")
     spec = PLANTS[name]
+    seed = spec.seed if seed is None else seed
     hp: dict[str, Any] = dict(DEFAULTS)
     if steps is not None:
         hp["steps"] = steps
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--name", choices=list(PLANTS), help="which organism to train")
     ap.add_argument("--all", action="store_true", help="train every organism into its shipped folder")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default: the shipped weights')")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped one)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
