@@ -253,16 +253,18 @@ def test_recipe_defaults_are_the_shipped_run() -> None:
     """``TrainConfig()`` is the recipe of the shipped deltas (their ``train_log.json``), so a plain ``train``
     rebuilds them; only how the run is executed (threads, checkpoint interval) may differ."""
     import json
-    from dataclasses import asdict
+    from dataclasses import fields, replace
 
-    shipped = json.loads((smollm_moe.ARTEFACT_DIR / "train_log.json").read_text())["config"]
-    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TrainConfig()).items()}
-    assert set(shipped) == set(defaults)
-    assert {k: v for k, v in shipped.items() if k not in EXECUTION_FIELDS} == {
-        k: v for k, v in defaults.items() if k not in EXECUTION_FIELDS
-    }
+    from moe_interp.organisms.smollm_eval import _train_config
+
+    log = json.loads((smollm_moe.ARTEFACT_DIR / "train_log.json").read_text())
+    # every field recorded: none can fall back to its default by omission
+    assert set(log["config"]) == {f.name for f in fields(TrainConfig)}
+    defaults = TrainConfig()
+    shipped = _train_config(None)  # the reader every evaluation command uses
+    assert replace(shipped, **{k: getattr(defaults, k) for k in EXECUTION_FIELDS}) == defaults
     meta = json.loads((smollm_moe.ARTEFACT_DIR / "smollm_moe.json").read_text())
-    assert meta["seed"] == TrainConfig().seed
+    assert meta["seed"] == defaults.seed
 
 
 def test_train_cli_defaults_to_the_shipped_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
