@@ -154,6 +154,27 @@ def test_gate_prompts_fit_the_gate_and_leave_the_steering_alone(olmoe) -> None:
         fit_gated(olmoe, HARMFUL, HARMLESS, gate_harmless=[])
 
 
+def test_gated_inner_methods_choose_layers_a_gate_can_precede(olmoe) -> None:
+    """An inner method that would pick an expert at layer 0 (where every prompt ends on the same template
+    token, so no gate can precede it) picks among the layers from the first one where the gate prompts differ:
+    exactly the selection of the ungated method with that ``min_layer``; an explicit ``gate_layer`` raises it."""
+    same = [_last_resid(olmoe, HARMFUL + HARMLESS, L) for L in range(3)]
+    first = next(L for L in range(3) if not np.allclose(same[L], same[L][0], rtol=1e-5, atol=1e-6))
+    assert first == 1
+    ungated = fit_method("routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24)
+    assert min(ungated.layers) == 0
+    g = fit_method("gated_routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24)
+    want = fit_method("routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24, min_layer=first)
+    assert g.steer.keys == want.keys and g.gate_layer <= min(g.steer.layers)
+    assert g.metadata.extra["inner_min_layer"] == first
+    for k, v in want.vectors.items():
+        torch.testing.assert_close(g.steer.vectors[k], v)
+    late = fit_method("gated_routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24, gate_layer=2)
+    assert late.gate_layer == 2 and set(late.steer.layers) == {2}
+    with pytest.raises(UngateableError, match="the gate at layer 0 has no direction"):
+        fit_method("gated_routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24, min_layer=0)
+
+
 def test_gated_methods_share_the_gate_activations_they_read(olmoe, monkeypatch) -> None:
     """The pipeline's ``_acts_cache``: a second gated fit on the same prompts reads no activations, and its
     gate is exactly the one an uncached fit finds (another inner layer: another layer range for the gate)."""

@@ -136,6 +136,31 @@ def test_select_experts_threshold_and_top_n(olmoe) -> None:
         select_experts(s, olmoe, threshold=50.0)
 
 
+def test_min_layer_bounds_every_automatic_layer_choice(olmoe) -> None:
+    """``min_layer``: selection among layers >= it only (the scores here are made by hand); layers given
+    explicitly are used as they are; a min_layer outside the model is a one-line error."""
+    s = torch.zeros(3, 8)
+    s[0, 7], s[1, 2], s[2, 5] = 50.0, 30.0, 12.0
+    assert select_experts(s, olmoe, top_n=2) == [(0, 7), (1, 2)]
+    assert select_experts(s, olmoe, top_n=2, min_layer=1) == [(1, 2), (2, 5)]
+    assert select_experts(s, olmoe, threshold=10.0, min_layer=2) == [(2, 5)]
+    for fit, kw in [
+        ("dense", {}), ("dense_multi", {"n_layers": 3}), ("ridge", {"n_layers": 3}),
+        ("routing_experts", {"top_n": 24}), ("single_expert", {}), ("expert_conditioned", {"top_n": 24}),
+        ("expert_conditioned_all", {"n_layers": 3}),
+    ]:  # fmt: skip
+        for m in (1, 2):
+            sv = fit_method(fit, olmoe, HARMFUL, HARMLESS, min_layer=m, **kw)
+            assert sv.layers and min(sv.layers) >= m, (fit, m, sv.layers)
+        with pytest.raises(ValueError, match=r"min_layer must be a layer index 0\.\.2 of this model, got 3"):
+            fit_method(fit, olmoe, HARMFUL, HARMLESS, min_layer=3, **kw)
+    every = fit_method("routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24)
+    assert min(every.layers) == 0  # without it, the 24 experts of the tiny model span layer 0 too
+    later = fit_method("routing_experts", olmoe, HARMFUL, HARMLESS, top_n=24, min_layer=1)
+    assert sorted(later.keys) == sorted(k for k in every.keys if not k[0].startswith("blocks.0."))
+    assert fit_single_expert(olmoe, HARMFUL, HARMLESS, layer=0, expert=3, min_layer=2).layers == [0]
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 

@@ -92,6 +92,14 @@ def check_moe_layer(model: MoEModel, L: int, method: str) -> None:
         )
 
 
+def check_min_layer(model: MoEModel, min_layer: int) -> int:
+    """``min_layer`` — the earliest layer a method may choose by itself — checked: a layer of ``model``."""
+    n = model.spec.n_layers
+    if not isinstance(min_layer, int) or isinstance(min_layer, bool) or not 0 <= min_layer < n:
+        raise ValueError(f"min_layer must be a layer index 0..{n - 1} of this model, got {min_layer!r}.")
+    return min_layer
+
+
 def last_positions(n: int) -> list[int]:
     """``[-n, ..., -1]`` for a positive int ``n``."""
     if not isinstance(n, int) or n < 1:
@@ -163,15 +171,17 @@ def fit_dense(
     harmless: Sequence[str],
     *,
     layer: int | None = None,
+    min_layer: int = 0,
     position: int = -1,
     coeff: float = -1.0,
     n_max: int | None = 128,
     batch_size: int = 32,
 ) -> SteeringVectors:
-    """Difference of means of ``hook_resid_pre`` at one layer (default: the best-separating layer),
-    added at every position with ``coeff`` (−1 moves the harmful mean onto the harmless mean)."""
+    """Difference of means of ``hook_resid_pre`` at one layer (default: the best-separating layer from
+    ``min_layer`` on), added at every position with ``coeff`` (−1 moves the harmful mean onto the harmless
+    mean)."""
     return fit_dense_multi(
-        model, harmful, harmless, layers=None if layer is None else [layer], n_layers=1,
+        model, harmful, harmless, layers=None if layer is None else [layer], n_layers=1, min_layer=min_layer,
         position=position, coeff=coeff, n_max=n_max, batch_size=batch_size, _method="dense",
     )  # fmt: skip
 
@@ -183,21 +193,24 @@ def fit_dense_multi(
     *,
     layers: Sequence[int] | None = None,
     n_layers: int = 3,
+    min_layer: int = 0,
     position: int = -1,
     coeff: float | None = None,
     n_max: int | None = 128,
     batch_size: int = 32,
     _method: str = "dense_multi",
 ) -> SteeringVectors:
-    """Difference of means at several layers (default: the ``n_layers`` best-separating, d' of the
-    projection); each layer's vector gets ``coeff`` (default ``−1/len(layers)``)."""
+    """Difference of means at several layers (default: the ``n_layers`` best-separating — d' of the
+    projection — among layers ``>= min_layer`` and > 0); each layer's vector gets ``coeff`` (default
+    ``−1/len(layers)``)."""
+    check_min_layer(model, min_layer)
     harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
     ah = resid_acts(model, harmful, position, batch_size)
     al = resid_acts(model, harmless, position, batch_size)
     sep = _layer_separation(ah, al)
     if layers is None:
-        order = [int(i) for i in sep.argsort(descending=True) if int(i) > 0] or [0]
+        order = [int(i) for i in sep.argsort(descending=True) if int(i) >= max(min_layer, 1)] or [min_layer]
         layers = sorted(order[:n_layers])
     layers = [model.check_layer(int(L)) for L in layers]
     c = check_coeff(-1.0 / len(layers) if coeff is None else coeff)
@@ -219,15 +232,16 @@ def fit_ridge(
     lam: float = 1.0,
     n_layers: int = 2,
     layers: Sequence[int] | None = None,
+    min_layer: int = 0,
     position: int = -1,
     coeff: float | None = None,
     n_max: int | None = 128,
     batch_size: int = 32,
     seed: int = 0,
 ) -> SteeringVectors:
-    """ "Refusal Steering": (confidence-weighted) ridge directions at ``hook_resid_pre``, layers chosen by
-    the correlation between the projection and the refusal confidence (fit on one half of the prompts,
-    correlation on the other half).
+    """ "Refusal Steering": (confidence-weighted) ridge directions at ``hook_resid_pre``, layers (from
+    ``min_layer`` on) chosen by the correlation between the projection and the refusal confidence (fit on
+    one half of the prompts, correlation on the other half).
 
     ``confidences`` (one per harmful then harmless prompt, in [−1, 1]) come from an LLM judge
     (:meth:`moe_interp.refusal.LLMJudge.confidences`); by default the cheap stand-in
@@ -239,6 +253,7 @@ def fit_ridge(
     from moe_interp.refusal.directions import ridge_direction, weighted_moments
 
     harmful, harmless = check_prompt_list(harmful, "harmful"), check_prompt_list(harmless, "harmless")
+    check_min_layer(model, min_layer)
     given: Tensor | None = None
     if confidences is not None and weighted:
         given = torch.as_tensor(list(confidences), dtype=torch.float64)
@@ -283,7 +298,7 @@ def fit_ridge(
     pc, cc = proj - proj.mean(0), cv - cv.mean()
     corr = (pc * cc[:, None]).sum(0) / (pc.norm(dim=0) * cc.norm()).clamp_min(1e-12)
     if layers is None:
-        layers = sorted(int(i) for i in corr.argsort(descending=True)[:n_layers])
+        layers = sorted([int(i) for i in corr.argsort(descending=True) if int(i) >= min_layer][:n_layers])
     layers = [model.check_layer(int(L)) for L in layers]
     r_all = directions(torch.arange(len(prompts)))
     r_all = r_all / r_all.norm(dim=-1, keepdim=True).clamp_min(1e-12)

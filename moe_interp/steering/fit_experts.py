@@ -29,6 +29,7 @@ from torch import Tensor
 from moe_interp.interventions import ForceExpert, check_coeff
 from moe_interp.steering.edits import RouterSteering
 from moe_interp.steering.fit import (
+    check_min_layer,
     check_moe_layer,
     check_prompt_list,
     fit_metadata,
@@ -91,9 +92,16 @@ def select_experts(
     model: MoEModel,
     threshold: float | None = None,
     top_n: int | None = 4,
+    min_layer: int = 0,
 ) -> list[tuple[int, int]]:
-    """(layer, expert) pairs of MoE layers with ``score > threshold``, or the ``top_n`` largest scores."""
-    moe = list(model.spec.moe_layers)
+    """(layer, expert) pairs of MoE layers ``>= min_layer`` with ``score > threshold``, or the ``top_n``
+    largest scores."""
+    check_min_layer(model, min_layer)
+    moe = [L for L in model.spec.moe_layers if L >= min_layer]
+    if not moe:
+        raise ValueError(
+            f"No MoE layer at or after min_layer={min_layer}; MoE layers: {list(model.spec.moe_layers)}."
+        )
     s = torch.full_like(scores.float(), -math.inf)
     s[moe] = scores.float()[moe]
     if threshold is not None:
@@ -122,6 +130,7 @@ def _routing_selection(
     top_n: int | None,
     last_n: int,
     experts: Sequence[tuple[int, int]] | None,
+    min_layer: int = 0,
 ) -> tuple[list[tuple[int, int]], Tensor | None]:
     if experts is not None:
         pairs = [(int(L), int(e)) for L, e in experts]
@@ -132,7 +141,7 @@ def _routing_selection(
     from moe_interp.patching.routing import top1_percentage_difference
 
     diff = top1_percentage_difference(model, harmful, harmless, last_n=last_n)
-    return select_experts(diff, model, threshold, top_n), diff
+    return select_experts(diff, model, threshold, top_n, min_layer), diff
 
 
 def _expert_sv(
@@ -166,19 +175,21 @@ def fit_routing_experts(
     top_n: int | None = 4,
     last_n: int = 5,
     experts: Sequence[tuple[int, int]] | None = None,
+    min_layer: int = 0,
     coeff: float = -1.0,
     n_max: int | None = 128,
     batch_size: int = 32,
     _conditioning: Conditioning = "none",
     _method: str = "routing_experts",
 ) -> SteeringVectors:
-    """Expert-Aware Refusal Steering: select experts by top-1 % difference (harmful − harmless, last
-    ``last_n`` positions; ``threshold`` in percentage points, else ``top_n``), steer their outputs with
-    their forced-router directions (mean over the last ``last_n`` positions)."""
+    """Expert-Aware Refusal Steering: select experts of layers ``>= min_layer`` by top-1 % difference
+    (harmful − harmless, last ``last_n`` positions; ``threshold`` in percentage points, else ``top_n``), steer
+    their outputs with their forced-router directions (mean over the last ``last_n`` positions). Given
+    ``experts`` are used as they are."""
     require_moe(model, _method)
     harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
-    pairs, diff = _routing_selection(model, harmful, harmless, threshold, top_n, last_n, experts)
+    pairs, diff = _routing_selection(model, harmful, harmless, threshold, top_n, last_n, experts, min_layer)
     dirs = expert_specific_directions(
         model, harmful, harmless, pairs, last_positions(last_n), batch_size=batch_size
     )
@@ -205,6 +216,7 @@ def fit_expert_conditioned_all(
     *,
     layers: Sequence[int] | None = None,
     n_layers: int = 2,
+    min_layer: int = 0,
     topk: bool = False,
     last_n: int = 5,
     coeff: float = -1.0,
@@ -212,15 +224,20 @@ def fit_expert_conditioned_all(
     batch_size: int = 32,
 ) -> SteeringVectors:
     """``h ← h + c·Σ_e p_e(x)·r_e`` with every expert's forced-router direction at ``layers``
-    (default: the ``n_layers`` MoE layers with the largest absolute top-1 % difference)."""
+    (default: the ``n_layers`` MoE layers ``>= min_layer`` with the largest absolute top-1 % difference)."""
     require_moe(model, "expert_conditioned_all")
+    check_min_layer(model, min_layer)
     harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
     if layers is None:
         from moe_interp.patching.routing import top1_percentage_difference
 
         diff = top1_percentage_difference(model, harmful, harmless, last_n=last_n).abs().amax(-1)
-        moe = list(model.spec.moe_layers)
+        moe = [L for L in model.spec.moe_layers if L >= min_layer]
+        if not moe:
+            raise ValueError(
+                f"No MoE layer at or after min_layer={min_layer}; MoE layers: {list(model.spec.moe_layers)}."
+            )
         layers = sorted(sorted(moe, key=lambda L: -float(diff[L]))[:n_layers])
     for L in layers:
         check_moe_layer(model, L, "expert_conditioned_all")
@@ -241,20 +258,21 @@ def fit_single_expert(
     *,
     layer: int | None = None,
     expert: int | None = None,
+    min_layer: int = 0,
     last_n: int = 5,
     coeff: float = -1.0,
     n_max: int | None = 128,
     batch_size: int = 32,
 ) -> SteeringVectors:
     """Steer one expert's output (where routed) with its forced-router direction; default expert: the
-    largest top-1 % difference."""
+    largest top-1 % difference among layers ``>= min_layer``."""
     if (layer is None) != (expert is None):
         raise ValueError(
             "Pass both layer= and expert=, or neither (then the top routing difference is used)."
         )
     experts = None if layer is None or expert is None else [(layer, expert)]
     return fit_routing_experts(
-        model, harmful, harmless, top_n=1, experts=experts, last_n=last_n, coeff=coeff,
+        model, harmful, harmless, top_n=1, experts=experts, min_layer=min_layer, last_n=last_n, coeff=coeff,
         n_max=n_max, batch_size=batch_size, _method="single_expert",
     )  # fmt: skip
 

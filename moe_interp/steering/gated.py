@@ -77,9 +77,11 @@ def fit_gated(
     effects small. ``inner`` must be a method fitted on
     harmful vs harmless prompts whose strength is a coefficient scale and which returns
     :class:`~moe_interp.steering.vectors.SteeringVectors`: every such method of the registry (``dense``,
-    ``dense_multi``, ``ridge``, ``routing_experts``, ``expert_conditioned[_all]``, ``single_expert``). An inner
-    steering that starts at layer 0 cannot be gated (nothing before it tells the prompts apart): fix its layers
-    (``layer=`` / ``layers=``) to start later. ``_acts_cache`` (the pipeline's, shared by its gated methods on
+    ``dense_multi``, ``ridge``, ``routing_experts``, ``expert_conditioned[_all]``, ``single_expert``). A steering
+    at a layer where the prompts do not yet differ (layer 0 of a chat model: every prompt ends on the same
+    template token) cannot be gated, so the inner method chooses its layers or experts by itself only from the
+    first layer where the gate prompts differ on (and from ``gate_layer`` on, if given): its ``min_layer``,
+    unless passed; layers or experts given explicitly are used as they are. ``_acts_cache`` (the pipeline's, shared by its gated methods on
     one unedited model) keeps the gate prompts' activations, which every gated method reads the same."""
     from moe_interp.steering.registry import method_spec
 
@@ -94,18 +96,8 @@ def fit_gated(
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
     gh = harmful if gate_harmful is None else check_prompt_list(gate_harmful, "gate_harmful")
     gl = harmless if gate_harmless is None else check_prompt_list(gate_harmless, "gate_harmless")
-    steer = spec(model, harmful, harmless, n_max=n_max, batch_size=batch_size, **inner_kw)
-    if not isinstance(steer, SteeringVectors):
-        raise ValueError(
-            f"gated steering needs an inner method that returns SteeringVectors; {inner!r} returns "
-            f"{type(steer).__name__}."
-        )
-    first = min(steer.layers)
-    if gate_layer is not None and model.check_layer(gate_layer) > first:
-        raise ValueError(
-            f"gate_layer {gate_layer} comes after the first layer {inner!r} steers ({first}); the gate must be "
-            f"decided first: pass gate_layer <= {first}."
-        )
+    if gate_layer is not None:
+        model.check_layer(gate_layer)
 
     def acts(prompts: list[str]) -> Float[Tensor, "n n_layers d"]:
         if _acts_cache is None:
@@ -116,21 +108,45 @@ def fit_gated(
         return _acts_cache[key]
 
     ah, al = acts(gh), acts(gl)  # [n, n_layers, d]
+    if "min_layer" not in inner_kw and _takes_min_layer(spec):
+        # the inner method chooses its layers among those a gate can precede
+        gateable = [L for L in range(ah.shape[1]) if not _degenerate(ah[:, L], al[:, L])]
+        inner_kw["min_layer"] = max(gateable[0] if gateable else 0, gate_layer or 0)
+    steer = spec(model, harmful, harmless, n_max=n_max, batch_size=batch_size, **inner_kw)
+    if not isinstance(steer, SteeringVectors):
+        raise ValueError(
+            f"gated steering needs an inner method that returns SteeringVectors; {inner!r} returns "
+            f"{type(steer).__name__}."
+        )
+    first = min(steer.layers)
+    if gate_layer is not None and gate_layer > first:
+        raise ValueError(
+            f"gate_layer {gate_layer} comes after the first layer {inner!r} steers ({first}); the gate must be "
+            f"decided first: pass gate_layer <= {first}."
+        )
     cv = gate_layer_separation(ah[:, : first + 1], al[:, : first + 1], gate_shrinkage, n_folds)
     G = int(cv.argmax()) if gate_layer is None else gate_layer
     if _degenerate(ah[:, G], al[:, G]):  # chosen by the user (a recipe error) or the only layer there is
         raise (InputError if gate_layer is not None and first > 0 else UngateableError)(
             f"the gate at layer {G} has no direction: the harmful and harmless prompts do not differ at their last "
             f"position there (at layer 0 every prompt ends on the same template token); gate {inner!r} from a "
-            f"later layer (pass its layer=, or another gate_layer=)."
+            f"later layer (pass its layer= / experts= / min_layer=, or another gate_layer=)."
         )
     w, theta, acc = fit_gate(ah[:, G], [al[:, G]], gate_shrinkage, threshold="midpoint")
     inner_extra = dict(steer.metadata.extra) if steer.metadata is not None else {}
     data = [harmful, harmless] + ([] if gate_harmful is None and gate_harmless is None else [gh, gl])
-    meta = fit_metadata(model, f"gated_{inner}", data, **inner_extra, inner=inner, gate_layer=G,
+    meta = fit_metadata(model, f"gated_{inner}", data, **inner_extra, inner=inner,
+                        inner_min_layer=inner_kw.get("min_layer"), gate_layer=G,
                         gate_shrinkage=gate_shrinkage, gate_train_accuracy=acc, gate_n_prompts=[len(gh), len(gl)],
                         gate_cv_separation=[round(float(x), 3) if bool(x.isfinite()) else None for x in cv])  # fmt: skip
     return TopicGatedSteering(replace(steer, metadata=meta), G, w.float(), theta, meta)
+
+
+def _takes_min_layer(spec: Any) -> bool:
+    """Whether the registered method chooses its layers with a ``min_layer`` keyword (its fit's, or that of
+    the function its fit forwards to)."""
+    fns = [spec.fit, spec.forwards_to]
+    return any(fn is not None and "min_layer" in inspect.signature(fn).parameters for fn in fns)
 
 
 def _degenerate(positive: Float[Tensor, "n_p d"], negative: Float[Tensor, "n_n d"]) -> bool:
