@@ -31,8 +31,8 @@ __all__ = ["main_writers", "writer_table"]
 
 #: the two directions of the Arditi test: (file in ``circuits/smollm_moe/``, what they are)
 DIRECTIONS: dict[str, str] = {
-    "arditi_scan": "best bypass of the scan (layer 16, position -4)",
-    "arditi_layer22": "the candidate that bypasses and induces (layer 22, position -1)",
+    "arditi_scan": "the scan's best bypass (its layer and position: hook, position)",
+    "arditi_layer22": "the layer-22, position -1 candidate, which bypasses and induces",
 }
 
 
