@@ -87,6 +87,16 @@ def expert_specific_directions(
     return out
 
 
+def _moe_layers_from(model: MoEModel, min_layer: int) -> list[int]:
+    """The MoE layers ``>= min_layer`` (checked), where an expert method may choose; ``ValueError`` if none."""
+    moe = [L for L in model.spec.moe_layers if L >= check_min_layer(model, min_layer)]
+    if not moe:
+        raise ValueError(
+            f"No MoE layer at or after min_layer={min_layer}; MoE layers: {list(model.spec.moe_layers)}."
+        )
+    return moe
+
+
 def select_experts(
     scores: Float[Tensor, "n_layers n_experts"],
     model: MoEModel,
@@ -96,12 +106,7 @@ def select_experts(
 ) -> list[tuple[int, int]]:
     """(layer, expert) pairs of MoE layers ``>= min_layer`` with ``score > threshold``, or the ``top_n``
     largest scores."""
-    check_min_layer(model, min_layer)
-    moe = [L for L in model.spec.moe_layers if L >= min_layer]
-    if not moe:
-        raise ValueError(
-            f"No MoE layer at or after min_layer={min_layer}; MoE layers: {list(model.spec.moe_layers)}."
-        )
+    moe = _moe_layers_from(model, min_layer)
     s = torch.full_like(scores.float(), -math.inf)
     s[moe] = scores.float()[moe]
     if threshold is not None:
@@ -233,11 +238,7 @@ def fit_expert_conditioned_all(
         from moe_interp.patching.routing import top1_percentage_difference
 
         diff = top1_percentage_difference(model, harmful, harmless, last_n=last_n).abs().amax(-1)
-        moe = [L for L in model.spec.moe_layers if L >= min_layer]
-        if not moe:
-            raise ValueError(
-                f"No MoE layer at or after min_layer={min_layer}; MoE layers: {list(model.spec.moe_layers)}."
-            )
+        moe = _moe_layers_from(model, min_layer)
         layers = sorted(sorted(moe, key=lambda L: -float(diff[L]))[:n_layers])
     for L in layers:
         check_moe_layer(model, L, "expert_conditioned_all")

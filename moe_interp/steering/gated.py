@@ -108,7 +108,7 @@ def fit_gated(
         return _acts_cache[key]
 
     ah, al = acts(gh), acts(gl)  # [n, n_layers, d]
-    if "min_layer" not in inner_kw and _takes_min_layer(spec):
+    if "min_layer" not in inner_kw and "min_layer" in spec.keywords:
         # the inner method chooses its layers among those a gate can precede
         gateable = [L for L in range(ah.shape[1]) if not _degenerate(ah[:, L], al[:, L])]
         inner_kw["min_layer"] = max(gateable[0] if gateable else 0, gate_layer or 0)
@@ -140,13 +140,6 @@ def fit_gated(
                         gate_shrinkage=gate_shrinkage, gate_train_accuracy=acc, gate_n_prompts=[len(gh), len(gl)],
                         gate_cv_separation=[round(float(x), 3) if bool(x.isfinite()) else None for x in cv])  # fmt: skip
     return TopicGatedSteering(replace(steer, metadata=meta), G, w.float(), theta, meta)
-
-
-def _takes_min_layer(spec: Any) -> bool:
-    """Whether the registered method chooses its layers with a ``min_layer`` keyword (its fit's, or that of
-    the function its fit forwards to)."""
-    fns = [spec.fit, spec.forwards_to]
-    return any(fn is not None and "min_layer" in inspect.signature(fn).parameters for fn in fns)
 
 
 def _degenerate(positive: Float[Tensor, "n_p d"], negative: Float[Tensor, "n_n d"]) -> bool:

@@ -64,21 +64,26 @@ class MethodSpec:
         """Whether the fit takes ``gate_harmful=`` / ``gate_harmless=`` prompts for a harm gate (``gated_*``)."""
         return "gate_harmful" in inspect.signature(self.fit).parameters
 
-    def check_kwargs(self, kw: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` for fit keywords this method does not take, or that the caller sets itself
-        (``keep=`` of topic methods, a gate's prompts — the recipe's ``n_gate_train`` —, the keyword that
-        autotuning sweeps) — so a recipe fails when it is read, not at its steering stage."""
+    @property
+    def keywords(self) -> list[str]:
+        """The public keyword-only fit arguments: of ``fit`` and of the function it forwards to."""
         accepted: list[str] = []
         for fn in (self.fit, self.forwards_to):
             if fn is not None:
                 params = inspect.signature(fn).parameters.items()
                 accepted += [n for n, p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and n[0] != "_"]
+        return list(dict.fromkeys(accepted))
+
+    def check_kwargs(self, kw: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` for fit keywords this method does not take, or that the caller sets itself
+        (``keep=`` of topic methods, a gate's prompts — the recipe's ``n_gate_train`` —, the keyword that
+        autotuning sweeps) — so a recipe fails when it is read, not at its steering stage."""
         reserved = {"keep"} if self.needs_keep else set()
         if self.fits_gate:
             reserved |= {"gate_harmful", "gate_harmless"}
         if self.tuning != "coefficient":
             reserved.add(self.tuning)
-        allowed = [n for n in dict.fromkeys(accepted) if n not in reserved]
+        allowed = [n for n in self.keywords if n not in reserved]
         bad = sorted(k for k in kw if k not in allowed)
         if bad:
             raise ValueError(
