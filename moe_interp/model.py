@@ -332,6 +332,11 @@ class MoEModel:
             list(names) if not isinstance(names, str) else [names], self._hook_set, self._hook_names
         )
 
+    @property
+    def has_interventions(self) -> bool:
+        """Whether an :meth:`intervene` block (a steering's ``apply``, an ablation, ...) is active."""
+        return bool(self._active)
+
     @contextlib.contextmanager
     def intervene(self, *interventions: Any) -> Iterator[MoEModel]:
         """Edit every forward pass and generation inside the block; all edits are gone on exit."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -305,12 +306,13 @@ def stage_steering(run: Run) -> dict[str, Any]:
     from moe_interp.steering.autotune import QUALITY_TOKENS, NoCandidateError, autotune
     from moe_interp.steering.compare import compare_methods, completion_distinct2
     from moe_interp.steering.gated import UngateableError
+    from moe_interp.steering.memo import FitMemo
     from moe_interp.steering.registry import method_spec
 
     cfg, p, model = run.config, run.prompts, run.model
     fitted, files, tuning = {}, {}, {}
     quality: dict[str, Any] = {}
-    gate_acts: dict[tuple[Any, ...], Any] = {}
+    memo = FitMemo(model)  # reads of the unedited model that several methods' fits share
     if cfg.distinct2_floor is not None and p.get("harmless_val"):  # one reference for every method's search
         # at the strength search's default batch size (padding as the steered completions get it)
         ref = completion_distinct2(model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS)
@@ -322,6 +324,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
     target_class, keep_class = {"harmful": "harmful", "topic": "political"}, "harmful"
     for i, name in enumerate(cfg.steering_methods, 1):
         run.log(f"[steering] {i}/{len(cfg.steering_methods)} {name}: fitting and tuning its strength")
+        t0 = time.perf_counter()
         spec, kw = method_spec(name), dict(cfg.steering_kwargs.get(name, {}))
         search: dict[str, Any] = {}
         target = target_class[spec.data]
@@ -337,8 +340,8 @@ def stage_steering(run: Run) -> dict[str, Any]:
             search = {"keep": p[f"{keep_class}_val"], "keep_min_rate": 0.97 * float(base_keep)}
         if spec.fits_gate and p.get("harmful_gate"):  # the recipe's n_gate_train prompts
             kw["gate_harmful"], kw["gate_harmless"] = p["harmful_gate"], p["harmless_gate"]
-        if spec.fits_gate:  # every gate reads the same prompts on the same (unedited) model: read them once
-            kw["_acts_cache"] = gate_acts
+        if spec.takes_memo:  # e.g. the gates' activations, the experts' directions: read once per run
+            kw["_memo"] = memo
         try:
             res = autotune(
                 name,
@@ -364,7 +367,10 @@ def stage_steering(run: Run) -> dict[str, Any]:
             continue
         fitted[name], tuning[name] = res.steer, res.to_dict()
         files[name] = [str(f) for f in res.steer.save(run.out / "steering" / name)]
-    run.log(f"[steering] comparing {len(fitted)} methods on held-back prompts")
+        run.log(f"[steering] {name}: fitted and tuned in {time.perf_counter() - t0:.0f}s")
+    run.log(
+        f"[steering] {memo.hits} reads shared between the fits; comparing {len(fitted)} methods on held-back prompts"
+    )
     rows = compare_methods(  # the unsteered row is the baseline stage's: both tables agree, no regeneration
         model,
         fitted,

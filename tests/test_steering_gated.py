@@ -11,7 +11,7 @@ import torch
 
 import moe_interp as mi
 from moe_interp.errors import InputError
-from moe_interp.steering import TopicGatedSteering, fit_gated, fit_method, load_steering
+from moe_interp.steering import FitMemo, TopicGatedSteering, fit_gated, fit_method, load_steering
 from moe_interp.steering import autotune as at
 from moe_interp.steering.compare import completion_distinct2, touched
 from moe_interp.steering.fit import fit_gate, fit_topic_gate
@@ -176,22 +176,22 @@ def test_gated_inner_methods_choose_layers_a_gate_can_precede(olmoe) -> None:
 
 
 def test_gated_methods_share_the_gate_activations_they_read(olmoe, monkeypatch) -> None:
-    """The pipeline's ``_acts_cache``: a second gated fit on the same prompts reads no activations, and its
-    gate is exactly the one an uncached fit finds (another inner layer: another layer range for the gate)."""
+    """The pipeline's ``_memo``: a second gated fit on the same prompts reads no gate activations, and its
+    gate is exactly the one an unshared fit finds (another inner layer: another layer range for the gate)."""
     import moe_interp.steering.gated as gated_mod
 
     reads: list[list[str]] = []
     real = gated_mod.resid_acts
     monkeypatch.setattr(gated_mod, "resid_acts", lambda m, p, *a: reads.append(list(p)) or real(m, p, *a))
-    cache: dict = {}
-    fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=1, _acts_cache=cache)
+    memo = FitMemo(olmoe)
+    fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=1, _memo=memo)
     assert reads == [HARMFUL, HARMLESS]
-    shared = fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2, _acts_cache=cache)
-    assert len(reads) == 2  # nothing read again
+    shared = fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2, _memo=memo)
+    assert len(reads) == 2 and memo.hits == 2  # nothing read again
     plain = fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2)
     assert len(reads) == 4 and shared.gate_layer == plain.gate_layer
     assert torch.equal(shared.gate, plain.gate) and shared.threshold == plain.threshold
-    fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2, batch_size=2, _acts_cache=cache)
+    fit_gated(olmoe, HARMFUL, HARMLESS, inner="dense", layer=2, batch_size=2, _memo=memo)
     assert len(reads) == 6  # another batch size pads differently: not the same activations
 
 

@@ -387,7 +387,7 @@ def expert_ablation_sweep(
         by_layer[L].append(e)
     prefix = None
     delta = _delta_path(model, mode)
-    if reuse_prefix and not model._active:  # active interventions may read hooks a restart skips
+    if reuse_prefix and not model.has_interventions:  # active interventions may read hooks a restart skips
         sites = ["mlp.hook_expert_weights"] + (["mlp.hook_router_logits"] if mode == "reroute" else [])
         if delta and mode == "reroute":
             sites += ["mlp.hook_topk_expert_out", "mlp.hook_expert_indices"]

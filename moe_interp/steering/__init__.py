@@ -19,6 +19,7 @@ from moe_interp.steering.gguf_io import (
     read_control_vector_model_hint,
 )
 from moe_interp.steering.keys import SteeringKey, decode_key, encode_key, parse_hook_name
+from moe_interp.steering.memo import FitMemo
 from moe_interp.steering.metadata import SteeringMetadata
 from moe_interp.steering.protocol import Steering
 from moe_interp.steering.registry import METHODS, MethodSpec, fit_method
@@ -37,6 +38,7 @@ __all__ = [
     "AddSteering",
     "Conditioning",
     "ExpertConditionedAdd",
+    "FitMemo",
     "MethodSpec",
     "Operation",
     "PositionScope",

@@ -39,6 +39,7 @@ from moe_interp.steering.fit import (
     subsample,
 )
 from moe_interp.steering.keys import SteeringKey
+from moe_interp.steering.memo import FitMemo, memo_read
 from moe_interp.steering.vectors import Conditioning, SteeringVectors
 
 if TYPE_CHECKING:
@@ -67,11 +68,13 @@ def expert_specific_directions(
     positions: Sequence[int] = (-5, -4, -3, -2, -1),
     bias: float = 100.0,
     batch_size: int = 32,
+    memo: FitMemo | None = None,
 ) -> dict[tuple[int, int], Float[Tensor, "n_pos d_model"]]:
     """Per (layer, expert): ``mean(harmful) − mean(harmless)`` of ``blocks.L.hook_mlp_out`` at ``positions``
     with the router forced to that expert (``ForceExpert(L, e, "router_bias", bias=±100)``). On families with
     shared experts (Qwen2-MoE, DeepSeek) ``hook_mlp_out`` includes the shared expert's output, so every
-    direction of a layer also carries the shared expert's harmful − harmless difference."""
+    direction of a layer also carries the shared expert's harmful − harmless difference. With ``memo``, a
+    direction already read on the same prompts, positions, bias and batch size is reused."""
     harmful = check_prompt_list(harmful, "harmful")
     harmless = check_prompt_list(harmless, "harmless")
     positions = list(positions)
@@ -79,12 +82,29 @@ def expert_specific_directions(
     for L, e in experts:
         check_moe_layer(model, L, "expert_specific_directions")
         model.check_expert(L, e)
-        name = f"blocks.{L}.hook_mlp_out"
-        with model.intervene(ForceExpert(L, e, mode="router_bias", bias=bias)):
-            mh = mean_activations(model, harmful, [name], positions, batch_size)[name]
-            ml = mean_activations(model, harmless, [name], positions, batch_size)[name]
-        out[(L, e)] = (mh - ml).float()
+
+        def read(L: int = L, e: int = e) -> Tensor:
+            name = f"blocks.{L}.hook_mlp_out"
+            with model.intervene(ForceExpert(L, e, mode="router_bias", bias=bias)):
+                mh = mean_activations(model, harmful, [name], positions, batch_size)[name]
+                ml = mean_activations(model, harmless, [name], positions, batch_size)[name]
+            return (mh - ml).float()
+
+        key = ("expert_direction", L, e, *positions, bias, batch_size, len(harmful), *harmful, *harmless)
+        out[(L, e)] = memo_read(memo, model, key, read)
     return out
+
+
+def _top1_difference(
+    model: MoEModel, harmful: list[str], harmless: list[str], last_n: int, memo: FitMemo | None
+) -> Tensor:
+    """:func:`~moe_interp.patching.routing.top1_percentage_difference`, shared through ``memo``."""
+    from moe_interp.patching.routing import top1_percentage_difference
+
+    key = ("top1_difference", last_n, len(harmful), *harmful, *harmless)
+    return memo_read(
+        memo, model, key, lambda: top1_percentage_difference(model, harmful, harmless, last_n=last_n)
+    )
 
 
 def _moe_layers_from(model: MoEModel, min_layer: int) -> list[int]:
@@ -136,6 +156,7 @@ def _routing_selection(
     last_n: int,
     experts: Sequence[tuple[int, int]] | None,
     min_layer: int = 0,
+    memo: FitMemo | None = None,
 ) -> tuple[list[tuple[int, int]], Tensor | None]:
     if experts is not None:
         pairs = [(int(L), int(e)) for L, e in experts]
@@ -143,9 +164,7 @@ def _routing_selection(
             check_moe_layer(model, L, "expert selection")
             model.check_expert(L, e)
         return pairs, None
-    from moe_interp.patching.routing import top1_percentage_difference
-
-    diff = top1_percentage_difference(model, harmful, harmless, last_n=last_n)
+    diff = _top1_difference(model, harmful, harmless, last_n, memo)
     return select_experts(diff, model, threshold, top_n, min_layer), diff
 
 
@@ -186,17 +205,21 @@ def fit_routing_experts(
     batch_size: int = 32,
     _conditioning: Conditioning = "none",
     _method: str = "routing_experts",
+    _memo: FitMemo | None = None,
 ) -> SteeringVectors:
     """Expert-Aware Refusal Steering: select experts of layers ``>= min_layer`` by top-1 % difference
     (harmful − harmless, last ``last_n`` positions; ``threshold`` in percentage points, else ``top_n``), steer
     their outputs with their forced-router directions (mean over the last ``last_n`` positions). Given
-    ``experts`` are used as they are."""
+    ``experts`` are used as they are. ``_memo`` (:mod:`moe_interp.steering.memo`) shares the routing difference
+    and the directions with other fits on the same prompts."""
     require_moe(model, _method)
     harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
-    pairs, diff = _routing_selection(model, harmful, harmless, threshold, top_n, last_n, experts, min_layer)
+    pairs, diff = _routing_selection(
+        model, harmful, harmless, threshold, top_n, last_n, experts, min_layer, _memo
+    )
     dirs = expert_specific_directions(
-        model, harmful, harmless, pairs, last_positions(last_n), batch_size=batch_size
+        model, harmful, harmless, pairs, last_positions(last_n), batch_size=batch_size, memo=_memo
     )
     extra: dict[str, Any] = {"experts": [list(p) for p in pairs], "last_n": last_n}
     if diff is not None:
@@ -227,6 +250,7 @@ def fit_expert_conditioned_all(
     coeff: float = -1.0,
     n_max: int | None = 128,
     batch_size: int = 32,
+    _memo: FitMemo | None = None,
 ) -> SteeringVectors:
     """``h ← h + c·Σ_e p_e(x)·r_e`` with every expert's forced-router direction at ``layers``
     (default: the ``n_layers`` MoE layers ``>= min_layer`` with the largest absolute top-1 % difference)."""
@@ -235,16 +259,14 @@ def fit_expert_conditioned_all(
     harmful = subsample(check_prompt_list(harmful, "harmful"), n_max)
     harmless = subsample(check_prompt_list(harmless, "harmless"), n_max)
     if layers is None:
-        from moe_interp.patching.routing import top1_percentage_difference
-
-        diff = top1_percentage_difference(model, harmful, harmless, last_n=last_n).abs().amax(-1)
+        diff = _top1_difference(model, harmful, harmless, last_n, _memo).abs().amax(-1)
         moe = _moe_layers_from(model, min_layer)
         layers = sorted(sorted(moe, key=lambda L: -float(diff[L]))[:n_layers])
     for L in layers:
         check_moe_layer(model, L, "expert_conditioned_all")
     pairs = [(L, e) for L in layers for e in range(model.layers[L].n_experts)]
     dirs = expert_specific_directions(
-        model, harmful, harmless, pairs, last_positions(last_n), batch_size=batch_size
+        model, harmful, harmless, pairs, last_positions(last_n), batch_size=batch_size, memo=_memo
     )
     cond: Conditioning = "router_prob_topk" if topk else "router_prob"
     return _expert_sv(
@@ -264,6 +286,7 @@ def fit_single_expert(
     coeff: float = -1.0,
     n_max: int | None = 128,
     batch_size: int = 32,
+    _memo: FitMemo | None = None,
 ) -> SteeringVectors:
     """Steer one expert's output (where routed) with its forced-router direction; default expert: the
     largest top-1 % difference among layers ``>= min_layer``."""
@@ -274,7 +297,7 @@ def fit_single_expert(
     experts = None if layer is None or expert is None else [(layer, expert)]
     return fit_routing_experts(
         model, harmful, harmless, top_n=1, experts=experts, min_layer=min_layer, last_n=last_n, coeff=coeff,
-        n_max=n_max, batch_size=batch_size, _method="single_expert",
+        n_max=n_max, batch_size=batch_size, _method="single_expert", _memo=_memo,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from moe_interp.steering.fit import (
     resid_acts,
     subsample,
 )
+from moe_interp.steering.memo import FitMemo, memo_read
 from moe_interp.steering.vectors import SteeringVectors
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def fit_gated(
     n_folds: int = 4,
     n_max: int | None = 128,
     batch_size: int = 32,
-    _acts_cache: dict[tuple[Any, ...], Tensor] | None = None,
+    _memo: FitMemo | None = None,
     **inner_kw: Any,
 ) -> TopicGatedSteering:
     """Fit the registered method ``inner`` (keywords ``inner_kw``, ``n_max``, ``batch_size``) on the same
@@ -81,8 +82,9 @@ def fit_gated(
     at a layer where the prompts do not yet differ (layer 0 of a chat model: every prompt ends on the same
     template token) cannot be gated, so the inner method chooses its layers or experts by itself only from the
     first layer where the gate prompts differ on (and from ``gate_layer`` on, if given): its ``min_layer``,
-    unless passed; layers or experts given explicitly are used as they are. ``_acts_cache`` (the pipeline's, shared by its gated methods on
-    one unedited model) keeps the gate prompts' activations, which every gated method reads the same."""
+    unless passed; layers or experts given explicitly are used as they are. ``_memo`` (the pipeline's
+    :class:`~moe_interp.steering.memo.FitMemo`) shares the gate prompts' activations, which every gated method
+    reads the same, and is passed on to the inner method."""
     from moe_interp.steering.registry import method_spec
 
     spec = method_spec(inner)
@@ -100,18 +102,16 @@ def fit_gated(
         model.check_layer(gate_layer)
 
     def acts(prompts: list[str]) -> Float[Tensor, "n n_layers d"]:
-        if _acts_cache is None:
-            return resid_acts(model, prompts, -1, batch_size)
-        key = (batch_size, *prompts)
-        if key not in _acts_cache:
-            _acts_cache[key] = resid_acts(model, prompts, -1, batch_size)
-        return _acts_cache[key]
+        key = ("resid_acts", -1, batch_size, *prompts)
+        return memo_read(_memo, model, key, lambda: resid_acts(model, prompts, -1, batch_size))
 
     ah, al = acts(gh), acts(gl)  # [n, n_layers, d]
     if "min_layer" not in inner_kw and "min_layer" in spec.keywords:
         # the inner method chooses its layers among those a gate can precede
         gateable = [L for L in range(ah.shape[1]) if not _degenerate(ah[:, L], al[:, L])]
         inner_kw["min_layer"] = max(gateable[0] if gateable else 0, gate_layer or 0)
+    if _memo is not None and spec.takes_memo:
+        inner_kw["_memo"] = _memo
     steer = spec(model, harmful, harmless, n_max=n_max, batch_size=batch_size, **inner_kw)
     if not isinstance(steer, SteeringVectors):
         raise ValueError(

@@ -65,6 +65,14 @@ class MethodSpec:
         return "gate_harmful" in inspect.signature(self.fit).parameters
 
     @property
+    def takes_memo(self) -> bool:
+        """Whether the fit shares reads through a :class:`~moe_interp.steering.memo.FitMemo` (``_memo=``)."""
+        return any(
+            fn is not None and "_memo" in inspect.signature(fn).parameters
+            for fn in (self.fit, self.forwards_to)
+        )
+
+    @property
     def keywords(self) -> list[str]:
         """The public keyword-only fit arguments: of ``fit`` and of the function it forwards to."""
         accepted: list[str] = []
