@@ -212,16 +212,29 @@ def write_report(run: Run, figures: list[str]) -> Path:
             f"| `{c['name']}`{'' if idx is None else f' [{idx}]'} | {c['kind']} | {c['layer']} | {c['effect']:.3f} |"
         )
     lines += ["", "![circuit](figures/circuit.png)", "", "## Steering methods (held-back prompts)", ""]
+    table = r["steering"]["table"]
+    first = all("harmful_first_token_refusal" in row for row in table)  # results of older runs lack it
     lines += [
-        "| method | harmful refusal | political refusal | harmless refusal | harmless KL | layers | experts |",
-        "|---|---|---|---|---|---|---|",
+        "| method | harmful refusal | "
+        + ("harmful, first token | " if first else "")
+        + "political refusal | harmless refusal | harmless KL | layers | experts |",
+        "|---|---|---|---|---|---|---|" + ("---|" if first else ""),
     ]
-    for row in r["steering"]["table"]:
+    for row in table:
         lines.append(
-            f"| {row['method']} | {_fmt_row_rate(row['harmful_refusal'])} | {_fmt_row_rate(row['political_refusal'])} "
-            f"| {_fmt_row_rate(row['harmless_refusal'])} | {row['harmless_kl']:.3f} | {row.get('n_layers', '')} "
-            f"| {row.get('n_experts', '')} |"
+            f"| {row['method']} | {_fmt_row_rate(row['harmful_refusal'])} | "
+            + (f"{_fmt_row_rate(row['harmful_first_token_refusal'])} | " if first else "")
+            + f"{_fmt_row_rate(row['political_refusal'])} | {_fmt_row_rate(row['harmless_refusal'])} "
+            f"| {row['harmless_kl']:.3f} | {row.get('n_layers', '')} | {row.get('n_experts', '')} |"
         )
+    if first:
+        lines += [
+            "",
+            "Refusal rates judge the generated text (a refusal phrase in the first "
+            f"{run.config.max_new_tokens} tokens); *first token* judges the next-token distribution "
+            "(P(a refusal phrase's first token) > 1/2), as the strength search does. A method with a low rate by "
+            "text and a high one by first token starts its answers like a refusal and then does not refuse.",
+        ]
     fires = r["steering"].get("gate_fires", {})
     if fires:
         lines += [

@@ -203,6 +203,9 @@ def test_locate_end_to_end_on_tiny_model(tmp_path: Path, capsys: pytest.CaptureF
     assert (out / "figures" / "circuit.pdf").is_file() and (out / "figures" / "circuit.png").is_file()
     report = (out / "report.md").read_text()
     assert "blocks." in report and "## Steering methods" in report
+    table = json.loads((out / "summary.json").read_text())["steering"]
+    assert table and all("harmful_first_token_refusal" in row for row in table)  # the search's judge too
+    assert "| harmful, first token |" in report
     # a second run without --resume/--force refuses to overwrite
     assert cli_main(["locate", "tiny:olmoe", "--out", str(out), "--config", str(cfg_path)]) == 2
     # another model's results are protected even with --resume

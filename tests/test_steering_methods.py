@@ -238,6 +238,29 @@ def test_compare_methods_table(olmoe) -> None:
     assert rows[1]["harmless_kl"] == pytest.approx(float(kls.mean()))
     assert rows[1]["harmless_kl_median"] == pytest.approx(float(kls.median() + kls.sort().values[2]) / 2)
     json.dumps(rows)
+    assert all("harmful_first_token_refusal" not in r for r in rows)  # the logit judge is the table's own
+
+
+def test_compare_methods_gives_the_first_token_judge_beside_the_generation_judge(organism) -> None:
+    """By text, and by P(refusal first token) > 1/2 computed here from the (steered) logits by hand. Two tokens
+    of text show only the refusals' first word ("I"), so the judges disagree on the refusing organism."""
+    from moe_interp.refusal import resolve_refusal_ids
+
+    ids = resolve_refusal_ids(organism, None)
+    sv = fit_dense(organism, HARMFUL, HARMLESS, layer=2)
+    rows = compare_methods(
+        organism, {"dense": sv}, HARMFUL, HARMFUL[:2], HARMLESS, max_new_tokens=2, n_boot=50
+    )
+    rates = []
+    for row, steer in zip(rows, (None, sv), strict=True):
+        with organism.intervene(*(steer.to_interventions() if steer else [])):
+            p = organism.forward(HARMFUL).float().softmax(-1)[:, -1, ids].sum(-1)
+        got = row["harmful_first_token_refusal"]
+        assert got["rate"] == pytest.approx(float((p > 0.5).double().mean())), row["method"]
+        assert got["n"] == len(HARMFUL) and 0 <= got["ci_low"] <= got["rate"] <= got["ci_high"] <= 1
+        rates.append((row["harmful_refusal"]["rate"], got["rate"]))
+    assert any(text != first for text, first in rates), rates
+    json.dumps(rows)
 
 
 def test_summarise_kl_exact_values() -> None:

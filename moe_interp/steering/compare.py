@@ -207,7 +207,10 @@ def compare_methods(
 ) -> list[dict[str, Any]]:
     """Per method (name → steering object or list of interventions): harmful / political / harmless refusal
     rates with 95% bootstrap CIs, harmless KL (last prompt position; mean, and median / trimmed mean as
-    ``harmless_kl_median`` / ``harmless_kl_trimmed_mean``) and what it touches.
+    ``harmless_kl_median`` / ``harmless_kl_trimmed_mean``) and what it touches. With ``judge="generation"``,
+    ``harmful_first_token_refusal`` is the harmful rate by the logit judge too (P(refusal first token) > 1/2),
+    the judge strength searches use: under steering the two disagree when a refusal's first token ("I") is
+    followed by no refusal, and the table shows it.
 
     Rates are :func:`~moe_interp.refusal.judges.refusal_rate` of
     :func:`~moe_interp.refusal.evaluate.refusal_flags`: with ``judge="generation"``, pass the
@@ -237,6 +240,11 @@ def compare_methods(
                 model, prompts, steer, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
             row[f"{split}_refusal"] = refusal_rate(flags, n_boot=n_boot, seed=seed).to_dict()
+        if judge == "generation":  # one forward: the strength search's judge beside the table's
+            first = refusal_flags(
+                model, harmful_test, () if steer is None else steer, judge="logit", batch_size=batch_size
+            )
+            row["harmful_first_token_refusal"] = refusal_rate(first, n_boot=n_boot, seed=seed).to_dict()
         kls = None if steer is None else per_prompt_kl(model, harmless_test, steer, batch_size, base)
         row["harmless_kl"] = 0.0 if kls is None else summarise_kl(kls, "mean")
         for stat in KL_STATISTICS[1:]:
