@@ -294,6 +294,10 @@ def stage_circuit(run: Run) -> dict[str, Any]:
     return {"circuit": circuit}
 
 
+#: the batch size of the steering stage's strength searches (padding changes the numbers: one for all)
+SEARCH_BATCH = 32
+
+
 def stage_steering(run: Run) -> dict[str, Any]:
     """Fit every configured steering method, tune its strength, save it, and compare all on held-back prompts.
 
@@ -304,7 +308,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
     from moe_interp.refusal.evaluate import refusal_flags
     from moe_interp.refusal.judges import refusal_rate
     from moe_interp.steering.autotune import QUALITY_TOKENS, NoCandidateError, autotune
-    from moe_interp.steering.compare import compare_methods, completion_distinct2
+    from moe_interp.steering.compare import compare_methods, completion_distinct2, last_logits
     from moe_interp.steering.gated import UngateableError
     from moe_interp.steering.memo import FitMemo
     from moe_interp.steering.registry import method_spec
@@ -320,6 +324,12 @@ def stage_steering(run: Run) -> dict[str, Any]:
         run.log(
             f"[steering] distinct-2 of the unedited model on harmless_val: {ref:.3f} (floor x{cfg.distinct2_floor:g})"
         )
+    reference: dict[str, Any] = {}  # every method's KL reference: the unedited model's logits, computed once
+    if p.get("harmless_val"):
+        reference = {
+            "batch_size": SEARCH_BATCH,
+            "harmless_logits": last_logits(model, p["harmless_val"], [], SEARCH_BATCH),
+        }
     #: the prompt class of each kind of training data a registry entry declares (``MethodSpec.data``)
     target_class, keep_class = {"harmful": "harmful", "topic": "political"}, "harmful"
     for i, name in enumerate(cfg.steering_methods, 1):
@@ -354,6 +364,7 @@ def stage_steering(run: Run) -> dict[str, Any]:
                 kl_budget=cfg.kl_threshold,
                 **search,
                 **quality,
+                **reference,
             )
         except NoCandidateError as err:  # no strength satisfies the constraints: reported, not compared
             run.log(

@@ -192,6 +192,27 @@ def test_coefficient_search_on_tiny_model() -> None:
     assert tuned.label == 1 and tuned.to_dict()["history"][0]["label"] == 1
 
 
+def test_given_harmless_logits_are_the_kl_reference(monkeypatch) -> None:
+    """The pipeline's one reference for every search gives the same search; other logits give other KLs; a
+    wrong shape is a one-line error."""
+    from moe_interp.steering.compare import last_logits
+
+    model = mi.load("tiny:olmoe")
+    sv = fit_dense(model, HARMFUL, HARMLESS, layer=1)
+    kw = {"scales": [1.0, 4.0, 16.0], "kl_budget": 1e9, "target_rate": -1.0}
+    plain = at.coefficient_search(model, sv, HARMFUL, HARMLESS, **kw)
+    base = last_logits(model, HARMLESS, [], 32)
+    calls: list[int] = []
+    real = at.last_logits
+    monkeypatch.setattr(at, "last_logits", lambda *a: calls.append(1) or real(*a))
+    given = at.coefficient_search(model, sv, HARMFUL, HARMLESS, harmless_logits=base, **kw)
+    assert not calls and given.history == plain.history and [h["kl"] for h in given.history][1] > 0
+    other = at.coefficient_search(model, sv, HARMFUL, HARMLESS, harmless_logits=base.roll(1, 0), **kw)
+    assert [h["kl"] for h in other.history] != [h["kl"] for h in plain.history]
+    with pytest.raises(ValueError, match=r"harmless_logits must be \[n_harmless=4, vocab\]"):
+        at.search_candidates(model, [(1.0, sv)], HARMFUL, HARMLESS, harmless_logits=base[:3])
+
+
 class _Scalable:
     """Stands in for SteeringVectors: ``scaled(s)`` returns the fake candidate ``s``."""
 

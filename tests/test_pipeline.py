@@ -348,6 +348,7 @@ def test_topic_methods_without_political_prompts_are_left_out(monkeypatch, tmp_p
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(compare, "compare_methods", lambda model, fitted, *a, **k: seen.update(fitted) or [])
+    monkeypatch.setattr(compare, "last_logits", lambda *a: None)  # no model here
     monkeypatch.setattr(pipeline, "_baseline_rates", lambda run: {})
     cfg = PipelineConfig(model="tiny:olmoe", family="", steering_methods=["topic_remove", "topic_gated"])
     prompts = {f"{c}_{s}": ["x"] for c in ("harmful", "harmless") for s in ("train", "val", "test")}

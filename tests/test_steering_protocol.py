@@ -256,6 +256,8 @@ def test_pipeline_takes_data_and_tuning_from_the_registry(tmp_path: Path, monkey
     monkeypatch.setattr(at, "autotune", fake_autotune)
     monkeypatch.setattr(ev, "refusal_flags", lambda *a, **k: torch.tensor([True, True, False, True]))
     monkeypatch.setattr(compare, "compare_methods", lambda *a, **k: [k])
+    reference = object()  # the unedited model's harmless logits: computed once, given to every search
+    monkeypatch.setattr(compare, "last_logits", lambda model, prompts, ivs, bs: reference)
     prompts = {
         f"{c}_{s}": [f"{c} {s}"]
         for c in ("harmful", "harmless", "political")
@@ -283,6 +285,7 @@ def test_pipeline_takes_data_and_tuning_from_the_registry(tmp_path: Path, monkey
     assert (h_tr, h_val) == (["political train"], ["political val"])
     assert kw["fit_kwargs"]["keep"] == ["harmful train"] and kw["keep"] == ["harmful val"]
     assert kw["keep_min_rate"] == pytest.approx(0.97 * 0.75)
+    assert all(c[2]["harmless_logits"] is reference and c[2]["batch_size"] == 32 for c in calls.values())
     assert res["files"]["dense"] == [
         str(tmp_path / "steering" / "dense.a"),
         str(tmp_path / "steering" / "dense.b"),

@@ -99,10 +99,15 @@ def load_tokenizer(path: Path | None = None, artefacts: Path | None = None) -> A
 
     path = path or gguf_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tmpl = (artefacts or ARTEFACT_DIR) / "chat_template.jinja"
-    tok.chat_template = tmpl.read_text() if tmpl.is_file() else CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return with_chat_template(tok, artefacts)
+
+
+def with_chat_template(tok: Any, artefacts: Path | None = None) -> Any:
+    """``tok`` with the chat template shipped in ``artefacts`` (default: the shipped one), else SmolLM2's."""
+    tmpl = (artefacts or ARTEFACT_DIR) / "chat_template.jinja"
+    tok.chat_template = tmpl.read_text() if tmpl.is_file() else CHAT_TEMPLATE
     return tok
 
 
@@ -145,11 +150,13 @@ def load_smollm_moe(
     art = Path(path) if path is not None else ARTEFACT_DIR
     gguf_path()  # the missing-extra error comes first
     _check_artefacts(art)
-    dense, _ = load_dense(verify=verify)
+    dense, tok = load_dense(
+        verify=verify
+    )  # its tokenizer, built once (reading the GGUF's vocabulary takes ~8 s)
     moe = moe_from_dense(dense, art)
     del dense
     # transformers' @wraps(nn.Module.to) hides the bound self from mypy
-    return moe.to(dtype).eval(), load_tokenizer(artefacts=art)  # type: ignore[arg-type]
+    return moe.to(dtype).eval(), with_chat_template(tok, art)  # type: ignore[arg-type]
 
 
 def _check_artefacts(art: Path) -> None:

@@ -151,6 +151,7 @@ def search_candidates(
     kl_statistic: str = "mean",
     distinct2_floor: float | None = None,
     distinct2_reference: float | None = None,
+    harmless_logits: Float[Tensor, "n vocab"] | None = None,
 ) -> TuneResult:
     """Walk ``(label, steer)`` candidates in order of increasing strength; keep the one with the lowest
     harmful refusal rate (highest with ``maximize_refusal``) whose harmless KL ≤ ``kl_budget`` and whose
@@ -175,7 +176,11 @@ def search_candidates(
     (default: the unedited model's on the harmless prompts, which the pipeline computes once). Checked after
     the walk, on the candidates that were each in turn the best so far: the last one first, and if it fails,
     the earlier ones going back in doubling steps, then bisected (degeneration grows with strength), so a few
-    generations per search."""
+    generations per search.
+
+    ``harmless_logits``: the unedited model's :func:`~moe_interp.steering.compare.last_logits` on ``harmless``
+    at ``batch_size``, the KL's reference (default: computed here; the pipeline computes it once for all its
+    methods)."""
     if not kl_budget > 0:
         raise ValueError(f"kl_budget must be a positive number, got {kl_budget!r}.")
     if distinct2_floor is not None and not 0 < distinct2_floor <= 1:
@@ -188,7 +193,15 @@ def search_candidates(
     check_kl_statistic(kl_statistic, "kl_statistic")
     harmful = check_prompt_list(harmful, "harmful")
     harmless = check_prompt_list(harmless, "harmless")
-    base = last_logits(model, harmless, [], batch_size)
+    if harmless_logits is None:
+        base = last_logits(model, harmless, [], batch_size)
+    elif harmless_logits.ndim != 2 or harmless_logits.shape[0] != len(harmless):
+        raise ValueError(
+            f"harmless_logits must be [n_harmless={len(harmless)}, vocab] (the unedited model's last-position "
+            f"logits on the harmless prompts), got {tuple(harmless_logits.shape)}."
+        )
+    else:
+        base = harmless_logits
     sign = -1.0 if maximize_refusal else 1.0
     target = (1.0 if maximize_refusal else 0.0) if target_rate is None else float(target_rate)
     best: TuneResult | None = None
