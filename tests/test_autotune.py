@@ -213,6 +213,29 @@ def test_given_harmless_logits_are_the_kl_reference(monkeypatch) -> None:
         at.search_candidates(model, [(1.0, sv)], HARMFUL, HARMLESS, harmless_logits=base[:3])
 
 
+def test_a_gate_closed_on_every_harmless_prompt_costs_no_kl_forward(monkeypatch) -> None:
+    """Its KL is exactly 0 (checked by the full computation), and is still computed where the gate opens."""
+    from dataclasses import replace
+
+    from moe_interp.steering.compare import per_prompt_kl
+    from moe_interp.steering.methods import fit_method
+
+    model = mi.load("tiny:olmoe")
+    g = fit_method("gated_dense", model, HARMFUL, HARMLESS, layer=2)
+    closed, opened = replace(g, threshold=1e9), replace(g, threshold=-1e9)
+    for s in (1.0, 8.0):
+        assert float(per_prompt_kl(model, HARMLESS, closed.scaled(s)).abs().max()) == 0.0
+        assert float(per_prompt_kl(model, HARMLESS, opened.scaled(s)).max()) > 0
+    calls: list[int] = []
+    real = at.harmless_kl
+    monkeypatch.setattr(at, "harmless_kl", lambda *a: calls.append(1) or real(*a))
+    kw = {"scales": [1.0, 8.0], "kl_budget": 1e9, "target_rate": -1.0}
+    res = at.coefficient_search(model, closed, HARMFUL, HARMLESS, **kw)
+    assert not calls and [h["kl"] for h in res.history] == [0.0, 0.0]
+    res = at.coefficient_search(model, opened, HARMFUL, HARMLESS, **kw)
+    assert len(calls) == 2 and all(h["kl"] > 0 for h in res.history)
+
+
 class _Scalable:
     """Stands in for SteeringVectors: ``scaled(s)`` returns the fake candidate ``s``."""
 

@@ -210,8 +210,20 @@ def search_candidates(
     stale, stopped = 0, "grid exhausted"
     first: float | None = None  # the first candidate's rate; patience counts only once the rate has moved
     moved = False
+    gate: tuple[Any, ...] | None = (
+        None  # the last gate seen, and whether it stays closed on every harmless prompt
+    )
     for label, steer in candidates:
-        kl = harmless_kl(model, harmless, steer, batch_size, base, kl_statistic)
+        if hasattr(
+            steer, "fires"
+        ):  # a gated steering: prompts its gate stays closed on are computed unsteered
+            if gate is None or not _same_gate(gate[0], steer):
+                gate = (steer, not bool(steer.fires(model, harmless, batch_size).any()))
+            closed = gate[1]
+        else:
+            closed = False
+        # a gate that opens on no harmless prompt leaves every logit as it was: KL exactly 0, no forward pass
+        kl = 0.0 if closed else harmless_kl(model, harmless, steer, batch_size, base, kl_statistic)
         step: dict[str, Any] = {"label": label, "kl": kl}
         history.append(step)
         if not kl <= kl_budget:  # NaN counts as over budget
@@ -286,6 +298,11 @@ def search_candidates(
             )
     best.history, best.stopped = history, stopped
     return best
+
+
+def _same_gate(a: Any, b: Any) -> bool:
+    """Whether two gated steerings open on the same prompts (same layer, threshold and read-out; scaling keeps them)."""
+    return a.gate_layer == b.gate_layer and a.threshold == b.threshold and bool(torch.equal(a.gate, b.gate))
 
 
 def _quality_check(
