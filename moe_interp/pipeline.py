@@ -318,8 +318,10 @@ def stage_steering(run: Run) -> dict[str, Any]:
     quality: dict[str, Any] = {}
     memo = FitMemo(model)  # reads of the unedited model that several methods' fits share
     if cfg.distinct2_floor is not None and p.get("harmless_val"):  # one reference for every method's search
-        # at the strength search's default batch size (padding as the steered completions get it)
-        ref = completion_distinct2(model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS)
+        # at the strength searches' batch size (padding as the steered completions get it)
+        ref = completion_distinct2(
+            model, p["harmless_val"], max_new_tokens=QUALITY_TOKENS, batch_size=SEARCH_BATCH
+        )
         quality = {"distinct2_floor": cfg.distinct2_floor, "distinct2_reference": ref}
         run.log(
             f"[steering] distinct-2 of the unedited model on harmless_val: {ref:.3f} (floor x{cfg.distinct2_floor:g})"

@@ -150,9 +150,8 @@ def load_smollm_moe(
     art = Path(path) if path is not None else ARTEFACT_DIR
     gguf_path()  # the missing-extra error comes first
     _check_artefacts(art)
-    dense, tok = load_dense(
-        verify=verify
-    )  # its tokenizer, built once (reading the GGUF's vocabulary takes ~8 s)
+    # the dense base's tokenizer is the organism's: built once (reading the GGUF's vocabulary takes ~8 s)
+    dense, tok = load_dense(verify=verify)
     moe = moe_from_dense(dense, art)
     del dense
     # transformers' @wraps(nn.Module.to) hides the bound self from mypy

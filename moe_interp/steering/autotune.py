@@ -210,13 +210,10 @@ def search_candidates(
     stale, stopped = 0, "grid exhausted"
     first: float | None = None  # the first candidate's rate; patience counts only once the rate has moved
     moved = False
-    gate: tuple[Any, ...] | None = (
-        None  # the last gate seen, and whether it stays closed on every harmless prompt
-    )
+    # the last gate seen, and whether it stays closed on every harmless prompt
+    gate: tuple[Any, ...] | None = None
     for label, steer in candidates:
-        if hasattr(
-            steer, "fires"
-        ):  # a gated steering: prompts its gate stays closed on are computed unsteered
+        if hasattr(steer, "fires"):  # gated: prompts its gate stays closed on are computed unsteered
             if gate is None or not _same_gate(gate[0], steer):
                 gate = (steer, not bool(steer.fires(model, harmless, batch_size).any()))
             closed = gate[1]
