@@ -87,8 +87,32 @@ def hook_overhead(model: Any, enc: dict[str, torch.Tensor], repeats: int, device
     return {k: {"s": med[k], "ratio": med[k] / med["hf"]} for k in keys}
 
 
+def fp32_loop(model: Any, prompts: list[str], items: list[tuple[int, int]]) -> torch.Tensor:
+    """Per-prompt effects of ablating each of ``items`` (the per-expert loop) on an fp32 copy of the weights."""
+    import copy
+
+    import moe_interp as mi
+    from moe_interp.patching import expert_ablation_loop
+
+    hf32 = copy.deepcopy(model.hf_model).float()
+    try:
+        m32 = mi.load(hf32, tokenizer=model.tokenizer, name="fp32 copy")
+        loop = expert_ablation_loop(m32, prompts, "drop", experts=items, per_prompt=True)
+        idx = tuple(torch.tensor(x) for x in zip(*items, strict=True))
+        return loop[idx]
+    finally:
+        del hf32
+
+
 def stage(
-    name: str, model: Any, fn: Any, device: str, results: dict, predicted: Any = None, **extra: Any
+    name: str,
+    model: Any,
+    fn: Any,
+    device: str,
+    results: dict,
+    predicted: Any = None,
+    on_record: Any = None,
+    **extra: Any,
 ) -> Any:
     """Run one stage under a :class:`Meter`; record time, calls, memory (and plan) or the error."""
     weights = weight_bytes(model)
@@ -110,6 +134,8 @@ def stage(
         if device != "cpu":
             torch.cuda.empty_cache()
     results[name] = rec
+    if on_record is not None:
+        on_record()
     return value
 
 
@@ -119,6 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     ap.add_argument("--out", type=Path, default=None, help="default: $OUT/gpu_olmoe.json or ./gpu_olmoe.json")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="default: bfloat16 (float32 with --tiny)",
+    )
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.tiny else "cuda")
     if args.tiny:
@@ -129,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         geometry, n_layers, vocab, dtype = "olmoe", 16, 50304, torch.bfloat16
         hb, hs, n, seq, repeats, sweep_k, sweep_layers = 16, 128, 64, 64, args.repeats or 5, 16, [0, 8]
         patch_layers = [0, 8, 15]
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype)
     out_path = args.out or Path(os.environ.get("OUT", ".")) / "gpu_olmoe.json"
     t_start = time.perf_counter()
     res: dict[str, Any] = {
@@ -144,6 +178,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seq": seq,
         "stages": {},
     }
+
+    def save() -> None:  # after every section: a run cut short by its time limit keeps what finished
+        res["total_s"] = time.perf_counter() - t_start
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=2, default=str))
+
+    def staged(*a: Any, **k: Any) -> Any:
+        return stage(*a, on_record=save, **k)
+
     print(f"building {geometry} ({n_layers} layers, {dtype}) on {device}", flush=True)
     t0 = time.perf_counter()
     model = build(geometry, n_layers, dtype, device, vocab, init_std=0.05)
@@ -172,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["hooks"] = hook_overhead(model, model.tokenize(hook_prompts), repeats, device)
     for k, v in res["hooks"].items():
         print(f"  {k:16s} {v['s'] * 1e3:8.1f} ms  {v['ratio']:5.2f}x", flush=True)
+    save()
     hook_rows = plan_rows(model, dt, hb, hs, hb, n_pos)
     enc_h = model.tokenize(hook_prompts)
     names = model.hook_names()
@@ -181,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("expert_out", "expert outputs: dense hook_expert_out", "mlp.hook_expert_out"),
     ):
         sel = [nm for nm in names if suffix in nm]
-        stage(
+        staged(
             f"hooks_{key}_memory",
             model,
             lambda sel=sel: model.run_with_cache(enc_h, names=sel),
@@ -190,18 +234,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hook_rows[stage_name],
         )
 
+    save()
     print("sweep: fast vs per-expert loop", flush=True)
     st = res["stages"]
+    # warm-up (untimed): the sweep's first call pays for kernels and allocations the forwards above did not
+    expert_ablation_sweep(model, harmful[:2], "drop", experts=[(sweep_layers[0], 0)], progress=False)
     for L in sweep_layers:
         items = [(L, e) for e in range(sweep_k)]
-        fast = stage(
+        fast = staged(
             f"sweep_fast_layer{L}",
             model,
             lambda items=items: expert_ablation_sweep(model, harmful, "drop", experts=items, progress=False),
             device,
             st,
         )
-        loop = stage(
+        loop = staged(
             f"sweep_loop_layer{L}",
             model,
             lambda items=items: expert_ablation_loop(model, harmful, "drop", experts=items, per_prompt=True),
@@ -216,7 +263,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             st[f"sweep_fast_layer{L}"]["max_abs_diff_per_prompt"] = float(
                 (fast.per_prompt[idx] - loop[idx]).abs().max()
             )
+            # the scale the difference is read against: the largest per-prompt effect of the loop
+            st[f"sweep_fast_layer{L}"]["max_abs_effect_per_prompt"] = float(loop[idx].abs().max())
+            if dtype != torch.float32:
+                # which of the two is nearer the exact value: both against the loop on an fp32 copy of the
+                # same weights (rounding makes the fast sweep and the loop differ in half precision)
+                try:
+                    ref = fp32_loop(model, harmful, items)
+                    st[f"sweep_fast_layer{L}"]["max_abs_err_vs_fp32"] = float(
+                        (fast.per_prompt[idx] - ref).abs().max()
+                    )
+                    st[f"sweep_loop_layer{L}"]["max_abs_err_vs_fp32"] = float((loop[idx] - ref).abs().max())
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the script goes on
+                    st[f"sweep_fast_layer{L}"]["fp32_reference_error"] = f"{type(e).__name__}: {e}"[:300]
+                if device != "cpu":
+                    torch.cuda.empty_cache()
 
+    save()
     print(f"locate stages on {n} prompts × {seq} tokens", flush=True)
 
     def directions() -> Any:
@@ -225,17 +288,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             collect_resid_stats(model, harmful, **kw), collect_resid_stats(model, harmless, **kw)
         )
 
-    stage("direction_extraction", model, directions, device, st, rows["resid_pre cache"])
-    stage(
+    staged("direction_extraction", model, directions, device, st, rows["resid_pre cache"])
+    staged(
         "routing_risk_difference",
         model,
         lambda: routing_risk_difference(model, harmful, harmless),
         device,
         st,
     )
-    stage("patch_resid", model, lambda: patch_resid(model, harmful, harmless, progress=False), device, st)
-    stage("patch_heads", model, lambda: patch_heads(model, harmful, harmless, progress=False), device, st)
-    stage(
+    staged("patch_resid", model, lambda: patch_resid(model, harmful, harmless, progress=False), device, st)
+    staged("patch_heads", model, lambda: patch_heads(model, harmful, harmless, progress=False), device, st)
+    staged(
         "patch_experts",
         model,
         lambda: patch_experts(model, harmful, harmless, layers=patch_layers, batch_patches=4, progress=False),
@@ -243,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         st,
         layers=patch_layers,
     )
-    stage(
+    staged(
         "attribution_patching",
         model,
         lambda: attribution_patching(model, harmful, harmless, progress=False),
@@ -251,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         st,
         rows["attribution patching"],
     )
-    stage(
+    staged(
         "expert_ablation_sweep_full",
         model,
         lambda: expert_ablation_sweep(model, harmful, "drop", progress=False),
@@ -259,12 +322,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         st,
         rows[next(k for k in rows if k.startswith("expert ablation sweep"))],
     )
-    stage(
+    staged(
         "expert_ablation_attribution", model, lambda: expert_ablation_attribution(model, harmful), device, st
     )
-    res["total_s"] = time.perf_counter() - t_start
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(res, indent=2, default=str))
+    res["complete"] = True
+    save()
     print(f"wrote {out_path} ({res['total_s']:.0f} s)")
     return res
 

@@ -182,7 +182,9 @@ def ablate_components(
     for chunk in tqdm(chunks, desc="ablate sets", disable=not progress, leave=False):
         k = len(chunk)
         with torch.no_grad(), model.intervene(*_set_edits(chunk, means, n, positions)):
-            logits = model.forward({"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)})
+            logits = model.forward(
+                {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)}, last_only=True
+            )
         out.append(refusal_logodds(logits[:, -1], refusal_ids).cpu().reshape(k, n))
     return torch.cat(out) if out else torch.zeros(0, n)
 

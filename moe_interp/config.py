@@ -277,9 +277,16 @@ class PipelineConfig:
         return getattr(torch, self.dtype)
 
     def load_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`moe_interp.load` (dtype, and ``device_map`` when set)."""
+        """Keyword arguments for :func:`moe_interp.load`: dtype, and where the model goes when
+        ``device_map`` is set. A hub or local model gets ``device_map`` (accelerate may split it); a bundled
+        one (``tiny:*``, a named organism) is small and moves whole to one ``device``: ``"auto"`` and the other
+        accelerate strategies mean the first GPU when there is one, else the CPU."""
         kw: dict[str, Any] = {"dtype": self.torch_dtype()}
-        if self.device_map is not None and not self.model.startswith("tiny:") and self.model != "organism":
+        if self.device_map is None:
+            return kw
+        if self.model.startswith("tiny:") or self.model in NAMED_MODELS:
+            kw["device"] = one_device(self.device_map)
+        else:
             kw["device_map"] = self.device_map
         return kw
 
@@ -345,9 +352,35 @@ def _v_dtype(v: Any, c: PipelineConfig) -> str:
     return str(v)
 
 
+#: accelerate's placement strategies: a bundled model, moved whole, takes them as "the first GPU, else the CPU"
+DEVICE_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def one_device(device_map: str) -> str:
+    """The single device a bundled model moves to for ``device_map`` (a strategy, or a device such as
+    ``"cuda:0"``); a ValueError naming what is accepted when it is neither, or is a GPU this machine lacks."""
+    import torch
+
+    if device_map in DEVICE_STRATEGIES:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device_map)
+    except RuntimeError as err:
+        raise _fail(
+            "device_map", f"one of {list(DEVICE_STRATEGIES)} or a device such as 'cpu', 'cuda:0'", device_map
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device_map {device_map!r}: CUDA is not available on this machine; use 'cpu' or 'auto'."
+        )
+    return device_map
+
+
 def _v_device_map(v: Any, c: PipelineConfig) -> str | None:
     if v is not None and not isinstance(v, str):
         raise _fail("device_map", "null or a string such as 'auto', 'cpu', 'cuda'", v)
+    if v is not None and (c.model.startswith("tiny:") or c.model in NAMED_MODELS):
+        one_device(v)  # a bundled model moves whole to one device: fail here, before it loads
     return v
 
 

@@ -85,3 +85,26 @@ def test_bad_input(model) -> None:  # noqa: ANN001
         attribution_patching(model, HARM, LESS, kinds=("neurons",), progress=False)
     with pytest.raises(ValueError, match="Shapes differ"):
         compare_to_exhaustive(torch.zeros(3), torch.zeros(4))
+
+
+def test_a_last_position_metric_gets_the_gradients_of_the_full_logits(model) -> None:  # noqa: ANN001
+    """The backward from last-position-only logits (``refusal_metric`` declares it reads ``[:, -1]``) gives the
+    same hook gradients as the same metric undeclared, whose forward unembeds every position."""
+    from moe_interp.patching.metrics import reads_last_position_only
+
+    declared = refusal_metric(model)
+    undeclared = lambda logits: declared(logits)  # noqa: E731
+    assert reads_last_position_only(declared) and not reads_last_position_only(undeclared)
+    enc = model.tokenize(HARM)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_expert_out", "blocks.1.attn.hook_z"]
+    g_last, m_last = hook_gradients(model, inputs, hooks, declared)
+    g_full, m_full = hook_gradients(model, inputs, hooks, undeclared)
+    assert float(m_last) == pytest.approx(float(m_full), abs=1e-5)
+    for h in hooks:
+        assert g_full[h].abs().sum() > 0
+        torch.testing.assert_close(g_last[h], g_full[h], atol=1e-5, rtol=1e-4)
+    a = attribution_patching(model, HARM, LESS, kinds=("experts", "resid"), progress=False)
+    b = attribution_patching(model, HARM, LESS, kinds=("experts", "resid"), metric=undeclared, progress=False)
+    for kind in a:
+        torch.testing.assert_close(a[kind].values, b[kind].values, atol=1e-5, rtol=1e-4)

@@ -105,3 +105,36 @@ def test_unpatched_layers_read_as_no_effect_like_attribution(tiny_model, normali
     for L in dense:
         assert ex.values[L].tolist() == pytest.approx([want] * ex.values.shape[1], abs=1e-5)
         torch.testing.assert_close(ex.values[L], at.values[L], atol=1e-5, rtol=0)
+
+
+def test_a_last_position_metric_is_given_the_last_position_alone_and_the_same_values(model) -> None:  # noqa: ANN001
+    """``refusal_metric`` declares that it reads ``logits[:, -1]`` only: the patching forwards then unembed the
+    last position alone. The values equal those of the same metric undeclared, which gets the full logits."""
+    from moe_interp.patching.metrics import reads_last_position_only
+
+    declared = refusal_metric(model)
+    assert reads_last_position_only(declared)
+    seen: dict[str, set[int]] = {"declared": set(), "full": set()}
+
+    def spy(key: str, fn):  # noqa: ANN001, ANN202
+        def metric(logits: torch.Tensor) -> torch.Tensor:
+            seen[key].add(logits.shape[1])
+            return fn(logits)
+
+        return metric
+
+    spy_declared = spy("declared", declared)
+    spy_declared.last_position_only = True  # type: ignore[attr-defined]
+    undeclared = spy("full", lambda logits: declared(logits))
+    assert not reads_last_position_only(undeclared)
+    kw = dict(progress=False, normalize=False, batch_patches=8)
+    for kind in ("resid", "experts"):
+        a = patching_sweep(model, HARM, LESS, kind, metric=spy_declared, **kw)
+        b = patching_sweep(model, HARM, LESS, kind, metric=undeclared, **kw)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+        assert a.values.abs().sum() > 0
+    seq = model.tokenize(HARM + LESS)["input_ids"].shape[1]
+    assert seen["full"] == {seq}, "an undeclared metric must get every position"
+    assert 1 in seen["declared"], (
+        "the patched forwards of a declared metric must unembed the last position alone"
+    )

@@ -286,9 +286,22 @@ def test_organism_recipe_geometry_is_the_checkpoints(organism) -> None:  # noqa:
 def test_defaults_are_valid_and_load_kwargs() -> None:
     cfg = PipelineConfig(model="Qwen/Qwen3-30B-A3B", family="qwen3_moe", device_map="auto")
     assert cfg.load_kwargs() == {"dtype": torch.bfloat16, "device_map": "auto"}
-    assert PipelineConfig(model="tiny:olmoe", family="olmoe", device_map="auto").load_kwargs() == {
-        "dtype": torch.bfloat16
-    }
+    # a bundled model moves whole to one device: a strategy means the first GPU if there is one
+    first = "cuda" if torch.cuda.is_available() else "cpu"
+    for model in ("tiny:olmoe", "organism"):
+        cfg = PipelineConfig(model=model, family="olmoe", device_map="auto")
+        assert cfg.load_kwargs() == {"dtype": torch.bfloat16, "device": first}
+        cfg = PipelineConfig(model=model, family="olmoe", device_map="cpu")
+        assert cfg.load_kwargs() == {"dtype": torch.bfloat16, "device": "cpu"}
+    assert PipelineConfig(model="tiny:olmoe", family="olmoe").load_kwargs() == {"dtype": torch.bfloat16}
+
+
+def test_a_bundled_model_device_map_fails_before_the_model_loads() -> None:
+    with pytest.raises(ValueError, match="device_map.*'auto'.*'cuda:0'"):
+        PipelineConfig.from_dict({"model": "tiny:olmoe", "device_map": "gpu-please"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            PipelineConfig.from_dict({"model": "organism", "device_map": "cuda"})
 
 
 def test_every_field_has_one_validator_and_validate_changes_nothing() -> None:

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moe_interp.interventions import EditHook
-from moe_interp.patching.metrics import Metric, call_metric, refusal_metric
+from moe_interp.patching.metrics import Metric, call_metric, reads_last_position_only, refusal_metric
 from moe_interp.tracing import HookContext
 
 if TYPE_CHECKING:
@@ -187,6 +187,7 @@ def run_patches(
         raise ValueError(f"batch_patches must be >= 1, got {batch_patches}.")
     ids, mask = target["input_ids"], target["attention_mask"]
     n = ids.shape[0]
+    last_only = reads_last_position_only(metric)
     out: list[Tensor] = []
     chunks = [items[s : s + batch_patches] for s in range(0, len(items), batch_patches)]
     for chunk in tqdm(chunks, desc=desc, disable=not progress, leave=False):
@@ -197,7 +198,7 @@ def run_patches(
         ivs = [EditHook(h, _patch_edit(e, source_cache[h], n)) for h, e in by_hook.items()]
         batch = {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)}
         with torch.no_grad(), model.intervene(*ivs):
-            logits = model.forward(batch)
+            logits = model.forward(batch, last_only=last_only)
         for j in range(k):
             out.append(call_metric(metric, logits[j * n : (j + 1) * n]).detach().float().cpu())
     return torch.stack(out) if out else torch.zeros(0)

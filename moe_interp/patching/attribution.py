@@ -29,7 +29,7 @@ from moe_interp.patching.activation import (
     normalise,
     prepare_pairs,
 )
-from moe_interp.patching.metrics import Metric, call_metric, refusal_metric
+from moe_interp.patching.metrics import Metric, call_metric, reads_last_position_only, refusal_metric
 from moe_interp.tracing import HookContext
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def hook_gradients(
         return fn
 
     with model.intervene(*[EditHook(h, make(h)) for h in hooks]):
-        logits = model.forward(inputs, grad=True)
+        logits = model.forward(inputs, grad=True, last_only=reads_last_position_only(metric))
     m = call_metric(metric, logits)
     if not m.requires_grad:
         raise ValueError("The metric is not differentiable (its value does not require grad).")
@@ -135,7 +135,7 @@ def _ig_gradients(
         ivs = [EditHook(h, make(h, mine)) for h, mine in per_hook.items()]
         batch = {"input_ids": ids.repeat(k, 1), "attention_mask": mask.repeat(k, 1)}
         with model.intervene(*ivs):
-            logits = model.forward(batch, grad=True)
+            logits = model.forward(batch, grad=True, last_only=reads_last_position_only(metric))
         metrics = [call_metric(metric, logits[j * n : (j + 1) * n]) for j in range(k)]
         total = sum(metrics[1:], metrics[0])
         found = [h for h in per_hook if h in deltas]

@@ -3,6 +3,12 @@
 The default metric is the mean logit refusal score (log-odds of a refusal first token) at the last
 position; sweeps normalise it to ``(patched − corrupt) / (clean − corrupt)``. Per-prompt scores are
 :func:`moe_interp.refusal.evaluate.refusal_scores`, re-exported here for the patching code.
+
+A metric that reads only the last position says so with ``metric.last_position_only = True``
+(:func:`last_position_metric`): the patching code then unembeds the last position alone (``[batch, 1, vocab]``
+logits), which saves the unembedding of every other position, in time and in memory (on a 50k-token
+vocabulary, the full logits of a batch of patches are most of a patching forward's memory). A metric without
+the attribute gets the full logits.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ __all__ = [
     "Metric",
     "bootstrap_ci",
     "call_metric",
+    "last_position_metric",
+    "reads_last_position_only",
     "refusal_logodds",
     "refusal_metric",
     "refusal_scores",
@@ -40,7 +48,19 @@ def refusal_metric(model: MoEModel, refusal_ids: Sequence[int] | None = None) ->
         return refusal_logodds(logits[:, -1], ids).mean()
 
     metric.__name__ = "refusal_metric"
+    return last_position_metric(metric)
+
+
+def last_position_metric(metric: Metric) -> Metric:
+    """Mark ``metric`` as reading ``logits[:, -1]`` only (returns it): patching then passes it
+    ``[batch, 1, vocab]`` logits, the unembedding of the last position alone."""
+    metric.last_position_only = True  # type: ignore[attr-defined]
     return metric
+
+
+def reads_last_position_only(metric: Metric) -> bool:
+    """Whether ``metric`` declared that it reads only the last position (see :func:`last_position_metric`)."""
+    return getattr(metric, "last_position_only", False) is True
 
 
 def call_metric(metric: Metric, logits: Tensor) -> Tensor:
