@@ -21,7 +21,13 @@ from moe_interp.patching.activation import (
     run_patches,
 )
 from moe_interp.patching.attribution import attribution_patching, compare_to_exhaustive, hook_gradients
-from moe_interp.patching.metrics import bootstrap_ci, refusal_logodds, refusal_metric, refusal_scores
+from moe_interp.patching.metrics import (
+    bootstrap_ci,
+    last_position_metric,
+    refusal_logodds,
+    refusal_metric,
+    refusal_scores,
+)
 from moe_interp.patching.routing import (
     expert_selection_frequency,
     routing_predicts_ablation,
@@ -44,6 +50,7 @@ __all__ = [
     "expert_mean_outputs",
     "expert_selection_frequency",
     "hook_gradients",
+    "last_position_metric",
     "patch_attn_mlp",
     "patch_experts",
     "patch_heads",
