@@ -138,3 +138,23 @@ def test_a_last_position_metric_is_given_the_last_position_alone_and_the_same_va
     assert 1 in seen["declared"], (
         "the patched forwards of a declared metric must unembed the last position alone"
     )
+
+
+def test_last_position_metric_marks_functions_and_wraps_bound_methods(model) -> None:  # noqa: ANN001
+    from moe_interp.patching import last_position_metric
+    from moe_interp.patching.metrics import reads_last_position_only
+
+    def fn(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 0].sum()
+
+    assert last_position_metric(fn) is fn and reads_last_position_only(fn)
+
+    class Scorer:
+        def score(self, logits: torch.Tensor) -> torch.Tensor:
+            return logits[:, -1, 0].sum()
+
+    method = Scorer().score
+    marked = last_position_metric(method)  # a bound method takes no attributes: it is wrapped
+    assert reads_last_position_only(marked) and not reads_last_position_only(method)
+    x = torch.randn(2, 3, 5)
+    assert torch.equal(marked(x), method(x))

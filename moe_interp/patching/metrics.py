@@ -6,9 +6,9 @@ position; sweeps normalise it to ``(patched − corrupt) / (clean − corrupt)``
 
 A metric that reads only the last position says so with ``metric.last_position_only = True``
 (:func:`last_position_metric`): the patching code then unembeds the last position alone (``[batch, 1, vocab]``
-logits), which saves the unembedding of every other position, in time and in memory (on a 50k-token
-vocabulary, the full logits of a batch of patches are most of a patching forward's memory). A metric without
-the attribute gets the full logits.
+logits), which saves the unembedding of every other position, in time and in memory (on the OLMoE-1B-7B
+geometry, 50k-token vocabulary, the full logits were a third of a patching forward's memory: bench/README.md).
+A metric without the attribute gets the full logits.
 """
 
 from __future__ import annotations
@@ -52,10 +52,19 @@ def refusal_metric(model: MoEModel, refusal_ids: Sequence[int] | None = None) ->
 
 
 def last_position_metric(metric: Metric) -> Metric:
-    """Mark ``metric`` as reading ``logits[:, -1]`` only (returns it): patching then passes it
-    ``[batch, 1, vocab]`` logits, the unembedding of the last position alone."""
-    metric.last_position_only = True  # type: ignore[attr-defined]
-    return metric
+    """Mark ``metric`` as reading ``logits[:, -1]`` only: patching then passes it ``[batch, 1, vocab]`` logits,
+    the unembedding of the last position alone. Returns ``metric`` itself, or a wrapper where it takes no
+    attributes (a bound method)."""
+    try:
+        metric.last_position_only = True  # type: ignore[attr-defined]
+        return metric
+    except AttributeError:
+
+        def wrapped(logits: Tensor) -> Tensor:
+            return metric(logits)
+
+        wrapped.last_position_only = True  # type: ignore[attr-defined]
+        return wrapped
 
 
 def reads_last_position_only(metric: Metric) -> bool:
