@@ -24,14 +24,14 @@ SKIPPED: tuple[str, ...] = ("timings_s", "fingerprint")
 
 def leaves(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """``(path, value)`` of every leaf of a JSON value (keys in :data:`SKIPPED` left out)."""
-    if isinstance(x, dict):
+    if isinstance(x, dict) and x:
         for k, v in x.items():
             if k not in SKIPPED:
                 yield from leaves(v, f"{path}/{k}")
-    elif isinstance(x, list):
+    elif isinstance(x, list) and x:
         for i, v in enumerate(x):
             yield from leaves(v, f"{path}[{i}]")
-    else:
+    else:  # a value, or an empty container (so that [] against a missing key is a difference)
         yield path, x
 
 
@@ -53,15 +53,16 @@ def compare(a: Any, b: Any) -> dict[str, Any]:
         u, v = la[key], lb[key]
         if _is_number(u) and _is_number(v):
             n_num += 1
-            if math.isnan(u) and math.isnan(v):
+            if u == v or (math.isnan(u) and math.isnan(v)):  # equal infinities too
                 continue
-            d = abs(u - v)  # NaN when one side only is NaN: the worst difference, kept once found
+            # NaN on one side only: the worst difference, kept once found; one infinite side: inf
+            d = math.nan if math.isnan(u) or math.isnan(v) else abs(u - v)
             if _worse(d, worst_abs[0]):
                 worst_abs = (d, key)
             rel = d / max(abs(u), abs(v), 1e-12)
             if _worse(rel, worst_rel[0]):
                 worst_rel = (rel, key)
-        elif u != v:
+        elif u != v or type(u) is not type(v):  # True against 1 is a difference
             differing.append({"path": key, "a": u, "b": v})
     return {
         "leaves": len(set(la) | set(lb)),

@@ -35,7 +35,9 @@ timed() {  # timed LIMIT NAME CMD...: run, log to $out/NAME.log, print rc and wa
   rc=$?
   echo "$name: rc=$rc wall_ms=$((($(date +%s%N) - t0) / 1000000))" | tee -a "$out/times.txt"
   tail -5 "$out/$name.log"
+  return "$rc"
 }
+rm -rf /tmp/run_organism /tmp/run_tiny # a rerun on a machine still held must not find the last run's folders
 
 DEVICE=$dev python3 - <<'EOF'
 import json
@@ -48,9 +50,11 @@ cfg = json.load(open("moe_interp/data/locate_tiny.json"))
 cfg["device_map"] = os.environ["DEVICE"]
 json.dump(cfg, open("/tmp/tiny_cuda.json", "w"))
 EOF
-[[ $parts == *" organism "* ]] && timed "$t_org" organism "${mi[@]}" --debug locate organism --config /tmp/organism_cuda.json --out /tmp/run_organism
-[[ $parts == *" organism "* ]] && tar czf "$out/organism.tgz" -C /tmp/run_organism --ignore-failed-read \
-  summary.json circuit.json report.md direction.json 2>/dev/null
+if [[ $parts == *" organism "* ]] &&
+  timed "$t_org" organism "${mi[@]}" --debug locate organism --config /tmp/organism_cuda.json --out /tmp/run_organism
+then # only a finished run is packed
+  tar czf "$out/organism.tgz" -C /tmp/run_organism summary.json circuit.json report.md direction.json
+fi
 [[ $parts == *" tiny "* ]] && timed "$t_tiny" tiny "${mi[@]}" --debug locate tiny:olmoe --config /tmp/tiny_cuda.json --out /tmp/run_tiny
 [[ $parts == *" gpu "* ]] && timed "$t_gpu" gpu_olmoe python3 bench/gpu_olmoe.py --device "$dev" --out "$out/gpu_olmoe.json"
 [[ $parts == *" gpu32 "* ]] && timed "$t_gpu32" gpu_olmoe_fp32 \

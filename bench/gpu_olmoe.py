@@ -238,7 +238,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("sweep: fast vs per-expert loop", flush=True)
     st = res["stages"]
     # warm-up (untimed): the sweep's first call pays for kernels and allocations the forwards above did not
-    expert_ablation_sweep(model, harmful[:2], "drop", experts=[(sweep_layers[0], 0)], progress=False)
+    try:
+        expert_ablation_sweep(model, harmful[:2], "drop", experts=[(sweep_layers[0], 0)], progress=False)
+    except Exception as e:  # noqa: BLE001 - the sweep stages below record the error; the script goes on
+        res["sweep_warmup_error"] = f"{type(e).__name__}: {e}"[:300]
     for L in sweep_layers:
         items = [(L, e) for e in range(sweep_k)]
         fast = staged(

@@ -356,23 +356,36 @@ def _v_dtype(v: Any, c: PipelineConfig) -> str:
 DEVICE_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def one_device(device_map: str) -> str:
-    """The single device a bundled model moves to for ``device_map`` (a strategy, or a device such as
-    ``"cuda:0"``); a ValueError naming what is accepted when it is neither, or is a GPU this machine lacks."""
+def _parse_device(device_map: str) -> Any:
+    """``device_map`` as a torch device (``None`` for a strategy); a ValueError naming what is accepted."""
     import torch
 
     if device_map in DEVICE_STRATEGIES:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return None
     try:
-        dev = torch.device(device_map)
+        return torch.device(device_map)
     except RuntimeError as err:
         raise _fail(
             "device_map", f"one of {list(DEVICE_STRATEGIES)} or a device such as 'cpu', 'cuda:0'", device_map
         ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device_map {device_map!r}: CUDA is not available on this machine; use 'cpu' or 'auto'."
-        )
+
+
+def one_device(device_map: str) -> str:
+    """The single device a bundled model moves to for ``device_map`` (a strategy, or a device such as
+    ``"cuda:0"``) on this machine; a ValueError when it is neither, or is a GPU this machine lacks. (Reading a
+    config checks only the form, so a config written for a GPU can be planned on a CPU machine.)"""
+    import torch
+
+    dev = _parse_device(device_map)
+    if dev is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise ValueError(
+                f"device_map {device_map!r}: this machine has {n} CUDA device(s); use 'cpu', 'auto'"
+                + (f" or 'cuda:0'..'cuda:{n - 1}'." if n else ".")
+            )
     return device_map
 
 
@@ -380,7 +393,7 @@ def _v_device_map(v: Any, c: PipelineConfig) -> str | None:
     if v is not None and not isinstance(v, str):
         raise _fail("device_map", "null or a string such as 'auto', 'cpu', 'cuda'", v)
     if v is not None and (c.model.startswith("tiny:") or c.model in NAMED_MODELS):
-        one_device(v)  # a bundled model moves whole to one device: fail here, before it loads
+        _parse_device(v)  # a bundled model moves whole to one device; whether this machine has it: at load
     return v
 
 

@@ -81,3 +81,15 @@ def test_compare_runs_finds_every_kind_of_difference(tmp_path: Path) -> None:
     (b / "summary.json").write_text(json.dumps(dict(summary, rates=[float("nan"), 0.25])))
     nan = compare_runs.main([str(a), str(b)])["files"]["summary.json"]
     assert nan["max_abs_diff_at"] == "/rates[0]"  # a NaN on one side is a difference, not a match
+
+
+def test_compare_runs_edge_values() -> None:
+    """Equal infinities match; one infinite side is an infinite difference; a bool is not the number 1; an empty
+    container against a missing key is a difference."""
+    compare = _load("compare_runs").compare
+    inf = float("inf")
+    same = compare({"x": inf, "y": [1.0]}, {"x": inf, "y": [1.0]})
+    assert same["max_abs_diff"] == 0.0 and same["non_numeric_differing"] == []
+    assert compare({"x": inf}, {"x": 1.0})["max_abs_diff"] == inf
+    assert compare({"ok": True}, {"ok": 1})["non_numeric_differing"] == [{"path": "/ok", "a": True, "b": 1}]
+    assert compare({"x": [], "y": 1}, {"y": 1})["in_one_only"] == ["/x"]
