@@ -88,20 +88,14 @@ def hook_overhead(model: Any, enc: dict[str, torch.Tensor], repeats: int, device
 
 
 def fp32_loop(model: Any, prompts: list[str], items: list[tuple[int, int]]) -> torch.Tensor:
-    """Per-prompt effects of ablating each of ``items`` (the per-expert loop) on an fp32 copy of the weights."""
+    """:func:`expert_ablation_loop` (per prompt) of ``items`` on an fp32 copy of the weights (freed on return)."""
     import copy
 
     import moe_interp as mi
     from moe_interp.patching import expert_ablation_loop
 
-    hf32 = copy.deepcopy(model.hf_model).float()
-    try:
-        m32 = mi.load(hf32, tokenizer=model.tokenizer, name="fp32 copy")
-        loop = expert_ablation_loop(m32, prompts, "drop", experts=items, per_prompt=True)
-        idx = tuple(torch.tensor(x) for x in zip(*items, strict=True))
-        return loop[idx]
-    finally:
-        del hf32
+    m32 = mi.load(copy.deepcopy(model.hf_model).float(), tokenizer=model.tokenizer, name="fp32 copy")
+    return expert_ablation_loop(m32, prompts, "drop", experts=items, per_prompt=True)
 
 
 def stage(
@@ -234,7 +228,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             hook_rows[stage_name],
         )
 
-    save()
     print("sweep: fast vs per-expert loop", flush=True)
     st = res["stages"]
     # warm-up (untimed): the sweep's first call pays for kernels and allocations the forwards above did not
@@ -272,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # which of the two is nearer the exact value: both against the loop on an fp32 copy of the
                 # same weights (rounding makes the fast sweep and the loop differ in half precision)
                 try:
-                    ref = fp32_loop(model, harmful, items)
+                    ref = fp32_loop(model, harmful, items)[idx]
                     st[f"sweep_fast_layer{L}"]["max_abs_err_vs_fp32"] = float(
                         (fast.per_prompt[idx] - ref).abs().max()
                     )

@@ -376,16 +376,11 @@ def one_device(device_map: str) -> str:
     config checks only the form, so a config written for a GPU can be planned on a CPU machine.)"""
     import torch
 
-    dev = _parse_device(device_map)
-    if dev is None:
+    from moe_interp.organisms import check_device
+
+    if _parse_device(device_map) is None:  # a strategy
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0 or (dev.index is not None and dev.index >= n):
-            raise ValueError(
-                f"device_map {device_map!r}: this machine has {n} CUDA device(s); use 'cpu', 'auto'"
-                + (f" or 'cuda:0'..'cuda:{n - 1}'." if n else ".")
-            )
+    check_device(device_map)  # present on this machine
     return device_map
 
 

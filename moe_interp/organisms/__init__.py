@@ -45,8 +45,16 @@ def check_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"invalid device {device!r} ({err}); e.g. 'cpu' or 'cuda'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available here (0 CUDA devices); use 'cpu'"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(
+                f"device {device!r} requested but this machine has {n} CUDA device(s): 'cuda:0'..'cuda:{n - 1}'"
+            )
     return dev
 
 

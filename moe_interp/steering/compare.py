@@ -241,9 +241,7 @@ def compare_methods(
             )
             row[f"{split}_refusal"] = refusal_rate(flags, n_boot=n_boot, seed=seed).to_dict()
         if judge == "generation":  # one forward: the strength search's judge beside the table's
-            first = refusal_flags(
-                model, harmful_test, () if steer is None else steer, judge="logit", batch_size=batch_size
-            )
+            first = refusal_flags(model, harmful_test, steer, judge="logit", batch_size=batch_size)
             row["harmful_first_token_refusal"] = refusal_rate(first, n_boot=n_boot, seed=seed).to_dict()
         kls = None if steer is None else per_prompt_kl(model, harmless_test, steer, batch_size, base)
         row["harmless_kl"] = 0.0 if kls is None else summarise_kl(kls, "mean")
