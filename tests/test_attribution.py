@@ -98,7 +98,15 @@ def test_a_last_position_metric_gets_the_gradients_of_the_full_logits(model) -> 
     enc = model.tokenize(HARM)
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     hooks = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_expert_out", "blocks.1.attn.hook_z"]
-    g_last, m_last = hook_gradients(model, inputs, hooks, declared)
+    widths: set[int] = set()  # the positions the declared metric is given: the last alone
+
+    def spy(logits: torch.Tensor) -> torch.Tensor:
+        widths.add(logits.shape[1])
+        return declared(logits)
+
+    spy.last_position_only = True  # type: ignore[attr-defined]
+    g_last, m_last = hook_gradients(model, inputs, hooks, spy)
+    assert widths == {1}, "hook_gradients must unembed the last position alone for a declared metric"
     g_full, m_full = hook_gradients(model, inputs, hooks, undeclared)
     assert float(m_last) == pytest.approx(float(m_full), abs=1e-5)
     for h in hooks:
@@ -108,3 +116,9 @@ def test_a_last_position_metric_gets_the_gradients_of_the_full_logits(model) -> 
     b = attribution_patching(model, HARM, LESS, kinds=("experts", "resid"), metric=undeclared, progress=False)
     for kind in a:
         torch.testing.assert_close(a[kind].values, b[kind].values, atol=1e-5, rtol=1e-4)
+    widths.clear()
+    attribution_patching(
+        model, HARM, LESS, kinds=("resid",), method="ig", ig_steps=2, metric=spy, progress=False
+    )
+    # the batched IG forwards give it the last position alone (the clean / corrupt references: every position)
+    assert 1 in widths, widths
