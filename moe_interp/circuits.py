@@ -118,7 +118,9 @@ def _component_means(
     sums: dict[str, Tensor] = {}
     for s in range(0, len(prompts), batch_size):
         with torch.no_grad():
-            _, cache = model.run_with_cache(prompts[s : s + batch_size], names=hooks, positions=pos)
+            _, cache = model.run_with_cache(
+                prompts[s : s + batch_size], names=hooks, positions=pos, return_type=None
+            )
         for h in hooks:
             v = cache[h].double().sum(0)
             sums[h] = v if h not in sums else sums[h] + v
@@ -209,7 +211,7 @@ def _attribution_effects(
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     hooks = sorted({_site(c)[0] for c in comps})
     with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names=hooks)
+        _, cache = model.run_with_cache(inputs, names=hooks, return_type=None)
     grads, _ = hook_gradients(model, inputs, hooks, refusal_metric(model, ids_r))
     est = []
     for c in comps:

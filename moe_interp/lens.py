@@ -308,7 +308,7 @@ def logit_lens(
         names += [f"blocks.{L}.mlp.hook_expert_out" for L in model.spec.moe_layers]
     enc = _encode(model, prompts, chat)
     with torch.no_grad():
-        _, cache = model.run_with_cache(enc, names=names, chat=chat)
+        _, cache = model.run_with_cache(enc, names=names, chat=chat, return_type=None)
     return lens_from_cache(
         model, cache, tokens, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
     )

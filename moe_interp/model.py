@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from jaxtyping import Float
@@ -79,6 +79,8 @@ class MoECache(TLCacheMixin, ActivationCache):  # type: ignore[misc]
 Prompts = str | Sequence[str]
 #: what the forward-pass methods take: prompts, or already tokenized ``input_ids`` / ``attention_mask``
 Inputs = Prompts | BatchEncoding | Mapping[str, Any]
+#: hook names to cache: one name, a list, a predicate on names, or None (every hook but the dense per-expert outputs)
+_Names = str | Sequence[str] | Callable[[str], bool] | None
 
 
 class MoEModel:
@@ -235,17 +237,42 @@ class MoEModel:
         grad: bool = False,
         last_only: bool = False,
     ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+        out, store = self._run(ids, mask, request, grad=grad, last_only=last_only, stop_early=False)
+        # one isfinite per forward, with edits only (guards.py: the diagnosis runs only on failure)
+        guards.check_finite(self, out["logits"], ids, mask, request, last_only=last_only)
+        return out["logits"], store
+
+    def _read(
+        self, ids: Tensor, mask: Tensor, request: TraceRequest, *, grad: bool = False
+    ) -> dict[str, list[Tensor]]:
+        """The hook values of ``request`` without logits: the model stops at the last hook it visits, so the
+        layers after it (and the unembedding) never run."""
+        _, store = self._run(ids, mask, request, grad=grad, last_only=True, stop_early=True)
+        if request.edits and not all(bool(torch.isfinite(t).all()) for ts in store.values() for t in ts):
+            self._trace(
+                ids, mask, request, grad=grad, last_only=True
+            )  # the whole forward: the guard's diagnosis
+        return store
+
+    def _run(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        request: TraceRequest,
+        *,
+        grad: bool,
+        last_only: bool,
+        stop_early: bool,
+    ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
         store: dict[str, list[Tensor]] = {}
         out: dict[str, Tensor] = {}
         pos_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         need_eager = any(n.endswith("attn.hook_pattern") for n in request.reads)
         with self._eager_attention(need_eager), torch.set_grad_enabled(grad), _quiet():
             kw = {"logits_to_keep": 1} if last_only else {}
-            with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids, **kw):
-                _trace_body(self, request, store, out, ids.shape[0], ids.shape[1], mask)
-        # one isfinite per forward, with edits only (guards.py: the diagnosis runs only on failure)
-        guards.check_finite(self, out["logits"], ids, mask, request, last_only=last_only)
-        return out["logits"], store
+            with self.nnsight.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids, **kw) as tracer:
+                _trace_body(self, request, store, out, ids.shape[0], ids.shape[1], mask, tracer, stop_early)
+        return out, store
 
     @contextlib.contextmanager
     def _eager_attention(self, needed: bool) -> Iterator[None]:
@@ -278,6 +305,34 @@ class MoEModel:
 
     __call__ = forward
 
+    @overload
+    def run_with_cache(
+        self,
+        prompts: Inputs,
+        names: _Names = None,
+        *,
+        positions: int | slice | Sequence[int] | None = None,
+        chat: bool = True,
+        batch_size: int | None = None,
+        grad: bool = False,
+        names_filter: _Names = None,
+        return_type: Literal["logits"] = "logits",
+    ) -> tuple[Float[Tensor, "batch pos vocab"], MoECache]: ...
+
+    @overload
+    def run_with_cache(
+        self,
+        prompts: Inputs,
+        names: _Names = None,
+        *,
+        positions: int | slice | Sequence[int] | None = None,
+        chat: bool = True,
+        batch_size: int | None = None,
+        grad: bool = False,
+        names_filter: _Names = None,
+        return_type: None,
+    ) -> tuple[None, MoECache]: ...
+
     def run_with_cache(
         self,
         prompts: Inputs,
@@ -288,14 +343,19 @@ class MoEModel:
         batch_size: int | None = None,
         grad: bool = False,
         names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
-    ) -> tuple[Float[Tensor, "batch pos vocab"], MoECache]:
+        return_type: Literal["logits"] | None = "logits",
+    ) -> tuple[Float[Tensor, "batch pos vocab"] | None, MoECache]:
         """Run and cache hook values (``[batch, pos, ...]``); ``positions`` keeps only those positions.
 
         By default every hook except the dense per-expert outputs (``hook_expert_out`` and
         ``experts.{e}.hook_out``, large on real checkpoints: ask for them by name) is cached. Prompts are
         left padded, so negative positions (``[-5, ..., -1]``) align the chat template's last tokens.
-        ``names_filter`` is TransformerLens' name for ``names`` (give one of them).
+        ``names_filter`` is TransformerLens' name for ``names`` (give one of them). ``return_type=None``
+        (TransformerLens' argument) returns ``(None, cache)``: the forward stops at the last hook cached, so
+        the layers after it and the unembedding never run — the same cache for less compute and memory.
         """
+        if return_type not in ("logits", None):
+            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}.")
         if names_filter is not None:
             if names is not None:
                 raise ValueError("Give names or names_filter (its TransformerLens alias), not both.")
@@ -310,14 +370,18 @@ class MoEModel:
         all_logits, caches = [], []
         for start in range(0, ids.shape[0], step):
             req = replace(active, reads=set(names), positions=positions)
-            logits, store = self._trace(ids[start : start + step], mask[start : start + step], req, grad=grad)
-            all_logits.append(logits)
+            chunk = ids[start : start + step], mask[start : start + step]
+            if return_type is None:
+                store = self._read(*chunk, req, grad=grad)
+            else:
+                logits, store = self._trace(*chunk, req, grad=grad)
+                all_logits.append(logits)
             caches.append({k: v[0] for k, v in store.items()})
         if len(caches) == 1:  # one batch: no copy
             cache = {k: caches[0][k] for k in names if k in caches[0]}
-            return all_logits[0], MoECache(cache, self)
+            return (all_logits[0] if all_logits else None), MoECache(cache, self)
         cache = {k: torch.cat([c[k] for c in caches]) for k in names if k in caches[0]}
-        return torch.cat(all_logits), MoECache(cache, self)
+        return (torch.cat(all_logits) if all_logits else None), MoECache(cache, self)
 
     def _resolve_names(self, names: Any) -> list[str]:
         if names is None:
@@ -482,9 +546,14 @@ def _trace_body(
     batch: int,
     seq: int,
     mask: Tensor,
+    tracer: Any,
+    stop_early: bool,
 ) -> None:
-    """The body of a forward trace (kept in a real file, as nnsight requires)."""
+    """The body of a forward trace (kept in a real file, as nnsight requires); ``stop_early`` halts the model
+    at the last hook the request visits."""
     LayerTracer(model.nnsight, model.family, model.layers, request, store, batch, seq, mask).run()
+    if stop_early:
+        tracer.stop()
     out["logits"] = model.nnsight.output.logits
 
 

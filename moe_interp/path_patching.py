@@ -232,7 +232,7 @@ def path_patch_sweep(
             patches = [Patch(s.hook, _mix(cache_c[s.hook], cache_x[s.hook], s.index), positions)]
             patches += [Patch(n, cache_c[n]) for n in frozen[str(s)]]
             with model.intervene(*patches):  # pass 2: the sender's path alone reaches the receiver
-                _, cache_p = model.run_with_cache(enc_c, names=[rcv.hook])
+                _, cache_p = model.run_with_cache(enc_c, names=[rcv.hook], return_type=None)
             recorded = cache_p[rcv.hook]
             with model.intervene(Patch(rcv.hook, _mix(cache_c[rcv.hook], recorded, rcv.index))):  # pass 3
                 logits_p = model.forward(enc_c)

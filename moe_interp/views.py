@@ -127,7 +127,7 @@ def attention_view(
         raise ValueError(f"heads {bad or '[]'} out of range: layer {layer} has heads 0..{info.n_heads - 1}.")
     enc = model.tokenize([prompt], chat=chat)
     with torch.no_grad():
-        _, cache = model.run_with_cache(enc, names=[name])
+        _, cache = model.run_with_cache(enc, names=[name], return_type=None)
     return AttentionView(
         decode_tokens(model, enc["input_ids"])[0], cache[name][0, hs].float().cpu(), layer, hs
     )
@@ -173,7 +173,7 @@ def routing_view(model: MoEModel, prompt: str, *, chat: bool = True) -> RoutingV
     names = [f"blocks.{L}.mlp.hook_expert_{s}" for L in layers for s in ("indices", "weights")]
     enc = model.tokenize([prompt], chat=chat)
     with torch.no_grad():
-        _, cache = model.run_with_cache(enc, names=names)
+        _, cache = model.run_with_cache(enc, names=names, return_type=None)
     idx = torch.stack([cache[f"blocks.{L}.mlp.hook_expert_indices"][0].long() for L in layers])
     w = torch.stack([cache[f"blocks.{L}.mlp.hook_expert_weights"][0] for L in layers])
     return RoutingView(

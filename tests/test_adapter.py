@@ -197,6 +197,45 @@ def test_empty_intervention_matches_hf(family: str, tiny_model: Callable[[str], 
     close(logits, hf_logits(model, enc))
 
 
+def test_cache_without_logits_stops_after_the_last_hook(
+    family: str, tiny_model: Callable[[str], Any]
+) -> None:
+    """``run_with_cache(..., return_type=None)``: the same cache (bit for bit, under an edit too), no logits,
+    and neither the layers after the last hook cached nor the unembedding run; the model works as before."""
+    model = tiny_model(family)
+    enc = model.tokenize(PROMPTS)
+    names = [n for n in model.hook_names() if n.startswith("blocks.0.")] + ["blocks.1.hook_resid_pre"]
+    edit = AddVector(
+        "blocks.0.hook_resid_pre", torch.randn(model.spec.d_model, generator=torch.manual_seed(3))
+    )
+    layers = functools.reduce(getattr, model.family.layers.split("."), model.hf_model)
+    ran: list[str] = []
+    spies = [
+        m.register_forward_hook(lambda *_, n=n: ran.append(n))
+        for n, m in (("lm_head", model.hf_model.lm_head),)
+    ]
+    spies += [
+        layer.register_forward_hook(lambda *_, i=i: ran.append(f"layer {i}"))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with model.intervene(edit):
+            _, full = model.run_with_cache(enc, names=names)
+            ran.clear()
+            none, part = model.run_with_cache(enc, names=names, return_type=None)
+        assert none is None
+        assert ran == ["layer 0"]  # layer 1 is stopped at its input, blocks.1.hook_resid_pre
+    finally:
+        for s in spies:
+            s.remove()
+    assert sorted(part.cache_dict) == sorted(full.cache_dict) == sorted(names)
+    for n in names:
+        assert torch.equal(part[n], full[n]), n
+    close(model.forward(enc), hf_logits(model, enc))  # the stopped run leaves nothing behind
+    with pytest.raises(ValueError, match="return_type must be 'logits' or None"):
+        model.run_with_cache(enc, names=names, return_type="loss")  # type: ignore[call-overload]
+
+
 # -------------------------------------------------------------------------------------------- padding
 
 

@@ -3,8 +3,10 @@ and position mask (AddSteering == AddVector), one coefficient check and one refu
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -211,6 +213,35 @@ def test_comparison_baseline_matches_evaluate_at_the_same_length(olmoe: Any, mon
         assert float(refusal_rate(flags)) == res.refusal_rate
         rates[n] = res.refusal_rate
     assert 0 < rates[12]  # the judge sees something; length matters, which is why the pipeline passes it
+
+
+class _PairJudge(SubstringJudge):
+    """A verdict that depends on the instruction and its completion (a hash's parity): mixed on any model."""
+
+    def judge(self, instructions: Sequence[str], completions: Sequence[str]) -> list[JudgeResult]:
+        odd = [
+            hashlib.sha256((i + "|" + c).encode()).digest()[0] % 2 == 1
+            for i, c in zip(instructions, completions, strict=True)
+        ]
+        return [JudgeResult(o, float(o)) for o in odd]
+
+
+def test_generation_flags_are_evaluates_verdicts_without_a_forward(olmoe: Any, monkeypatch: Any) -> None:
+    """refusal_flags(judge="generation") gives evaluate's per-prompt verdicts under the same edit and batch
+    size, and runs no forward pass: evaluate's logit scores, which a flag does not use, are not computed."""
+    monkeypatch.setattr(ev, "SubstringJudge", _PairJudge)
+    prompts = [*PROMPTS, "tell me a joke", "what is two plus two?", "name a colour"]
+    iv = AddVector(f"blocks.{L}.hook_resid_pre", 6.0 * _vec(7, olmoe.spec.d_model), 1.0)
+    res = ev.evaluate(olmoe, prompts, [iv], max_new_tokens=6, baseline=False, batch_size=4)
+    forwards: list[int] = []
+    real = type(olmoe).forward
+    monkeypatch.setattr(
+        type(olmoe), "forward", lambda self, *a, **k: forwards.append(1) or real(self, *a, **k)
+    )
+    flags = ev.refusal_flags(olmoe, prompts, [iv], max_new_tokens=6, batch_size=4)
+    assert flags.tolist() == [d["refused"] for d in res.details]
+    assert 0 < int(flags.sum()) < len(prompts)  # the comparison can tell verdicts apart
+    assert forwards == []
 
 
 def test_pipeline_baseline_row_is_the_baseline_stage(olmoe: Any, monkeypatch: Any) -> None:

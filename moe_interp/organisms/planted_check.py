@@ -154,7 +154,7 @@ def crossing_shifts(
                 continue
             L, e = router
             names = [f"blocks.{L}.mlp.hook_router_logits", f"blocks.{L}.hook_resid_mid"]
-            _, cache = model.run_with_cache(batch, names=names)
+            _, cache = model.run_with_cache(batch, names=names, return_type=None)
             z = cache[names[0]][:, -1].double()
             others = torch.cat([z[:, :e], z[:, e + 1 :]], -1).topk(TOP_K, -1).values[:, -1]
             margins.append(z[:, e] - others)
@@ -191,7 +191,9 @@ def component_means(model: MoEModel, keys: Sequence[str], harmless: Sequence[str
         for k, c in zip(keys, comps, strict=True)
     }
     with torch.no_grad():
-        _, cache = model.run_with_cache(list(harmless), names=sorted(set(site.values())), positions=pos)
+        _, cache = model.run_with_cache(
+            list(harmless), names=sorted(set(site.values())), positions=pos, return_type=None
+        )
     means = {}
     for k, c in zip(keys, comps, strict=True):
         m = cache[site[k]].float().mean(0)

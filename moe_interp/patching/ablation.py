@@ -84,7 +84,7 @@ def expert_mean_outputs(
     for s in range(0, len(prompts), batch_size):
         enc = model.tokenize(prompts[s : s + batch_size])
         with torch.no_grad():
-            _, cache = model.run_with_cache(enc, names=names)
+            _, cache = model.run_with_cache(enc, names=names, return_type=None)
         valid = enc["attention_mask"].bool().cpu()
         for L, nm in zip(moe, names, strict=True):
             y = cache[nm].detach().double().cpu()  # [b, p, E, d]
@@ -558,7 +558,7 @@ def expert_ablation_attribution(
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     names = [f"blocks.{L}.mlp.hook_expert_out" for L in moe]
     with torch.no_grad():
-        _, cache = model.run_with_cache(inputs, names=names)
+        _, cache = model.run_with_cache(inputs, names=names, return_type=None)
     grads, _ = hook_gradients(model, inputs, names, refusal_metric(model, refusal_ids))
     valid = enc["attention_mask"].bool()[..., None, None]
     s = model.spec

@@ -93,7 +93,7 @@ def _routing_pass(
         chunk = prompts[s : s + batch_size]
         enc = model.tokenize(chunk)
         with torch.no_grad():
-            _, cache = model.run_with_cache(enc, names=names)
+            _, cache = model.run_with_cache(enc, names=names, return_type=None)
         sel = _position_select(enc["attention_mask"], positions).cpu()
         total += sel.sum()
         for L, name in zip(moe, names, strict=True):

@@ -337,7 +337,7 @@ def iter_resid_acts(
     for s in tqdm(starts, desc="resid acts", disable=not progress, total=len(starts)):
         batch = prompts[s : s + batch_size]
         with torch.no_grad():
-            _, cache = model.run_with_cache(batch, names=names, positions=positions)
+            _, cache = model.run_with_cache(batch, names=names, positions=positions, return_type=None)
         per_layer = []
         for nm in names:
             t = cache[nm]

@@ -24,6 +24,7 @@ from moe_interp.guards import check_prompts
 from moe_interp.refusal.judges import (
     N_BOOT,
     Judge,
+    JudgeResult,
     SubstringJudge,
     refusal_rate,
     refusal_score,
@@ -154,10 +155,30 @@ def refusal_flags(
     ivs = as_interventions(interventions, model)
     if judge != "generation":
         raise ValueError(f"judge must be 'generation' or 'logit', got {judge!r}.")
-    res = evaluate(
-        model, prompts, ivs, max_new_tokens=max_new_tokens, baseline=False, batch_size=batch_size, n_boot=0
-    )
-    return torch.tensor([bool(d["refused"]) for d in res.details])
+    _check_sizes(batch_size, max_new_tokens)
+    flags: list[bool] = []  # evaluate's verdicts, without the logit scores it computes beside them
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s : s + batch_size]
+        _, verdicts = _judged_completions(model, batch, ivs, SubstringJudge(), max_new_tokens)
+        flags += [bool(v.refused) for v in verdicts]
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def _check_sizes(batch_size: int, max_new_tokens: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+
+
+def _judged_completions(
+    model: MoEModel, batch: list[str], interventions: Sequence[Any], judge: Judge, max_new_tokens: int
+) -> tuple[list[str], list[JudgeResult]]:
+    """Greedy completions of one batch under ``interventions`` and the judge's verdicts on them: the one
+    generation judgement of :func:`evaluate` and :func:`refusal_flags`."""
+    with model.intervene(*interventions):
+        gens = cast("list[str]", model.generate(batch, max_new_tokens=max_new_tokens))  # texts
+        return gens, list(judge.judge(batch, gens))
 
 
 @torch.no_grad()
@@ -195,10 +216,7 @@ def evaluate(
     """
     prompts = check_prompts(prompts)
     interventions = as_interventions(interventions, model)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    _check_sizes(batch_size, max_new_tokens)
     if baseline_generations is not None and len(baseline_generations) != len(prompts):
         raise ValueError(
             f"baseline_generations has {len(baseline_generations)} completions for {len(prompts)} prompts; pass "
@@ -228,9 +246,8 @@ def evaluate(
                 for g in base.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
             ]
         all_base_gens.extend(base_gens or [])
+        gens, verdicts = _judged_completions(model, batch, interventions, judge, max_new_tokens)
         with model.intervene(*interventions):
-            gens = cast("list[str]", model.generate(batch, max_new_tokens=max_new_tokens))  # texts
-            verdicts = judge.judge(batch, gens)
             # first-token logits from the prompt alone, so interventions placed by position offset (e.g. a
             # circuit's post-instruction positions) act where they were meant to
             last = model.forward(enc, last_only=True).float()[:, -1]

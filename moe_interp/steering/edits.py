@@ -224,7 +224,7 @@ class TopicGatedSteering:
         name = f"blocks.{model.check_layer(self.gate_layer)}.hook_resid_pre"
         out = []
         for i in range(0, len(prompts), batch_size):
-            _, cache = model.run_with_cache(list(prompts[i : i + batch_size]), names=[name])
+            _, cache = model.run_with_cache(list(prompts[i : i + batch_size]), names=[name], return_type=None)
             out.append(self._score(cache[name]))
         return torch.cat(out).cpu()
 

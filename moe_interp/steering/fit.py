@@ -124,7 +124,7 @@ def mean_activations(
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     for s in range(0, len(prompts), batch_size):
         _, cache = model.run_with_cache(
-            prompts[s : s + batch_size], names=list(names), positions=list(positions)
+            prompts[s : s + batch_size], names=list(names), positions=list(positions), return_type=None
         )
         for n in names:
             out[n].append(cache[n].float().cpu())
