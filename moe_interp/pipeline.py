@@ -86,6 +86,11 @@ def choose_prompts(
 # ---------------------------------------------------------------------------------------- stages
 
 
+#: the batch size of the baseline and refusal-edit evaluations: the same, so that the unedited completions of
+#: the one are the other's baseline (padding changes the numbers)
+EVAL_BATCH = 16
+
+
 def stage_baseline(run: Run) -> dict[str, Any]:
     """Refusal of the unedited model on every held-back set (greedy generation + logit score)."""
     from moe_interp.refusal.evaluate import evaluate
@@ -94,9 +99,14 @@ def stage_baseline(run: Run) -> dict[str, Any]:
     for key in sorted(run.prompts):
         if key.endswith("_test") and run.prompts[key]:
             res = evaluate(
-                run.model, run.prompts[key], max_new_tokens=run.config.max_new_tokens, baseline=False
+                run.model,
+                run.prompts[key],
+                max_new_tokens=run.config.max_new_tokens,
+                baseline=False,
+                batch_size=EVAL_BATCH,
             )
             out[key] = res.to_dict(details=False)
+            run.memo[f"unedited_generations:{key}"] = res.generations  # refusal_edits' baseline completions
     return out
 
 
@@ -143,11 +153,21 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
         ("addition_harmless", "activation addition", "harmless_test", add),
     ]
     out: dict[str, Any] = {}
-    base_gens: dict[str, list[Any]] = {}  # the unedited completions of each split are generated once
+    # the unedited completions of each split are generated once: by the baseline stage unless it was resumed
+    base_gens: dict[str, list[Any]] = {
+        split: run.memo[f"unedited_generations:{split}"]
+        for split in ("harmful_test", "harmless_test")
+        if f"unedited_generations:{split}" in run.memo
+    }
     for i, (key, label, split, edits) in enumerate(jobs, 1):
         run.log(f"[refusal_edits] {i}/4 {label} on {split} ({len(p[split])} prompts)")
         out[key] = evaluate(
-            run.model, p[split], edits, max_new_tokens=n_new, baseline_generations=base_gens.get(split)
+            run.model,
+            p[split],
+            edits,
+            max_new_tokens=n_new,
+            baseline_generations=base_gens.get(split),
+            batch_size=EVAL_BATCH,
         )
         base_gens[split] = out[key].baseline_generations
     run.log(f"[refusal_edits] 4/4 orthogonalised weights on harmful_test ({len(p['harmful_test'])} prompts)")
@@ -159,6 +179,7 @@ def stage_refusal_edits(run: Run) -> dict[str, Any]:
         max_new_tokens=n_new,
         base_model=run.model,
         baseline_generations=base_gens["harmful_test"],
+        batch_size=EVAL_BATCH,
     )
     ids = run.model.tokenize(p["harmful_test"][:8])
     with run.model.intervene(*ablate):

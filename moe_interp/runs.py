@@ -227,6 +227,9 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    #: what one stage computed that a later one may reuse in this process instead of computing it again (not
+    #: cached on disk: after ``--resume`` the later stage computes it itself, with the same result)
+    memo: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._fps: dict[str, str] = {}

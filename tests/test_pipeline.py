@@ -243,6 +243,7 @@ def test_steering_stage_leaves_out_methods_without_a_strength_in_budget(tmp_path
         model=model,
         out=tmp_path,
         log=logs.append,
+        memo={},
     )
     run.results = {"baseline": pipeline.stage_baseline(run)}  # type: ignore[arg-type]
     res = pipeline.stage_steering(run)  # type: ignore[arg-type]
@@ -359,3 +360,38 @@ def test_topic_methods_without_political_prompts_are_left_out(monkeypatch, tmp_p
     assert set(res["tuning"]) == {"topic_remove", "topic_gated"} and not seen
     assert all("no political prompts" in t["error"] for t in res["tuning"].values())
     assert sum("left out of the comparison" in m for m in logs) == 2
+
+
+def test_refusal_edits_take_the_baseline_stages_completions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal-edit stage's unedited completions are the baseline stage's (one generation fewer per split),
+    and its results equal those of a run that generates them itself (as after ``--resume``)."""
+    from types import SimpleNamespace
+
+    import moe_interp as mi
+    from moe_interp.model import MoEModel
+
+    model = mi.load("tiny:olmoe")
+    h = [f"how do I build weapon number {i}" for i in range(3)]
+    s = [f"tell me a story about cat {i}" for i in range(3)]
+    d = torch.randn(model.spec.d_model, generator=torch.manual_seed(0))
+    run = SimpleNamespace(
+        config=SimpleNamespace(max_new_tokens=4),
+        prompts={"harmful_test": h, "harmless_test": s},
+        model=model,
+        results={"directions": {"selection": {"layer": 1}, "direction": d / d.norm(), "raw": d}},
+        memo={},
+        log=lambda msg: None,
+    )
+    run.results["baseline"] = pipeline.stage_baseline(run)  # type: ignore[arg-type]
+    assert sorted(run.memo) == ["unedited_generations:harmful_test", "unedited_generations:harmless_test"]
+    generated: list[int] = []
+    real = MoEModel.generate
+    monkeypatch.setattr(
+        MoEModel, "generate", lambda self, *a, **k: generated.append(1) or real(self, *a, **k)
+    )
+    shared = pipeline.stage_refusal_edits(run)  # type: ignore[arg-type]
+    n_shared, generated[:] = len(generated), []
+    run.memo = {}
+    alone = pipeline.stage_refusal_edits(run)  # type: ignore[arg-type]
+    assert n_shared == len(generated) - 2  # one batch per split (3 prompts < the batch size) not generated
+    assert json.dumps(shared, default=str, sort_keys=True) == json.dumps(alone, default=str, sort_keys=True)

@@ -62,11 +62,15 @@ class EvalResult:
     #: the unedited model's greedy completions (``baseline=True``), to pass to another evaluation of the same
     #: prompts as ``baseline_generations``; not part of :meth:`to_dict`
     baseline_generations: list[Generation] = field(default_factory=list, repr=False)
+    #: the evaluated (edited) model's greedy completions with their log-probabilities: with no interventions,
+    #: what another evaluation of the same prompts can take as ``baseline_generations``; not part of :meth:`to_dict`
+    generations: list[Generation] = field(default_factory=list, repr=False)
 
     def to_dict(self, details: bool = True) -> dict[str, Any]:
         """JSON-ready dict (``details=False`` drops the per-prompt rows)."""
         d = asdict(self)
         d.pop("baseline_generations")
+        d.pop("generations")
         d["refusal_rate_ci"] = list(self.refusal_rate_ci)
         if not details:
             d.pop("details")
@@ -173,12 +177,16 @@ def _check_sizes(batch_size: int, max_new_tokens: int) -> None:
 
 def _judged_completions(
     model: MoEModel, batch: list[str], interventions: Sequence[Any], judge: Judge, max_new_tokens: int
-) -> tuple[list[str], list[JudgeResult]]:
-    """Greedy completions of one batch under ``interventions`` and the judge's verdicts on them: the one
-    generation judgement of :func:`evaluate` and :func:`refusal_flags`."""
+) -> tuple[list[Generation], list[JudgeResult]]:
+    """Greedy completions of one batch under ``interventions`` (with their log-probabilities) and the judge's
+    verdicts on their texts: the one generation judgement of :func:`evaluate` and :func:`refusal_flags`."""
     with model.intervene(*interventions):
-        gens = cast("list[str]", model.generate(batch, max_new_tokens=max_new_tokens))  # texts
-        return gens, list(judge.judge(batch, gens))
+        # return_scores=True: one list of Generation per prompt (generate's return type is a union)
+        gens = [
+            cast("Generation", g[0])
+            for g in model.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
+        ]
+        return gens, list(judge.judge(batch, [g.text for g in gens]))
 
 
 @torch.no_grad()
@@ -230,6 +238,7 @@ def evaluate(
 
     details: list[dict[str, Any]] = []
     all_base_gens: list[Generation] = []
+    all_gens: list[Generation] = []
     tot_nll = tot_nll_base = 0.0
     tot_tok = 0
     starts = range(0, len(prompts), batch_size)
@@ -247,6 +256,7 @@ def evaluate(
             ]
         all_base_gens.extend(base_gens or [])
         gens, verdicts = _judged_completions(model, batch, interventions, judge, max_new_tokens)
+        all_gens.extend(gens)
         with model.intervene(*interventions):
             # first-token logits from the prompt alone, so interventions placed by position offset (e.g. a
             # circuit's post-instruction positions) act where they were meant to
@@ -268,7 +278,7 @@ def evaluate(
         for i, p in enumerate(batch):
             row: dict[str, Any] = {
                 "prompt": p,
-                "completion": gens[i],
+                "completion": gens[i].text,
                 "refused": bool(verdicts[i].refused),
                 "judge_score": float(verdicts[i].score),
                 "refusal_score": float(scores[i]),
@@ -299,4 +309,5 @@ def evaluate(
             "refusal_token_ids": tok_ids,
         },
         baseline_generations=all_base_gens,
+        generations=all_gens,
     )
