@@ -7,6 +7,7 @@ modified, so nothing persists after a call, a ``with model.intervene(...)`` bloc
 from __future__ import annotations
 
 import contextlib
+import gc
 import html
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from moe_interp.guards import check_prompts as _check_prompts
 from moe_interp.hooks import BLOCK_SITES, check_writable, validate_names
 from moe_interp.model_structure import ModelSpec, enumerate_hooks, make_spec, resolve_layers
 from moe_interp.tl_compat import MoEConfig, TLCacheMixin
-from moe_interp.tracing import EditFn, LayerTracer, TraceRequest
+from moe_interp.tracing import EditFn, LayerTracer, TraceRequest, finite
 
 __all__ = ["Generation", "ModelSpec", "MoECache", "MoEModel", "load"]
 
@@ -247,11 +248,14 @@ class MoEModel:
     ) -> dict[str, list[Tensor]]:
         """The hook values of ``request`` without logits: the model stops at the last hook it visits, so the
         layers after it (and the unembedding) never run."""
-        _, store = self._run(ids, mask, request, grad=grad, last_only=True, stop_early=True)
-        if request.edits and not all(bool(torch.isfinite(t).all()) for ts in store.values() for t in ts):
-            self._trace(
-                ids, mask, request, grad=grad, last_only=True
-            )  # the whole forward: the guard's diagnosis
+        _, store = self._run(ids, mask, request, grad=grad, last_only=False, stop_early=True)
+        # nnsight's stop is an exception whose traceback holds the interrupted forward's frames in a reference
+        # cycle: collected now (young objects, a fraction of a millisecond), the activations go with it
+        gc.collect(1)
+        if request.edits and not all(finite(t, name) for name, ts in store.items() for t in ts):
+            # an edit made a value read non-finite: the whole forward gives the guard's diagnosis, as without
+            # the stop (or its warning, where the unedited model overflows too)
+            self._trace(ids, mask, request, grad=grad)
         return store
 
     def _run(

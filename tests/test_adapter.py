@@ -4,6 +4,7 @@ forward, padding invariance, writable hooks, generation, cleanup after errors an
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -232,6 +233,15 @@ def test_cache_without_logits_stops_after_the_last_hook(
     for n in names:
         assert torch.equal(part[n], full[n]), n
     close(model.forward(enc), hf_logits(model, enc))  # the stopped run leaves nothing behind
+    kept: list[weakref.ref[Tensor]] = []
+    spy = model.hf_model.get_input_embeddings().register_forward_hook(
+        lambda m, i, o: kept.append(weakref.ref(o))
+    )
+    try:
+        model.run_with_cache(enc, names=names, return_type=None)
+    finally:
+        spy.remove()
+    assert kept and kept[0]() is None  # the interrupted forward's activations are freed on return
     with pytest.raises(ValueError, match="return_type must be 'logits' or None"):
         model.run_with_cache(enc, names=names, return_type="loss")  # type: ignore[call-overload]
 

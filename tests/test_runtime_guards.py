@@ -95,12 +95,33 @@ def test_nan_edit_raises_naming_hook_and_intervention(fn: Callable, tiny_model: 
     model = tiny_model("mixtral")
     hook = "blocks.1.hook_resid_pre"
     with model.intervene(mi.EditHook(hook, fn)):
-        for run in (model.forward, lambda p: model.run_with_cache(p, names=[hook])):
+        for run in (
+            model.forward,
+            lambda p: model.run_with_cache(p, names=[hook]),
+            lambda p: model.run_with_cache(p, names=[hook], return_type=None),  # stopped at the hook
+        ):
             with pytest.raises(
                 NonFiniteOutputError, match=rf"{hook}: edit by EditHook\(.*{fn.__name__}\) produced NaN/inf"
             ):
                 run(PROMPTS)
     assert torch.isfinite(model.forward(PROMPTS)).all()  # nothing persists
+
+
+def test_a_stopped_read_checks_every_position(tiny_model: Callable[[str], Any]) -> None:
+    """``return_type=None`` stops at the last hook read; a NaN an edit put at one early position of it is still
+    caught, as on the full forward (which checks the logits at every real position, not only the last)."""
+    model = tiny_model("mixtral")
+    hook = f"blocks.{model.spec.n_layers - 1}.hook_resid_post"
+
+    def first_position_nan(x: Tensor, ctx: HookContext) -> Tensor:
+        x = x.clone()
+        x[:, 0] = float("nan")
+        return x
+
+    with model.intervene(mi.EditHook(hook, first_position_nan)):
+        for return_type in ("logits", None):
+            with pytest.raises(NonFiniteOutputError, match=rf"{hook}: edit by EditHook"):
+                model.run_with_cache(PROMPTS[:1], names=[hook], return_type=return_type)
 
 
 def test_huge_coefficient_raises(tiny_model: Callable[[str], Any]) -> None:

@@ -163,7 +163,7 @@ def refusal_flags(
     flags: list[bool] = []  # evaluate's verdicts, without the logit scores it computes beside them
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s : s + batch_size]
-        _, verdicts = _judged_completions(model, batch, ivs, SubstringJudge(), max_new_tokens)
+        _, verdicts = _judged_completions(model, batch, ivs, SubstringJudge(), max_new_tokens, scores=False)
         flags += [bool(v.refused) for v in verdicts]
     return torch.tensor(flags, dtype=torch.bool)
 
@@ -176,16 +176,21 @@ def _check_sizes(batch_size: int, max_new_tokens: int) -> None:
 
 
 def _judged_completions(
-    model: MoEModel, batch: list[str], interventions: Sequence[Any], judge: Judge, max_new_tokens: int
-) -> tuple[list[Generation], list[JudgeResult]]:
-    """Greedy completions of one batch under ``interventions`` (with their log-probabilities) and the judge's
-    verdicts on their texts: the one generation judgement of :func:`evaluate` and :func:`refusal_flags`."""
+    model: MoEModel,
+    batch: list[str],
+    interventions: Sequence[Any],
+    judge: Judge,
+    max_new_tokens: int,
+    scores: bool = True,
+) -> tuple[list[Generation] | None, list[JudgeResult]]:
+    """Greedy completions of one batch under ``interventions`` and the judge's verdicts on their texts: the one
+    generation judgement of :func:`evaluate` and :func:`refusal_flags`. With ``scores``, the completions with
+    each token's log-probability; without, only the verdicts (generation keeps no per-step logits)."""
     with model.intervene(*interventions):
-        # return_scores=True: one list of Generation per prompt (generate's return type is a union)
-        gens = [
-            cast("Generation", g[0])
-            for g in model.generate(batch, max_new_tokens=max_new_tokens, return_scores=True)
-        ]
+        out = model.generate(batch, max_new_tokens=max_new_tokens, return_scores=scores)
+        if not scores:  # the texts (generate's return type is a union)
+            return None, list(judge.judge(batch, cast("list[str]", out)))
+        gens = [cast("Generation", g[0]) for g in out]  # one list of Generation per prompt
         return gens, list(judge.judge(batch, [g.text for g in gens]))
 
 
@@ -256,6 +261,7 @@ def evaluate(
             ]
         all_base_gens.extend(base_gens or [])
         gens, verdicts = _judged_completions(model, batch, interventions, judge, max_new_tokens)
+        assert gens is not None  # scored completions (scores=True)
         all_gens.extend(gens)
         with model.intervene(*interventions):
             # first-token logits from the prompt alone, so interventions placed by position offset (e.g. a
