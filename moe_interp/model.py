@@ -557,7 +557,7 @@ def _trace_body(
     at the last hook the request visits."""
     LayerTracer(model.nnsight, model.family, model.layers, request, store, batch, seq, mask).run()
     if stop_early:
-        tracer.stop()
+        tracer.stop()  # raises: the model runs no further, and no logits are read
     out["logits"] = model.nnsight.output.logits
 
 

@@ -161,9 +161,10 @@ def refusal_flags(
         raise ValueError(f"judge must be 'generation' or 'logit', got {judge!r}.")
     _check_sizes(batch_size, max_new_tokens)
     flags: list[bool] = []  # evaluate's verdicts, without the logit scores it computes beside them
+    sub = SubstringJudge()
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s : s + batch_size]
-        _, verdicts = _judged_completions(model, batch, ivs, SubstringJudge(), max_new_tokens, scores=False)
+        _, verdicts = _judged_completions(model, batch, ivs, sub, max_new_tokens, scores=False)
         flags += [bool(v.refused) for v in verdicts]
     return torch.tensor(flags, dtype=torch.bool)
 
